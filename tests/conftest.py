@@ -1,0 +1,29 @@
+"""Test set-up: 8 simulated CPU devices (set before jax is imported) and shared data directories."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a GPU; skipped without one")
+    config.addinivalue_line("markers", "slow: runs a subprocess or a multi-step training run")
+
+
+def pytest_collection_modifyitems(config, items):
+    if jax.default_backend() != "gpu":
+        skip = pytest.mark.skip(reason="needs a GPU")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """One TFDS data dir for the whole session, so offline datasets are prepared once."""
+    path = os.environ.get("TITANS_TEST_DATA_DIR") or str(tmp_path_factory.mktemp("tfds"))
+    return path

@@ -1,0 +1,56 @@
+"""Config schema: unknown fields named with close matches, bad values refused, durations resolved."""
+
+import subprocess
+import sys
+
+import pytest
+
+from titans import config as config_lib
+
+
+def _cfg(**kw):
+    c = config_lib.base_config()
+    c.total_steps = 10
+    for k, v in kw.items():
+        c[k] = v
+    return c
+
+
+def test_base_config_needs_a_duration():
+    with pytest.raises(config_lib.ConfigError, match="exactly one of total_steps and total_epochs"):
+        config_lib.validate(config_lib.base_config())
+
+
+def test_unknown_field_names_close_matches():
+    c = _cfg()
+    c.optimizer.learnin_rate = 0.1
+    with pytest.raises(config_lib.ConfigError, match=r"'optimizer.learnin_rate'.*optimizer.learning_rate"):
+        config_lib.validate(c)
+
+
+def test_unknown_override_suggests_by_leaf_name():
+    with pytest.raises(config_lib.ConfigError, match=r"optimizer.lr.*optimizer.learning_rate"):
+        config_lib.check_override(_cfg(), "optimizer.lr")
+    config_lib.check_override(_cfg(), "optimizer.learning_rate")
+    config_lib.check_override(_cfg(), "model.kwargs.anything")  # free-form: checked by the model
+
+
+def test_bad_choice_is_refused():
+    with pytest.raises(config_lib.ConfigError, match="optimizer.name='sgdd'"):
+        config_lib.validate(_cfg(optimizer=dict(config_lib.base_config().optimizer.to_dict(), name="sgdd")))
+
+
+def test_steps_from_epochs():
+    c = _cfg(total_steps=0, total_epochs=2.0, batch_size=100)
+    assert config_lib.steps(c, 1000) == 20
+    assert config_lib.steps(_cfg(total_steps=7), 1000) == 7
+
+
+@pytest.mark.slow
+def test_cli_unknown_override_is_a_clear_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "titans.main", "--config=configs/digits.py",
+                           f"--workdir={tmp_path}", "--config.optimizer.lr=0.1"], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "Unknown config field 'optimizer.lr'" in proc.stderr
+    assert "optimizer.learning_rate" in proc.stderr
+    assert "Traceback" not in proc.stderr

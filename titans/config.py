@@ -1,0 +1,235 @@
+"""The config schema every Titans run shares, and the helpers that check and read it.
+
+Each file in `configs/` builds on `base_config()` and overrides what it needs. `validate()` compares a
+config against that schema so that a mistyped field (in a config file, on the command line, or in a
+dict passed to `train_and_evaluate`) is refused with its name and the closest real fields, instead
+of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from typing import Any, Iterable
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """A config that cannot be run: unknown field, bad value, or inconsistent choices."""
+
+
+# Sub-configs whose keys are free-form (passed on to a constructor that checks them itself).
+_FREE_FORM = ("model.kwargs",)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The schema and defaults of a single training run (teacher or student)."""
+    c = ml_collections.ConfigDict()
+    c.name = "run"
+    c.seed = 0
+
+    c.dataset = ml_collections.ConfigDict()
+    c.dataset.name = "fashion_mnist"
+    c.dataset.data_dir = ""  # "" -> $TFDS_DATA_DIR or ~/tensorflow_datasets
+    c.dataset.train_split = "train"
+    c.dataset.eval_split = "test"
+    c.dataset.augment = True  # only where the dataset calls for it (CIFAR, ImageNet)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "cnn"
+    c.model.kwargs = ml_collections.ConfigDict()
+
+    # Compute dtype. Parameters and optimizer state are always float32.
+    # "auto": bfloat16 on GPU/TPU, float32 on CPU.
+    c.dtype = "auto"
+
+    c.batch_size = 128  # global, over all devices and hosts
+    c.eval_batch_size = 512
+    # Duration: exactly one of these must be positive (big_vision-style resolver, see `steps()`).
+    c.total_steps = 0
+    c.total_epochs = 0.0
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "sgd"  # sgd | adamw | adam
+    c.optimizer.learning_rate = 0.05
+    c.optimizer.momentum = 0.9  # sgd
+    c.optimizer.nesterov = True  # sgd
+    c.optimizer.b1 = 0.9  # adam(w)
+    c.optimizer.b2 = 0.999  # adam(w)
+    c.optimizer.weight_decay = 5e-4  # decoupled for adamw, L2-as-gradient for sgd
+    c.optimizer.grad_clip_norm = 0.0  # 0 = off
+
+    c.schedule = ml_collections.ConfigDict()
+    c.schedule.name = "cosine"  # cosine | constant | step
+    c.schedule.warmup_steps = 0
+    c.schedule.warmup_epochs = 0.0
+    c.schedule.step_boundaries = (0.5, 0.75)  # fractions of training, for "step"
+    c.schedule.step_factor = 0.1
+
+    # Distillation. Empty teacher_workdir = plain supervised training (a teacher run).
+    c.distill = ml_collections.ConfigDict()
+    c.distill.teacher_workdir = ""
+    c.distill.teacher_step = -1  # -1 = latest checkpoint of the teacher run
+    c.distill.loss = "kd"  # kd (Hinton) | hard (CE on teacher argmax)
+    c.distill.alpha = 0.9  # weight of the distillation term; (1 - alpha) on labelled CE
+    c.distill.temperature = 4.0
+
+    c.label_smoothing = 0.0
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 500
+    c.checkpoint.keep = 3
+    c.checkpoint.async_save = True
+    c.checkpoint.restore_step = -1  # -1 = latest
+
+    c.log_every_steps = 50
+    c.eval_every_steps = 0  # 0 = only at the end
+    c.ece_bins = 15
+
+    # Profiler trace written to WORKDIR/profile for `num_steps` steps from `start_step` (-1 = off).
+    c.profile = ml_collections.ConfigDict()
+    c.profile.start_step = -1
+    c.profile.num_steps = 5
+
+    # Multi-process start-up; empty = single process (or auto-detected on Cloud TPU).
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.coordinator_address = ""
+    c.distributed.num_processes = 0
+    c.distributed.process_id = -1
+    return c
+
+
+def _flat_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict) and name not in _FREE_FORM:
+            out.update(_flat_keys(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _unknown_error(name: str, known: Iterable[str], where: str) -> ConfigError:
+    known = sorted(known)
+    close = difflib.get_close_matches(name, known, n=4, cutoff=0.6)
+    # Also fields of the same parent that the leaf abbreviates: "optimizer.lr" -> "optimizer.learning_rate".
+    parent, _, leaf = name.rpartition(".")
+    close += [k for k in known if k not in close and k.rpartition(".")[0] == parent
+              and _abbreviates(leaf, k.rpartition(".")[2])][:3]
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    return ConfigError(f"Unknown config field '{name}' in {where}.{hint}")
+
+
+def _abbreviates(short: str, long: str) -> bool:
+    """True if `short` starts like `long` and its letters appear in `long` in order."""
+    if not short or short[0] != long[0]:
+        return False
+    it = iter(long)
+    return all(ch in it for ch in short)
+
+
+def validate(config: ml_collections.ConfigDict | dict, where: str = "the config") -> ml_collections.ConfigDict:
+    """Checks a run config against `base_config()`; returns it as a ConfigDict.
+
+    Raises ConfigError naming the first unknown field and its close matches, or a bad value.
+    A config with `stages` (a pipeline) has each stage validated on its own.
+    """
+    if isinstance(config, dict):
+        config = ml_collections.ConfigDict(config)
+    if "stages" in config:
+        for name in config.stage_order:
+            if name not in config.stages:
+                raise ConfigError(f"stage_order names '{name}', which is not in stages ({list(config.stages)}).")
+        for name, stage in config.stages.items():
+            validate(stage, where=f"stage '{name}'")
+        return config
+    known = _flat_keys(base_config())
+    for name, value in _flat_keys(config).items():
+        if name not in known:
+            raise _unknown_error(name, known, where)
+    _check_values(config, where)
+    return config
+
+
+def _check_values(c: ml_collections.ConfigDict, where: str) -> None:
+    def choice(field, value, options):
+        if value not in options:
+            raise ConfigError(f"{where}: {field}={value!r} is not one of {list(options)}.")
+
+    choice("optimizer.name", c.optimizer.name, ("sgd", "adamw", "adam"))
+    choice("schedule.name", c.schedule.name, ("cosine", "constant", "step"))
+    choice("distill.loss", c.distill.loss, ("kd", "hard"))
+    choice("dtype", c.dtype, ("auto", "float32", "bfloat16"))
+    if (c.total_steps > 0) == (c.total_epochs > 0):
+        raise ConfigError(f"{where}: set exactly one of total_steps and total_epochs "
+                          f"(got total_steps={c.total_steps}, total_epochs={c.total_epochs}).")
+    if not 0.0 <= c.distill.alpha <= 1.0:
+        raise ConfigError(f"{where}: distill.alpha={c.distill.alpha} must be in [0, 1].")
+    if c.distill.temperature <= 0:
+        raise ConfigError(f"{where}: distill.temperature must be positive.")
+    if c.batch_size <= 0 or c.eval_batch_size <= 0:
+        raise ConfigError(f"{where}: batch sizes must be positive.")
+
+
+def check_override(config: ml_collections.ConfigDict, dotted: str) -> None:
+    """Raises ConfigError if `--config.<dotted>=...` names no field of `config`."""
+    node: Any = config
+    walked = []
+    for part in dotted.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            if isinstance(node, ml_collections.ConfigDict) and ".".join(walked) in _FREE_FORM:
+                return  # model.kwargs.<anything>: checked by the model constructor
+            known = _flat_keys(config) if "stages" not in config else _flat_pipeline_keys(config)
+            raise _unknown_error(dotted, known, "the command-line overrides")
+        walked.append(part)
+        node = node[part]
+
+
+def _flat_pipeline_keys(config) -> dict[str, Any]:
+    keys = {}
+    for name, stage in config.stages.items():
+        keys.update({f"stages.{name}.{k}": v for k, v in _flat_keys(stage).items()})
+    return keys
+
+
+def steps(config: ml_collections.ConfigDict, num_examples: int, *, prefix: str = "total") -> int:
+    """Resolves `{prefix}_steps` or `{prefix}_epochs` into a number of optimizer steps."""
+    n_steps = config.get(f"{prefix}_steps", 0)
+    n_epochs = config.get(f"{prefix}_epochs", 0)
+    if n_steps and n_steps > 0:
+        return int(n_steps)
+    if n_epochs and n_epochs > 0:
+        return max(1, int(round(n_epochs * num_examples / config.batch_size)))
+    return 0
+
+
+def warmup_steps(config: ml_collections.ConfigDict, num_examples: int) -> int:
+    s = config.schedule
+    if s.warmup_steps > 0:
+        return int(s.warmup_steps)
+    return int(round(s.warmup_epochs * num_examples / config.batch_size))
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """Loads `path.py[:arg]` the way `--config=` does: the module's get_config(arg)."""
+    import importlib.util
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("titans_config_module", path)
+    if module_spec is None:
+        raise ConfigError(f"Config file {path!r} cannot be loaded.")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+def fingerprint(obj: Any) -> str:
+    """A short stable hash of a JSON-able object (e.g. the fields that fix a checkpoint's shape)."""
+    blob = json.dumps(obj, sort_keys=True, default=list).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

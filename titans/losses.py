@@ -1,0 +1,80 @@
+"""Losses and calibration metrics: pure functions of arrays, per example, in float32.
+
+Every loss returns one value per example, so that callers can weight examples (the cascade's
+easy-focused objectives do) before averaging. Teacher logits are passed through `stop_gradient`
+here as well as by the trainer: a loss never trains the teacher, whoever calls it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+    """Per-example softmax cross-entropy against integer labels, with optional label smoothing."""
+    logits = logits.astype(jnp.float32)
+    num_classes = logits.shape[-1]
+    logp = jax.nn.log_softmax(logits)
+    target = jax.nn.one_hot(labels, num_classes)
+    if label_smoothing:
+        target = target * (1.0 - label_smoothing) + label_smoothing / num_classes
+    return -jnp.sum(target * logp, axis=-1)
+
+
+def soft_cross_entropy(logits: jax.Array, target_probs: jax.Array) -> jax.Array:
+    """Per-example cross-entropy against a probability vector."""
+    return -jnp.sum(target_probs * jax.nn.log_softmax(logits.astype(jnp.float32)), axis=-1)
+
+
+def kd_divergence(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float) -> jax.Array:
+    """Hinton et al. (2015): T^2 * KL(softmax(teacher/T) || softmax(student/T)), per example.
+
+    The T^2 factor keeps the gradient scale of the soft term independent of T.
+    """
+    t = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32)) / temperature
+    s = student_logits.astype(jnp.float32) / temperature
+    log_pt = jax.nn.log_softmax(t)
+    log_ps = jax.nn.log_softmax(s)
+    kl = jnp.sum(jnp.exp(log_pt) * (log_pt - log_ps), axis=-1)
+    return (temperature**2) * kl
+
+
+def hard_distillation(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.Array:
+    """Cross-entropy against the teacher's argmax (hard-label distillation), per example."""
+    return cross_entropy(student_logits, jnp.argmax(jax.lax.stop_gradient(teacher_logits), axis=-1))
+
+
+def distillation_loss(student_logits, teacher_logits, labels, *, kind: str = "kd", alpha: float = 0.9,
+                      temperature: float = 4.0, label_smoothing: float = 0.0) -> jax.Array:
+    """alpha * distillation term + (1 - alpha) * cross-entropy on the true labels, per example."""
+    if kind == "kd":
+        soft = kd_divergence(student_logits, teacher_logits, temperature)
+    elif kind == "hard":
+        soft = hard_distillation(student_logits, teacher_logits)
+    else:
+        raise ValueError(f"Unknown distillation loss '{kind}' (expected 'kd' or 'hard').")
+    if alpha == 1.0:
+        return soft
+    return alpha * soft + (1.0 - alpha) * cross_entropy(student_logits, labels, label_smoothing)
+
+
+def calibration_bins(logits: jax.Array, labels: jax.Array, mask: jax.Array, num_bins: int):
+    """Per-bin (count, sum of confidence, sum of correctness) of the max-softmax confidence.
+
+    Summable over batches and devices; `expected_calibration_error` turns the totals into ECE.
+    Bins are [0, 1/n), ..., [(n-1)/n, 1].
+    """
+    probs = jax.nn.softmax(logits.astype(jnp.float32))
+    conf = jnp.max(probs, axis=-1)
+    correct = (jnp.argmax(probs, axis=-1) == labels).astype(jnp.float32)
+    idx = jnp.clip(jnp.floor(conf * num_bins).astype(jnp.int32), 0, num_bins - 1)
+    onehot = jax.nn.one_hot(idx, num_bins) * mask.astype(jnp.float32)[:, None]
+    return jnp.stack([onehot.sum(0), (onehot * conf[:, None]).sum(0), (onehot * correct[:, None]).sum(0)])
+
+
+def expected_calibration_error(bins) -> float:
+    """ECE = sum_b (n_b / N) |acc_b - conf_b| from the totals of `calibration_bins`."""
+    count, conf_sum, correct_sum = (jnp.asarray(b) for b in bins)
+    total = jnp.maximum(count.sum(), 1.0)
+    return float(jnp.sum(jnp.abs(correct_sum - conf_sum)) / total)
