@@ -67,7 +67,8 @@ class Checkpointer:
     def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep if keep > 0 else None,
+            max_to_keep=keep if keep > 0 and not read_only else None,
+            save_interval_steps=0 if read_only else 1,
             enable_async_checkpointing=async_save,
             create=not read_only,
             read_only=read_only,

@@ -350,13 +350,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     with PreemptionGuard() as guard:
         for step in range(start, total_steps):
-            if step == config.profile.start_step:
+            profiling = config.profile.start_step >= 0
+            if profiling and step == config.profile.start_step:
                 jax.profiler.start_trace(trace_dir)
             batch = parallel.to_global(next(loader), mesh)
             state, metrics = train_step(state, batch, teacher)
             pending.append(metrics)
             done = step + 1
-            if done == config.profile.start_step + config.profile.num_steps:
+            if profiling and done == config.profile.start_step + config.profile.num_steps:
                 jax.block_until_ready(state)
                 jax.profiler.stop_trace()
             if step == start:
