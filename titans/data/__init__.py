@@ -1,0 +1,41 @@
+"""Titans data layer: TFDS ArrayRecord sources, grain-ordered loaders, augmentation.
+
+    info = dataset_info(name)
+    src = get_source(name, split, data_dir=None)        # len(src), src[i], src.__getitems__(idx)
+    src = load_in_memory(src)                           # optional, for small datasets
+    loader = TrainLoader(src, info, global_batch_size=..., seed=..., process_index=...,
+                         process_count=..., augment=True)
+    batch = next(loader); state = loader.get_state(); loader.set_state(state)
+    for batch in eval_batches(src, info, global_batch_size=..., ...): ...
+    x = normalize(batch['image'], info)                 # on device, inside jit
+
+Pipelines ship uint8 images; TensorFlow is never imported.
+"""
+
+from titans.data.augment import normalize
+from titans.data.info import DATASETS, DatasetInfo, dataset_info
+from titans.data.pipeline import TrainLoader, eval_batches, num_eval_batches
+from titans.data.sources import (
+    ArraySource,
+    DatasetNotFoundError,
+    Source,
+    default_data_dir,
+    get_source,
+    load_in_memory,
+)
+
+__all__ = [
+    "ArraySource",
+    "DATASETS",
+    "DatasetInfo",
+    "DatasetNotFoundError",
+    "Source",
+    "TrainLoader",
+    "dataset_info",
+    "default_data_dir",
+    "eval_batches",
+    "get_source",
+    "load_in_memory",
+    "normalize",
+    "num_eval_batches",
+]

@@ -1,0 +1,82 @@
+"""Static facts about each dataset Titans knows: classes, shapes, normalization, splits.
+
+`dataset_info(name)` never touches the data, so a trainer can build its model before the
+data is prepared. `image_shape` is the shape of the images the pipelines hand out (for
+imagenet2012 that is after resizing/cropping to 224x224, not the stored variable size).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    num_classes: int
+    image_shape: tuple[int, int, int]  # (H, W, C) of the batches the loaders yield
+    mean: tuple[float, ...]  # per channel, on the [0, 255] scale
+    std: tuple[float, ...]
+    splits: dict[str, int]  # split name -> number of examples
+    augment: str  # 'none' | 'crop_flip' | 'imagenet'
+
+
+def _scaled(values):
+    return tuple(round(v * 255.0, 4) for v in values)
+
+
+# mean/std of digits and fashion_mnist were measured on their train splits (digits: the fixed
+# 1437-example split); CIFAR and ImageNet use the customary published values.
+_INFOS = {
+    "digits": dict(
+        num_classes=10,
+        image_shape=(8, 8, 1),
+        mean=(77.9014,),
+        std=(95.8478,),
+        splits={"train": 1437, "test": 360},
+        augment="none",
+    ),
+    "fashion_mnist": dict(
+        num_classes=10,
+        image_shape=(28, 28, 1),
+        mean=(72.9404,),
+        std=(90.0212,),
+        splits={"train": 60000, "test": 10000},
+        augment="none",
+    ),
+    "cifar10": dict(
+        num_classes=10,
+        image_shape=(32, 32, 3),
+        mean=_scaled((0.4914, 0.4822, 0.4465)),
+        std=_scaled((0.2470, 0.2435, 0.2616)),
+        splits={"train": 50000, "test": 10000},
+        augment="crop_flip",
+    ),
+    "cifar100": dict(
+        num_classes=100,
+        image_shape=(32, 32, 3),
+        mean=_scaled((0.5071, 0.4865, 0.4409)),
+        std=_scaled((0.2673, 0.2564, 0.2762)),
+        splits={"train": 50000, "test": 10000},
+        augment="crop_flip",
+    ),
+    "imagenet2012": dict(
+        num_classes=1000,
+        image_shape=(224, 224, 3),
+        mean=_scaled((0.485, 0.456, 0.406)),
+        std=_scaled((0.229, 0.224, 0.225)),
+        splits={"train": 1281167, "validation": 50000},
+        augment="imagenet",
+    ),
+}
+
+DATASETS = tuple(_INFOS)
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """Returns the static `DatasetInfo` of `name` (one of `DATASETS`)."""
+    try:
+        fields = _INFOS[name]
+    except KeyError:
+        raise ValueError(f"Unknown dataset {name!r}; known: {', '.join(DATASETS)}") from None
+    return DatasetInfo(name=name, **{**fields, "splits": dict(fields["splits"])})

@@ -1,0 +1,284 @@
+"""Host input pipelines: the infinite shuffled `TrainLoader` and the one-pass `eval_batches`.
+
+Both are pure functions of (seed, step) underneath: batch k is computed from its global
+indices and its own random numbers, never from the batches before it. That is what makes
+the state a single step counter, lets a background thread compute batches ahead without
+touching that state, and makes the batches independent of the number of processes.
+
+Multi-host layout: global batch k holds `global_batch_size` example indices; process p
+takes rows [p * local_bs, (p + 1) * local_bs). Concatenating all processes' step-k batches
+gives the single-process step-k batch, row for row.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import functools
+import math
+from collections.abc import Callable, Iterator
+
+import grain
+import numpy as np
+
+from titans.data import augment as aug
+from titans.data.info import DatasetInfo
+
+def _shuffle_seed(seed: int) -> int:
+    """A 32-bit grain shuffle seed hashed from `seed`.
+
+    grain shuffles epoch e with seed + e, so passing seeds straight through would make
+    seed s + 1 replay seed s's orders one epoch early.
+    """
+    return int(np.random.SeedSequence([seed % 2**64, 0x5EED]).generate_state(1)[0])
+
+
+def _check_layout(global_batch_size: int, process_index: int, process_count: int) -> int:
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    if global_batch_size < 1 or global_batch_size % process_count:
+        raise ValueError(
+            f"global_batch_size {global_batch_size} is not a positive multiple of "
+            f"process_count {process_count}"
+        )
+    return global_batch_size // process_count
+
+
+def _stack(examples: list[dict], image_shape) -> tuple[np.ndarray, np.ndarray]:
+    images = np.stack([e["image"] for e in examples])
+    if image_shape is not None and images.shape[1:] != tuple(image_shape):
+        raise ValueError(f"source images have shape {images.shape[1:]}, expected {image_shape}")
+    labels = np.fromiter((e["label"] for e in examples), dtype=np.int32, count=len(examples))
+    return images, labels
+
+
+def _eval_images(examples: list[dict], info: DatasetInfo) -> tuple[np.ndarray, np.ndarray]:
+    """Stacked images after the deterministic (evaluation) transform of `info.augment`."""
+    if info.augment == "imagenet":
+        examples = [
+            {"image": aug.imagenet_eval_one(e["image"]), "label": e["label"]} for e in examples
+        ]
+    return _stack(examples, info.image_shape)
+
+
+class _Prefetcher:
+    """Yields fn(start), fn(start + 1), ... computed up to `depth` items ahead in threads.
+
+    Items are handed out strictly in order; the caller's notion of position is only
+    advanced by what it has received, so anything computed ahead is simply discarded on
+    `close()`.
+    """
+
+    def __init__(self, fn: Callable[[int], dict], start: int, stop: int | None, depth: int, threads: int):
+        self._fn, self._next, self._stop = fn, start, stop
+        self._depth = max(0, depth)
+        self._pool = (
+            concurrent.futures.ThreadPoolExecutor(max(1, threads), thread_name_prefix="titans-data")
+            if self._depth
+            else None
+        )
+        self._queue: collections.deque = collections.deque()
+        self._submitted = start
+
+    def _fill(self):
+        while len(self._queue) < self._depth and (self._stop is None or self._submitted < self._stop):
+            self._queue.append(self._pool.submit(self._fn, self._submitted))
+            self._submitted += 1
+
+    def __next__(self) -> dict:
+        if self._stop is not None and self._next >= self._stop:
+            raise StopIteration
+        if self._pool is None:
+            item = self._fn(self._next)
+        else:
+            self._fill()
+            item = self._queue.popleft().result()
+            self._fill()
+        self._next += 1
+        return item
+
+    def close(self):
+        for f in self._queue:
+            f.cancel()
+        self._queue.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+            self._depth = 0
+
+
+class TrainLoader:
+    """Infinite, deterministic, resumable training batches for one process.
+
+    Each epoch is a fresh shuffle (grain `MapDataset.range(n).shuffle(seed).repeat()`) cut
+    into `steps_per_epoch = n // global_batch_size` global batches; the last partial batch
+    of every epoch is dropped. `next(loader)` gives this process's rows of the next global
+    batch: {'image': uint8 (local_bs, H, W, C), 'label': int32 (local_bs,)}.
+    """
+
+    def __init__(
+        self,
+        src,
+        info: DatasetInfo,
+        global_batch_size: int,
+        seed: int = 0,
+        process_index: int = 0,
+        process_count: int = 1,
+        augment: bool = True,
+        prefetch: int = 2,
+        num_threads: int = 1,
+    ):
+        self.local_batch_size = _check_layout(global_batch_size, process_index, process_count)
+        self.src, self.info = src, info
+        self.global_batch_size = global_batch_size
+        self.process_index, self.process_count = process_index, process_count
+        self.num_examples = len(src)
+        self.steps_per_epoch = self.num_examples // global_batch_size
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"global_batch_size {global_batch_size} > {self.num_examples} examples"
+            )
+        self.augment = augment and info.augment != "none"
+        self._prefetch, self._threads = prefetch, num_threads
+        self._set(seed=seed, step=0)
+
+    def _set(self, seed: int, step: int):
+        self.seed = int(seed)
+        self.step = int(step)
+        self._order = (
+            grain.MapDataset.range(self.num_examples).shuffle(seed=_shuffle_seed(self.seed)).repeat()
+        )
+        # Bound now, so a batch still being computed for a replaced state cannot mix states.
+        fn = functools.partial(self._batch, self._order, self.seed)
+        self._prefetcher = _Prefetcher(fn, self.step, None, self._prefetch, self._threads)
+
+    # ----------------------------------------------------------------- batches as functions
+
+    def global_indices(self, step: int) -> np.ndarray:
+        """The example indices of global batch `step`, in row order."""
+        return self._indices(self._order, step, 0, self.global_batch_size)
+
+    def _indices(self, order, step: int, row0: int, rows: int) -> np.ndarray:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        first = epoch * self.num_examples + k * self.global_batch_size + row0
+        return np.fromiter((order[first + j] for j in range(rows)), dtype=np.int64, count=rows)
+
+    def _batch(self, order, seed: int, step: int) -> dict:
+        lbs = self.local_batch_size
+        row0 = self.process_index * lbs
+        rows = slice(row0, row0 + lbs)
+        examples = self.src.__getitems__(self._indices(order, step, row0, lbs).tolist())
+        kind = self.info.augment
+        if not self.augment:
+            images, labels = _eval_images(examples, self.info)
+            return {"image": images, "label": labels}
+        # Random numbers are drawn for the whole global batch and then sliced, so each
+        # example's augmentation depends on (seed, step, global row) only.
+        rng = np.random.default_rng([seed % 2**64, step])
+        n = self.global_batch_size
+        if kind == "crop_flip":
+            images, labels = _stack(examples, self.info.image_shape)
+            params = {k: v[rows] for k, v in aug.crop_flip_params(rng, n).items()}
+            images = aug.crop_flip(images, params)
+        elif kind == "imagenet":
+            params = {k: v[rows] for k, v in aug.random_resized_crop_params(rng, n).items()}
+            images = np.stack(
+                [aug.imagenet_train_one(e["image"], params, i) for i, e in enumerate(examples)]
+            )
+            labels = np.fromiter((e["label"] for e in examples), dtype=np.int32, count=lbs)
+        else:
+            raise ValueError(f"unknown augmentation {kind!r}")
+        return {"image": images, "label": labels}
+
+    # ------------------------------------------------------------------------ iteration
+
+    @property
+    def epoch(self) -> int:
+        return self.step // self.steps_per_epoch
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict:
+        batch = next(self._prefetcher)
+        self.step += 1
+        return batch
+
+    def get_state(self) -> dict:
+        """JSON-serialisable; `step` counts the batches handed out (not those prefetched)."""
+        return {
+            "step": self.step,
+            "seed": self.seed,
+            "global_batch_size": self.global_batch_size,
+            "num_examples": self.num_examples,
+        }
+
+    def set_state(self, state: dict) -> None:
+        """Continue from `state`; the process count may differ from the one that saved it."""
+        for key in ("global_batch_size", "num_examples"):
+            if key in state and int(state[key]) != getattr(self, key):
+                raise ValueError(
+                    f"state has {key}={state[key]}, this loader {getattr(self, key)}: "
+                    "the example order could not be continued"
+                )
+        self._prefetcher.close()
+        self._set(seed=state.get("seed", self.seed), step=state["step"])
+
+    def close(self) -> None:
+        self._prefetcher.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        prefetcher = getattr(self, "_prefetcher", None)
+        if prefetcher is not None:
+            prefetcher.close()
+
+
+def num_eval_batches(num_examples: int, global_batch_size: int) -> int:
+    return math.ceil(num_examples / global_batch_size)
+
+
+def eval_batches(
+    src,
+    info: DatasetInfo,
+    global_batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    prefetch: int = 2,
+    num_threads: int = 1,
+) -> Iterator[dict]:
+    """One ordered pass over `src`, no augmentation, every example exactly once overall.
+
+    All processes get the same number of batches (ceil(n / global_batch_size)); rows past
+    the end are zero images with label 0 and mask False.
+    """
+    lbs = _check_layout(global_batch_size, process_index, process_count)
+    n = len(src)
+
+    def batch(b: int) -> dict:
+        start = b * global_batch_size + process_index * lbs
+        stop = min(start + lbs, n)
+        images = np.zeros((lbs, *info.image_shape), np.uint8)
+        labels = np.zeros((lbs,), np.int32)
+        mask = np.zeros((lbs,), bool)
+        if stop > start:
+            got_images, got_labels = _eval_images(src.__getitems__(range(start, stop)), info)
+            images[: stop - start], labels[: stop - start] = got_images, got_labels
+            mask[: stop - start] = True
+        return {"image": images, "label": labels, "mask": mask}
+
+    prefetcher = _Prefetcher(batch, 0, num_eval_batches(n, global_batch_size), prefetch, num_threads)
+    try:
+        while True:
+            try:
+                item = next(prefetcher)
+            except StopIteration:
+                return
+            yield item
+    finally:
+        prefetcher.close()
