@@ -82,3 +82,41 @@ def test_ece_matches_numpy(batch):
             ece += sel.sum() / len(conf) * abs((pred[sel] == yy[sel]).mean() - conf[sel].mean())
     assert losses.expected_calibration_error(bins) == pytest.approx(ece, abs=1e-5)
     assert float(bins[0].sum()) == 13
+
+
+def np_softmax(z):
+    return np.exp(np_log_softmax(z))
+
+
+@pytest.mark.parametrize("rule", ["confidence", "margin", "correctness", "agreement"])
+def test_easy_weights(batch, rule):
+    s, t, y = batch
+    pt, ps = np_softmax(t.astype(np.float64)), np_softmax(s.astype(np.float64))
+    srt = np.sort(pt, -1)
+    easiness = {"confidence": pt.max(-1), "margin": srt[:, -1] - srt[:, -2],
+                "correctness": pt[np.arange(16), y], "agreement": ps[np.arange(16), pt.argmax(-1)]}[rule]
+    ref = 0.2 + 0.8 * easiness**3.0
+    got = losses.easy_weights(t, y, s, rule=rule, sharpness=3.0, floor=0.2)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-7)
+
+
+def test_easy_weights_sharpness_zero_is_standard(batch):
+    s, t, y = batch
+    np.testing.assert_allclose(losses.easy_weights(t, y, s, rule="margin", sharpness=0.0, floor=0.0), 1.0)
+
+
+def test_defer_surrogate(batch):
+    s, t, y = batch
+    rng = np.random.default_rng(1)
+    s1 = np.concatenate([s, rng.normal(size=(16, 1)).astype(np.float32)], -1)  # C + 1 outputs
+    logp = np_log_softmax(s1.astype(np.float64))
+    pt = np_softmax(t.astype(np.float64))
+    q = 0.8 * pt + 0.2 * np.eye(10)[y]
+    ref = -(q * logp[:, :10]).sum(-1) - 0.5 * pt[np.arange(16), y] * logp[:, 10]
+    np.testing.assert_allclose(losses.defer_surrogate(s1, t, y, alpha=0.8, defer_weight=0.5), ref, rtol=1e-5)
+    # d loss / d defer-logit = p_defer * (1 + t_y) - t_y: descent raises "defer" where the teacher is
+    # likely right (t_y > p_defer / (1 - p_defer)) and lowers it elsewhere.
+    g = jax.grad(lambda z: losses.defer_surrogate(z, t, y).sum())(jnp.asarray(s1))
+    p_defer, t_y = np.exp(logp[:, 10]), pt[np.arange(16), y]
+    np.testing.assert_allclose(g[:, 10], p_defer * (1 + t_y) - t_y, rtol=1e-4, atol=1e-6)
+    assert float(jnp.abs(jax.grad(lambda tt: losses.defer_surrogate(s1, tt, y).sum())(jnp.asarray(t))).max()) == 0.0

@@ -253,3 +253,24 @@ def test_pipeline_runs_stages_and_skips_finished(data_dir, tmp_path, capsys):
     out2 = pipeline.run(c, str(tmp_path))
     assert "already finished" in capsys.readouterr().out
     assert out2["stages"]["student"]["accuracy"] == out["stages"]["student"]["accuracy"]
+
+
+@pytest.mark.parametrize("objective", ["easy_weighted", "defer"])
+def test_cascade_objectives_train(teacher_run, data_dir, tmp_path, objective):
+    c = digits_config(data_dir, total_steps=60)
+    c.model.kwargs.hidden = (16,)
+    c.distill.teacher_workdir = teacher_run[0]
+    c.distill.objective = objective
+    c.distill.easy.rule = "margin"
+    result = train.train_and_evaluate(c, str(tmp_path))
+    assert result["accuracy"] > 0.6 and result["objective"] == objective
+    outputs = 11 if objective == "defer" else 10
+    meta = ckpt_lib.Checkpointer(str(tmp_path), read_only=True).read_meta(60)
+    assert meta["fields"]["num_outputs"] == outputs
+
+
+def test_objective_without_teacher_is_refused(data_dir, tmp_path):
+    c = digits_config(data_dir)
+    c.distill.objective = "defer"
+    with pytest.raises(config_lib.ConfigError, match="needs a teacher"):
+        train.train_and_evaluate(c, str(tmp_path))

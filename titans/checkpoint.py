@@ -149,9 +149,10 @@ class Checkpointer:
         return from_savable(out["model"], model_like)
 
 
-def meta_for(config, info, model_fields: dict | None = None) -> dict:
+def meta_for(config, info, num_outputs: int | None = None) -> dict:
     """The fields that fix a checkpoint's structure, and their fingerprint."""
     fields = {
+        "num_outputs": int(num_outputs or info.num_classes),
         "model.name": config.model.name,
         "model.kwargs": config_lib.fingerprint(config.model.kwargs.to_dict()),
         "num_classes": int(info.num_classes),
@@ -159,7 +160,6 @@ def meta_for(config, info, model_fields: dict | None = None) -> dict:
         "optimizer.name": config.optimizer.name,
         "dataset.name": config.dataset.name,
     }
-    fields.update(model_fields or {})
     return {"fields": fields, "fingerprint": config_lib.fingerprint(fields)}
 
 

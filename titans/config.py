@@ -75,6 +75,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.distill.loss = "kd"  # kd (Hinton) | hard (CE on teacher argmax)
     c.distill.alpha = 0.9  # weight of the distillation term; (1 - alpha) on labelled CE
     c.distill.temperature = 4.0
+    # Student objective (cascades, METHODS.md §1): standard | easy_weighted | defer.
+    c.distill.objective = "standard"
+    c.distill.easy = ml_collections.ConfigDict()
+    c.distill.easy.rule = "confidence"  # confidence | margin | correctness | agreement
+    c.distill.easy.sharpness = 2.0  # weight = floor + (1 - floor) * easiness ** sharpness
+    c.distill.easy.floor = 0.1
+    c.distill.easy.warmup_steps = 0  # "agreement" uses weight 1 before this step
+    c.distill.defer_weight = 1.0  # scales the "defer" term of the learning-to-defer surrogate
 
     c.label_smoothing = 0.0
 
@@ -163,6 +171,11 @@ def _check_values(c: ml_collections.ConfigDict, where: str) -> None:
     choice("schedule.name", c.schedule.name, ("cosine", "constant", "step"))
     choice("distill.loss", c.distill.loss, ("kd", "hard"))
     choice("dtype", c.dtype, ("auto", "float32", "bfloat16"))
+    choice("distill.objective", c.distill.objective, ("standard", "easy_weighted", "defer"))
+    choice("distill.easy.rule", c.distill.easy.rule, ("confidence", "margin", "correctness", "agreement"))
+    if c.distill.objective != "standard" and not c.distill.teacher_workdir:
+        raise ConfigError(f"{where}: distill.objective={c.distill.objective!r} needs a teacher "
+                          f"(set distill.teacher_workdir).")
     if (c.total_steps > 0) == (c.total_epochs > 0):
         raise ConfigError(f"{where}: set exactly one of total_steps and total_epochs "
                           f"(got total_steps={c.total_steps}, total_epochs={c.total_epochs}).")

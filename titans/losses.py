@@ -78,3 +78,57 @@ def expected_calibration_error(bins) -> float:
     count, conf_sum, correct_sum = (jnp.asarray(b) for b in bins)
     total = jnp.maximum(count.sum(), 1.0)
     return float(jnp.sum(jnp.abs(correct_sum - conf_sum)) / total)
+
+
+# --- Cascade objectives ("When in Doubt, Summon the Titans"): the student aims at the easy part. ---
+
+EASY_RULES = ("confidence", "margin", "correctness", "agreement")
+
+
+def easy_weights(teacher_logits, labels, student_logits, *, rule: str, sharpness: float = 1.0,
+                 floor: float = 0.0) -> jax.Array:
+    """Per-example weights that concentrate the student's loss on examples it can get right.
+
+    An "easiness" score s in [0, 1] comes from the teacher (no gradient flows through it):
+      confidence   the teacher's max softmax probability,
+      margin       the gap between the teacher's top two probabilities,
+      correctness  the teacher's probability of the true label (needs labelled data),
+      agreement    the student's own probability of the teacher's top class (meaningful after a
+                   warm-up; the trainer uses weight 1 before `easy.warmup_steps`).
+    weight = floor + (1 - floor) * s ** sharpness. sharpness 0 gives standard distillation; larger
+    values push the weight further onto the easy examples; floor keeps some signal on the hard ones.
+    """
+    t = jax.nn.softmax(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32))
+    if rule == "confidence":
+        s = t.max(-1)
+    elif rule == "margin":
+        top2 = jax.lax.top_k(t, 2)[0]
+        s = top2[:, 0] - top2[:, 1]
+    elif rule == "correctness":
+        s = jnp.take_along_axis(t, labels[:, None], axis=-1)[:, 0]
+    elif rule == "agreement":
+        p_s = jax.nn.softmax(jax.lax.stop_gradient(student_logits).astype(jnp.float32))
+        s = jnp.take_along_axis(p_s, jnp.argmax(t, -1)[:, None], axis=-1)[:, 0]
+    else:
+        raise ValueError(f"Unknown easy-weighting rule '{rule}'; expected one of {EASY_RULES}.")
+    return floor + (1.0 - floor) * jnp.power(s, sharpness)
+
+
+def defer_surrogate(logits, teacher_logits, labels, *, alpha: float = 0.9, defer_weight: float = 1.0) -> jax.Array:
+    """Learning-to-defer loss for a student with C + 1 outputs, the last one meaning "defer".
+
+    The consistent cross-entropy surrogate of Mozannar & Sontag (ICML 2020),
+        L = -log p_y - 1[expert correct] * log p_defer,
+    with the teacher as the expert and its soft labels as targets (our reading, METHODS.md §1):
+        L = -sum_k q_k log p_k - defer_weight * t_y * log p_defer,
+    where p = softmax over all C + 1 outputs, q = alpha * softmax(teacher) + (1 - alpha) * onehot(y),
+    and t_y is the teacher's probability of the true label (a soft "the expert is right").
+    The student thus learns to answer where it can match the teacher, and to put mass on "defer"
+    exactly where the teacher is likely right.
+    """
+    num_classes = logits.shape[-1] - 1
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+    t = jax.nn.softmax(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32))
+    q = alpha * t + (1.0 - alpha) * jax.nn.one_hot(labels, num_classes)
+    t_y = jnp.take_along_axis(t, labels[:, None], axis=-1)[:, 0]
+    return -jnp.sum(q * logp[:, :num_classes], axis=-1) - defer_weight * t_y * logp[:, num_classes]

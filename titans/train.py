@@ -69,9 +69,15 @@ def compute_dtype(name: str):
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
-def build_model(model_cfg, info, *, seed: int, dtype) -> nnx.Module:
-    return models.create_model(model_cfg.name, num_classes=info.num_classes, input_shape=tuple(info.image_shape),
-                               rngs=nnx.Rngs(seed), dtype=dtype, **model_cfg.kwargs.to_dict())
+def num_outputs(config, info) -> int:
+    """Classes, plus one "defer" output for a learning-to-defer student."""
+    return info.num_classes + (1 if config.distill.get("objective", "standard") == "defer" else 0)
+
+
+def build_model(model_cfg, info, *, seed: int, dtype, outputs: int | None = None) -> nnx.Module:
+    return models.create_model(model_cfg.name, num_classes=outputs or info.num_classes,
+                               input_shape=tuple(info.image_shape), rngs=nnx.Rngs(seed), dtype=dtype,
+                               **model_cfg.kwargs.to_dict())
 
 
 def make_optimizer(config, total_steps: int, num_examples: int):
@@ -101,18 +107,34 @@ def make_optimizer(config, total_steps: int, num_examples: int):
 
 
 def make_loss_fn(config) -> Callable:
-    """Per-example loss(student_logits, teacher_logits_or_None, labels)."""
+    """loss(student_logits, teacher_logits_or_None, labels, step) -> (per-example loss, weights).
+
+    The batch objective is sum(weights * loss) / sum(weights): weights are 1 except for the
+    easy-weighted objective, where they come from the teacher (see losses.easy_weights).
+    """
     d = config.distill
 
-    def loss_fn(logits, teacher_logits, labels):
+    def loss_fn(logits, teacher_logits, labels, step):
+        ones = jnp.ones(labels.shape, jnp.float32)
         if teacher_logits is None:
-            return losses.cross_entropy(logits, labels, config.label_smoothing)
-        return losses.distillation_loss(logits, teacher_logits, labels, kind=d.loss, alpha=d.alpha,
-                                        temperature=d.temperature, label_smoothing=config.label_smoothing)
+            return losses.cross_entropy(logits, labels, config.label_smoothing), ones
+        if d.objective == "defer":
+            return losses.defer_surrogate(logits, teacher_logits, labels, alpha=d.alpha,
+                                          defer_weight=d.defer_weight), ones
+        per_example = losses.distillation_loss(logits, teacher_logits, labels, kind=d.loss, alpha=d.alpha,
+                                               temperature=d.temperature, label_smoothing=config.label_smoothing)
+        if d.objective == "easy_weighted":
+            weights = losses.easy_weights(teacher_logits, labels, logits, rule=d.easy.rule,
+                                          sharpness=d.easy.sharpness, floor=d.easy.floor)
+            if d.easy.rule == "agreement" and d.easy.warmup_steps:
+                weights = jnp.where(step < d.easy.warmup_steps, ones, weights)
+            return per_example, weights
+        return per_example, ones
     return loss_fn
 
 
 def make_train_step(graphdef, tx, loss_fn, info, dtype, schedule):
+    num_classes = info.num_classes
     """Returns train_step(state, batch, teacher) -> (state, metrics); pure, to be jitted."""
 
     def train_step(state: TrainState, batch, teacher: Teacher | None):
@@ -123,8 +145,9 @@ def make_train_step(graphdef, tx, loss_fn, info, dtype, schedule):
         def objective(params):
             model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, state.model_state))
             logits = model(images, train=True)
-            per_example = loss_fn(logits, teacher_logits, labels)
-            return per_example.mean(), (logits, nnx.state(model, nnx.Not(nnx.Param)))
+            per_example, weights = loss_fn(logits, teacher_logits, labels, state.step)
+            loss = jnp.sum(weights * per_example) / jnp.maximum(jnp.sum(weights), 1e-12)
+            return loss, (logits[:, :num_classes], nnx.state(model, nnx.Not(nnx.Param)))
 
         (loss, (logits, model_state)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -162,7 +185,7 @@ def make_eval_step(graphdef, info, dtype, num_bins: int):
         images = data_lib.normalize(batch["image"], info, dtype)
         labels, mask = batch["label"], batch["mask"]
         model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, model_state))
-        logits = model(images, train=False).astype(jnp.float32)
+        logits = model(images, train=False).astype(jnp.float32)[:, :info.num_classes]  # drop a "defer" output
         m = mask.astype(jnp.float32)
         pred = jnp.argmax(logits, -1)
         out = {
@@ -215,7 +238,7 @@ def load_teacher(teacher_workdir: str, info, *, dtype, step: int = -1) -> tuple[
             f"The teacher in {teacher_workdir} was trained on '{t_cfg.dataset.name}' "
             f"({t_info.num_classes} classes, input {tuple(t_info.image_shape)}), but this run's data "
             f"'{info.name}' has {info.num_classes} classes and input {tuple(info.image_shape)}.")
-    model = build_model(t_cfg.model, t_info, seed=0, dtype=dtype)
+    model = build_model(t_cfg.model, t_info, seed=0, dtype=dtype, outputs=num_outputs(t_cfg, t_info))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     ckpt = ckpt_lib.Checkpointer(teacher_workdir, read_only=True)
     steps = ckpt.all_steps()
@@ -224,7 +247,7 @@ def load_teacher(teacher_workdir: str, info, *, dtype, step: int = -1) -> tuple[
     use = steps[-1] if step < 0 else step
     if use not in steps:
         raise ValueError(f"Teacher step {step} not saved in {teacher_workdir}; saved: {steps}.")
-    ckpt.check_meta(use, ckpt_lib.meta_for(t_cfg, t_info))
+    ckpt.check_meta(use, ckpt_lib.meta_for(t_cfg, t_info, num_outputs(t_cfg, t_info)))
     variables = ckpt.restore_model(use, {"params": nnx.to_pure_dict(params), "rest": nnx.to_pure_dict(rest)})
     nnx.replace_by_pure_dict(params, variables["params"])
     nnx.replace_by_pure_dict(rest, variables["rest"])
@@ -302,7 +325,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         teacher, _ = load_teacher(config.distill.teacher_workdir, info, dtype=dtype, step=config.distill.teacher_step)
         teacher = parallel.replicate(teacher, mesh)
 
-    model = build_model(config.model, info, seed=config.seed, dtype=dtype)
+    model = build_model(config.model, info, seed=config.seed, dtype=dtype, outputs=num_outputs(config, info))
     graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
     tx, schedule = make_optimizer(config, total_steps, num_train)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
@@ -314,7 +337,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                   augment=config.dataset.augment)
 
     ckpt = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
-    meta = ckpt_lib.meta_for(config, info)
+    meta = ckpt_lib.meta_for(config, info, num_outputs(config, info))
     saved = ckpt.all_steps()
     if saved:
         step = saved[-1] if config.checkpoint.restore_step < 0 else config.checkpoint.restore_step
@@ -411,6 +434,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     })
     if teacher is not None:
         result["teacher_workdir"] = config.distill.teacher_workdir
+        result["objective"] = config.distill.objective
         result["teacher_flops_per_example"] = models.flops_per_example(
             nnx.merge(teacher.graphdef, teacher.params, teacher.model_state), tuple(info.image_shape))
     writer.write(total_steps, {k: v for k, v in result.items() if isinstance(v, (int, float))}, prefix="final/")
