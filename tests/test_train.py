@@ -274,3 +274,13 @@ def test_objective_without_teacher_is_refused(data_dir, tmp_path):
     c.distill.objective = "defer"
     with pytest.raises(config_lib.ConfigError, match="needs a teacher"):
         train.train_and_evaluate(c, str(tmp_path))
+
+
+def test_load_run_model_and_predict_match_results(teacher_run, data_dir):
+    workdir, result = teacher_run
+    model, cfg, info, step = train.load_run_model(workdir)
+    assert step == 150 and cfg.model.name == "mlp"
+    src = data.get_source("digits", "test", data_dir=data_dir)
+    logits, labels = train.predict_logits(model, src, info, batch_size=64)
+    assert logits.shape == (len(src), 10) and len(labels) == len(src)
+    assert float(np.mean(logits.argmax(-1) == labels)) == pytest.approx(result["accuracy"], abs=1e-9)

@@ -224,13 +224,39 @@ def evaluate(eval_step, params, model_state, teacher, src, info, *, batch_size: 
     return result
 
 
-def load_teacher(teacher_workdir: str, info, *, dtype, step: int = -1) -> tuple[Teacher, ml_collections.ConfigDict]:
-    """Builds the teacher from its run's config.json and restores its model variables only."""
-    cfg_path = os.path.join(teacher_workdir, "config.json")
+def load_run_model(workdir: str, *, dtype=jnp.float32, step: int = -1):
+    """Rebuilds a finished (or running) run's model from its config.json and checkpoint, frozen.
+
+    Returns (Teacher, config, dataset info, step). Only the checkpoint's `model` item is read.
+    """
+    cfg_path = os.path.join(workdir, "config.json")
     if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{workdir!r} is not a Titans run (no config.json); train a model there first.")
+    with open(cfg_path) as f:
+        cfg = ml_collections.ConfigDict(json.load(f))
+    info = data_lib.dataset_info(cfg.dataset.name)
+    model = build_model(cfg.model, info, seed=0, dtype=dtype, outputs=num_outputs(cfg, info))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
+    steps = ckpt.all_steps()
+    if not steps:
+        raise FileNotFoundError(f"The run {workdir} has no checkpoint yet.")
+    use = steps[-1] if step < 0 else step
+    if use not in steps:
+        raise ValueError(f"Step {step} is not saved in {workdir}; saved: {steps}.")
+    ckpt.check_meta(use, ckpt_lib.meta_for(cfg, info, num_outputs(cfg, info)))
+    variables = ckpt.restore_model(use, {"params": nnx.to_pure_dict(params), "rest": nnx.to_pure_dict(rest)})
+    nnx.replace_by_pure_dict(params, variables["params"])
+    nnx.replace_by_pure_dict(rest, variables["rest"])
+    return Teacher(graphdef, params, rest), cfg, info, use
+
+
+def load_teacher(teacher_workdir: str, info, *, dtype, step: int = -1) -> tuple[Teacher, ml_collections.ConfigDict]:
+    """Loads a teacher run for a student on dataset `info`, refusing one trained for other data."""
+    if not os.path.exists(os.path.join(teacher_workdir, "config.json")):
         raise FileNotFoundError(f"distill.teacher_workdir={teacher_workdir!r} is not a Titans run "
                                 f"(no config.json); train the teacher there first.")
-    with open(cfg_path) as f:
+    with open(os.path.join(teacher_workdir, "config.json")) as f:
         t_cfg = ml_collections.ConfigDict(json.load(f))
     t_info = data_lib.dataset_info(t_cfg.dataset.name)
     if t_info.num_classes != info.num_classes or tuple(t_info.image_shape) != tuple(info.image_shape):
@@ -238,20 +264,22 @@ def load_teacher(teacher_workdir: str, info, *, dtype, step: int = -1) -> tuple[
             f"The teacher in {teacher_workdir} was trained on '{t_cfg.dataset.name}' "
             f"({t_info.num_classes} classes, input {tuple(t_info.image_shape)}), but this run's data "
             f"'{info.name}' has {info.num_classes} classes and input {tuple(info.image_shape)}.")
-    model = build_model(t_cfg.model, t_info, seed=0, dtype=dtype, outputs=num_outputs(t_cfg, t_info))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    ckpt = ckpt_lib.Checkpointer(teacher_workdir, read_only=True)
-    steps = ckpt.all_steps()
-    if not steps:
-        raise FileNotFoundError(f"The teacher run {teacher_workdir} has no checkpoint yet.")
-    use = steps[-1] if step < 0 else step
-    if use not in steps:
-        raise ValueError(f"Teacher step {step} not saved in {teacher_workdir}; saved: {steps}.")
-    ckpt.check_meta(use, ckpt_lib.meta_for(t_cfg, t_info, num_outputs(t_cfg, t_info)))
-    variables = ckpt.restore_model(use, {"params": nnx.to_pure_dict(params), "rest": nnx.to_pure_dict(rest)})
-    nnx.replace_by_pure_dict(params, variables["params"])
-    nnx.replace_by_pure_dict(rest, variables["rest"])
-    return Teacher(graphdef, params, rest), t_cfg
+    teacher, t_cfg, _, _ = load_run_model(teacher_workdir, dtype=dtype, step=step)
+    return teacher, t_cfg
+
+
+def predict_logits(model: Teacher, src, info, *, batch_size: int, mesh=None) -> tuple[np.ndarray, np.ndarray]:
+    """Logits of a frozen model over a whole split, in the split's order: (logits (N, K), labels (N,))."""
+    mesh = mesh or parallel.make_mesh()
+    model = parallel.replicate(model, mesh)
+    apply = jax.jit(lambda m, images: m.apply(data_lib.normalize(images, info, jnp.float32)).astype(jnp.float32))
+    outs, labels = [], []
+    for batch in data_lib.eval_batches(src, info, global_batch_size=batch_size, process_index=0, process_count=1):
+        keep = np.asarray(batch["mask"])
+        logits = np.asarray(jax.device_get(apply(model, parallel.to_global({"x": batch["image"]}, mesh)["x"])))
+        outs.append(logits[keep])
+        labels.append(np.asarray(batch["label"])[keep])
+    return np.concatenate(outs), np.concatenate(labels)
 
 
 class PreemptionGuard:
