@@ -284,3 +284,11 @@ def test_load_run_model_and_predict_match_results(teacher_run, data_dir):
     logits, labels = train.predict_logits(model, src, info, batch_size=64)
     assert logits.shape == (len(src), 10) and len(labels) == len(src)
     assert float(np.mean(logits.argmax(-1) == labels)) == pytest.approx(result["accuracy"], abs=1e-9)
+
+
+def test_teacher_with_other_classes_refused(teacher_run):
+    # Every offline dataset has 10 classes, so the student's data is described with 100 here.
+    import dataclasses
+    info = dataclasses.replace(data.dataset_info("digits"), num_classes=100, name="digits100")
+    with pytest.raises(train.TeacherMismatchError, match=r"10 classes.*'digits100' has 100 classes"):
+        train.load_teacher(teacher_run[0], info, dtype=jnp.float32)

@@ -1,5 +1,7 @@
 """Runs a config: one training run, or a pipeline of stages (teacher, then students, ...).
 
+A pipeline with a `cascade` section is followed by the cascade evaluation (titans/cascade/evaluate.py).
+
 A pipeline config has `stages` (a ConfigDict of full run configs) and `stage_order`. Each stage runs
 in WORKDIR/<stage name>; a stage whose `distill.teacher_workdir` is "@name" distils from the sibling
 stage `name`. Finished stages are not rerun (their results.json is read back), and an interrupted one
@@ -51,7 +53,11 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
             json.dump(results, f, indent=2)
         with open(os.path.join(workdir, "summary.md"), "w") as f:
             f.write(table + "\n")
-    return {"preempted": False, "stages": results}
+    out = {"preempted": False, "stages": results}
+    if "cascade" in config:
+        from titans.cascade import evaluate  # noqa: PLC0415 (only pipelines with a cascade section need it)
+        out["cascade"] = evaluate.run(config, workdir)
+    return out
 
 
 def summary_table(results: dict) -> str:
