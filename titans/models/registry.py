@@ -1,0 +1,110 @@
+"""Name -> model registry behind :func:`titans.models.create_model`.
+
+Each name maps to a model class plus the keyword arguments the name fixes (``resnet20`` is
+``CifarResNet`` with ``depth=20``). Keyword arguments are checked against the class before
+construction, so a misspelt or alias-fixed argument fails loudly instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+from flax import nnx
+
+from titans.models.mobilenet import MobileNetV2
+from titans.models.resnet_cifar import CifarResNet
+from titans.models.resnet_imagenet import ImageNetResNet
+from titans.models.simple import CNN, MLP
+from titans.models.wide_resnet import WideResNet
+
+
+class _Entry(NamedTuple):
+    cls: type
+    fixed: dict[str, Any]
+
+
+_CRD_X4 = {"widths": (64, 128, 256), "stem_width": 32}
+
+_REGISTRY: dict[str, _Entry] = {
+    "mlp": _Entry(MLP, {}),
+    "cnn": _Entry(CNN, {}),
+    "cifar_resnet": _Entry(CifarResNet, {}),
+    **{f"resnet{d}": _Entry(CifarResNet, {"depth": d}) for d in (8, 14, 20, 32, 44, 56, 110)},
+    "resnet8x4": _Entry(CifarResNet, {"depth": 8, **_CRD_X4}),
+    "resnet32x4": _Entry(CifarResNet, {"depth": 32, **_CRD_X4}),
+    "wide_resnet": _Entry(WideResNet, {}),
+    **{
+        f"wrn_{d}_{k}": _Entry(WideResNet, {"depth": d, "widen": k})
+        for d, k in ((16, 1), (16, 2), (16, 4), (28, 10), (40, 1), (40, 2), (40, 4))
+    },
+    "mobilenet_v2": _Entry(MobileNetV2, {}),
+    **{a: _Entry(ImageNetResNet, {"arch": a}) for a in ("resnet18", "resnet34", "resnet50")},
+}
+
+MODEL_NAMES: list[str] = sorted(_REGISTRY)
+
+# Arguments every model takes from create_model itself rather than from **kwargs.
+_COMMON = ("num_classes", "input_shape", "rngs", "dtype")
+
+
+def model_kwargs(name: str) -> dict[str, Any]:
+    """The optional keyword arguments of ``name`` and their defaults."""
+    entry = _lookup(name)
+    params = inspect.signature(entry.cls.__init__).parameters
+    return {
+        k: p.default
+        for k, p in params.items()
+        if k != "self" and k not in _COMMON and k not in entry.fixed
+    }
+
+
+def _lookup(name: str) -> _Entry:
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        close = difflib.get_close_matches(str(name), MODEL_NAMES, n=5, cutoff=0.5)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(
+            f"Unknown model name {name!r}.{hint} Known models: {', '.join(MODEL_NAMES)}"
+        ) from None
+
+
+def create_model(
+    name: str,
+    *,
+    num_classes: int,
+    input_shape: tuple[int, int, int],
+    rngs: nnx.Rngs,
+    dtype=jnp.float32,
+    **kwargs,
+) -> nnx.Module:
+    """Build a registered model. ``dtype`` is the compute dtype; parameters are float32."""
+    entry = _lookup(name)
+    accepted = model_kwargs(name)
+    fixed = sorted(set(kwargs) & set(entry.fixed))
+    if fixed:
+        bases = [n for n, e in _REGISTRY.items() if e.cls is entry.cls and not e.fixed]
+        where = f"use {bases[0]!r} to set them" if bases else "they cannot be changed"
+        raise TypeError(f"model {name!r} fixes {', '.join(fixed)}; {where}")
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise TypeError(
+            f"model {name!r} got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
+            f"it accepts: {', '.join(accepted) or 'none'}"
+        )
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+    if int(num_classes) < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    return entry.cls(
+        num_classes=int(num_classes),
+        input_shape=tuple(input_shape),
+        rngs=rngs,
+        dtype=dtype,
+        **entry.fixed,
+        **kwargs,
+    )
