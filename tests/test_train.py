@@ -18,23 +18,7 @@ from titans import checkpoint as ckpt_lib
 from titans import config as config_lib
 from titans import data, parallel, train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def digits_config(data_dir, **overrides):
-    c = config_lib.load_config_file(os.path.join(REPO, "configs", "digits.py"))
-    c.dataset.data_dir = data_dir
-    c.total_steps = 40
-    c.log_every_steps = 10
-    c.checkpoint.every_steps = 20
-    c.checkpoint.async_save = False
-    for key, value in overrides.items():
-        node = c
-        *path, leaf = key.split(".")
-        for p in path:
-            node = node[p]
-        node[leaf] = value
-    return c
+from helpers import REPO, digits_config
 
 
 def _step_on(devices, config, info, batch):

@@ -1,0 +1,283 @@
+"""Evaluates teacher/student cascades of a finished pipeline run: curves, costs, cascade.json, plots.
+
+For every student and gate:
+  1. logits of the teacher and the student on a held-out validation split and on the test split;
+  2. gate scores; thresholds are quantiles of the *validation* scores (so a threshold is a validation
+     deferral rate), and one vmapped, jitted sweep gives test accuracy and test deferral rate for all;
+  3. amortized cost per example c = c_student + c_gate + r * c_teacher in XLA-measured FLOPs, and in
+     measured time (each model's time per example on this machine, timed side by side);
+  4. operating points chosen on validation only: target deferral rates, 25% / 50% of the teacher's
+     FLOPs, and the cheapest threshold whose validation accuracy reaches the teacher's;
+  5. the real cascade runner (student, gate, teacher on the deferred rows only) over the test split
+     at the target rates: its accuracy, deferral rate and wall time per example, and the number of
+     examples where its answer differs from the offline sweep's (float noise at the threshold only).
+The learned gate is fitted on the even-indexed validation examples and thresholded on the odd ones.
+Writes WORKDIR/cascade.json and WORKDIR/cascade_*.png.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from titans import data as data_lib
+from titans import models, parallel, train
+from titans.cascade import cost as cost_lib
+from titans.cascade import gates as gates_lib
+from titans.cascade import curves as curves_lib
+from titans.cascade.runner import CascadeRunner, default_capacities
+
+
+@flax.struct.dataclass
+class NormalizedModel:
+    """A frozen run model that takes raw uint8 images: normalises with its dataset's mean/std first.
+
+    A pytree (its arrays are arguments of jitted calls, not baked-in constants), so the cascade
+    runner and `predict` pass it into their jitted functions.
+    """
+    model: train.Teacher
+    mean: tuple = flax.struct.field(pytree_node=False)
+    std: tuple = flax.struct.field(pytree_node=False)
+
+    @classmethod
+    def of(cls, model: train.Teacher, info) -> "NormalizedModel":
+        return cls(model, tuple(info.mean), tuple(info.std))
+
+    def apply(self, images):
+        mean, inv_std = np.asarray(self.mean, np.float32), 1.0 / np.asarray(self.std, np.float32)
+        return self.model.apply((jnp.asarray(images).astype(jnp.float32) - mean) * inv_std).astype(jnp.float32)
+
+
+def split_arrays(src, info, batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """A whole split as (uint8 images (N, H, W, C), int labels (N,)), in the split's order."""
+    images, labels = [], []
+    for batch in data_lib.eval_batches(src, info, global_batch_size=batch_size):
+        keep = np.asarray(batch["mask"])
+        images.append(np.asarray(batch["image"])[keep])
+        labels.append(np.asarray(batch["label"])[keep])
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def flops_of(model: train.Teacher, info) -> float:
+    return models.flops_per_example(nnx.merge(model.graphdef, model.params, model.model_state), tuple(info.image_shape))
+
+
+def _time_per_example(model: NormalizedModel, images, repeats: int = 5) -> float:
+    """Median wall seconds per example of the jitted forward pass on one batch (after a compile call)."""
+    return cost_lib.measure_time_per_example(model.apply, jnp.asarray(images), repeats=repeats)
+
+
+def run(config, workdir: str) -> dict:
+    """Evaluates `config.cascade` (see configs/titans_fmnist.py) on the stages in `workdir`."""
+    cc = config.cascade
+    t0 = time.perf_counter()
+    teacher_dir = os.path.join(workdir, cc.teacher)
+    teacher, t_cfg, info, _ = train.load_run_model(teacher_dir)
+    data_dir = t_cfg.dataset.data_dir or None
+    mesh = parallel.make_mesh()
+    batch_size = round_up(cc.batch_size, mesh.devices.size)
+    val_x, y_val = split_arrays(data_lib.get_source(info.name, cc.val_split, data_dir=data_dir), info)
+    test_x, y_test = split_arrays(data_lib.get_source(info.name, cc.test_split, data_dir=data_dir), info)
+    teacher = NormalizedModel.of(teacher, info)
+    logits_of = functools.partial(predict, mesh=mesh, batch_size=batch_size)
+    t_val, t_test = logits_of(teacher, val_x), logits_of(teacher, test_x)
+    c_teacher = flops_of(teacher.model, info)
+    timing_images = test_x[:batch_size]
+    t_time_teacher = _time_per_example(teacher, timing_images)
+    teacher_val_acc = float(np.mean(t_val.argmax(-1) == y_val))
+    teacher_test_acc = float(np.mean(t_test.argmax(-1) == y_test))
+    C = info.num_classes
+    data = {"val": (val_x, y_val, t_val), "test": (test_x, y_test, t_test)}
+
+    out = {"teacher": {"workdir": teacher_dir, "val_accuracy": teacher_val_acc, "test_accuracy": teacher_test_acc,
+                       "flops_per_example": c_teacher, "time_per_example_s": t_time_teacher},
+           "val_split": cc.val_split, "test_split": cc.test_split, "val_examples": int(len(y_val)),
+           "test_examples": int(len(y_test)), "batch_size": batch_size, "num_devices": int(mesh.devices.size),
+           "backend": jax.default_backend(), "students": {}}
+    for name in cc.students:
+        s_dir = os.path.join(workdir, name)
+        student, s_cfg, _, _ = train.load_run_model(s_dir)
+        student = NormalizedModel.of(student, info)
+        s_val, s_test = logits_of(student, val_x), logits_of(student, test_x)
+        c_student = flops_of(student.model, info)
+        entry = {"objective": s_cfg.distill.get("objective", "standard"), "model_kwargs": s_cfg.model.kwargs.to_dict(),
+                 "flops_per_example": c_student, "time_per_example_s": _time_per_example(student, timing_images),
+                 "val_accuracy": float(np.mean(s_val[:, :C].argmax(-1) == y_val)),
+                 "test_accuracy": float(np.mean(s_test[:, :C].argmax(-1) == y_test)), "gates": {}}
+        for gate_name in cc.gates:
+            if gate_name == "defer_output" and s_val.shape[-1] == C:
+                continue  # only students trained with the defer objective have that output
+            entry["gates"][gate_name] = _evaluate_gate(
+                gate_name, student, teacher, s_val, s_test, data, C, entry, out["teacher"], cc, mesh, batch_size)
+        out["students"][name] = entry
+        print(f"[cascade] {name}: student {entry['test_accuracy']:.4f}; test accuracy at 25% of the teacher's "
+              "FLOPs: " + ", ".join(f"{g} {e['at_cost_fraction']['0.25'].get('test_accuracy', float('nan')):.4f}"
+                                   for g, e in entry["gates"].items()), flush=True)
+    out["eval_time_s"] = time.perf_counter() - t0
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "cascade.json"), "w") as f:
+            json.dump(out, f, indent=1)
+        plot(out, workdir)
+    return out
+
+
+def _evaluate_gate(gate_name, student, teacher, s_val, s_test, data, C, s_entry, t_entry, cc, mesh, batch_size):
+    val_x, y_val, t_val = data["val"]
+    test_x, y_test, t_test = data["test"]
+    c_student, c_teacher = s_entry["flops_per_example"], t_entry["flops_per_example"]
+    t_student, t_teacher = s_entry["time_per_example_s"], t_entry["time_per_example_s"]
+    # Thresholds are chosen on validation examples the gate was not fitted on: the learned gate is
+    # fitted on the even-indexed validation examples and thresholded on the odd ones.
+    sel = np.arange(len(y_val))
+    if gate_name == "learned":
+        fit, sel = sel[0::2], sel[1::2]
+        gate = gates_lib.train_learned_gate(s_val[fit], t_val[fit], y_val[fit], seed=0)
+        score_fn, c_gate = gate.score, gate.flops_per_example(s_val.shape[-1])
+    else:
+        score_fn = gates_lib.get_gate(gate_name, num_classes=C)
+        c_gate = gates_lib.gate_flops(score_fn, s_val.shape[-1])
+    s_val, t_val, y_val = s_val[sel], t_val[sel], y_val[sel]
+    batched = jax.jit(jax.vmap(score_fn))
+    v_scores = np.asarray(batched(jnp.asarray(s_val)))
+    x_scores = np.asarray(batched(jnp.asarray(s_test)))
+    rates = np.linspace(0.0, 1.0, cc.num_thresholds)
+    thresholds = np.array([curves_lib.threshold_for_rate(v_scores, r) for r in rates])
+    # The ends of the curve are the student alone and the teacher alone, on any split.
+    thresholds[0], thresholds[-1] = np.finfo(np.float32).max, np.finfo(np.float32).min
+    s_test_pred = s_test[:, :C].argmax(-1)
+    val_curve = curves_lib.sweep(v_scores, s_val[:, :C].argmax(-1), t_val.argmax(-1), y_val, thresholds, C)
+    test_curve = curves_lib.sweep(x_scores, s_test_pred, t_test.argmax(-1), y_test, thresholds, C)
+    test_rate = np.asarray(test_curve["deferral_rate"])
+    flops = cost_lib.amortized_cost(c_student, c_gate, c_teacher, test_rate)
+    seconds = cost_lib.amortized_cost(t_student, 0.0, t_teacher, test_rate)
+
+    def point(idx):
+        return {"threshold": float(thresholds[idx]), "val_deferral_rate": float(val_curve["deferral_rate"][idx]),
+                "val_accuracy": float(val_curve["accuracy"][idx]),
+                "test_deferral_rate": float(test_rate[idx]), "test_accuracy": float(test_curve["accuracy"][idx]),
+                "amortized_flops": float(flops[idx]), "amortized_time_s": float(seconds[idx]),
+                "flops_fraction_of_teacher": float(flops[idx] / c_teacher)}
+
+    val_acc = np.asarray(val_curve["accuracy"])
+    reach = np.nonzero(val_acc >= t_entry["val_accuracy"])[0]
+    result = {
+        "gate_flops_per_example": float(c_gate), "threshold_val_examples": int(len(sel)),
+        "auroc_teacher_better_test": gates_lib.auroc(x_scores, gates_lib.deferral_targets(s_test, t_test, y_test)),
+        "curve": {"val_deferral_rate": np.asarray(val_curve["deferral_rate"]).tolist(),
+                  "test_deferral_rate": test_rate.tolist(),
+                  "test_accuracy": np.asarray(test_curve["accuracy"]).tolist(),
+                  "amortized_flops": np.asarray(flops).tolist(), "amortized_time_s": np.asarray(seconds).tolist()},
+        # Cheapest validation-chosen threshold whose validation accuracy reaches the teacher's.
+        "reach_teacher": point(int(reach[0])) if len(reach) else None,
+        "at_cost_fraction": {}, "at_deferral_rate": {},
+    }
+    for frac in (0.25, 0.5):
+        # The largest validation deferral rate on the grid whose FLOPs stay within the budget.
+        target_rate = (frac * c_teacher - c_student - c_gate) / c_teacher
+        if target_rate < 0:
+            result["at_cost_fraction"][str(frac)] = {"test_accuracy": float("nan"),
+                                                     "note": "student + gate alone cost more than this budget"}
+        else:
+            result["at_cost_fraction"][str(frac)] = point(int(np.searchsorted(rates, target_rate, side="right") - 1))
+
+    # The real runner at the target rates: one runner (compiled once), thresholds changed in place.
+    runner = CascadeRunner([student, teacher], [score_fn], [0.0], mesh=mesh,
+                           capacities=default_capacities(batch_size, mesh.devices.size))
+    runner.warmup(test_x[:batch_size])
+    for r in cc.target_deferral_rates:
+        idx = int(np.argmin(np.abs(rates - r)))
+        p = point(idx)
+        p["per_class_test_deferral_rate"] = np.asarray(test_curve["per_class_deferral_rate"][idx]).tolist()
+        runner.thresholds = [thresholds[idx]]
+        preds, answered_by, sec = run_runner(runner, test_x, batch_size)
+        want = np.where(x_scores > thresholds[idx], t_test.argmax(-1), s_test_pred)
+        p.update(runner_test_accuracy=float(np.mean(preds == y_test)),
+                 runner_test_deferral_rate=float(np.mean(answered_by == 1)),
+                 runner_time_per_example_s=sec,
+                 # Logits recomputed in other batch shapes can differ in the last bits, which can move
+                 # an example sitting on the threshold; anything beyond a handful would be a bug.
+                 runner_disagreements_with_sweep=int(np.sum(preds != want)))
+        if p["runner_disagreements_with_sweep"] > max(3, 1e-3 * len(y_test)):
+            raise AssertionError(f"cascade runner disagrees with the offline sweep on "
+                                 f"{p['runner_disagreements_with_sweep']} test examples (gate {gate_name}, rate {r})")
+        result["at_deferral_rate"][str(r)] = p
+    return result
+
+
+def round_up(n: int, m: int) -> int:
+    return -(-int(n) // int(m)) * int(m)
+
+
+def predict(model: NormalizedModel, images, *, mesh, batch_size) -> np.ndarray:
+    """Logits (N, K) in float32, batch by batch on the mesh (the last batch padded, padding dropped)."""
+    model = parallel.replicate(model, mesh)
+    apply = jitted_apply()
+    outs = []
+    for start in range(0, len(images), batch_size):
+        chunk = _pad(images[start:start + batch_size], batch_size)
+        logits = apply(model, parallel.to_global({"x": chunk}, mesh)["x"])
+        outs.append(np.asarray(jax.device_get(logits))[:min(batch_size, len(images) - start)])
+    return np.concatenate(outs)
+
+
+@functools.cache
+def jitted_apply():
+    return jax.jit(lambda m, x: m.apply(x))
+
+
+def _pad(chunk, size):
+    """Pads a short final batch to `size` rows with copies of its first row."""
+    if len(chunk) == size:
+        return chunk
+    return np.concatenate([chunk, np.repeat(chunk[:1], size - len(chunk), axis=0)])
+
+
+def run_runner(runner: CascadeRunner, images, batch_size):
+    """The runner over a whole split: predictions (N,), answering stage (N,), wall seconds per example."""
+    preds, by = [], []
+    t0 = time.perf_counter()
+    for start in range(0, len(images), batch_size):
+        n = min(batch_size, len(images) - start)
+        out = runner(_pad(images[start:start + batch_size], batch_size))
+        preds.append(np.asarray(out.predictions)[:n])
+        by.append(out.answered_by[:n])
+    elapsed = time.perf_counter() - t0
+    return np.concatenate(preds), np.concatenate(by), elapsed / len(images)
+
+
+def plot(out: dict, workdir: str) -> None:
+    """cascade_accuracy_vs_deferral.png, cascade_accuracy_vs_flops.png, cascade_accuracy_vs_time.png."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = out["teacher"]
+    specs = [("test_deferral_rate", "deferral rate (test)", "deferral", None),
+             ("amortized_flops", "amortized FLOPs per example", "flops", t["flops_per_example"]),
+             ("amortized_time_s", "amortized time per example (s, this machine)", "time", t["time_per_example_s"])]
+    for key, xlabel, tag, teacher_x in specs:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name, s in out["students"].items():
+            for gate, g in s["gates"].items():
+                if gate not in ("msp", "defer_output", "learned"):
+                    continue
+                ax.plot(g["curve"][key], g["curve"]["test_accuracy"], label=f"{name} / {gate}", lw=1.2)
+        ax.axhline(t["test_accuracy"], color="k", ls="--", lw=0.8, label="teacher accuracy")
+        if teacher_x is not None:
+            ax.plot([teacher_x], [t["test_accuracy"]], "k*", ms=10)
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy")
+        ax.legend(fontsize=6, ncol=2)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(os.path.join(workdir, f"cascade_accuracy_vs_{tag}.png"), dpi=120)
+        plt.close(fig)
