@@ -123,8 +123,8 @@ def defer_surrogate(logits, teacher_logits, labels, *, alpha: float = 0.9, defer
         L = -sum_k q_k log p_k - defer_weight * t_y * log p_defer,
     where p = softmax over all C + 1 outputs, q = alpha * softmax(teacher) + (1 - alpha) * onehot(y),
     and t_y is the teacher's probability of the true label (a soft "the expert is right").
-    The student thus learns to answer where it can match the teacher, and to put mass on "defer"
-    exactly where the teacher is likely right.
+    The rule this surrogate is consistent for is "defer iff p_defer > max_k p_k"; the cascade's
+    ``defer_output`` gate scores exactly that margin.
     """
     num_classes = logits.shape[-1] - 1
     logp = jax.nn.log_softmax(logits.astype(jnp.float32))
