@@ -6,6 +6,8 @@ Stages (each in WORKDIR/<stage>): the teacher (conv 32-64, dense 128; 3 epochs),
 size (tiny: conv 4-8, dense 16; small: conv 8-16, dense 32) and each objective
   standard  Hinton KD (T=4, alpha=0.9), the baseline,
   easy      easy-weighted KD: weight = 0.1 + 0.9 * teacher_confidence**2,
+  (ablations, not in the default list: easy_correct, weight 0.1 + 0.9 * p_teacher(label)**4;
+   easy_agree, weight 0.1 + 0.9 * p_student(teacher's class)**2 after 200 steps of plain KD)
   defer     a student with an extra "defer" output, learning-to-defer surrogate with the teacher as expert,
 a distilled student (2 epochs). Students and teacher train on train[:90%]; the cascade section then
 picks gate thresholds on the held-out train[90%:] (6,000 images) and reports on the 10,000 test images:
@@ -28,6 +30,17 @@ STUDENT_SIZES = {
     "tiny": dict(channels=(4, 8), dense=16),
     "small": dict(channels=(8, 16), dense=32),
     "medium": dict(channels=(16, 32), dense=64),
+}
+
+
+# objective name -> (distill.objective, distill.easy fields)
+OBJECTIVES = {
+    "standard": ("standard", {}),
+    "easy": ("easy_weighted", dict(rule="confidence", sharpness=2.0, floor=0.1)),
+    "easy_correct": ("easy_weighted", dict(rule="correctness", sharpness=4.0, floor=0.1)),
+    # The student's own probability of the teacher's class, after 200 steps (~half an epoch) of plain KD.
+    "easy_agree": ("easy_weighted", dict(rule="agreement", sharpness=2.0, floor=0.1, warmup_steps=200)),
+    "defer": ("defer", {}),
 }
 
 
@@ -65,10 +78,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             s.distill.loss = "kd"
             s.distill.temperature = 4.0
             s.distill.alpha = 0.9
-            s.distill.objective = {"standard": "standard", "easy": "easy_weighted", "defer": "defer"}[objective]
-            s.distill.easy.rule = "confidence"
-            s.distill.easy.sharpness = 2.0
-            s.distill.easy.floor = 0.1
+            if objective not in OBJECTIVES:
+                raise ValueError(f"Unknown objective '{objective}' for titans_fmnist.py; expected {sorted(OBJECTIVES)}.")
+            kind, easy = OBJECTIVES[objective]
+            s.distill.objective = kind
+            s.distill.easy.update(easy)
             c.stages[s.name] = s
             order.append(s.name)
     c.stage_order = tuple(order)
