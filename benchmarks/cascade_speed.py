@@ -36,7 +36,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
@@ -60,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=7, help="timed repeats (each times every variant once)")
     p.add_argument("--inner", type=int, default=3, help="calls averaged inside one timed measurement")
     p.add_argument("--capacities", nargs="+", default=["ladder", "pow2"],
-                   help="capacity sets to compare: 'ladder' (cascade.capacity_ladder(B, 8, 0.125)), "
+                   help="capacity sets to compare: 'ladder' (cascade.capacity_ladder(B, 8, 0.125)), 'ladder:W' (max waste W), "
                         "'pow2' (B/8, B/4, B/2, B) or an explicit comma list")
     p.add_argument("--gate", default="msp", choices=sorted(cascade.GATES.keys() - {"defer_output"}))
     p.add_argument("--seed", type=int, default=0)
@@ -73,10 +72,11 @@ def parse_args(argv=None):
 
 
 def capacity_set(spec: str, batch: int) -> tuple[int, ...]:
-    if spec == "ladder":
-        return cascade.capacity_ladder(batch, 8, 0.125)
+    if spec.startswith("ladder"):
+        waste = float(spec.split(":", 1)[1]) if ":" in spec else 0.125
+        return cascade.capacity_ladder(batch, 8, waste)
     if spec == "pow2":
-        return cascade.default_capacities(batch)
+        return cascade.pow2_capacities(batch)
     return tuple(sorted(int(c) for c in spec.split(",")))
 
 

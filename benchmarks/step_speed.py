@@ -621,7 +621,7 @@ def main(argv=None):
 
 def print_report(r, args):
     t, s = r["teacher"], r["student"]
-    print(f"\n## Training-step speed: Titans (JAX) vs plain PyTorch\n")
+    print("\n## Training-step speed: Titans (JAX) vs plain PyTorch\n")
     print(f"- command: `{r['command']}`")
     print(f"- device: {r['device']}")
     versions = f"jax {r['jax_version']} ({r['jaxlib_backend']})"

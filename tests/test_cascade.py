@@ -200,8 +200,8 @@ def test_plan_buffers():
     assert runner_lib.plan_buffers(8, (8, 4)) == [(8, 8)]
     assert runner_lib.plan_buffers(19, (4, 8)) == [(8, 8), (8, 8), (4, 3)]
     assert runner_lib.plan_buffers(21, (4, 8)) == [(8, 8), (8, 8), (8, 5)]
-    assert cascade.default_capacities(512) == (64, 128, 256, 512)
-    assert cascade.default_capacities(20, 8) == (8, 16, 24)
+    assert cascade.pow2_capacities(512) == (64, 128, 256, 512)
+    assert cascade.pow2_capacities(20, 8) == (8, 16, 24)
     ladder = cascade.capacity_ladder(512, 8, 0.125)
     assert ladder[-1] == 512 and all(c % 8 == 0 for c in ladder)
     for n in range(1, 513):
@@ -300,7 +300,7 @@ def test_runner_two_stages_matches_naive(nets, capacities, rate):
     np.testing.assert_array_equal(out.answered_by, defer.astype(int))
     n_def = int(defer.sum())
     assert list(out.ran) == [32, n_def] and list(runner.counters["ran"]) == [32, n_def]
-    caps = capacities or cascade.default_capacities(32)
+    caps = runner.capacities_for(32)
     expected_rows = sum(c for c, _ in runner_lib.plan_buffers(n_def, caps))
     assert runner.counters["padded"][1] == expected_rows - n_def
     seen = teacher.rows_seen(x)

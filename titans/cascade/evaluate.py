@@ -33,7 +33,7 @@ from titans import models, parallel, train
 from titans.cascade import cost as cost_lib
 from titans.cascade import gates as gates_lib
 from titans.cascade import curves as curves_lib
-from titans.cascade.runner import CascadeRunner, default_capacities
+from titans.cascade.runner import CascadeRunner
 
 
 @flax.struct.dataclass
@@ -189,8 +189,7 @@ def _evaluate_gate(gate_name, student, teacher, s_val, s_test, data, C, s_entry,
             result["at_cost_fraction"][str(frac)] = point(int(np.searchsorted(rates, target_rate, side="right") - 1))
 
     # The real runner at the target rates: one runner (compiled once), thresholds changed in place.
-    runner = CascadeRunner([student, teacher], [score_fn], [0.0], mesh=mesh,
-                           capacities=default_capacities(batch_size, mesh.devices.size))
+    runner = CascadeRunner([student, teacher], [score_fn], [0.0], mesh=mesh)
     runner.warmup(test_x[:batch_size])
     for r in cc.target_deferral_rates:
         idx = int(np.argmin(np.abs(rates - r)))

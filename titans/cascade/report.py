@@ -21,7 +21,7 @@ def _ms(values, fmt="{:.4f}") -> str:
     if len(v) == 0:
         return "n/a"
     spread = v.std(ddof=1) if len(v) > 1 else 0.0
-    out = f"{fmt.format(v.mean())} ± {fmt.format(spread)}"
+    out = f"{fmt.format(v.mean())} ± {fmt.replace('+', '').format(spread)}"
     return out if len(v) == len(values) else f"{out} ({len(v)}/{len(values)} seeds)"
 
 
@@ -75,6 +75,58 @@ def deferral_table(runs: list[dict], rate: str = "0.3") -> str:
     return "\n".join(lines)
 
 
+def _acc_on_cost_grid(gate_entry: dict, c_teacher: float, grid: np.ndarray) -> np.ndarray:
+    """Test accuracy of one curve interpolated at amortized-FLOPs fractions `grid` of the teacher's."""
+    c = gate_entry["curve"]
+    frac = np.asarray(c["amortized_flops"]) / c_teacher
+    order = np.argsort(frac, kind="stable")
+    return np.interp(grid, frac[order], np.asarray(c["test_accuracy"])[order], left=np.nan, right=np.nan)
+
+
+def comparison_table(runs: list[dict], baseline: str = "standard", gate: str = "msp",
+                     cost_range: tuple[float, float] = (0.1, 0.6)) -> str:
+    """Each objective minus standard KD at equal cost, paired by seed (same teacher, same gate).
+
+    Columns: the difference of test accuracy at 25% and at 50% of the teacher's FLOPs (operating
+    points chosen on validation), the mean difference of the test accuracy/FLOPs curves over
+    `cost_range` (fractions of the teacher's FLOPs), and the difference of the FLOPs needed to reach
+    the teacher's accuracy (negative = cheaper). Mean ± sd over seeds, and how many seeds were better.
+    """
+    grid = np.linspace(*cost_range, 51)
+    names = list(runs[0]["students"])
+    sizes = list(dict.fromkeys(n.split("_", 1)[0] for n in names))
+    lines = [f"| size | objective (gate) | Δ acc @ 25% | Δ acc @ 50% | mean Δ acc over {cost_range[0]:.0%}-"
+             f"{cost_range[1]:.0%} of teacher FLOPs | seeds better (curve) | Δ FLOPs to reach teacher, % of teacher |",
+             "|---|---|---|---|---|---|---|"]
+    for size in sizes:
+        base = f"{size}_{baseline}"
+        if base not in runs[0]["students"]:
+            continue
+        for name in names:
+            if not name.startswith(size + "_") or name == base:
+                continue
+            gates = [gate] + (["defer_output"] if "defer_output" in runs[0]["students"][name]["gates"] else [])
+            for g in gates:
+                d25, d50, dcurve, dreach = [], [], [], []
+                for r in runs:
+                    b, o = r["students"][base]["gates"][gate], r["students"][name]["gates"][g]
+                    ct = r["teacher"]["flops_per_example"]
+                    for frac, acc in (("0.25", d25), ("0.5", d50)):
+                        acc.append(o["at_cost_fraction"][frac]["test_accuracy"]
+                                   - b["at_cost_fraction"][frac]["test_accuracy"])
+                    dcurve.append(float(np.nanmean(_acc_on_cost_grid(o, ct, grid) - _acc_on_cost_grid(b, ct, grid))))
+                    if o["reach_teacher"] and b["reach_teacher"]:
+                        dreach.append(100 * (o["reach_teacher"]["flops_fraction_of_teacher"]
+                                             - b["reach_teacher"]["flops_fraction_of_teacher"]))
+                    else:
+                        dreach.append(None)
+                better = sum(d > 0 for d in dcurve)
+                lines.append(f"| {size} | {name.split('_', 1)[1]} ({g}) | {_ms(d25, '{:+.4f}')} | "
+                             f"{_ms(d50, '{:+.4f}')} | {_ms(dcurve, '{:+.4f}')} | {better}/{len(runs)} | "
+                             f"{_ms(dreach, '{:+.1f}')} |")
+    return "\n".join(lines)
+
+
 def plot_mean_curves(runs: list[dict], out_dir: str, prefix: str = "titans_fmnist") -> list[str]:
     """Accuracy vs amortized FLOPs, averaged over seeds on a common FLOPs grid, one panel per size."""
     import matplotlib
@@ -123,7 +175,8 @@ def main(argv=None):
     p.add_argument("--plots", default="")
     a = p.parse_args(argv)
     runs = load(a.workdirs)
-    text = table(runs) + "\n\n" + deferral_table(runs)
+    text = (table(runs) + "\n\n" + deferral_table(runs) + "\n\nEach objective against standard KD (msp gate), "
+            "paired by seed:\n\n" + comparison_table(runs))
     if a.plots:
         os.makedirs(a.plots, exist_ok=True)
         plot_mean_curves(runs, a.plots)

@@ -42,7 +42,7 @@ def run_cascade(stage_dirs, gate_name: str, rates, val_split: str, split: str, b
     from titans import data as data_lib
     from titans import parallel, train
     from titans.cascade import curves, evaluate, gates
-    from titans.cascade.runner import CascadeRunner, default_capacities
+    from titans.cascade.runner import CascadeRunner
 
     k = len(stage_dirs)
     if k < 2:
@@ -76,8 +76,7 @@ def run_cascade(stage_dirs, gate_name: str, rates, val_split: str, split: str, b
         reach = reach[scores > thresholds[-1]]
 
     x, y = evaluate.split_arrays(data_lib.get_source(info.name, split, data_dir=data_dir), info)
-    runner = CascadeRunner(stages, [gate] * (k - 1), thresholds, mesh=mesh,
-                           capacities=default_capacities(batch_size, mesh.devices.size))
+    runner = CascadeRunner(stages, [gate] * (k - 1), thresholds, mesh=mesh)
     runner.warmup(x[:batch_size])
     preds, answered_by, sec = evaluate.run_runner(runner, x, batch_size)
     last = evaluate.jitted_apply()

@@ -39,7 +39,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from titans import parallel
 
-__all__ = ["CascadeOutput", "CascadeRunner", "capacity_ladder", "default_capacities", "plan_buffers"]
+__all__ = ["CascadeOutput", "CascadeRunner", "capacity_ladder", "pow2_capacities", "plan_buffers"]
 
 
 class CascadeOutput(NamedTuple):
@@ -55,7 +55,7 @@ class CascadeOutput(NamedTuple):
         return np.bincount(self.answered_by, minlength=len(self.ran))
 
 
-def default_capacities(batch_size: int, multiple: int = 1) -> tuple[int, ...]:
+def pow2_capacities(batch_size: int, multiple: int = 1) -> tuple[int, ...]:
     """``(B/8, B/4, B/2, B)``, each rounded up to a multiple of ``multiple`` (the device count)."""
     caps = {_round_up(max(1, math.ceil(batch_size / d)), multiple) for d in (8, 4, 2, 1)}
     return tuple(sorted(caps))
@@ -65,8 +65,8 @@ def capacity_ladder(batch_size: int, multiple: int = 8, max_waste: float = 0.125
     """Capacities up to ``batch_size`` (rounded up to ``multiple``) such that the smallest capacity
     holding n examples pads at most ``max_waste * n`` rows beyond rounding n up to ``multiple``.
 
-    Finer than :func:`default_capacities` (less padded work on the expensive stage) at the price of
-    one compilation per capacity.
+    The runner's default. Finer than :func:`pow2_capacities` (less padded work on the expensive
+    stage) at the price of one compilation per capacity.
     """
     if multiple < 1 or max_waste < 0:
         raise ValueError("multiple must be >= 1 and max_waste >= 0")
@@ -130,8 +130,11 @@ class CascadeRunner:
       stages: k callables ``images (B, ...) -> logits (B, C_i)`` (see the module docstring).
       gates: k-1 per-example gate functions (``titans.cascade.gates``); gate i scores stage i.
       thresholds: k-1 floats; stage i defers an example iff its gate score > ``thresholds[i]``.
-      capacities: sorted buffer sizes for the later stages, or None for
-        :func:`default_capacities` of each batch size (rounded to the device count).
+      capacities: buffer sizes for the later stages, or None for the default
+        ``capacity_ladder(B, lcm(8, devices), 0.125)`` of each batch size B: at most 12.5% padding
+        beyond rounding, about 20 sizes for B = 512 (each compiled once, lazily or by :meth:`warmup`).
+        ``pow2_capacities(B, devices)`` gives 4 sizes (faster compilation, up to 2x padding);
+        benchmarks/cascade_speed.py compares the two.
       mesh: a 1-D ``data`` mesh (``titans.parallel.make_mesh``) for data-parallel runs, or None.
       num_classes: width of the output logits; default: the last stage's.
 
@@ -199,9 +202,10 @@ class CascadeRunner:
         return tuple(sorted(set(caps)))
 
     def capacities_for(self, batch_size: int) -> tuple[int, ...]:
+        """The capacities used for batches of ``batch_size``: the given ones, else the default ladder."""
         if self.capacities is not None:
             return self.capacities
-        return default_capacities(batch_size, self.num_devices)
+        return capacity_ladder(batch_size, math.lcm(8, self.num_devices), 0.125)
 
     def reset_counters(self) -> None:
         self.counters = {"ran": np.zeros(self.k, np.int64), "padded": np.zeros(self.k, np.int64),
