@@ -132,3 +132,65 @@ def defer_surrogate(logits, teacher_logits, labels, *, alpha: float = 0.9, defer
     q = alpha * t + (1.0 - alpha) * jax.nn.one_hot(labels, num_classes)
     t_y = jnp.take_along_axis(t, labels[:, None], axis=-1)[:, 0]
     return -jnp.sum(q * logp[:, :num_classes], axis=-1) - defer_weight * t_y * logp[:, num_classes]
+
+
+# --- Progressive ensemble distillation (B-DISTIL, METHODS.md §2): a member fits what the ensemble misses. ---
+
+def log_barrier_extension(z: jax.Array, t: float) -> jax.Array:
+    """A log barrier for the constraint z <= 0, relaxed so that it is defined everywhere.
+
+    Kervadec et al. (2019)'s extension: -log(-z) / t while z <= -1/t**2, and beyond that the
+    tangent line t*z - log(1/t**2)/t + 1/t, so an infeasible point (where a true barrier is
+    +inf) gets a finite loss whose gradient pushes it towards feasibility. Larger t is closer to
+    the hard constraint. Continuous with a continuous first derivative at z = -1/t**2.
+    """
+    z = jnp.asarray(z, jnp.float32)
+    edge = -1.0 / t**2
+    inside = -jnp.log(-jnp.minimum(z, edge)) / t
+    outside = t * z - jnp.log(1.0 / t**2) / t + 1.0 / t
+    return jnp.where(z <= edge, inside, outside)
+
+
+def centred(logits: jax.Array) -> jax.Array:
+    """Logits minus their mean over classes (softmax is blind to that shift)."""
+    logits = logits.astype(jnp.float32)
+    return logits - jnp.mean(logits, axis=-1, keepdims=True)
+
+
+def boosting_residual_loss(ensemble_logits, teacher_logits, labels, *, pair_weights=None, kind: str = "kd",
+                           alpha: float = 0.9, temperature: float = 4.0) -> jax.Array:
+    """How far the ensemble's summed logits F are from the teacher g, per example.
+
+    Without `pair_weights`: the distillation loss of F (`distillation_loss`). With weights over
+    example-class pairs (B, K): sum_k w_ik (centred(g) - centred(F))_k**2 / K, the weighted squared
+    logit residual (the weight player then decides which classes of which examples matter).
+    """
+    if pair_weights is None:
+        return distillation_loss(ensemble_logits, teacher_logits, labels, kind=kind, alpha=alpha,
+                                 temperature=temperature)
+    r = centred(jax.lax.stop_gradient(teacher_logits)) - centred(ensemble_logits)
+    return jnp.mean(pair_weights * r**2, axis=-1)
+
+
+def weak_learner_loss(ensemble_logits, previous_logits, teacher_logits, labels, *, pair_weights=None,
+                      gamma: float = 0.05, barrier_weight: float = 0.1, barrier_t: float = 5.0,
+                      kind: str = "kd", alpha: float = 0.9, temperature: float = 4.0) -> jax.Array:
+    """A new member's per-example objective: the residual loss of F_w = F_{w-1} + f_w, plus a
+    log-barrier relaxation of the weak-learning condition.
+
+    The condition asks the member to remove at least a fraction `gamma` of the residual loss that
+    F_{w-1} leaves (`previous_logits`, frozen): l(F_w) <= (1 - gamma) l(F_{w-1}). Written per
+    example as z = (l(F_w) - (1 - gamma) l(F_{w-1})) / mean(l(F_{w-1})) <= 0 (the batch mean
+    makes z scale-free without letting already well-fitted examples, whose l(F_{w-1}) is tiny,
+    dominate), it enters the loss through `log_barrier_extension(z, barrier_t)` scaled by
+    `barrier_weight` (0 turns it off).
+    """
+    loss = boosting_residual_loss(ensemble_logits, teacher_logits, labels, pair_weights=pair_weights,
+                                  kind=kind, alpha=alpha, temperature=temperature)
+    if not barrier_weight:
+        return loss
+    before = jax.lax.stop_gradient(boosting_residual_loss(
+        previous_logits, teacher_logits, labels, pair_weights=pair_weights, kind=kind, alpha=alpha,
+        temperature=temperature))
+    z = (loss - (1.0 - gamma) * before) / jnp.maximum(jnp.mean(before), 1e-6)
+    return loss + barrier_weight * log_barrier_extension(z, barrier_t)

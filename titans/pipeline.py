@@ -1,6 +1,7 @@
 """Runs a config: one training run, or a pipeline of stages (teacher, then students, ...).
 
-A pipeline with a `cascade` section is followed by the cascade evaluation (titans/cascade/evaluate.py).
+A pipeline with a `cascade` section is followed by the cascade evaluation (titans/cascade/evaluate.py);
+one with an `ensemble` section by the B-DISTIL ensemble run (titans/ensemble/runner.py).
 
 A pipeline config has `stages` (a ConfigDict of full run configs) and `stage_order`. Each stage runs
 in WORKDIR/<stage name>; a stage whose `distill.teacher_workdir` is "@name" distils from the sibling
@@ -21,12 +22,16 @@ from titans import train
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     config = config_lib.validate(config)
+    if "ensemble" in config:
+        from titans.ensemble import config as ensemble_config  # noqa: PLC0415
+        ensemble_config.validate(config)  # before any stage trains, so a bad field fails fast
     if "stages" not in config:
         return train.train_and_evaluate(config, workdir)
     return run_pipeline(config, workdir)
 
 
 def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    os.makedirs(workdir, exist_ok=True)
     results = {}
     for name in config.stage_order:
         stage = ml_collections.ConfigDict(config.stages[name].to_dict())
@@ -47,7 +52,8 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if results[name].get("preempted"):
             return {"preempted": True, "stage": name, "stages": results}
     table = summary_table(results)
-    print("\n" + table, flush=True)
+    if results:
+        print("\n" + table, flush=True)
     if train.logs.is_writer():
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(results, f, indent=2)
@@ -57,6 +63,9 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if "cascade" in config:
         from titans.cascade import evaluate  # noqa: PLC0415 (only pipelines with a cascade section need it)
         out["cascade"] = evaluate.run(config, workdir)
+    if "ensemble" in config:
+        from titans.ensemble import runner  # noqa: PLC0415 (only pipelines with an ensemble section need it)
+        out["ensemble"] = runner.run(config, workdir)
     return out
 
 

@@ -9,6 +9,7 @@ is never written into the student's checkpoint. So a teacher is frozen by constr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -61,6 +62,35 @@ class Teacher:
     def apply(self, images):
         model = nnx.merge(self.graphdef, self.params, jax.tree.map(lambda x: x, self.model_state))
         return jax.lax.stop_gradient(model(images, train=False))
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentHook:
+    """What a method built on this trainer (e.g. the B-DISTIL ensemble) changes in a student run.
+
+    Every field is optional; an empty hook is the plain trainer.
+      frozen       a pytree of arrays (earlier ensemble members, per-example weight tables) passed,
+                   replicated, into every train and eval step as an argument, never trained or saved;
+      build_model  (config, info, seed, dtype, outputs) -> the nnx.Module to train, instead of
+                   `build_model(config.model, ...)`;
+      forward      (model, images, frozen, train) -> (logits, aux): the logits the loss, the metrics
+                   and the evaluation see (e.g. earlier members' summed logits plus the student's),
+                   and any pytree `aux` the loss needs;
+      loss         (logits, aux, teacher_logits, batch, frozen, step) -> (per-example loss, weights),
+                   instead of `make_loss_fn(config)`;
+      needs_index  the loader puts each row's example index (into the train split) in batch["index"].
+    """
+    frozen: Any = None
+    build_model: Callable | None = None
+    forward: Callable | None = None
+    loss: Callable | None = None
+    needs_index: bool = False
+
+
+def _forward(hook: StudentHook | None, model, images, frozen, train: bool):
+    if hook is not None and hook.forward is not None:
+        return hook.forward(model, images, frozen, train)
+    return model(images, train=train), None
 
 
 def compute_dtype(name: str):
@@ -133,19 +163,25 @@ def make_loss_fn(config) -> Callable:
     return loss_fn
 
 
-def make_train_step(graphdef, tx, loss_fn, info, dtype, schedule):
-    num_classes = info.num_classes
-    """Returns train_step(state, batch, teacher) -> (state, metrics); pure, to be jitted."""
+def make_train_step(graphdef, tx, loss_fn, info, dtype, schedule, hook: StudentHook | None = None):
+    """Returns train_step(state, batch, teacher, frozen=None) -> (state, metrics); pure, to be jitted.
 
-    def train_step(state: TrainState, batch, teacher: Teacher | None):
+    `frozen` is `hook.frozen` (see StudentHook); without a hook it is ignored.
+    """
+    num_classes = info.num_classes
+
+    def train_step(state: TrainState, batch, teacher: Teacher | None, frozen=None):
         images = data_lib.normalize(batch["image"], info, dtype)
         labels = batch["label"]
         teacher_logits = teacher.apply(images) if teacher is not None else None
 
         def objective(params):
             model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, state.model_state))
-            logits = model(images, train=True)
-            per_example, weights = loss_fn(logits, teacher_logits, labels, state.step)
+            logits, aux = _forward(hook, model, images, frozen, True)
+            if hook is not None and hook.loss is not None:
+                per_example, weights = hook.loss(logits, aux, teacher_logits, batch, frozen, state.step)
+            else:
+                per_example, weights = loss_fn(logits, teacher_logits, labels, state.step)
             loss = jnp.sum(weights * per_example) / jnp.maximum(jnp.sum(weights), 1e-12)
             return loss, (logits[:, :num_classes], nnx.state(model, nnx.Not(nnx.Param)))
 
@@ -178,14 +214,15 @@ def make_train_step(graphdef, tx, loss_fn, info, dtype, schedule):
     return train_step
 
 
-def make_eval_step(graphdef, info, dtype, num_bins: int):
-    """Returns eval_step(params, model_state, batch, teacher) -> sums over the batch's real rows."""
+def make_eval_step(graphdef, info, dtype, num_bins: int, hook: StudentHook | None = None):
+    """Returns eval_step(params, model_state, batch, teacher, frozen=None) -> sums over the batch's real rows."""
 
-    def eval_step(params, model_state, batch, teacher: Teacher | None):
+    def eval_step(params, model_state, batch, teacher: Teacher | None, frozen=None):
         images = data_lib.normalize(batch["image"], info, dtype)
         labels, mask = batch["label"], batch["mask"]
         model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, model_state))
-        logits = model(images, train=False).astype(jnp.float32)[:, :info.num_classes]  # drop a "defer" output
+        logits = _forward(hook, model, images, frozen, False)[0]
+        logits = logits.astype(jnp.float32)[:, :info.num_classes]  # drop a "defer" output
         m = mask.astype(jnp.float32)
         pred = jnp.argmax(logits, -1)
         out = {
@@ -203,12 +240,12 @@ def make_eval_step(graphdef, info, dtype, num_bins: int):
     return eval_step
 
 
-def evaluate(eval_step, params, model_state, teacher, src, info, *, batch_size: int, mesh) -> dict:
+def evaluate(eval_step, params, model_state, teacher, src, info, *, batch_size: int, mesh, frozen=None) -> dict:
     """Accuracy, loss, ECE (and agreement with the teacher) over a whole split."""
     totals = None
     for batch in data_lib.eval_batches(src, info, global_batch_size=batch_size,
                                        process_index=jax.process_index(), process_count=jax.process_count()):
-        sums = eval_step(params, model_state, parallel.to_global(batch, mesh), teacher)
+        sums = eval_step(params, model_state, parallel.to_global(batch, mesh), teacher, frozen)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
     n = float(totals["count"])
@@ -323,8 +360,11 @@ def _check_finite(state: TrainState, ckpt: ckpt_lib.Checkpointer) -> None:
                                  f"Lower the learning rate or enable optimizer.grad_clip_norm.")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, hook: StudentHook | None = None) -> dict:
     """Trains one model (a teacher, or a student when distill.teacher_workdir is set) and evaluates it.
+
+    `hook` (optional, see StudentHook) lets a method change the model, its forward pass and loss,
+    and pass frozen arrays into the step, reusing everything else here.
 
     Resumes from the newest checkpoint in `workdir` when there is one. Returns the final evaluation,
     also written to WORKDIR/results.json. A SIGTERM saves a checkpoint and returns early with
@@ -353,7 +393,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         teacher, _ = load_teacher(config.distill.teacher_workdir, info, dtype=dtype, step=config.distill.teacher_step)
         teacher = parallel.replicate(teacher, mesh)
 
-    model = build_model(config.model, info, seed=config.seed, dtype=dtype, outputs=num_outputs(config, info))
+    if hook is not None and hook.build_model is not None:
+        model = hook.build_model(config, info, config.seed, dtype, num_outputs(config, info))
+    else:
+        model = build_model(config.model, info, seed=config.seed, dtype=dtype, outputs=num_outputs(config, info))
+    frozen = parallel.replicate(hook.frozen, mesh) if hook is not None and hook.frozen is not None else None
     graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
     tx, schedule = make_optimizer(config, total_steps, num_train)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
@@ -362,7 +406,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = parallel.replicate(state, mesh)
     loader = data_lib.TrainLoader(train_src, info, global_batch_size=config.batch_size, seed=config.seed,
                                   process_index=jax.process_index(), process_count=jax.process_count(),
-                                  augment=config.dataset.augment)
+                                  augment=config.dataset.augment,
+                                  with_index=hook is not None and hook.needs_index)
 
     ckpt = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     meta = ckpt_lib.meta_for(config, info, num_outputs(config, info))
@@ -384,9 +429,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config_lib.to_json(config))
 
-    train_step = jax.jit(make_train_step(graphdef, tx, make_loss_fn(config), info, dtype, schedule),
+    train_step = jax.jit(make_train_step(graphdef, tx, make_loss_fn(config), info, dtype, schedule, hook),
                          donate_argnums=(0,))
-    eval_step = jax.jit(make_eval_step(graphdef, info, dtype, config.ece_bins))
+    eval_step = jax.jit(make_eval_step(graphdef, info, dtype, config.ece_bins, hook))
     writer = logs.MetricWriter(workdir, enabled=writer_proc)
     start = int(jax.device_get(state.step))
     progress = logs.Progress(total_steps, config.batch_size, config.name, enabled=writer_proc)
@@ -405,7 +450,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if profiling and step == config.profile.start_step:
                 jax.profiler.start_trace(trace_dir)
             batch = parallel.to_global(next(loader), mesh)
-            state, metrics = train_step(state, batch, teacher)
+            state, metrics = train_step(state, batch, teacher, frozen)
             pending.append(metrics)
             done = step + 1
             if profiling and done == config.profile.start_step + config.profile.num_steps:
@@ -422,7 +467,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 progress.update(done, avg)
             if config.eval_every_steps and done % config.eval_every_steps == 0 and done < total_steps:
                 ev = evaluate(eval_step, state.params, state.model_state, teacher, eval_src, info,
-                              batch_size=config.eval_batch_size, mesh=mesh)
+                              batch_size=config.eval_batch_size, mesh=mesh, frozen=frozen)
                 writer.write(done, ev, prefix="eval/")
             if done % config.checkpoint.every_steps == 0 and done < total_steps:
                 save(done)
@@ -446,7 +491,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return {"preempted": True, "step": done}
 
     result = evaluate(eval_step, state.params, state.model_state, teacher, eval_src, info,
-                      batch_size=config.eval_batch_size, mesh=mesh)
+                      batch_size=config.eval_batch_size, mesh=mesh, frozen=frozen)
     result.update({
         "name": config.name,
         "model": config.model.name,

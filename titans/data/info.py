@@ -60,6 +60,17 @@ _INFOS = {
         splits={"train": 50000, "test": 10000},
         augment="crop_flip",
     ),
+    # Google Speech Commands v0.02, 12 classes, as uint8 log-mel spectrograms (titans/data/speech.py).
+    # mean/std: a rough guess on the 0..255 feature scale, not measured on the train split.
+    # Split sizes: TFDS's speech_commands (Titans' own builder cuts its silence differently).
+    "speech_commands": dict(
+        num_classes=12,
+        image_shape=(49, 40, 1),
+        mean=(110.0,),
+        std=(45.0,),
+        splits={"train": 85511, "validation": 10102, "test": 4890},
+        augment="none",
+    ),
     "imagenet2012": dict(
         num_classes=1000,
         image_shape=(224, 224, 3),

@@ -113,7 +113,8 @@ class TrainLoader:
     Each epoch is a fresh shuffle (grain `MapDataset.range(n).shuffle(seed).repeat()`) cut
     into `steps_per_epoch = n // global_batch_size` global batches; the last partial batch
     of every epoch is dropped. `next(loader)` gives this process's rows of the next global
-    batch: {'image': uint8 (local_bs, H, W, C), 'label': int32 (local_bs,)}.
+    batch: {'image': uint8 (local_bs, H, W, C), 'label': int32 (local_bs,)}, plus
+    'index': int32 (local_bs,) (each row's position in `src`) when `with_index=True`.
     """
 
     def __init__(
@@ -127,6 +128,7 @@ class TrainLoader:
         augment: bool = True,
         prefetch: int = 2,
         num_threads: int = 1,
+        with_index: bool = False,
     ):
         self.local_batch_size = _check_layout(global_batch_size, process_index, process_count)
         self.src, self.info = src, info
@@ -139,6 +141,9 @@ class TrainLoader:
                 f"global_batch_size {global_batch_size} > {self.num_examples} examples"
             )
         self.augment = augment and info.augment != "none"
+        # Each row's example index into `src` as batch["index"] (int32), for per-example state
+        # kept outside the batch, such as a boosting weight player's weights.
+        self.with_index = bool(with_index)
         self._prefetch, self._threads = prefetch, num_threads
         self._set(seed=seed, step=0)
 
@@ -164,6 +169,13 @@ class TrainLoader:
         return np.fromiter((order[first + j] for j in range(rows)), dtype=np.int64, count=rows)
 
     def _batch(self, order, seed: int, step: int) -> dict:
+        batch = self._batch_examples(order, seed, step)
+        if self.with_index:
+            row0 = self.process_index * self.local_batch_size
+            batch["index"] = self._indices(order, step, row0, self.local_batch_size).astype(np.int32)
+        return batch
+
+    def _batch_examples(self, order, seed: int, step: int) -> dict:
         lbs = self.local_batch_size
         row0 = self.process_index * lbs
         rows = slice(row0, row0 + lbs)

@@ -1,6 +1,6 @@
 """Prepares a dataset as ArrayRecord in a TFDS data_dir:  python -m titans.data.prepare NAME --data_dir=DIR
 
-`digits`, and `fashion_mnist` when Debian's IDX files (or `$TITANS_FMNIST_DIR`) are present,
+`digits`, `speech_commands` (from the extracted WAV archive, titans/data/speech.py), and `fashion_mnist` when Debian's IDX files (or `$TITANS_FMNIST_DIR`) are present,
 use Titans' own builders and need no TensorFlow (they are also prepared automatically on
 first use). Everything else runs TFDS's own builder,
 `tfds.builder(name, data_dir=..., file_format='array_record').download_and_prepare()`, which
@@ -31,6 +31,15 @@ def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = Non
         raw = manual_dir or builders.fmnist_raw_dir()
         builder = _auto_prepared_builder(builders.FashionMnistOffline, data_dir, manual_dir=raw)
         return os.fspath(builder.data_dir)
+
+    if name == "speech_commands":
+        from titans.data import speech
+
+        raw = manual_dir or speech.raw_dir()
+        if not speech.raw_available(raw):
+            raise SystemExit("speech_commands: pass --manual_dir (or set $TITANS_SPEECH_DIR) to the extracted "
+                             "speech_commands_v0.02 archive (validation_list.txt, testing_list.txt, word folders).")
+        return os.fspath(_auto_prepared_builder(speech.TitansSpeechCommands, data_dir, manual_dir=raw).data_dir)
 
     if importlib.util.find_spec("tensorflow") is None:
         raise SystemExit(

@@ -199,9 +199,27 @@ def get_source(name: str, split: str, data_dir: str | None = None) -> Source:
         ds = _auto_prepared_builder(builders.TitansDigits, data_dir).as_data_source(split=split)
     elif name == "fashion_mnist":
         ds = _fashion_mnist(split, data_dir)
+    elif name == "speech_commands":
+        ds = _speech_commands(split, data_dir)
     else:
         ds = _tfds_data_source(name, name, split, data_dir)
     return Source(ds, name=name, split=split)
+
+
+def _speech_commands(split: str, data_dir: str):
+    from titans.data import speech
+
+    builder = speech.TitansSpeechCommands(data_dir=data_dir, file_format="array_record")
+    if not (builder.is_prepared() or speech.raw_available()):
+        raise DatasetNotFoundError(
+            f"Dataset 'speech_commands' (Titans' builder 'titans_speech_commands', split {split!r}) is not "
+            f"prepared in data_dir {data_dir!r}, and $TITANS_SPEECH_DIR does not point at the extracted "
+            f"speech_commands_v0.02 archive.\nExtract "
+            f"http://download.tensorflow.org/data/speech_commands_v0.02.tar.gz and set TITANS_SPEECH_DIR to "
+            f"it (no TensorFlow needed); it is then prepared on first use, or with: "
+            f"{prepare_command('speech_commands', data_dir)} --manual_dir=THAT_DIR")
+    builder = _auto_prepared_builder(speech.TitansSpeechCommands, data_dir, manual_dir=speech.raw_dir() or None)
+    return builder.as_data_source(split=split)
 
 
 def _fashion_mnist(split: str, data_dir: str):

@@ -1,0 +1,356 @@
+"""The B-DISTIL run: rounds of the boosting game with FIND-WL, the baselines, and the evaluation.
+
+    run(config, workdir)   # config: a pipeline config with an `ensemble` section (see config.py)
+
+Layout under WORKDIR (after the pipeline's stages, e.g. WORKDIR/teacher):
+  bdistil/, bdistil_noconn/   state.json (members, FIND-WL log, why it stopped), weights_round{w}.npy
+                              (the weight player's weights for round w), round{w}/{candidate}/ (a
+                              member run: an ordinary Titans run directory, orbax checkpoints)
+  resched/member{i}/          independently distilled members of the B-DISTIL members' sizes
+  no_resched/{name}/          one student whose FLOPs are closest to the full ensemble's
+  teacher_logits_*.npy        the teacher's logits per split (computed once)
+  ensemble.json, ensemble.md  accuracy vs members and vs cumulative FLOPs, anytime curves
+Every member is trained by `titans.train.train_and_evaluate` (with a StudentHook that adds the
+frozen earlier members, the weight player's weights and the weak-learner loss). Rerunning the
+command resumes: finished rounds are read from state.json, an interrupted member run resumes from
+its checkpoint, and finished candidate runs are not retrained.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from titans import config as config_lib
+from titans import data as data_lib
+from titans import losses, models, parallel
+from titans import train as train_lib
+from titans.ensemble import anytime
+from titans.ensemble import config as ens_config
+from titans.ensemble import members as mem
+from titans.ensemble import weights as wp
+from titans.ensemble.members import read_json, write_json
+
+
+class Context:
+    """What every part of a run shares: config, data, teacher logits, mesh."""
+
+    def __init__(self, config, workdir: str):
+        self.e = ens_config.section(config)
+        self.workdir = os.path.abspath(workdir)
+        member = ml_collections.ConfigDict(copy.deepcopy(self.e.member.to_dict()))
+        ref = member.distill.teacher_workdir
+        if ref.startswith("@"):
+            member.distill.teacher_workdir = os.path.join(self.workdir, ref[1:])
+        self.member = member
+        self.info = data_lib.dataset_info(member.dataset.name)
+        data_dir = member.dataset.data_dir or None
+        self.sources = {
+            "train": data_lib.get_source(member.dataset.name, member.dataset.train_split, data_dir=data_dir),
+            "val": data_lib.get_source(member.dataset.name, self.e.val_split, data_dir=data_dir),
+            "test": data_lib.get_source(member.dataset.name, self.e.test_split, data_dir=data_dir),
+        }
+        self.mesh = parallel.make_mesh()
+        self.bs = int(self.e.predict_batch_size)
+        parallel.check_batch_size(self.bs, self.mesh)
+        self.teacher, _ = train_lib.load_teacher(member.distill.teacher_workdir, self.info, dtype=jnp.float32,
+                                                 step=member.distill.teacher_step)
+        self._teacher_logits = {}
+        self.labels = {}
+
+    def teacher_logits(self, split: str) -> np.ndarray:
+        if split not in self._teacher_logits:
+            path = os.path.join(self.workdir, f"teacher_logits_{split}.npy")
+            lpath = os.path.join(self.workdir, f"labels_{split}.npy")
+            if os.path.exists(path) and os.path.exists(lpath):
+                logits, labels = np.load(path), np.load(lpath)
+            else:
+                logits, labels = train_lib.predict_logits(self.teacher, self.sources[split], self.info,
+                                                          batch_size=self.bs, mesh=self.mesh)
+                os.makedirs(self.workdir, exist_ok=True)
+                np.save(path, logits)
+                np.save(lpath, labels)
+            self._teacher_logits[split], self.labels[split] = logits, labels
+        return self._teacher_logits[split]
+
+    def member_config(self, name: str, model_entry, seed: int) -> ml_collections.ConfigDict:
+        c = ml_collections.ConfigDict(copy.deepcopy(self.member.to_dict()))
+        c.name = name
+        c.seed = int(seed)
+        c.model.name = model_entry.name
+        c.model.kwargs = ml_collections.ConfigDict(model_entry.get("kwargs", ml_collections.ConfigDict()).to_dict())
+        return c
+
+
+def _build_hook(build_only: bool, spec: dict, frozen_members, weights: np.ndarray, ctx: Context):
+    """The StudentHook that turns a distillation run into the training of member `spec`."""
+    e, d = ctx.e, ctx.member.distill
+    pair = weights.ndim == 2
+
+    def build_model(config, info, seed, dtype, outputs):
+        return mem.build_member(spec, info, seed=seed, dtype=dtype)
+
+    if build_only:
+        return train_lib.StudentHook(build_model=build_model)
+
+    def forward(model, images, frozen, train):
+        prev = None
+        if frozen["members"] is not None:
+            own, prev = frozen["members"].apply(images)
+            base = jnp.sum(own, axis=0)
+        if spec.get("connected"):
+            f = model(images, train=train, prev=prev)
+        else:
+            f = model(images, train=train)
+        if frozen["members"] is None:
+            base = jnp.zeros_like(f)
+        return base + f, {"base": base}
+
+    def loss(logits, aux, teacher_logits, batch, frozen, step):
+        w = frozen["weights"][batch["index"]]
+        per = losses.weak_learner_loss(logits, aux["base"], teacher_logits, batch["label"],
+                                       pair_weights=w if pair else None, gamma=e.gamma,
+                                       barrier_weight=e.barrier_weight, barrier_t=e.barrier_t, kind=d.loss,
+                                       alpha=d.alpha, temperature=d.temperature)
+        return per, (jnp.ones_like(per) if pair else w)
+
+    return train_lib.StudentHook(frozen={"members": frozen_members, "weights": jnp.asarray(weights)},
+                                 build_model=build_model, forward=forward, loss=loss, needs_index=True)
+
+
+def _train(config, workdir: str, hook) -> dict:
+    done = read_json(os.path.join(workdir, "results.json"))
+    if done is not None:
+        print(f"[{config.name}] already finished: {workdir}", flush=True)
+        return done
+    return train_lib.train_and_evaluate(config, workdir, hook=hook)
+
+
+def residual_loss(ensemble_logits, teacher_logits, labels, weights, ctx: Context) -> np.ndarray:
+    """Per-example residual loss of F, as the member's loss counts it (pair weights inside)."""
+    d = ctx.member.distill
+    pw = jnp.asarray(weights) if weights.ndim == 2 else None
+    return np.asarray(losses.boosting_residual_loss(jnp.asarray(ensemble_logits), jnp.asarray(teacher_logits),
+                                                    jnp.asarray(labels), pair_weights=pw, kind=d.loss,
+                                                    alpha=d.alpha, temperature=d.temperature))
+
+
+def weighted_edge(before, after, weights) -> float:
+    """Fraction of the weighted residual loss removed: 1 - sum w*l(F_w) / sum w*l(F_{w-1})."""
+    w = weights if weights.ndim == 1 else np.ones(len(before), np.float32)
+    return float(1.0 - np.sum(w * after) / max(float(np.sum(w * before)), 1e-12))
+
+
+def ordered_candidates(ctx: Context) -> list:
+    """FIND-WL's candidates, smallest first by XLA-measured FLOPs (ConfigDict keys carry no order)."""
+    sized = []
+    for name, entry in ctx.e.candidates.items():
+        model = mem.build_member({"model": entry.to_dict(), "connected": False}, ctx.info, seed=0, dtype=jnp.float32)
+        sized.append((models.flops_per_example(model, ctx.info.image_shape), name, entry))
+    sized.sort(key=lambda t: (t[0], t[1]))
+    return [(name, entry) for _, name, entry in sized]
+
+
+def run_bdistil(ctx: Context, variant: str, connect: bool) -> dict:
+    """Rounds of the boosting game; returns the variant's state (members, log, stopped)."""
+    e = ctx.e
+    vdir = os.path.join(ctx.workdir, variant)
+    os.makedirs(vdir, exist_ok=True)
+    state_path = os.path.join(vdir, "state.json")
+    state = read_json(state_path, {"members": [], "log": [], "stopped": None})
+    layer = e.connect.layer if connect else ""
+    g = ctx.teacher_logits("train")
+    labels = ctx.labels["train"]
+    n, k = g.shape
+    candidates = ordered_candidates(ctx)
+    for w in range(len(state["members"]) + 1, e.rounds + 1):
+        if state["stopped"]:
+            break
+        wpath = os.path.join(vdir, f"weights_round{w}.npy")
+        weights = np.load(wpath) if os.path.exists(wpath) else wp.initial_weights(n, k, e.weights)
+        if w == 1:
+            np.save(wpath, weights)
+        frozen, prev_dim, before_logits = None, 0, np.zeros_like(g)
+        if state["members"]:
+            ens = mem.load_ensemble(state["members"], ctx.info, layer=layer)
+            frozen = ens.frozen()
+            if layer:
+                prev_dim = mem.activation_dim(frozen, ctx.info.image_shape)
+        state["log"] = [r for r in state["log"] if r["round"] != w]
+        accepted, best = None, None
+        for j, (cname, cand) in enumerate(candidates):
+            spec = {"round": w, "candidate": cname, "model": cand.to_dict(), "connected": bool(layer and frozen),
+                    "prev_dim": prev_dim, "join": e.connect.join, "width": int(e.connect.width),
+                    "workdir": os.path.join(vdir, f"round{w}", cname)}
+            cfg = ctx.member_config(f"{variant}_r{w}_{cname}", cand, ctx.member.seed + 1000 * w + j)
+            result = _train(cfg, spec["workdir"], _build_hook(False, spec, frozen, weights, ctx))
+            if result.get("preempted"):
+                write_json(state_path, state)
+                return {"preempted": True}
+            own, _ = mem.member_logits(mem.load_ensemble(state["members"] + [spec], ctx.info, layer=layer).frozen(),
+                                       ctx.sources["train"], ctx.info, batch_size=ctx.bs, mesh=ctx.mesh)
+            after_logits = own.sum(axis=1)
+            before_logits = own[:, :-1].sum(axis=1)
+            edge = weighted_edge(residual_loss(before_logits, g, labels, weights, ctx),
+                                 residual_loss(after_logits, g, labels, weights, ctx), weights)
+            meets = edge >= e.gamma
+            entry = {"round": w, "candidate": cname, "edge": edge, "gamma": float(e.gamma), "accepted": meets,
+                     "reason": (f"edge {edge:.4f} >= gamma {e.gamma}: weak-learning condition met" if meets else
+                                f"edge {edge:.4f} < gamma {e.gamma}: condition not met, trying the next size"),
+                     "test_accuracy": result.get("accuracy")}
+            state["log"].append(entry)
+            print(f"[FIND-WL {variant}] round {w}, candidate {cname}: {entry['reason']}", flush=True)
+            best = max(best or (edge, cname), (edge, cname))
+            if meets:
+                accepted = dict(spec, edge=edge)
+                break
+        if accepted is None:
+            state["stopped"] = (f"round {w}: no candidate met the weak-learning condition (best edge "
+                                f"{best[0]:.4f} by {best[1]} < gamma {e.gamma}); the ensemble keeps "
+                                f"{len(state['members'])} member(s).")
+            print(f"[FIND-WL {variant}] stopped at {state['stopped']}", flush=True)
+            write_json(state_path, state)
+            break
+        state["members"].append(accepted)
+        scores = wp.residual_scores(after_logits, g, e.weights, ctx.member.distill.temperature)
+        np.save(os.path.join(vdir, f"weights_round{w + 1}.npy"),
+                wp.update_weights(weights, scores, eta=e.eta, mix=e.mix))
+        write_json(state_path, state)
+    return state
+
+
+def run_resched(ctx: Context, sizes: list[dict]) -> dict:
+    """Independently distilled members of the given sizes (plain KD from the teacher)."""
+    vdir = os.path.join(ctx.workdir, "resched")
+    specs = []
+    for i, model in enumerate(sizes, start=1):
+        entry = ml_collections.ConfigDict(model)
+        spec = {"round": i, "candidate": f"member{i}", "model": model, "connected": False,
+                "workdir": os.path.join(vdir, f"member{i}")}
+        cfg = ctx.member_config(f"resched_member{i}", entry, ctx.member.seed + 5000 + i)
+        result = _train(cfg, spec["workdir"], _build_hook(True, spec, None, np.zeros(0), ctx))
+        if result.get("preempted"):
+            return {"preempted": True}
+        specs.append(spec)
+    return {"members": specs, "log": [], "stopped": None}
+
+
+def run_no_resched(ctx: Context, target_flops: float) -> dict:
+    """One student whose measured FLOPs are closest to `target_flops`."""
+    choices = []
+    for name, entry in ctx.e.no_resched.items():
+        spec = {"model": entry.to_dict(), "connected": False}
+        model = mem.build_member(spec, ctx.info, seed=0, dtype=jnp.float32)
+        choices.append((abs(np.log(models.flops_per_example(model, ctx.info.image_shape) / target_flops)), name, entry))
+    _, name, entry = min(choices, key=lambda c: c[0])
+    spec = {"round": 1, "candidate": name, "model": entry.to_dict(), "connected": False,
+            "workdir": os.path.join(ctx.workdir, "no_resched", name)}
+    result = _train(ctx.member_config(f"no_resched_{name}", entry, ctx.member.seed + 9000), spec["workdir"],
+                    _build_hook(True, spec, None, np.zeros(0), ctx))
+    if result.get("preempted"):
+        return {"preempted": True}
+    return {"members": [spec], "log": [], "stopped": None}
+
+
+def resched_prefix(own_val, labels_val, own_test) -> tuple[np.ndarray, list[float]]:
+    """Weighted averages of the first w members' log-probabilities, weights = validation accuracy."""
+    acc = [float(np.mean(np.argmax(own_val[:, i], -1) == labels_val)) for i in range(own_val.shape[1])]
+    logp = np.asarray(jax.nn.log_softmax(jnp.asarray(own_test), axis=-1))
+    a = np.asarray(acc, np.float32)
+    cum = np.cumsum(logp * a[None, :, None], axis=1) / np.cumsum(a)[None, :, None]
+    return cum, acc
+
+
+def evaluate_variant(ctx: Context, name: str, state: dict) -> dict:
+    specs = state["members"]
+    out = {"members": specs, "log": state.get("log", []), "stopped": state.get("stopped")}
+    if not specs:
+        return out
+    layer = ctx.e.connect.layer if name == "bdistil" else ""
+    ens = mem.load_ensemble(specs, ctx.info, layer=layer)
+    own_test, labels = mem.member_logits(ens.frozen(), ctx.sources["test"], ctx.info, batch_size=ctx.bs, mesh=ctx.mesh)
+    if name == "resched":
+        own_val, labels_val = mem.member_logits(ens.frozen(), ctx.sources["val"], ctx.info, batch_size=ctx.bs,
+                                                mesh=ctx.mesh)
+        prefix, acc_w = resched_prefix(own_val, labels_val, own_test)
+        # Independent members run separately: the cost of w of them is the sum of their own costs.
+        own_flops = [models.flops_per_example(m, ctx.info.image_shape) for m in ens.members]
+        cum_flops = list(np.cumsum(own_flops).astype(float))
+        out["average_weights"] = acc_w
+    else:
+        prefix = anytime.prefix_logits(own_test)
+        cum_flops = mem.cumulative_flops(ens, ctx.info.image_shape)
+    acc = [float(np.mean(np.argmax(prefix[:, w], -1) == labels)) for w in range(prefix.shape[1])]
+    thresholds = np.concatenate([np.linspace(0.0, 1.0, ctx.e.num_thresholds), [1.01]])
+    curves = {}
+    for b in ctx.e.budgets:
+        budget = b * cum_flops[-1]
+        curves[f"budget_{b:g}"] = {k: v.tolist() for k, v in anytime.sweep_prefix(
+            prefix, labels, cum_flops, thresholds, budget).items()}
+    out.update({"accuracy_by_members": acc, "cumulative_flops": [float(f) for f in cum_flops],
+                "anytime": curves})
+    return out
+
+
+def run(config, workdir: str) -> dict:
+    """Runs (or resumes) every variant of config.ensemble.variants and writes ensemble.json/.md."""
+    ctx = Context(config, workdir)
+    e = ctx.e
+    variants = list(e.variants)
+    states = {}
+    for v in ("bdistil", "bdistil_noconn"):
+        if v in variants:
+            states[v] = run_bdistil(ctx, v, connect=(v == "bdistil" and bool(e.connect.layer)))
+            if states[v].get("preempted"):
+                return {"preempted": True, "variant": v}
+    boosted = next((states[v] for v in ("bdistil", "bdistil_noconn") if v in states and states[v]["members"]), None)
+    if "resched" in variants:
+        if boosted is None:
+            print("[resched] skipped: no B-DISTIL variant produced members to match in size", flush=True)
+        else:
+            states["resched"] = run_resched(ctx, [m["model"] for m in boosted["members"]])
+            if states["resched"].get("preempted"):
+                return {"preempted": True, "variant": "resched"}
+    evaluated = {v: evaluate_variant(ctx, v, s) for v, s in states.items()}
+    if "no_resched" in variants:
+        ref = next((evaluated[v] for v in ("bdistil", "bdistil_noconn") if evaluated.get(v, {}).get("cumulative_flops")),
+                   None)
+        if ref is None:
+            print("[no_resched] skipped: no B-DISTIL ensemble to match in FLOPs", flush=True)
+        else:
+            s = run_no_resched(ctx, ref["cumulative_flops"][-1])
+            if s.get("preempted"):
+                return {"preempted": True, "variant": "no_resched"}
+            evaluated["no_resched"] = evaluate_variant(ctx, "no_resched", s)
+    g_test = ctx.teacher_logits("test")
+    teacher = {"accuracy": float(np.mean(np.argmax(g_test, -1) == ctx.labels["test"])),
+               "workdir": ctx.member.distill.teacher_workdir,
+               "flops_per_example": models.flops_per_example(
+                   nnx.merge(ctx.teacher.graphdef, ctx.teacher.params, ctx.teacher.model_state), ctx.info.image_shape)}
+    result = {"teacher": teacher, "variants": evaluated, "test_split": e.test_split, "connect_layer": e.connect.layer,
+              "num_test": int(len(ctx.labels["test"])), "seed": int(ctx.member.seed)}
+    if train_lib.logs.is_writer():
+        write_json(os.path.join(ctx.workdir, "ensemble.json"), result)
+        table = summary_table(result)
+        with open(os.path.join(ctx.workdir, "ensemble.md"), "w") as f:
+            f.write(table + "\n")
+        print("\n" + table, flush=True)
+    return {"preempted": False, **result}
+
+
+def summary_table(result: dict) -> str:
+    t = result["teacher"]
+    rows = [f"teacher: accuracy {t['accuracy']:.4f}, {t['flops_per_example'] / 1e6:.3f} MFLOPs/example", "",
+            "| variant | members | accuracy | cumulative MFLOPs | fraction of teacher FLOPs |", "|---|---|---|---|---|"]
+    for name, v in result["variants"].items():
+        for w, (a, f) in enumerate(zip(v.get("accuracy_by_members", []), v.get("cumulative_flops", [])), start=1):
+            rows.append(f"| {name} | {w} | {a:.4f} | {f / 1e6:.3f} | {f / t['flops_per_example']:.3f} |")
+        if v.get("stopped"):
+            rows.append(f"| {name} | stopped | {v['stopped']} | | |")
+    return "\n".join(rows)
