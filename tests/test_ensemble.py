@@ -331,6 +331,22 @@ def test_fmnist_and_cifar_configs_validate():
     assert c.stage_order == () and c.ensemble.member.distill.teacher_workdir == "/t"
     with pytest.raises(ValueError, match="Unknown argument"):
         config_lib.load_config_file(os.path.join(REPO, "configs", "bdistil_fmnist.py") + ":seeds=1")
+    for spec, dataset in (("bdistil_cifar.py:dataset=cifar10", "cifar10"), ("bdistil_cifar.py", "cifar100"),
+                          ("bdistil_speech.py", "speech_commands")):
+        c = config_lib.load_config_file(os.path.join(REPO, "configs", spec))
+        config_lib.validate(c)
+        ens_config.validate(c)
+        assert c.ensemble.member.dataset.name == dataset
+        from titans.ensemble import audio
+        for group in ("candidates", "no_resched"):  # every architecture is a real one, with real arguments
+            for entry in c.ensemble[group].values():
+                if entry.name in audio.AUDIO_MODELS:
+                    members.build_member({"model": entry.to_dict(), "connected": False},
+                                         data.dataset_info(dataset), seed=0, dtype=jnp.float32)
+                else:
+                    assert set(entry.kwargs) <= set(models.model_kwargs(entry.name))
+    with pytest.raises(ValueError, match="cifar10 or cifar100"):
+        config_lib.load_config_file(os.path.join(REPO, "configs", "bdistil_cifar.py") + ":dataset=svhn")
 
 
 # ------------------------------------------------------------------------------- speech path
