@@ -7,6 +7,7 @@ devices, a GPU machine, and a multi-host TPU pod slice (each host feeding its ow
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 
@@ -44,6 +45,50 @@ def maybe_initialize_distributed(coordinator_address: str = "", num_processes: i
     return False
 
 
+class ProcessMismatchError(RuntimeError):
+    """The processes of one multi-process run were started with different configs or code."""
+
+
+def code_fingerprint() -> str:
+    """A hash of the titans package's source files: equal on every host that runs the same code."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+        for name in sorted(filenames):
+            if name.endswith(".py"):
+                path = os.path.join(dirpath, name)
+                h.update(os.path.relpath(path, root).encode())
+                with open(path, "rb") as f:
+                    h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def check_processes_agree(**fingerprints: str) -> None:
+    """Raises ProcessMismatchError, on every process, when any fingerprint differs between processes.
+
+    One small all-gather at start-up: without it, processes started with different configs or code
+    would compile different programs and hang in their first collective instead of failing.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    names = sorted(fingerprints)
+    mine = np.array([int(hashlib.sha256(str(fingerprints[k]).encode()).hexdigest()[:7], 16) for k in names],
+                    np.int32)
+    everyone = np.asarray(multihost_utils.process_allgather(mine))  # (processes, len(names))
+    bad = [k for j, k in enumerate(names) if len(set(everyone[:, j].tolist())) > 1]
+    if bad:
+        groups = {k: {int(v): [p for p in range(everyone.shape[0]) if everyone[p, j] == v]
+                      for v in set(everyone[:, j].tolist())} for j, k in enumerate(names) if k in bad}
+        detail = "; ".join(f"{k}: processes {sorted(g.values())} disagree" for k, g in groups.items())
+        raise ProcessMismatchError(
+            f"The {jax.process_count()} processes of this run differ in {', '.join(bad)} ({detail}). Start every "
+            "process with the same config file, overrides and code (this is process "
+            f"{jax.process_index()}: {', '.join(f'{k}={fingerprints[k]}' for k in bad)}).")
+
+
 def make_mesh(devices=None) -> Mesh:
     """A 1-D mesh over all devices (of all processes), axis `data`."""
     devices = np.asarray(devices if devices is not None else jax.devices())
@@ -74,8 +119,29 @@ def to_global(local_batch, mesh: Mesh):
 
 
 def replicate(tree, mesh: Mesh):
-    """Places a pytree fully replicated on the mesh (the same value on every process)."""
-    return jax.device_put(tree, replicated(mesh))
+    """Places a pytree fully replicated on the mesh (the same value on every process).
+
+    With several processes each one builds its local shards from its own host copy (no cross-host
+    transfer, which CPU and some GPU backends do not support); every process must hold the same value.
+    """
+    sharding = replicated(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def put(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            if x.sharding.is_equivalent_to(sharding, x.ndim):
+                return x
+            raise ValueError(f"cannot re-replicate a global array with sharding {x.sharding}")
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = np.asarray(jax.random.key_data(x))
+            impl = jax.random.key_impl(x)
+            return jax.random.wrap_key_data(
+                jax.make_array_from_callback(data.shape, sharding, lambda idx: data[idx]), impl=impl)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+    return jax.tree.map(put, tree)
 
 
 def is_main_process() -> bool:

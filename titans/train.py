@@ -373,6 +373,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, hook:
     config = config_lib.validate(config)
     d = config.distributed
     parallel.maybe_initialize_distributed(d.coordinator_address, d.num_processes, d.process_id)
+    shared = {k: v for k, v in config.to_dict().items() if k != "distributed"}  # process_id differs by design
+    parallel.check_processes_agree(config=config_lib.fingerprint(shared), code=parallel.code_fingerprint())
     writer_proc = logs.is_writer()
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
