@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Shared helpers of the launch scripts: argument errors, and running (or, with --dry-run, printing)
+# a command. Sourced, not run.
+
+DRY_RUN=0
+
+die_usage() {  # die_usage "message": prints the message and the script's usage line, exits 2
+  echo "error: $1" >&2
+  echo "usage: $USAGE" >&2
+  exit 2
+}
+
+need() {  # need NAME VALUE: refuses a missing required option
+  [ -n "$2" ] || die_usage "missing --$1"
+}
+
+check_name() {  # check_name OPTION VALUE: lowercase letters, digits and dashes, starting with a letter
+  [[ "$2" =~ ^[a-z][a-z0-9-]{0,62}$ ]] || die_usage "--$1 must be lowercase letters, digits and dashes, starting with a letter (got '$2')"
+}
+
+quote_one() {  # one argument, single-quoted unless it is plainly safe
+  if [[ "$1" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
+    printf '%s' "$1"
+  else
+    printf "'%s'" "${1//\'/\'\\\'\'}"
+  fi
+}
+
+quote() {  # the arguments as one shell-quoted line, as a user would type it
+  local out="" a
+  for a in "$@"; do out+="$(quote_one "$a") "; done
+  printf '%s' "${out% }"
+}
+
+run() {  # run CMD ARGS...: executes, or prints the exact command with --dry-run
+  if [ "$DRY_RUN" -eq 1 ]; then
+    quote "$@"
+    echo
+  else
+    echo "+ $(quote "$@")" >&2
+    "$@"
+  fi
+}
