@@ -122,11 +122,20 @@ def _flat_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, An
 
 def _unknown_error(name: str, known: Iterable[str], where: str) -> ConfigError:
     known = sorted(known)
-    close = difflib.get_close_matches(name, known, n=4, cutoff=0.6)
-    # Also fields of the same parent that the leaf abbreviates: "optimizer.lr" -> "optimizer.learning_rate".
     parent, _, leaf = name.rpartition(".")
-    close += [k for k in known if k not in close and k.rpartition(".")[0] == parent
-              and _abbreviates(leaf, k.rpartition(".")[2])][:3]
+    siblings = [k for k in known if k.rpartition(".")[0] == parent]
+    if siblings:
+        # The section exists: suggest its fields whose names the leaf abbreviates ("optimizer.lr" ->
+        # "optimizer.learning_rate"), then its fields with a similar name.
+        by_leaf = {k.rpartition(".")[2]: k for k in siblings}
+        close = [k for k in siblings if _abbreviates(leaf, k.rpartition(".")[2])][:3]
+        close += [by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), n=4, cutoff=0.6)
+                  if by_leaf[m] not in close]
+    else:
+        close = []
+    if not close:
+        close = difflib.get_close_matches(name, known, n=4, cutoff=0.6)
+    close = close[:4]
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     return ConfigError(f"Unknown config field '{name}' in {where}.{hint}")
 
