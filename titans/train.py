@@ -306,7 +306,12 @@ def load_teacher(teacher_workdir: str, info, *, dtype, step: int = -1) -> tuple[
 
 
 def predict_logits(model: Teacher, src, info, *, batch_size: int, mesh=None) -> tuple[np.ndarray, np.ndarray]:
-    """Logits of a frozen model over a whole split, in the split's order: (logits (N, K), labels (N,))."""
+    """Logits of a frozen model over a whole split, in the split's order: (logits (N, K), labels (N,)).
+
+    Single-process (analysis on one host; any number of local devices).
+    """
+    if jax.process_count() > 1:
+        raise RuntimeError("predict_logits runs in a single process (it gathers the whole split on this host).")
     mesh = mesh or parallel.make_mesh()
     model = parallel.replicate(model, mesh)
     apply = jax.jit(lambda m, images: m.apply(data_lib.normalize(images, info, jnp.float32)).astype(jnp.float32))

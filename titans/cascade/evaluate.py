@@ -77,6 +77,9 @@ def _time_per_example(model: NormalizedModel, images, repeats: int = 5) -> float
 
 def run(config, workdir: str) -> dict:
     """Evaluates `config.cascade` (see configs/titans_fmnist.py) on the stages in `workdir`."""
+    if jax.process_count() > 1:
+        raise RuntimeError("The cascade evaluation runs in a single process; the training stages are finished. "
+                           "Re-run the same command on one host (finished stages are skipped) to evaluate.")
     cc = config.cascade
     t0 = time.perf_counter()
     teacher_dir = os.path.join(workdir, cc.teacher)
