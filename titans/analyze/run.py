@@ -1,0 +1,223 @@
+"""Analysis of one finished run: evaluation on a split, plots, per-example hardness, and an HTML report.
+
+Writes WORKDIR/analysis/ (or ``out``): ``metrics.json``, ``examples.csv`` (per test example: label,
+the model's prediction, confidence and correctness, and for a student the teacher's), PNGs (learning
+curves, reliability diagram, confusion matrix, per-class accuracy, agreement with the teacher by
+class, the hardest examples) and ``report.html`` with everything embedded.
+A pipeline directory (stages in sub-directories) is analysed stage by stage, plus a page for the
+pipeline itself with the sections methods registered (e.g. the cascade curves).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from titans import data as data_lib
+from titans import losses, parallel, train
+from titans.analyze import html, plots
+from titans.analyze.sections import SECTIONS
+
+
+class AnalysisError(ValueError):
+    """A workdir that is not a run, or a split that does not exist."""
+
+
+def is_run(workdir: str) -> bool:
+    return os.path.exists(os.path.join(workdir, "config.json"))
+
+
+def is_pipeline(workdir: str) -> bool:
+    return os.path.exists(os.path.join(workdir, "summary.json")) and not is_run(workdir)
+
+
+def analyze_path(workdir: str, *, split: str | None = None, step: int = -1, hardest: int = 32,
+                 batch_size: int = 500) -> list[dict]:
+    """Analyses a run, or every stage of a pipeline plus the pipeline page; returns the metrics dicts."""
+    workdir = os.path.abspath(workdir)
+    if is_run(workdir):
+        return [analyze_run(workdir, split=split, step=step, hardest=hardest, batch_size=batch_size)]
+    if is_pipeline(workdir):
+        stages = [d for d in sorted(os.listdir(workdir)) if is_run(os.path.join(workdir, d))]
+        out = [analyze_run(os.path.join(workdir, d), split=split, step=step, hardest=hardest, batch_size=batch_size)
+               for d in stages]
+        _pipeline_page(workdir, out)
+        return out
+    raise AnalysisError(f"{workdir} is not a Titans run (no config.json) nor a pipeline (no summary.json with "
+                        "stage directories); point at a directory that `python -m titans.main` wrote.")
+
+
+def _logits(model, images, mesh, batch_size, desc):
+    """Logits (N, K) float32 of a frozen model over uint8 images, with a progress bar on stderr."""
+    apply = jax.jit(lambda m, x: m.apply(x).astype(jnp.float32))
+    model = parallel.replicate(model, mesh)
+    n_dev = mesh.devices.size
+    bs = -(-batch_size // n_dev) * n_dev
+    outs, t0 = [], time.perf_counter()
+    for start in range(0, len(images), bs):
+        chunk = images[start:start + bs]
+        n = len(chunk)
+        if n < bs:
+            chunk = np.concatenate([chunk, np.repeat(chunk[:1], bs - n, axis=0)])
+        logits = apply(model, parallel.to_global({"x": chunk}, mesh)["x"])
+        outs.append(np.asarray(jax.device_get(logits))[:n])
+        done = start + n
+        _bar(desc, done, len(images), t0)
+    print(file=sys.stderr)
+    return np.concatenate(outs)
+
+
+def _bar(desc, done, total, t0):
+    frac = done / max(total, 1)
+    elapsed = time.perf_counter() - t0
+    eta = elapsed / frac - elapsed if frac > 0 else 0.0
+    print(f"\r{desc} [{'#' * int(30 * frac):<30}] {done}/{total} {elapsed:.0f}s ETA {eta:.0f}s", end="",
+          file=sys.stderr, flush=True)
+
+
+def evaluate_logits(logits, labels, num_classes: int, ece_bins: int = 15) -> dict:
+    """Accuracy, loss, ECE, reliability bins, confusion matrix and per-class accuracy of logits (N, >=C)."""
+    head = jnp.asarray(logits[:, :num_classes], jnp.float32)
+    y = jnp.asarray(labels, jnp.int32)
+    pred = np.asarray(jnp.argmax(head, -1))
+    bins = np.asarray(losses.calibration_bins(head, y, jnp.ones(len(labels), bool), ece_bins))
+    conf = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(conf, (np.asarray(labels), pred), 1)
+    per_class = conf.diagonal() / np.maximum(conf.sum(1), 1)
+    count, conf_sum, correct_sum = bins
+    return {"num_examples": int(len(labels)), "accuracy": float(np.mean(pred == np.asarray(labels))),
+            "loss": float(np.mean(np.asarray(losses.cross_entropy(head, y)))),
+            "ece": losses.expected_calibration_error(bins),
+            "reliability": {"count": count.tolist(),
+                            "confidence": (conf_sum / np.maximum(count, 1)).tolist(),
+                            "accuracy": (correct_sum / np.maximum(count, 1)).tolist()},
+            "confusion": conf.tolist(), "per_class_accuracy": per_class.tolist()}
+
+
+def analyze_run(workdir: str, *, split: str | None = None, step: int = -1, hardest: int = 32,
+                batch_size: int = 500, out: str | None = None) -> dict:
+    """Evaluates one run's checkpoint on `split` (default: the run's eval split) and writes its analysis."""
+    workdir = os.path.abspath(workdir)
+    if not is_run(workdir):
+        raise AnalysisError(f"{workdir} is not a Titans run: no config.json (expected the workdir of a "
+                            "`python -m titans.main` run).")
+    if jax.process_count() > 1:
+        raise AnalysisError("the analysis runs in a single process")
+    model, cfg, info, used_step = train.load_run_model(workdir, step=step)
+    split = split or cfg.dataset.eval_split
+    try:
+        src = data_lib.get_source(info.name, split, data_dir=cfg.dataset.data_dir or None)
+        if len(src) == 0:
+            raise ValueError("the split is empty")
+    except data_lib.DatasetNotFoundError:
+        raise
+    except Exception as e:  # TFDS raises several types for a bad split name
+        known = ", ".join(info.splits)
+        raise AnalysisError(f"split {split!r} of {info.name} cannot be read ({type(e).__name__}: {e}); "
+                            f"its splits are {known} (slices like 'train[90%:]' work too)") from None
+    from titans.cascade.evaluate import NormalizedModel, split_arrays  # noqa: PLC0415
+    images, labels = split_arrays(src, info)
+    mesh = parallel.make_mesh()
+    C = info.num_classes
+    logits = _logits(NormalizedModel.of(model, info), images, mesh, batch_size, f"[analyze] {cfg.name} on {split}")
+    metrics = {"workdir": workdir, "name": cfg.name, "model": cfg.model.name, "dataset": info.name, "split": split,
+               "step": used_step, **evaluate_logits(logits, labels, C, cfg.get("ece_bins", 15))}
+    teacher_logits = None
+    if cfg.distill.teacher_workdir:
+        teacher, _ = train.load_teacher(cfg.distill.teacher_workdir, info, dtype=jnp.float32)
+        teacher_logits = _logits(NormalizedModel.of(teacher, info), images, mesh, batch_size, "[analyze] teacher")
+        t_pred, s_pred = teacher_logits.argmax(-1), logits[:, :C].argmax(-1)
+        agree = t_pred == s_pred
+        metrics["teacher"] = {"workdir": cfg.distill.teacher_workdir,
+                              **{k: v for k, v in evaluate_logits(teacher_logits, labels, C).items()
+                                 if k in ("accuracy", "loss", "ece", "per_class_accuracy")},
+                              "agreement": float(agree.mean()),
+                              "agreement_by_class": [float(agree[labels == c].mean()) if np.any(labels == c)
+                                                     else float("nan") for c in range(C)]}
+
+    out = out or os.path.join(workdir, "analysis")
+    os.makedirs(out, exist_ok=True)
+    examples = _examples(logits, teacher_logits, labels, C)
+    with open(os.path.join(out, "examples.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(examples[0]))
+        writer.writeheader()
+        writer.writerows(examples)
+    pngs = plots.run_plots(workdir, out, metrics, images, labels, examples, hardest, info)
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    sections = _sections(workdir)
+    html.write_report(os.path.join(out, "report.html"), _title(metrics), _summary_rows(metrics), pngs, sections)
+    print(f"[analyze] {cfg.name}: accuracy {metrics['accuracy']:.4f} on {split} -> {out}/report.html", flush=True)
+    return metrics
+
+
+def _examples(logits, teacher_logits, labels, C) -> list[dict]:
+    p = np.asarray(jax.nn.softmax(jnp.asarray(logits[:, :C])))
+    pred = p.argmax(-1)
+    rows = []
+    # msp gate at a 30% deferral rate on this split: which examples a cascade would send to the teacher.
+    score = 1.0 - p.max(-1)
+    cut = np.quantile(score, 0.7)
+    tp = np.asarray(jax.nn.softmax(jnp.asarray(teacher_logits))) if teacher_logits is not None else None
+    for i in range(len(labels)):
+        row = {"index": i, "label": int(labels[i]), "pred": int(pred[i]), "confidence": float(p[i].max()),
+               "p_label": float(p[i, labels[i]]), "correct": int(pred[i] == labels[i]),
+               "msp_score": float(score[i]), "deferred_at_30pct": int(score[i] > cut)}
+        if tp is not None:
+            row.update(teacher_pred=int(tp[i].argmax()), teacher_confidence=float(tp[i].max()),
+                       teacher_correct=int(tp[i].argmax() == labels[i]))
+        rows.append(row)
+    return rows
+
+
+def _sections(workdir):
+    out = []
+    for name, fn in SECTIONS.items():
+        try:
+            items = fn(workdir)
+        except Exception as e:  # a broken plug-in must not take the report down
+            items = [{"title": f"section {name!r} failed", "text": f"{type(e).__name__}: {e}"}]
+        if items:
+            out.append((name, items))
+    return out
+
+
+def _title(m):
+    return f"Titans analysis: {m['name']} ({m['model']} on {m['dataset']}, {m['split']}, step {m['step']})"
+
+
+def _summary_rows(m):
+    rows = [["metric", "value"], ["examples", str(m["num_examples"])], ["accuracy", f"{m['accuracy']:.4f}"],
+            ["loss", f"{m['loss']:.4f}"], ["ECE", f"{m['ece']:.4f}"]]
+    if "teacher" in m:
+        rows += [["teacher accuracy", f"{m['teacher']['accuracy']:.4f}"],
+                 ["agreement with the teacher", f"{m['teacher']['agreement']:.4f}"]]
+    results = os.path.join(m["workdir"], "results.json")
+    if os.path.exists(results):
+        with open(results) as f:
+            r = json.load(f)
+        for key in ("flops_per_example", "param_count", "train_time_s"):
+            if key in r:
+                rows.append([key, f"{r[key]:,.0f}" if key != "train_time_s" else f"{r[key]:.0f} s"])
+    return rows
+
+
+def _pipeline_page(workdir, stage_metrics):
+    out = os.path.join(workdir, "analysis")
+    os.makedirs(out, exist_ok=True)
+    rows = [["stage", "model", "accuracy", "ECE", "agreement with teacher", "report"]]
+    for m in stage_metrics:
+        rel = os.path.relpath(os.path.join(m["workdir"], "analysis", "report.html"), out)
+        rows.append([m["name"], m["model"], f"{m['accuracy']:.4f}", f"{m['ece']:.4f}",
+                     f"{m['teacher']['agreement']:.4f}" if "teacher" in m else "-", rel])
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        json.dump({"stages": stage_metrics}, f, indent=1)
+    html.write_report(os.path.join(out, "report.html"), f"Titans analysis: pipeline {workdir}", rows, [],
+                      _sections(workdir))
