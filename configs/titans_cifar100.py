@@ -28,26 +28,9 @@ recipe): teacher about 74%, ResNet-20 KD about 70-71%, ResNet-8 KD about 60-61%.
 import ml_collections
 
 from titans.config import base_config
+from titans.config_builders import cascade_pipeline, parse_config_arg
 
 STUDENTS = ("resnet8", "resnet20")
-OBJECTIVES = {
-    "standard": ("standard", {}),
-    "easy": ("easy_weighted", dict(rule="confidence", sharpness=2.0, floor=0.1)),
-    "defer": ("defer", {}),
-}
-
-
-def _args(arg: str) -> dict:
-    out = dict(seed="0", teacher="resnet110", epochs="240", students="+".join(STUDENTS),
-               objectives="standard+easy+defer")
-    for part in filter(None, arg.split(",")):
-        key, _, value = part.partition("=")
-        if key not in out:
-            raise ValueError(f"Unknown argument '{key}' for titans_cifar100.py; expected {sorted(out)}.")
-        out[key] = value
-    return out
-
-
 def _run(name: str, model: str, seed: int, epochs: float) -> ml_collections.ConfigDict:
     c = base_config()
     c.name = name
@@ -70,34 +53,10 @@ def _run(name: str, model: str, seed: int, epochs: float) -> ml_collections.Conf
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    a = _args(arg)
+    a = parse_config_arg(arg, dict(seed="0", teacher="resnet110", epochs="240", students="+".join(STUDENTS),
+                                   objectives="standard+easy+defer"), "titans_cifar100.py")
     seed, epochs = int(a["seed"]), float(a["epochs"])
-    c = ml_collections.ConfigDict()
-    c.stages = ml_collections.ConfigDict()
-    c.stages.teacher = _run("teacher", a["teacher"], seed, epochs)
-    order = ["teacher"]
-    for student in a["students"].split("+"):
-        for objective in a["objectives"].split("+"):
-            if objective not in OBJECTIVES:
-                raise ValueError(f"Unknown objective '{objective}'; expected {sorted(OBJECTIVES)}.")
-            s = _run(f"{student}_{objective}", student, seed, epochs)
-            s.distill.teacher_workdir = "@teacher"
-            s.distill.temperature = 4.0
-            s.distill.alpha = 0.9
-            kind, easy = OBJECTIVES[objective]
-            s.distill.objective = kind
-            s.distill.easy.update(easy)
-            c.stages[s.name] = s
-            order.append(s.name)
-    c.stage_order = tuple(order)
-
-    c.cascade = ml_collections.ConfigDict()
-    c.cascade.teacher = "teacher"
-    c.cascade.students = tuple(order[1:])
-    c.cascade.val_split = "train[90%:]"
-    c.cascade.test_split = "test"
-    c.cascade.gates = ("msp", "margin", "entropy", "defer_output", "learned")
-    c.cascade.num_thresholds = 201
-    c.cascade.batch_size = 1000
-    c.cascade.target_deferral_rates = (0.1, 0.2, 0.3, 0.5)
-    return c
+    students = {s: (lambda s=s: _run(s, s, seed, epochs)) for s in a["students"].split("+")}
+    return cascade_pipeline(_run("teacher", a["teacher"], seed, epochs), students, a["objectives"].split("+"),
+                            temperature=4.0, alpha=0.9,
+                            cascade=dict(val_split="train[90%:]", test_split="test", batch_size=1000))

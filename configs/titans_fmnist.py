@@ -23,6 +23,7 @@ import os
 import ml_collections
 
 from titans.config import load_config_file
+from titans.config_builders import cascade_pipeline, parse_config_arg
 
 _HERE = os.path.dirname(__file__)
 
@@ -33,67 +34,20 @@ STUDENT_SIZES = {
 }
 
 
-# objective name -> (distill.objective, distill.easy fields)
-OBJECTIVES = {
-    "standard": ("standard", {}),
-    "easy": ("easy_weighted", dict(rule="confidence", sharpness=2.0, floor=0.1)),
-    "easy_correct": ("easy_weighted", dict(rule="correctness", sharpness=4.0, floor=0.1)),
-    # The student's own probability of the teacher's class, after 200 steps (~half an epoch) of plain KD.
-    "easy_agree": ("easy_weighted", dict(rule="agreement", sharpness=2.0, floor=0.1, warmup_steps=200)),
-    "defer": ("defer", {}),
-}
-
-
-def _args(arg: str) -> dict:
-    out = dict(seed="0", epochs="2", teacher_epochs="3", sizes="tiny+small", objectives="standard+easy+defer")
-    for part in filter(None, arg.split(",")):
-        key, _, value = part.partition("=")
-        if key not in out:
-            raise ValueError(f"Unknown argument '{key}' for titans_fmnist.py; expected {sorted(out)}.")
-        out[key] = value
-    return out
-
-
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    a = _args(arg)
+    a = parse_config_arg(arg, dict(seed="0", epochs="2", teacher_epochs="3", sizes="tiny+small",
+                                   objectives="standard+easy+defer"), "titans_fmnist.py")
     seed = int(a["seed"])
-    teacher = load_config_file(os.path.join(_HERE, "fmnist_teacher.py") + ":" + a["teacher_epochs"])
-    teacher.seed = seed
-    teacher.dataset.train_split = "train[:90%]"
-    teacher.log_every_steps = 100
 
-    c = ml_collections.ConfigDict()
-    c.stages = ml_collections.ConfigDict()
-    c.stages.teacher = teacher
-    order = ["teacher"]
-    for size in a["sizes"].split("+"):
-        for objective in a["objectives"].split("+"):
-            s = load_config_file(os.path.join(_HERE, "fmnist_teacher.py") + ":" + a["epochs"])
-            s.name = f"{size}_{objective}"
-            s.seed = seed
-            s.dataset.train_split = "train[:90%]"
-            s.log_every_steps = 100
-            s.model.kwargs = ml_collections.ConfigDict(STUDENT_SIZES[size])
-            s.distill.teacher_workdir = "@teacher"
-            s.distill.loss = "kd"
-            s.distill.temperature = 4.0
-            s.distill.alpha = 0.9
-            if objective not in OBJECTIVES:
-                raise ValueError(f"Unknown objective '{objective}' for titans_fmnist.py; expected {sorted(OBJECTIVES)}.")
-            kind, easy = OBJECTIVES[objective]
-            s.distill.objective = kind
-            s.distill.easy.update(easy)
-            c.stages[s.name] = s
-            order.append(s.name)
-    c.stage_order = tuple(order)
+    def run(epochs: str, **model_kwargs) -> ml_collections.ConfigDict:
+        c = load_config_file(os.path.join(_HERE, "fmnist_teacher.py") + ":" + epochs)
+        c.seed = seed
+        c.dataset.train_split = "train[:90%]"
+        c.log_every_steps = 100
+        if model_kwargs:
+            c.model.kwargs = ml_collections.ConfigDict(model_kwargs)
+        return c
 
-    c.cascade = ml_collections.ConfigDict()
-    c.cascade.teacher = "teacher"
-    c.cascade.students = tuple(order[1:])
-    c.cascade.val_split = "train[90%:]"
-    c.cascade.test_split = "test"
-    c.cascade.gates = ("msp", "margin", "entropy", "defer_output", "learned")
-    c.cascade.num_thresholds = 201
-    c.cascade.batch_size = 500
-    c.cascade.target_deferral_rates = (0.1, 0.2, 0.3, 0.5)
-    return c
+    students = {size: (lambda size=size: run(a["epochs"], **STUDENT_SIZES[size])) for size in a["sizes"].split("+")}
+    return cascade_pipeline(run(a["teacher_epochs"]), students, a["objectives"].split("+"), temperature=4.0,
+                            alpha=0.9, cascade=dict(val_split="train[90%:]", test_split="test", batch_size=500))

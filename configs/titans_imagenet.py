@@ -30,23 +30,7 @@ host). Expected accuracy (published recipes): teacher about 76-77% top-1, ResNet
 import ml_collections
 
 from titans.config import base_config
-
-OBJECTIVES = {
-    "standard": ("standard", {}),
-    "easy": ("easy_weighted", dict(rule="confidence", sharpness=2.0, floor=0.1)),
-    "defer": ("defer", {}),
-}
-
-
-def _args(arg: str) -> dict:
-    out = dict(seed="0", epochs="90", students="resnet18+mobilenet_v2", objectives="standard+easy+defer")
-    for part in filter(None, arg.split(",")):
-        key, _, value = part.partition("=")
-        if key not in out:
-            raise ValueError(f"Unknown argument '{key}' for titans_imagenet.py; expected {sorted(out)}.")
-        out[key] = value
-    return out
-
+from titans.config_builders import cascade_pipeline, parse_config_arg
 
 def _run(name: str, model: str, seed: int, epochs: float) -> ml_collections.ConfigDict:
     c = base_config()
@@ -70,35 +54,11 @@ def _run(name: str, model: str, seed: int, epochs: float) -> ml_collections.Conf
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    a = _args(arg)
+    a = parse_config_arg(arg, dict(seed="0", epochs="90", students="resnet18+mobilenet_v2",
+                                   objectives="standard+easy+defer"), "titans_imagenet.py")
     seed, epochs = int(a["seed"]), float(a["epochs"])
-    c = ml_collections.ConfigDict()
-    c.stages = ml_collections.ConfigDict()
-    c.stages.teacher = _run("teacher", "resnet50", seed, epochs)
-    c.stages.teacher.label_smoothing = 0.1
-    order = ["teacher"]
-    for student in a["students"].split("+"):
-        for objective in a["objectives"].split("+"):
-            if objective not in OBJECTIVES:
-                raise ValueError(f"Unknown objective '{objective}'; expected {sorted(OBJECTIVES)}.")
-            s = _run(f"{student}_{objective}", student, seed, epochs)
-            s.distill.teacher_workdir = "@teacher"
-            s.distill.temperature = 2.0
-            s.distill.alpha = 0.9
-            kind, easy = OBJECTIVES[objective]
-            s.distill.objective = kind
-            s.distill.easy.update(easy)
-            c.stages[s.name] = s
-            order.append(s.name)
-    c.stage_order = tuple(order)
-
-    c.cascade = ml_collections.ConfigDict()
-    c.cascade.teacher = "teacher"
-    c.cascade.students = tuple(order[1:])
-    c.cascade.val_split = "train[99%:]"
-    c.cascade.test_split = "validation"
-    c.cascade.gates = ("msp", "margin", "entropy", "defer_output", "learned")
-    c.cascade.num_thresholds = 201
-    c.cascade.batch_size = 1024
-    c.cascade.target_deferral_rates = (0.1, 0.2, 0.3, 0.5)
-    return c
+    teacher = _run("teacher", "resnet50", seed, epochs)
+    teacher.label_smoothing = 0.1
+    students = {s: (lambda s=s: _run(s, s, seed, epochs)) for s in a["students"].split("+")}
+    return cascade_pipeline(teacher, students, a["objectives"].split("+"), temperature=2.0, alpha=0.9,
+                            cascade=dict(val_split="train[99%:]", test_split="validation", batch_size=1024))

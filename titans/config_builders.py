@@ -1,0 +1,66 @@
+"""Helpers for config files: their `:ARG` string, and teacher -> students cascade pipelines.
+
+Light on purpose (ml_collections only): config files are loaded before JAX starts.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import ml_collections
+
+# Student objectives of the cascade configs: name -> (distill.objective, distill.easy fields).
+STUDENT_OBJECTIVES = {
+    "standard": ("standard", {}),
+    "easy": ("easy_weighted", dict(rule="confidence", sharpness=2.0, floor=0.1)),
+    "easy_correct": ("easy_weighted", dict(rule="correctness", sharpness=4.0, floor=0.1)),
+    # The student's own probability of the teacher's class, after 200 steps of plain KD.
+    "easy_agree": ("easy_weighted", dict(rule="agreement", sharpness=2.0, floor=0.1, warmup_steps=200)),
+    "defer": ("defer", {}),
+}
+
+
+def parse_config_arg(arg: str, defaults: dict, config_name: str) -> dict:
+    """`key=value,key=value` -> dict over `defaults`; an unknown key names the config and the known keys."""
+    out = dict(defaults)
+    for part in filter(None, (arg or "").split(",")):
+        key, _, value = part.partition("=")
+        if key not in out:
+            raise ValueError(f"Unknown argument '{key}' for {config_name}; expected {sorted(out)}.")
+        out[key] = value
+    return out
+
+
+def cascade_pipeline(teacher: ml_collections.ConfigDict, students: dict[str, Callable[[], ml_collections.ConfigDict]],
+                     objectives: list[str], *, temperature: float, alpha: float,
+                     cascade: dict) -> ml_collections.ConfigDict:
+    """A pipeline: the teacher stage, then every student size x objective distilled from it, then `cascade`.
+
+    `students` maps a size name to a function returning that student's run config (model, data,
+    schedule); this adds the distillation fields. Stages are named `<size>_<objective>`.
+    """
+    c = ml_collections.ConfigDict()
+    c.stages = ml_collections.ConfigDict()
+    c.stages.teacher = teacher
+    order = ["teacher"]
+    for size, make in students.items():
+        for objective in objectives:
+            if objective not in STUDENT_OBJECTIVES:
+                raise ValueError(f"Unknown objective '{objective}'; expected {sorted(STUDENT_OBJECTIVES)}.")
+            s = make()
+            s.name = f"{size}_{objective}"
+            s.distill.teacher_workdir = "@teacher"
+            s.distill.loss = "kd"
+            s.distill.temperature = temperature
+            s.distill.alpha = alpha
+            kind, easy = STUDENT_OBJECTIVES[objective]
+            s.distill.objective = kind
+            s.distill.easy.update(easy)
+            c.stages[s.name] = s
+            order.append(s.name)
+    c.stage_order = tuple(order)
+    c.cascade = ml_collections.ConfigDict(dict(teacher="teacher", students=tuple(order[1:]),
+                                               gates=("msp", "margin", "entropy", "defer_output", "learned"),
+                                               num_thresholds=201, target_deferral_rates=(0.1, 0.2, 0.3, 0.5),
+                                               **cascade))
+    return c
