@@ -1,0 +1,8 @@
+"""Robust active distillation (METHODS.md §3): buy teacher soft labels where they are informative and right.
+
+    from titans.active import selection, loop
+    idx, p = selection.select_robust(key, gain, available, b, m)   # game + DepRound
+    result = loop.run(config, workdir)                              # the whole loop, resumable
+
+See docs/active.md.
+"""

@@ -1,0 +1,483 @@
+"""The active-distillation loop: select -> buy teacher soft labels -> train the student -> evaluate.
+
+Setting (METHODS.md §3): a small labelled set, a labelled validation split (only for estimating
+the teacher's mistakes), a large unlabelled pool, and a teacher whose pool queries are counted
+against a budget. `run(config, workdir)` runs every strategy of `config.active.strategies`, each in
+WORKDIR/<strategy>/, round by round:
+
+  round 0    the student trained on the labelled set alone (no queries);
+  round r    the strategy picks b = budget_per_round pool points not bought yet, using the student
+             of round r - 1; the teacher is run on exactly those points (CountingTeacher); a fresh
+             student is trained on labels + all soft labels bought so far; it is evaluated on the
+             test split.
+
+The student is trained with the trainer's own step (`train.make_train_step`) under a StudentHook
+whose loss is cross-entropy on labelled rows and the distillation loss (student.distill.loss,
+temperature) against the bought teacher logits on bought rows; its data is an in-memory subset, so
+nothing in titans/train.py changes. The pool's true labels are never used for training or
+selection; they only give the diagnostic `teacher_error_bought` (how often the teacher was wrong on
+what was bought).
+
+Every round is checkpointed with orbax (WORKDIR/<strategy>/rounds/<r>: bought indices, bought
+logits, query counters, history, the student's variables), so a rerun resumes after the last
+finished round and never re-queries the teacher. Results: WORKDIR/active.json and active.png.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from titans import checkpoint as ckpt_lib
+from titans import config as config_lib
+from titans import data as data_lib
+from titans import losses, parallel
+from titans import train as train_lib
+from titans.active import config as active_config
+from titans.active import selection
+from titans.active import teachers as teachers_lib
+
+
+class QueryBudgetError(RuntimeError):
+    """A teacher query that the budget or the rules forbid (over budget, or a point bought twice)."""
+
+
+class ResumeMismatchError(RuntimeError):
+    """WORKDIR holds rounds of a run with a different config."""
+
+
+class CountingTeacher:
+    """The only way the loop reaches the teacher: counts every row the teacher is run on.
+
+    `query_pool(indices)` buys soft labels for pool points (each at most once, at most `budget` in
+    all); `query_validation(images)` runs the teacher on the labelled validation split (counted
+    apart: it estimates the teacher's mistakes). `rows_run` counts every row ever passed to the
+    teacher, so `rows_run == pool_queries + validation_queries` proves nothing else was run.
+    """
+
+    def __init__(self, predict: Callable[[np.ndarray], np.ndarray], pool_images: np.ndarray, budget: int):
+        self._predict = predict
+        self._pool_images = pool_images
+        self.budget = int(budget)
+        self.pool_queries = 0
+        self.validation_queries = 0
+        self.rows_run = 0
+        self.bought: set[int] = set()
+
+    def restore(self, bought, validation_queries: int) -> None:
+        self.bought = {int(i) for i in bought}
+        self.pool_queries = len(self.bought)
+        self.validation_queries = int(validation_queries)
+
+    def _run(self, images: np.ndarray) -> np.ndarray:
+        self.rows_run += len(images)
+        return np.asarray(self._predict(images), np.float32)
+
+    def query_pool(self, indices) -> np.ndarray:
+        indices = [int(i) for i in np.asarray(indices)]
+        if len(set(indices)) != len(indices):
+            raise QueryBudgetError("A selection named the same pool point twice.")
+        again = self.bought.intersection(indices)
+        if again:
+            raise QueryBudgetError(f"Pool points {sorted(again)[:5]} were bought already.")
+        if self.pool_queries + len(indices) > self.budget:
+            raise QueryBudgetError(f"Buying {len(indices)} more labels would exceed the budget of {self.budget} "
+                                   f"({self.pool_queries} spent).")
+        logits = self._run(self._pool_images[np.asarray(indices, np.int64)])
+        self.bought.update(indices)
+        self.pool_queries += len(indices)
+        return logits
+
+    def query_validation(self, images: np.ndarray) -> np.ndarray:
+        self.validation_queries += len(images)
+        return self._run(images)
+
+
+@dataclasses.dataclass
+class Data:
+    info: data_lib.DatasetInfo
+    labelled: tuple[np.ndarray, np.ndarray]
+    validation: tuple[np.ndarray, np.ndarray]
+    pool_images: np.ndarray
+    pool_labels: np.ndarray  # hidden: only for the teacher_error_bought diagnostic
+    test_src: object
+
+
+def load_data(config) -> Data:
+    """Labelled, validation and pool points: a `seed` permutation of `dataset.split`, cut in three."""
+    d, a = config.dataset, config.active
+    info = data_lib.dataset_info(d.name)
+    src = data_lib.load_in_memory(data_lib.get_source(d.name, d.split, data_dir=d.data_dir or None))
+    n = len(src)
+    need = a.num_labelled + a.num_validation + a.rounds * a.budget_per_round
+    if n < need:
+        raise config_lib.ConfigError(f"dataset.split {d.split!r} has {n} examples; labelled + validation + "
+                                     f"rounds * budget_per_round needs at least {need}.")
+    perm = np.random.default_rng([config.seed, 0xAC7]).permutation(n)
+    lab, val = perm[:a.num_labelled], perm[a.num_labelled:a.num_labelled + a.num_validation]
+    pool = perm[a.num_labelled + a.num_validation:]
+    if a.pool_size:
+        if a.pool_size > len(pool):
+            raise config_lib.ConfigError(f"active.pool_size={a.pool_size} but only {len(pool)} points are left.")
+        pool = pool[:a.pool_size]
+    if len(pool) < a.rounds * a.budget_per_round:
+        raise config_lib.ConfigError(f"The pool has {len(pool)} points, fewer than rounds * budget_per_round.")
+    imgs, labels = src.images, np.asarray(src.labels, np.int32)
+    test_src = data_lib.load_in_memory(data_lib.get_source(d.name, d.eval_split, data_dir=d.data_dir or None))
+    return Data(info, (imgs[lab], labels[lab]), (imgs[val], labels[val]), imgs[pool], labels[pool], test_src)
+
+
+def _batched(fn, images: np.ndarray, batch: int):
+    """fn over `images` in fixed-size chunks (the last one padded), so it compiles once."""
+    outs = []
+    for start in range(0, len(images), batch):
+        chunk = images[start:start + batch]
+        n = len(chunk)
+        if n < batch:
+            chunk = np.concatenate([chunk, np.zeros((batch - n, *chunk.shape[1:]), chunk.dtype)])
+        outs.append(jax.tree.map(lambda x: np.asarray(x)[:n], fn(chunk)))
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
+
+
+def teacher_predict_fn(teacher: train_lib.Teacher, info, batch: int) -> Callable[[np.ndarray], np.ndarray]:
+    apply = jax.jit(lambda t, x: t.apply(data_lib.normalize(x, info, jnp.float32)).astype(jnp.float32))
+    return lambda images: _batched(lambda x: apply(teacher, x), images, batch)
+
+
+class StudentTrainer:
+    """Trains a fresh student on labelled rows (cross-entropy) + bought rows (distillation) with the
+    trainer's jitted step; one compilation for all rounds (the per-row tables have a fixed size)."""
+
+    def __init__(self, student_cfg, info, capacity: int):
+        self.cfg, self.info, self.capacity = student_cfg, info, capacity
+        self.mesh = parallel.make_mesh()
+        parallel.check_batch_size(student_cfg.batch_size, self.mesh)
+        self.dtype = train_lib.compute_dtype(student_cfg.dtype)
+        model = train_lib.build_model(student_cfg.model, info, seed=0, dtype=self.dtype)
+        self.graphdef = nnx.split(model, nnx.Param, ...)[0]
+        d = student_cfg.distill
+        if d.loss not in ("kd", "hard"):
+            raise config_lib.ConfigError(f"student.distill.loss={d.loss!r}: the active loop supports 'kd' and 'hard'.")
+
+        def loss(logits, aux, teacher_logits, batch, frozen, step):
+            del aux, teacher_logits, step
+            idx = batch["index"]
+            has_label = frozen["has_label"][idx]
+            soft = frozen["soft"][idx]
+            ce = losses.cross_entropy(logits, batch["label"], student_cfg.label_smoothing)
+            if d.loss == "kd":
+                kd = losses.kd_divergence(logits, soft, d.temperature)
+            else:
+                kd = losses.hard_distillation(logits, soft)
+            return jnp.where(has_label, ce, kd), jnp.ones(idx.shape, jnp.float32)
+
+        self.hook = train_lib.StudentHook(loss=loss, needs_index=True)
+        self._steps: dict[int, tuple] = {}
+        self.eval_step = jax.jit(train_lib.make_eval_step(self.graphdef, info, self.dtype, student_cfg.ece_bins))
+
+        def predict(params, rest, images):
+            m = nnx.merge(self.graphdef, params, rest)
+            logits, acts = m(data_lib.normalize(images, info, self.dtype), train=False, capture=True)
+            return jax.nn.softmax(logits.astype(jnp.float32)), acts["features"].astype(jnp.float32)
+
+        self._predict = jax.jit(predict)
+
+    def _step_fn(self, total_steps: int, num_examples: int):
+        if total_steps not in self._steps:
+            tx, schedule = train_lib.make_optimizer(self.cfg, total_steps, num_examples)
+            step = jax.jit(train_lib.make_train_step(self.graphdef, tx, None, self.info, self.dtype, schedule,
+                                                     self.hook), donate_argnums=(0,))
+            self._steps[total_steps] = (tx, step)
+        return self._steps[total_steps]
+
+    def train(self, images, labels, has_label, soft, seed: int):
+        """Returns the student's (params, rest) after training on these rows from scratch."""
+        n, k = len(images), self.info.num_classes
+        if n > self.capacity:
+            raise ValueError(f"{n} training rows exceed the capacity {self.capacity}.")
+        total = config_lib.steps(self.cfg, n)
+        tx, step = self._step_fn(total, n)
+        frozen = {"has_label": np.zeros(self.capacity, bool), "soft": np.zeros((self.capacity, k), np.float32)}
+        frozen["has_label"][:n] = has_label
+        frozen["soft"][:n] = soft
+        frozen = parallel.replicate(jax.tree.map(jnp.asarray, frozen), self.mesh)
+        model = train_lib.build_model(self.cfg.model, self.info, seed=seed, dtype=self.dtype)
+        _, params, rest = nnx.split(model, nnx.Param, ...)
+        state = train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=rest,
+                                     opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(seed)),
+                                     nonfinite_step=jnp.full((), -1, jnp.int32))
+        state = parallel.replicate(state, self.mesh)
+        src = data_lib.ArraySource(images, labels)
+        with data_lib.TrainLoader(src, self.info, global_batch_size=self.cfg.batch_size, seed=seed,
+                                  augment=self.cfg.dataset.augment, with_index=True) as loader:
+            for _ in range(total):
+                state, _ = step(state, parallel.to_global(next(loader), self.mesh), None, frozen)
+        bad = int(jax.device_get(state.nonfinite_step))
+        if bad >= 0:
+            raise train_lib.NonFiniteLossError(f"The student's loss became NaN/inf at step {bad}; lower "
+                                               f"student.optimizer.learning_rate.")
+        return jax.device_get(state.params), jax.device_get(state.model_state)
+
+    def evaluate(self, params, rest, test_src) -> dict:
+        return train_lib.evaluate(self.eval_step, params, rest, None, test_src, self.info,
+                                  batch_size=self.cfg.eval_batch_size, mesh=self.mesh)
+
+    def predict(self, params, rest, images, batch: int):
+        """(softmax probabilities, `features` embeddings) over `images`."""
+        return _batched(lambda x: self._predict(params, rest, x), images, batch)
+
+    def abstract_variables(self):
+        model = train_lib.build_model(self.cfg.model, self.info, seed=0, dtype=self.dtype)
+        _, params, rest = nnx.split(model, nnx.Param, ...)
+        return nnx.to_pure_dict(params), nnx.to_pure_dict(rest), params, rest
+
+
+class RoundCheckpoints:
+    """One orbax checkpoint per finished round (step = round index), all with fixed shapes."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(max_to_keep=2))
+
+    def latest(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, rnd: int, tree: dict) -> None:
+        self.manager.save(rnd, args=ocp.args.StandardSave(tree))
+        self.manager.wait_until_finished()
+
+    def restore(self, rnd: int, like: dict) -> dict:
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        return self.manager.restore(rnd, args=ocp.args.StandardRestore(abstract))
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def _fingerprint(config) -> str:
+    c = config.to_dict()
+    c["active"] = {k: v for k, v in c["active"].items() if k not in ("strategies", "predict_batch_size")}
+    return config_lib.fingerprint(c)
+
+
+def run_strategy(strategy: str, config, data: Data, teacher_predict, trainer: StudentTrainer, workdir: str, *,
+                 stop_after_round: int | None = None, log: Callable[[str], None] = print) -> dict:
+    """Runs (or resumes) one strategy's rounds in `workdir`; returns its history.
+
+    `stop_after_round` ends the call after that round is checkpointed (for tests of resuming).
+    """
+    a = config.active
+    rounds, b, k = a.rounds, a.budget_per_round, data.info.num_classes
+    cap = rounds * b
+    n_lab = len(data.labelled[1])
+    os.makedirs(workdir, exist_ok=True)
+    meta_path = os.path.join(workdir, "meta.json")
+    fp = _fingerprint(config)
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            old = json.load(f)
+        if old["fingerprint"] != fp or old["strategy"] != strategy:
+            raise ResumeMismatchError(f"{workdir} holds rounds of a different run ({old['strategy']}, config "
+                                      f"{old['fingerprint']} vs {fp}); use a fresh workdir.")
+    else:
+        with open(meta_path, "w") as f:
+            json.dump({"fingerprint": fp, "strategy": strategy}, f)
+
+    pure_params, pure_rest, params_like, rest_like = trainer.abstract_variables()
+    nan = np.full(rounds + 1, np.nan, np.float32)
+    state = {
+        "bought": np.full(cap, -1, np.int32),
+        "soft": np.zeros((cap, k), np.float32),
+        "num_bought": np.zeros((), np.int32),
+        "validation_queries": np.zeros((), np.int32),
+        "teacher_val_pred": np.full(len(data.validation[1]), -1, np.int32),
+        "history": {"queries": np.zeros(rounds + 1, np.int32), "accuracy": nan.copy(), "loss": nan.copy(),
+                    "ece": nan.copy(), "teacher_error_bought": nan.copy(), "m": nan.copy(),
+                    "select_time_s": nan.copy(), "train_time_s": nan.copy()},
+        "student": ckpt_lib.to_savable({"params": pure_params, "rest": pure_rest}),
+    }
+    ckpt = RoundCheckpoints(os.path.join(workdir, "rounds"))
+    teacher = CountingTeacher(teacher_predict, data.pool_images, budget=cap)
+    done = ckpt.latest()
+    start = 0
+    if done is not None:
+        state = ckpt.restore(done, state)
+        state = jax.tree.map(np.asarray, state)
+        nb = int(state["num_bought"])
+        teacher.restore(state["bought"][:nb], int(state["validation_queries"]))
+        start = done + 1
+        log(f"[{strategy}] resumed after round {done} ({nb} queries bought)")
+
+    def student_vars():
+        p = jax.tree.map(lambda x: x, params_like)
+        r = jax.tree.map(lambda x: x, rest_like)
+        student = ckpt_lib.from_savable(state["student"], {"params": pure_params, "rest": pure_rest})
+        nnx.replace_by_pure_dict(p, student["params"])
+        nnx.replace_by_pure_dict(r, student["rest"])
+        return p, r
+
+    lab_images, lab_labels = data.labelled
+    for rnd in range(start, rounds + 1):
+        h = state["history"]
+        nb = int(state["num_bought"])
+        if rnd > 0:
+            t0 = time.perf_counter()
+            params, rest = student_vars()
+            probs, emb = trainer.predict(params, rest, data.pool_images, a.predict_batch_size)
+            available = np.ones(len(data.pool_images), bool)
+            available[state["bought"][:nb]] = False
+            key = jax.random.fold_in(jax.random.key(config.seed), rnd)
+            m = 0.0
+            if strategy == "robust":
+                if state["teacher_val_pred"][0] < 0:  # the validation split is run through the teacher once
+                    state["teacher_val_pred"] = np.argmax(teacher.query_validation(data.validation[0]), -1).astype(np.int32)
+                    state["validation_queries"] = np.asarray(teacher.validation_queries, np.int32)
+                val_gain = None
+                if a.m_estimate == "informative":
+                    val_probs, _ = trainer.predict(params, rest, data.validation[0], a.predict_batch_size)
+                    val_gain = np.asarray(selection.informativeness(jnp.asarray(val_probs), a.informativeness))
+                m = selection.estimate_mistakes(state["teacher_val_pred"], data.validation[1], b,
+                                                student_gain=val_gain, kind=a.m_estimate,
+                                                informative_fraction=a.informative_fraction)
+            centres = None
+            if strategy == "kcenter":
+                _, lab_emb = trainer.predict(params, rest, lab_images, a.predict_batch_size)
+                centres = np.concatenate([lab_emb, emb[state["bought"][:nb]]])
+            idx, _ = selection.select(strategy, key=key, probs=jnp.asarray(probs), available=jnp.asarray(available),
+                                      b=b, embeddings=jnp.asarray(emb), centres=centres, m=m,
+                                      informativeness_kind=a.informativeness, kcenter_chunk=a.kcenter_chunk)
+            idx = np.asarray(jax.device_get(idx), np.int64)
+            h["select_time_s"][rnd] = time.perf_counter() - t0
+            logits = teacher.query_pool(idx)
+            state["bought"][nb:nb + b] = idx
+            state["soft"][nb:nb + b] = logits
+            nb += b
+            state["num_bought"] = np.asarray(nb, np.int32)
+            h["m"][rnd] = m
+            bought = state["bought"][:nb]
+            h["teacher_error_bought"][rnd] = float(np.mean(np.argmax(state["soft"][:nb], -1) != data.pool_labels[bought]))
+        bought = state["bought"][:nb]
+        soft = state["soft"][:nb]
+        images = np.concatenate([lab_images, data.pool_images[bought]])
+        # Bought rows carry the teacher's argmax as "label" (only the train metrics read it).
+        labels = np.concatenate([lab_labels, np.argmax(soft, -1).astype(np.int32)])
+        has_label = np.concatenate([np.ones(n_lab, bool), np.zeros(nb, bool)])
+        soft_all = np.concatenate([np.zeros((n_lab, k), np.float32), soft])
+        t0 = time.perf_counter()
+        params, rest = trainer.train(images, labels, has_label, soft_all, seed=config.seed * 1000 + rnd)
+        h["train_time_s"][rnd] = time.perf_counter() - t0
+        ev = trainer.evaluate(params, rest, data.test_src)
+        h["queries"][rnd], h["accuracy"][rnd], h["loss"][rnd], h["ece"][rnd] = nb, ev["accuracy"], ev["loss"], ev["ece"]
+        state["student"] = ckpt_lib.to_savable({"params": nnx.to_pure_dict(params), "rest": nnx.to_pure_dict(rest)})
+        ckpt.save(rnd, state)
+        extra = f", m={h['m'][rnd]:.1f}" if strategy == "robust" and rnd else ""
+        terr = f", teacher wrong on {h['teacher_error_bought'][rnd]:.1%} of bought" if rnd else ""
+        log(f"[{strategy}] round {rnd}: {nb} queries, test accuracy {ev['accuracy']:.4f}{terr}{extra}")
+        if stop_after_round is not None and rnd >= stop_after_round and rnd < rounds:
+            ckpt.close()
+            return {"stopped_after_round": rnd}
+    ckpt.close()
+    h = state["history"]
+    return {
+        "queries": [int(q) for q in h["queries"]],
+        "accuracy": [float(x) for x in h["accuracy"]],
+        "loss": [float(x) for x in h["loss"]],
+        "ece": [float(x) for x in h["ece"]],
+        "teacher_error_bought": [None if np.isnan(x) else float(x) for x in h["teacher_error_bought"]],
+        "m": [None if np.isnan(x) else float(x) for x in h["m"]],
+        "select_time_s": [None if np.isnan(x) else float(x) for x in h["select_time_s"]],
+        "train_time_s": [float(x) for x in h["train_time_s"]],
+        "pool_queries": teacher.pool_queries,
+        "validation_queries": teacher.validation_queries,
+        "teacher_rows_run_this_call": teacher.rows_run,
+    }
+
+
+def _resolve_teacher(config, workdir: str, log) -> tuple[str, dict]:
+    t = config.teacher
+    tdir = os.path.abspath(t.workdir.replace("{workdir}", workdir))
+    ready = os.path.exists(os.path.join(tdir, "results.json"))
+    if not ready:
+        if not len(t.train):
+            raise FileNotFoundError(f"teacher.workdir={tdir!r} holds no finished Titans run and teacher.train is "
+                                    f"empty: train the teacher first, or set teacher.train.")
+        log(f"[teacher] training in {tdir} (label noise {t.label_noise})")
+        teachers_lib.train_teacher(t.train, tdir, label_noise=t.label_noise)
+    with open(os.path.join(tdir, "results.json")) as f:
+        res = json.load(f)
+    return tdir, {"workdir": tdir, "test_accuracy": res.get("accuracy"), "label_noise": float(t.label_noise)}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, log: Callable[[str], None] = print,
+        teacher_predict: Callable | None = None) -> dict:
+    """Runs every strategy (resuming finished rounds); writes WORKDIR/active.json and active.png.
+
+    `teacher_predict` (images -> logits) replaces the teacher run (tests).
+    """
+    config = active_config.validate(config)
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config_lib.to_json(config))
+    data = load_data(config)
+    teacher_info = {"workdir": None, "test_accuracy": None, "label_noise": float(config.teacher.label_noise)}
+    if teacher_predict is None:
+        tdir, teacher_info = _resolve_teacher(config, workdir, log)
+        teacher, t_cfg, t_info, _ = train_lib.load_run_model(tdir)
+        if t_info.num_classes != data.info.num_classes or tuple(t_info.image_shape) != tuple(data.info.image_shape):
+            raise train_lib.TeacherMismatchError(f"The teacher in {tdir} was trained on {t_cfg.dataset.name!r}, "
+                                                 f"which does not match {config.dataset.name!r}.")
+        teacher_predict = teacher_predict_fn(teacher, data.info, config.active.predict_batch_size)
+    cap = len(data.labelled[1]) + config.active.rounds * config.active.budget_per_round
+    trainer = StudentTrainer(config.student, data.info, cap)
+    results = {}
+    for s in active_config.strategies(config):
+        results[s] = run_strategy(s, config, data, teacher_predict, trainer, os.path.join(workdir, s), log=log)
+    out = {
+        "name": config.name,
+        "seed": int(config.seed),
+        "dataset": config.dataset.name,
+        "num_labelled": int(config.active.num_labelled),
+        "num_validation": int(config.active.num_validation),
+        "pool_size": int(len(data.pool_images)),
+        "budget_per_round": int(config.active.budget_per_round),
+        "rounds": int(config.active.rounds),
+        "teacher": teacher_info,
+        "strategies": results,
+    }
+    with open(os.path.join(workdir, "active.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    plot(out, os.path.join(workdir, "active.png"))
+    return out
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, r in result["strategies"].items():
+        ax.plot(r["queries"], r["accuracy"], marker="o", label=name)
+    t = result.get("teacher") or {}
+    if t.get("test_accuracy"):
+        ax.axhline(t["test_accuracy"], color="gray", ls="--", lw=1, label="teacher")
+    ax.set_xlabel("teacher queries (pool points bought)")
+    ax.set_ylabel("student test accuracy")
+    ax.set_title(f"{result['name']} (seed {result['seed']})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

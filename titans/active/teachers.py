@@ -1,0 +1,70 @@
+"""Imperfect teachers on purpose: training a teacher on less data and/or with label noise.
+
+Less data is a run config's `dataset.train_split` (e.g. 'train[:5%]'). Label noise is added here,
+without touching the trainer: `train_and_evaluate` gets a StudentHook whose loss reads each row's
+label from a fixed table of noisy labels (indexed by the loader's example index), so the teacher
+fits the noisy labels while everything else (checkpoints, resume, evaluation on clean test
+labels) is the plain trainer's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+
+from titans import data as data_lib
+from titans import losses
+from titans import train as train_lib
+
+
+def noisy_labels(labels: np.ndarray, noise: float, num_classes: int, seed: int) -> np.ndarray:
+    """A copy of `labels` with exactly round(noise * n) of them, chosen at random, replaced by a
+    uniformly random *different* class. Deterministic in `seed`."""
+    if not 0.0 <= noise <= 1.0:
+        raise ValueError(f"label noise must be in [0, 1], got {noise}.")
+    if num_classes < 2:
+        raise ValueError("label noise needs at least two classes.")
+    labels = np.asarray(labels, np.int64)
+    rng = np.random.default_rng([seed, 0x401])
+    out = labels.copy()
+    flip = rng.choice(len(labels), size=int(round(noise * len(labels))), replace=False)
+    shift = rng.integers(1, num_classes, size=len(flip))  # never 0: the class always changes
+    out[flip] = (labels[flip] + shift) % num_classes
+    return out.astype(np.int32)
+
+
+def noisy_label_hook(table: np.ndarray, label_smoothing: float = 0.0) -> train_lib.StudentHook:
+    """A trainer hook: cross-entropy against table[example index] instead of the batch's label."""
+    def loss(logits, aux, teacher_logits, batch, frozen, step):
+        del aux, teacher_logits, step
+        labels = frozen["labels"][batch["index"]]
+        return losses.cross_entropy(logits, labels, label_smoothing), jnp.ones(labels.shape, jnp.float32)
+
+    return train_lib.StudentHook(frozen={"labels": jnp.asarray(table, jnp.int32)}, loss=loss, needs_index=True)
+
+
+def train_teacher(run_config, workdir: str, *, label_noise: float = 0.0) -> dict:
+    """Trains (or resumes, or finds finished) a teacher run in `workdir`, with `label_noise`.
+
+    Writes WORKDIR/label_noise.json (the noise and how many labels it changed). Returns the
+    trainer's results.
+    """
+    done = os.path.join(workdir, "results.json")
+    if os.path.exists(done):
+        with open(done) as f:
+            return json.load(f)
+    if not label_noise:
+        return train_lib.train_and_evaluate(run_config, workdir)
+    info = data_lib.dataset_info(run_config.dataset.name)
+    src = data_lib.get_source(run_config.dataset.name, run_config.dataset.train_split,
+                              data_dir=run_config.dataset.data_dir or None)
+    clean = np.fromiter((e["label"] for e in src.__getitems__(range(len(src)))), np.int64, len(src))
+    table = noisy_labels(clean, label_noise, info.num_classes, run_config.seed)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "label_noise.json"), "w") as f:
+        json.dump({"label_noise": label_noise, "num_examples": int(len(table)),
+                   "num_changed": int(np.sum(table != clean)), "seed": int(run_config.seed)}, f, indent=2)
+    return train_lib.train_and_evaluate(run_config, workdir, hook=noisy_label_hook(table, run_config.label_smoothing))
