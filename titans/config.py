@@ -83,6 +83,26 @@ def base_config() -> ml_collections.ConfigDict:
     c.distill.easy.floor = 0.1
     c.distill.easy.warmup_steps = 0  # "agreement" uses weight 1 before this step
     c.distill.defer_weight = 1.0  # scales the "defer" term of the learning-to-defer surrogate
+    # Where the soft labels come from (titans/teachers, docs/teachers.md): online (the teacher's forward
+    # inside the student step) | cache (outputs written beforehand by `python -m titans.teachers.cache`)
+    # | service (an elastic pool of teacher actors on Ray).
+    c.distill.teacher_mode = "online"
+    c.distill.cache = ml_collections.ConfigDict()
+    c.distill.cache.dir = ""  # the cache directory (manifest.json + shards)
+    c.distill.cache.topk = 0  # 0 = full logits; k = the cache holds the teacher's top-k values + classes
+    c.distill.cache.dtype = "float32"  # float32 | bfloat16 | float16 (storage)
+    c.distill.service = ml_collections.ConfigDict()
+    c.distill.service.address = ""  # "" = start a local Ray on 127.0.0.1; else "HOST:6379", "auto", "ray://..."
+    c.distill.service.min_workers = 1
+    c.distill.service.max_workers = 2
+    c.distill.service.kinds = ("cpu",)  # worker kinds tried in order: cpu | gpu
+    c.distill.service.cpus_per_worker = 1.0
+    c.distill.service.gpus_per_worker = 1.0  # for "gpu" workers
+    c.distill.service.local_cpus = 0  # CPUs of a local Ray (0 = max_workers * cpus_per_worker)
+    c.distill.service.max_in_flight = 8  # batches submitted ahead of the student step
+    c.distill.service.batch_timeout_s = 120.0  # a worker silent this long on a batch is replaced
+    c.distill.service.start_timeout_s = 300.0  # wait this long for min_workers (at least 1) to be ready
+    c.distill.service.scale_interval_s = 2.0  # how often the pool looks for free resources / replaces workers
 
     c.label_smoothing = 0.0
 
@@ -185,6 +205,7 @@ def _check_values(c: ml_collections.ConfigDict, where: str) -> None:
     if c.distill.objective != "standard" and not c.distill.teacher_workdir:
         raise ConfigError(f"{where}: distill.objective={c.distill.objective!r} needs a teacher "
                           f"(set distill.teacher_workdir).")
+    _check_teacher_mode(c, where, choice)
     if (c.total_steps > 0) == (c.total_epochs > 0):
         raise ConfigError(f"{where}: set exactly one of total_steps and total_epochs "
                           f"(got total_steps={c.total_steps}, total_epochs={c.total_epochs}).")
@@ -194,6 +215,28 @@ def _check_values(c: ml_collections.ConfigDict, where: str) -> None:
         raise ConfigError(f"{where}: distill.temperature must be positive.")
     if c.batch_size <= 0 or c.eval_batch_size <= 0:
         raise ConfigError(f"{where}: batch sizes must be positive.")
+
+
+def _check_teacher_mode(c: ml_collections.ConfigDict, where: str, choice) -> None:
+    d = c.distill
+    choice("distill.teacher_mode", d.teacher_mode, ("online", "cache", "service"))
+    choice("distill.cache.dtype", d.cache.dtype, ("float32", "bfloat16", "float16"))
+    for kind in d.service.kinds:
+        choice("distill.service.kinds[]", kind, ("cpu", "gpu"))
+    if d.teacher_mode != "online" and not d.teacher_workdir:
+        raise ConfigError(f"{where}: distill.teacher_mode={d.teacher_mode!r} needs a teacher "
+                          f"(set distill.teacher_workdir).")
+    if d.teacher_mode == "cache" and not d.cache.dir:
+        raise ConfigError(f"{where}: distill.teacher_mode='cache' needs distill.cache.dir (written by "
+                          f"`python -m titans.teachers.cache`).")
+    if d.cache.topk < 0:
+        raise ConfigError(f"{where}: distill.cache.topk={d.cache.topk} must be >= 0 (0 = full logits).")
+    s = d.service
+    if not (0 <= s.min_workers <= s.max_workers and s.max_workers >= 1):
+        raise ConfigError(f"{where}: need 0 <= distill.service.min_workers ({s.min_workers}) <= "
+                          f"distill.service.max_workers ({s.max_workers}) and max_workers >= 1.")
+    if s.max_in_flight < 1:
+        raise ConfigError(f"{where}: distill.service.max_in_flight must be >= 1.")
 
 
 def check_override(config: ml_collections.ConfigDict, dotted: str) -> None:

@@ -9,6 +9,7 @@ is never written into the student's checkpoint. So a teacher is frozen by constr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -29,7 +30,7 @@ from flax import nnx
 from titans import checkpoint as ckpt_lib
 from titans import config as config_lib
 from titans import data as data_lib
-from titans import logs, losses, models, parallel
+from titans import logs, losses, models, parallel, teachers
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -173,7 +174,10 @@ def make_train_step(graphdef, tx, loss_fn, info, dtype, schedule, hook: StudentH
     def train_step(state: TrainState, batch, teacher: Teacher | None, frozen=None):
         images = data_lib.normalize(batch["image"], info, dtype)
         labels = batch["label"]
-        teacher_logits = teacher.apply(images) if teacher is not None else None
+        if "teacher_logits" in batch:  # soft labels from a cache or the teacher service (titans.teachers)
+            teacher_logits = batch["teacher_logits"]
+        else:
+            teacher_logits = teacher.apply(images) if teacher is not None else None
 
         def objective(params):
             model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, state.model_state))
@@ -396,7 +400,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, hook:
     total_steps = config_lib.steps(config, num_train)
 
     teacher = None
-    if config.distill.teacher_workdir:
+    # distill.teacher_mode cache/service: the soft labels arrive with the batches (titans.teachers);
+    # the cache's manifest and the service's workers are checked here, before the first step.
+    soft_labels = teachers.open_soft_labels(config, info, train_src)
+    if config.distill.teacher_workdir and soft_labels is None:
         teacher, _ = load_teacher(config.distill.teacher_workdir, info, dtype=dtype, step=config.distill.teacher_step)
         teacher = parallel.replicate(teacher, mesh)
 
@@ -414,7 +421,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, hook:
     loader = data_lib.TrainLoader(train_src, info, global_batch_size=config.batch_size, seed=config.seed,
                                   process_index=jax.process_index(), process_count=jax.process_count(),
                                   augment=config.dataset.augment,
-                                  with_index=hook is not None and hook.needs_index)
+                                  with_index=(hook is not None and hook.needs_index)
+                                  or (soft_labels is not None and soft_labels.needs_index))
+    if soft_labels is not None:
+        loader = soft_labels.wrap(loader)
 
     ckpt = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     meta = ckpt_lib.meta_for(config, info, num_outputs(config, info))
@@ -451,7 +461,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, hook:
         _check_finite(state, ckpt)
         ckpt.save(step, model=_model_vars(state), train=_train_vars(state), loader=loader.get_state(), meta=meta)
 
-    with PreemptionGuard() as guard:
+    with PreemptionGuard() as guard, (soft_labels or contextlib.nullcontext()):
         for step in range(start, total_steps):
             profiling = config.profile.start_step >= 0
             if profiling and step == config.profile.start_step:
@@ -512,7 +522,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, hook:
         "param_count": models.param_count(model),
         "preempted": False,
     })
+    if soft_labels is not None:
+        result["teacher_workdir"] = config.distill.teacher_workdir
+        result["objective"] = config.distill.objective
+        result["teacher_mode"] = config.distill.teacher_mode
     if teacher is not None:
+        result["teacher_mode"] = "online"
         result["teacher_workdir"] = config.distill.teacher_workdir
         result["objective"] = config.distill.objective
         result["teacher_flops_per_example"] = models.flops_per_example(
