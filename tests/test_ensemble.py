@@ -10,14 +10,12 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import digits_config
 
 from titans import config as config_lib
 from titans import data, losses, models, pipeline, train
 from titans.ensemble import anytime, members, weights
 from titans.ensemble import config as ens_config
-
-from helpers import digits_config
-
 
 # ----------------------------------------------------------------------------- weight player
 
@@ -132,7 +130,7 @@ def test_connection_shapes_and_frozen_previous_member(join, width, feat):
     assert members.activation_dim(prev, (8, 8, 1)) == 12
     new = members.ConnectedMember(_cnn(2), prev_dim=12, join=join, width=width, num_classes=10, rngs=nnx.Rngs(5))
     x = _x()
-    own_prev, acts_prev = prev.apply(x)
+    _, acts_prev = prev.apply(x)
     logits, acts = new(x, capture=True, prev=acts_prev)
     assert logits.shape == (4, 10) and acts["features"].shape == (4, feat)
     with pytest.raises(ValueError, match="previous activations"):
@@ -261,6 +259,10 @@ def test_bdistil_run_outputs(ensemble_run):
     x = jnp.asarray(np.random.default_rng(0).integers(0, 17, size=(16, 8, 8, 1)), jnp.float32)
     np.testing.assert_allclose(ens(x), own.sum(0), atol=1e-5)
     assert os.path.exists(os.path.join(workdir, "ensemble.md"))
+    from titans.ensemble import report
+    runs = report.load([workdir])
+    assert "| B-DISTIL (connected) | 2 |" in report.members_table(runs)
+    assert report.equal_cost_table(runs).count("\n") == 3  # header, rule, w = 1 and 2
 
 
 def test_resume_mid_ensemble_gives_the_same_result(ensemble_run, data_dir, digits_teacher, tmp_path):

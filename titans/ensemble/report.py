@@ -20,7 +20,7 @@ def _ms(values, fmt="{:.4f}") -> str:
     v = np.asarray(values, np.float64)
     if len(v) == 1:
         return fmt.format(v[0])
-    return f"{fmt.format(v.mean())} ± {fmt.format(v.std(ddof=1))}"
+    return f"{fmt.format(v.mean())} ± {fmt.replace('+', '').format(v.std(ddof=1))}"
 
 
 def load(workdirs: list[str]) -> list[dict]:
@@ -71,6 +71,23 @@ def anytime_table(runs: list[dict], name: str = "bdistil", thresholds=(0.5, 0.7,
     return "\n".join(rows)
 
 
+def equal_cost_table(runs: list[dict], a: str = "bdistil", b: str = "resched") -> str:
+    """Per member count w that both variants reached: accuracy difference a - b, and their FLOPs."""
+    rows = [f"| members | {a} - {b} accuracy (points) | seeds | {a} MFLOPs | {b} MFLOPs |", "|---|---|---|---|---|"]
+    depth = max((len(r["variants"].get(a, {}).get("accuracy_by_members", [])) for r in runs), default=0)
+    for w in range(depth):
+        diff, fa, fb = [], [], []
+        for r in runs:
+            va, vb = r["variants"].get(a, {}), r["variants"].get(b, {})
+            if len(va.get("accuracy_by_members", [])) > w and len(vb.get("accuracy_by_members", [])) > w:
+                diff.append(100 * (va["accuracy_by_members"][w] - vb["accuracy_by_members"][w]))
+                fa.append(va["cumulative_flops"][w] / 1e6)
+                fb.append(vb["cumulative_flops"][w] / 1e6)
+        if diff:
+            rows.append(f"| {w + 1} | {_ms(diff, '{:+.2f}')} | {len(diff)} | {np.mean(fa):.3f} | {np.mean(fb):.3f} |")
+    return "\n".join(rows)
+
+
 def teacher_line(runs: list[dict]) -> str:
     acc = [r["teacher"]["accuracy"] for r in runs]
     flops = runs[0]["teacher"]["flops_per_example"]
@@ -84,8 +101,9 @@ def find_wl_lines(runs: list[dict]) -> str:
             v = r["variants"].get(name)
             if not v:
                 continue
-            steps = ", ".join(f"r{e['round']} {e['candidate']} edge {e['edge']:.3f} "
-                              f"{'accepted' if e['accepted'] else 'rejected'}" for e in v["log"])
+            steps = ", ".join(f"r{e['round']} {e['candidate']} edge {e['edge']:.4f} "
+                              f"{'accepted' if e['accepted'] else 'rejected'} (F test acc {e['test_accuracy']:.4f})"
+                              for e in v["log"])
             stop = f"; stopped: {v['stopped']}" if v.get("stopped") else ""
             lines.append(f"- seed {r['seed']}, {name}: {steps}{stop}")
     return "\n".join(lines)
@@ -98,6 +116,8 @@ def main(argv=None) -> None:
     runs = load(dirs)
     print(teacher_line(runs) + "\n")
     print(members_table(runs) + "\n")
+    print("B-DISTIL (connected) against resched with the same number of members (same member sizes):\n")
+    print(equal_cost_table(runs) + "\n")
     print("Anytime inference, B-DISTIL (connected), no budget cap:\n")
     print(anytime_table(runs) + "\n")
     print("FIND-WL:\n")
