@@ -9,7 +9,6 @@ a whole accuracy/cost curve is one jitted call, ``jax.vmap`` over thresholds.
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np

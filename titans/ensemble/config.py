@@ -27,8 +27,8 @@ from __future__ import annotations
 import ml_collections
 
 from titans import config as config_lib
-from titans.ensemble.weights import WEIGHT_MODES
 from titans.ensemble.members import JOINS
+from titans.ensemble.weights import WEIGHT_MODES
 
 VARIANTS = ("bdistil", "bdistil_noconn", "resched", "no_resched")
 _FREE_FORM = ("candidates", "no_resched", "member")

@@ -112,7 +112,7 @@ def activation_dim(members: FrozenMembers, input_shape) -> int:
 
 def build_base_model(model_cfg, info, *, seed: int, dtype, outputs: int | None = None) -> nnx.Module:
     """A member's backbone: the 1-D audio models of this package, else `titans.models`."""
-    from titans.ensemble import audio  # noqa: PLC0415
+    from titans.ensemble import audio
 
     kwargs = dict(model_cfg.kwargs.to_dict() if hasattr(model_cfg.kwargs, "to_dict") else model_cfg.kwargs)
     if model_cfg.name in audio.AUDIO_MODELS:

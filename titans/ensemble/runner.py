@@ -27,7 +27,6 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from titans import config as config_lib
 from titans import data as data_lib
 from titans import losses, models, parallel
 from titans import train as train_lib
@@ -334,7 +333,7 @@ def run(config, workdir: str) -> dict:
                "flops_per_example": models.flops_per_example(
                    nnx.merge(ctx.teacher.graphdef, ctx.teacher.params, ctx.teacher.model_state), ctx.info.image_shape)}
     result = {"teacher": teacher, "variants": evaluated, "test_split": e.test_split, "connect_layer": e.connect.layer,
-              "num_test": int(len(ctx.labels["test"])), "seed": int(ctx.member.seed)}
+              "num_test": len(ctx.labels["test"]), "seed": int(ctx.member.seed)}
     if train_lib.logs.is_writer():
         write_json(os.path.join(ctx.workdir, "ensemble.json"), result)
         table = summary_table(result)
