@@ -338,8 +338,18 @@ def test_resume_mid_loop_matches_an_uninterrupted_run(data_dir, tmp_path):
     # A different config in the same workdir is refused.
     other = active_config.validate(_active_config(data_dir, **{"active.strategies": "robust", "active.rounds": 3,
                                                                "active.budget_per_round": 30}))
-    with pytest.raises(loop.ResumeMismatchError):
+    with pytest.raises(loop.ResumeMismatchError, match="active.budget_per_round: 40 -> 30"):
         loop.run_strategy("robust", other, data, part_teacher, trainer, str(tmp_path / "part"), log=lambda s: None)
+
+
+def test_resume_ignores_fields_the_run_schema_gained_since():
+    fields = {"active.rounds": 3, "student.distill.temperature": 1.0}
+    meta = {"strategy": "margin", "config": dict(fields)}
+    loop._check_resume(meta, "margin", {**fields, "student.distill.new_field": "x"}, "w")
+    with pytest.raises(loop.ResumeMismatchError, match="student.distill.temperature: 1.0 -> 2.0"):
+        loop._check_resume(meta, "margin", {**fields, "student.distill.temperature": 2.0}, "w")
+    with pytest.raises(loop.ResumeMismatchError, match="strategy 'margin', not 'robust'"):
+        loop._check_resume(meta, "robust", fields, "w")
 
 
 def test_active_config_errors(data_dir):
@@ -357,3 +367,16 @@ def test_active_config_errors(data_dir):
         active_config.validate(_active_config(data_dir, **{"teacher.label_noise": 0.2}))
     with pytest.raises(config_lib.ConfigError, match="needs at least"):
         loop.load_data(active_config.validate(_active_config(data_dir, **{"active.budget_per_round": 900})))
+
+
+def test_active_fmnist_config_loads_for_both_teachers():
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "active_fmnist.py")
+    good = active_config.validate(config_lib.load_config_file(path + ":teacher=good,seed=2,strategies=margin+robust"))
+    assert good.teacher.workdir.endswith("seed2/teacher") and good.active.strategies == "margin,robust"
+    bad = active_config.validate(config_lib.load_config_file(path + ":teacher=imperfect,noise=0.4"))
+    assert bad.teacher.label_noise == 0.4 and bad.teacher.train.dataset.train_split == "train[:5%]"
+    assert bad.teacher.workdir == "{workdir}/teacher"
+    with pytest.raises(ValueError, match="Unknown argument 'seeds'"):
+        config_lib.load_config_file(path + ":seeds=1")
+    with pytest.raises(ValueError, match="teacher='best'"):
+        config_lib.load_config_file(path + ":teacher=best")

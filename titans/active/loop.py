@@ -265,10 +265,29 @@ class RoundCheckpoints:
         self.manager.close()
 
 
-def _fingerprint(config) -> str:
-    c = config.to_dict()
-    c["active"] = {k: v for k, v in c["active"].items() if k not in ("strategies", "predict_batch_size")}
-    return config_lib.fingerprint(c)
+def _resume_fields(config) -> dict:
+    """The config fields a strategy's rounds depend on, flat and JSON-normalised (tuples -> lists)."""
+    flat = config_lib._flat_keys(config)
+    for k in ("active.strategies", "active.predict_batch_size"):
+        flat.pop(k, None)
+    return json.loads(json.dumps({k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in flat.items()},
+                                 default=list))
+
+
+def _check_resume(meta: dict, strategy: str, fields: dict, workdir: str) -> None:
+    """Refuses a workdir of another strategy or of a config that differs in a field both define.
+
+    Fields present on one side only (the shared run schema gained or lost a field since) do not
+    change what was computed and are not compared.
+    """
+    if meta["strategy"] != strategy:
+        raise ResumeMismatchError(f"{workdir} holds rounds of strategy {meta['strategy']!r}, not {strategy!r}.")
+    old = meta["config"]
+    diff = sorted(k for k in old.keys() & fields.keys() if old[k] != fields[k])
+    if diff:
+        shown = ", ".join(f"{k}: {old[k]!r} -> {fields[k]!r}" for k in diff[:5])
+        raise ResumeMismatchError(f"{workdir} holds rounds of a run with another config ({shown}); "
+                                  f"use a fresh workdir.")
 
 
 def run_strategy(strategy: str, config, data: Data, teacher_predict, trainer: StudentTrainer, workdir: str, *,
@@ -283,16 +302,13 @@ def run_strategy(strategy: str, config, data: Data, teacher_predict, trainer: St
     n_lab = len(data.labelled[1])
     os.makedirs(workdir, exist_ok=True)
     meta_path = os.path.join(workdir, "meta.json")
-    fp = _fingerprint(config)
+    fields = _resume_fields(config)
     if os.path.exists(meta_path):
         with open(meta_path) as f:
-            old = json.load(f)
-        if old["fingerprint"] != fp or old["strategy"] != strategy:
-            raise ResumeMismatchError(f"{workdir} holds rounds of a different run ({old['strategy']}, config "
-                                      f"{old['fingerprint']} vs {fp}); use a fresh workdir.")
+            _check_resume(json.load(f), strategy, fields, workdir)
     else:
         with open(meta_path, "w") as f:
-            json.dump({"fingerprint": fp, "strategy": strategy}, f)
+            json.dump({"strategy": strategy, "config": fields}, f, indent=1)
 
     pure_params, pure_rest, params_like, rest_like = trainer.abstract_variables()
     nan = np.full(rounds + 1, np.nan, np.float32)
