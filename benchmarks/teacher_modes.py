@@ -179,8 +179,6 @@ def main(argv=None):
             modes[name]["times"].append(segment(name, args.steps))
     load_after = os.getloadavg()
     stats = {n: dict(pools[n].stats) for n in sizes}
-    for pool in pools.values():
-        pool.close()
 
     n_ex = args.steps * args.batch_size
     result = {"command": command, "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()}), "
@@ -214,7 +212,11 @@ def main(argv=None):
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
-        print(f"\nwrote {args.out}")
+        print(f"\nwrote {args.out}", flush=True)
+    for pool in pools.values():
+        pool.close()
+    import ray
+    ray.shutdown()
     return result
 
 

@@ -109,7 +109,10 @@ def connect(address: str = "", *, num_cpus: int | None = None, num_gpus: int | N
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=False)
         return False
-    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+    # address="local": always a new cluster. Without it, ray.init() joins any Ray already running on the
+    # machine (it looks for a GCS process), and dies with it when that cluster's owner exits.
+    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+             _node_ip_address="127.0.0.1",
              runtime_env=env, log_to_driver=False, configure_logging=False,
              _temp_dir=tempfile.mkdtemp(prefix="titans-ray-", dir="/tmp"))
     return True
@@ -172,6 +175,8 @@ class TeacherPool:
         # Ray's completion callbacks only post here; the pool's own thread does the work (calling Ray
         # from inside a callback, on Ray's I/O thread, can deadlock).
         self._inbox: queue.Queue = queue.Queue()
+        self._pending_lock = threading.Condition()
+        self._callbacks_pending = 0
         with self._lock:
             self._scale()
         self._monitor = threading.Thread(target=self._watch, name="titans-teacher-pool", daemon=True)
@@ -269,6 +274,23 @@ class TeacherPool:
                 self._ray.kill(w.handle)
             except Exception:  # already gone
                 pass
+        self._monitor.join(timeout=10)
+        # Let every answer still on its way arrive (killed workers answer at once, with an error), then
+        # drop every Ray reference we hold: a reference released after ray.shutdown() makes Ray end the
+        # whole process.
+        with self._pending_lock:
+            self._pending_lock.wait_for(lambda: self._callbacks_pending == 0, timeout=30)
+        with self._lock:
+            self._tasks.clear()
+            self._images.clear()
+            self._results.clear()
+            self._errors.clear()
+            self._ctor = None
+        while not self._inbox.empty():
+            self._inbox.get_nowait()
+        workers = w = None  # noqa: F841  (drop the actor handles before shutdown)
+        import gc
+        gc.collect()
         if self._owns_ray:
             self._ray.shutdown()
 
@@ -313,7 +335,20 @@ class TeacherPool:
         self._workers[name] = w
         self.stats["workers_started"] += 1
         self._event(f"starting {name}")
-        handle.ready.remote().future().add_done_callback(lambda fut: self._inbox.put((self._on_ready, name, fut)))
+        self._when_done(handle.ready.remote(), self._on_ready, name)
+
+    def _when_done(self, ref, handler, key) -> None:
+        """Posts (handler, key, future) to the pool's thread when `ref` resolves; counts what is pending."""
+        with self._pending_lock:
+            self._callbacks_pending += 1
+
+        def posted(fut):
+            self._inbox.put((handler, key, fut))
+            with self._pending_lock:
+                self._callbacks_pending -= 1
+                self._pending_lock.notify_all()
+
+        ref.future().add_done_callback(posted)
 
     def _on_ready(self, name: str, fut) -> None:
         with self._cv:
@@ -361,7 +396,7 @@ class TeacherPool:
             ref = w.handle.infer.remote(self._images[seq])
             self._tasks[ref] = (seq, w.name, time.monotonic())
             w.busy.add(seq)
-            ref.future().add_done_callback(lambda fut, ref=ref: self._inbox.put((self._on_done, ref, fut)))
+            self._when_done(ref, self._on_done, ref)
 
     def _on_done(self, ref, fut) -> None:
         with self._cv:
