@@ -12,7 +12,7 @@ plus every soft label bought (KL to the teacher, T=1) and tested on the 10,000 t
 
 Teachers (arg `teacher`):
   good       the CNN of configs/titans_fmnist.py trained on train[:90%] (about 91.4% test), read from
-             /work/runs/titans_fmnist/seed{seed}/teacher (override with teacher_dir=PATH);
+             workdirs/titans_fmnist/seed{seed}/teacher (override with teacher_dir=PATH);
   imperfect  the same CNN trained here (WORKDIR/teacher) on train[:5%] (3,000 images) for 300 steps
              with 30% of its labels moved to a wrong class (about 80% test accuracy); like the good
              teacher, it is wrong about twice as often on the points that margin selection buys
@@ -78,7 +78,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.student.distill.temperature = 1.0
 
     if a["teacher"] == "good":
-        c.teacher.workdir = a["teacher_dir"] or f"/work/runs/titans_fmnist/seed{seed}/teacher"
+        c.teacher.workdir = a["teacher_dir"] or f"workdirs/titans_fmnist/seed{seed}/teacher"
     elif a["teacher"] == "imperfect":
         t = load_config_file(os.path.join(_HERE, "fmnist_teacher.py") + ":3")
         t.name = "imperfect_teacher"

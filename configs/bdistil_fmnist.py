@@ -5,7 +5,7 @@
 With an existing teacher run (trained on train[:90%], e.g. configs/titans_fmnist.py's), skip the
 teacher stage:
 
-    python -m titans.main --config=configs/bdistil_fmnist.py:seed=0,teacher=/work/runs/titans_fmnist/seed0/teacher \
+    python -m titans.main --config=configs/bdistil_fmnist.py:seed=0,teacher=workdirs/titans_fmnist/seed0/teacher \
         --workdir=workdirs/bdistil_fmnist/seed0
 
 The teacher (conv 32-64, dense 128; 3 epochs) trains on train[:90%]. Then, in WORKDIR:

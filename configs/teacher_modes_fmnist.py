@@ -8,12 +8,12 @@ student: cnn 8-16/32 (0.61 MFLOPs/example, 13x cheaper), Hinton KD (T=4, alpha=0
     # cache mode needs the cache first (resumable; ~1 min on 2 CPU cores):
     python -m titans.teachers.cache --config=configs/teacher_modes_fmnist.py:mode=cache,seed=0
     python -m titans.main --config=configs/teacher_modes_fmnist.py:mode=cache,seed=0 \
-        --workdir=/work/runs/teacher_modes/cache/seed0
+        --workdir=workdirs/teacher_modes/cache/seed0
     # likewise mode=online and mode=service (a local Ray with 1-2 teacher workers)
 
 arg: comma-separated key=value: mode (online | cache | service), seed (0), epochs (1),
-teacher_root (/work/runs/titans_fmnist: the teacher is TEACHER_ROOT/seed{seed}/teacher),
-cache_root (/work/runs/teacher_modes/caches: the cache is CACHE_ROOT/seed{seed}).
+teacher_root (workdirs/titans_fmnist: the teacher is TEACHER_ROOT/seed{seed}/teacher),
+cache_root (workdirs/teacher_modes/caches: the cache is CACHE_ROOT/seed{seed}).
 Runtime on a shared 2-core CPU: 2-4 minutes a run. Results (3 seeds): docs/results/teacher_modes.md.
 """
 
@@ -27,8 +27,8 @@ _HERE = os.path.dirname(__file__)
 
 
 def _args(arg: str) -> dict:
-    out = dict(mode="online", seed="0", epochs="1", teacher_root="/work/runs/titans_fmnist",
-               cache_root="/work/runs/teacher_modes/caches")
+    out = dict(mode="online", seed="0", epochs="1", teacher_root="workdirs/titans_fmnist",
+               cache_root="workdirs/teacher_modes/caches")
     for part in filter(None, arg.split(",")):
         key, _, value = part.partition("=")
         if key not in out:

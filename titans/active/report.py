@@ -1,7 +1,7 @@
 """Aggregates active.json files over seeds: accuracy vs queries, mean ± sd, as Markdown and a plot.
 
-    python -m titans.active.report --runs 'good=/work/runs/active_fmnist/good/seed*' \
-        --runs 'imperfect=/work/runs/active_fmnist/imperfect/seed*' --plot active_fmnist.png
+    python -m titans.active.report --runs 'good=workdirs/active_fmnist/good/seed*' \
+        --runs 'imperfect=workdirs/active_fmnist/imperfect/seed*' --plot active_fmnist.png
 
 Each `--runs LABEL=GLOB` is one setting (e.g. one teacher); its runs must share budgets.
 """
