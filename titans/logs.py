@@ -50,6 +50,15 @@ def _plain(v):
     return v.item() if hasattr(v, "item") else v
 
 
+def progress_bar(label: str, done: int, total: int, t0: float) -> None:
+    """Redraws a one-line progress bar with elapsed time and ETA on stderr (`t0`: perf_counter at start)."""
+    frac = done / max(total, 1)
+    elapsed = time.perf_counter() - t0
+    eta = elapsed / frac - elapsed if frac > 0 else 0.0
+    print(f"\r{label} [{'#' * int(30 * frac):<30}] {done}/{total} {elapsed:.0f}s ETA {eta:.0f}s", end="",
+          file=sys.stderr, flush=True)
+
+
 def format_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"

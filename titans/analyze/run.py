@@ -13,8 +13,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -52,34 +50,6 @@ def analyze_path(workdir: str, *, split: str | None = None, step: int = -1, hard
         return out
     raise AnalysisError(f"{workdir} is not a Titans run (no config.json) nor a pipeline (no summary.json with "
                         "stage directories); point at a directory that `python -m titans.main` wrote.")
-
-
-def _logits(model, images, mesh, batch_size, desc):
-    """Logits (N, K) float32 of a frozen model over uint8 images, with a progress bar on stderr."""
-    apply = jax.jit(lambda m, x: m.apply(x).astype(jnp.float32))
-    model = parallel.replicate(model, mesh)
-    n_dev = mesh.devices.size
-    bs = -(-batch_size // n_dev) * n_dev
-    outs, t0 = [], time.perf_counter()
-    for start in range(0, len(images), bs):
-        chunk = images[start:start + bs]
-        n = len(chunk)
-        if n < bs:
-            chunk = np.concatenate([chunk, np.repeat(chunk[:1], bs - n, axis=0)])
-        logits = apply(model, parallel.to_global({"x": chunk}, mesh)["x"])
-        outs.append(np.asarray(jax.device_get(logits))[:n])
-        done = start + n
-        _bar(desc, done, len(images), t0)
-    print(file=sys.stderr)
-    return np.concatenate(outs)
-
-
-def _bar(desc, done, total, t0):
-    frac = done / max(total, 1)
-    elapsed = time.perf_counter() - t0
-    eta = elapsed / frac - elapsed if frac > 0 else 0.0
-    print(f"\r{desc} [{'#' * int(30 * frac):<30}] {done}/{total} {elapsed:.0f}s ETA {eta:.0f}s", end="",
-          file=sys.stderr, flush=True)
 
 
 def evaluate_logits(logits, labels, num_classes: int, ece_bins: int = 15) -> dict:
@@ -122,17 +92,21 @@ def analyze_run(workdir: str, *, split: str | None = None, step: int = -1, harde
         known = ", ".join(info.splits)
         raise AnalysisError(f"split {split!r} of {info.name} cannot be read ({type(e).__name__}: {e}); "
                             f"its splits are {known} (slices like 'train[90%:]' work too)") from None
-    from titans.cascade.evaluate import NormalizedModel, split_arrays  # noqa: PLC0415
+    from titans.cascade.evaluate import NormalizedModel, predict, split_arrays  # noqa: PLC0415
+    from titans.cascade.runner import round_up  # noqa: PLC0415
     images, labels = split_arrays(src, info)
     mesh = parallel.make_mesh()
+    batch_size = round_up(batch_size, mesh.devices.size)
     C = info.num_classes
-    logits = _logits(NormalizedModel.of(model, info), images, mesh, batch_size, f"[analyze] {cfg.name} on {split}")
+    logits = predict(NormalizedModel.of(model, info), images, mesh=mesh, batch_size=batch_size,
+                     progress=f"[analyze] {cfg.name} on {split}")
     metrics = {"workdir": workdir, "name": cfg.name, "model": cfg.model.name, "dataset": info.name, "split": split,
                "step": used_step, **evaluate_logits(logits, labels, C, cfg.get("ece_bins", 15))}
     teacher_logits = None
     if cfg.distill.teacher_workdir:
         teacher, _ = train.load_teacher(cfg.distill.teacher_workdir, info, dtype=jnp.float32)
-        teacher_logits = _logits(NormalizedModel.of(teacher, info), images, mesh, batch_size, "[analyze] teacher")
+        teacher_logits = predict(NormalizedModel.of(teacher, info), images, mesh=mesh, batch_size=batch_size,
+                                 progress="[analyze] teacher")
         t_pred, s_pred = teacher_logits.argmax(-1), logits[:, :C].argmax(-1)
         agree = t_pred == s_pred
         metrics["teacher"] = {"workdir": cfg.distill.teacher_workdir,

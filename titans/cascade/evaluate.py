@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 import time
 
 import flax
@@ -29,11 +30,11 @@ import numpy as np
 from flax import nnx
 
 from titans import data as data_lib
-from titans import models, parallel, train
+from titans import logs, models, parallel, train
 from titans.cascade import cost as cost_lib
 from titans.cascade import gates as gates_lib
 from titans.cascade import curves as curves_lib
-from titans.cascade.runner import CascadeRunner
+from titans.cascade.runner import CascadeRunner, round_up
 
 
 @flax.struct.dataclass
@@ -214,19 +215,23 @@ def _evaluate_gate(gate_name, student, teacher, s_val, s_test, data, C, s_entry,
     return result
 
 
-def round_up(n: int, m: int) -> int:
-    return -(-int(n) // int(m)) * int(m)
+def predict(model: NormalizedModel, images, *, mesh, batch_size, progress: str = "") -> np.ndarray:
+    """Logits (N, K) in float32, batch by batch on the mesh (the last batch padded, padding dropped).
 
-
-def predict(model: NormalizedModel, images, *, mesh, batch_size) -> np.ndarray:
-    """Logits (N, K) in float32, batch by batch on the mesh (the last batch padded, padding dropped)."""
+    `batch_size` must be a multiple of the mesh's devices. With `progress`, a bar with that label
+    and an ETA is drawn on stderr.
+    """
     model = parallel.replicate(model, mesh)
     apply = jitted_apply()
-    outs = []
+    outs, t0 = [], time.perf_counter()
     for start in range(0, len(images), batch_size):
         chunk = _pad(images[start:start + batch_size], batch_size)
         logits = apply(model, parallel.to_global({"x": chunk}, mesh)["x"])
         outs.append(np.asarray(jax.device_get(logits))[:min(batch_size, len(images) - start)])
+        if progress:
+            logs.progress_bar(progress, start + len(outs[-1]), len(images), t0)
+    if progress:
+        print(file=sys.stderr)
     return np.concatenate(outs)
 
 

@@ -42,7 +42,7 @@ def run_cascade(stage_dirs, gate_name: str, rates, val_split: str, split: str, b
     from titans import data as data_lib
     from titans import parallel, train
     from titans.cascade import curves, evaluate, gates
-    from titans.cascade.runner import CascadeRunner
+    from titans.cascade.runner import CascadeRunner, round_up
 
     k = len(stage_dirs)
     if k < 2:
@@ -61,7 +61,7 @@ def run_cascade(stage_dirs, gate_name: str, rates, val_split: str, split: str, b
     stages = [evaluate.NormalizedModel.of(m, info) for m, *_ in loaded]
     gate = gates.get_gate(gate_name, num_classes=C)
     mesh = parallel.make_mesh()
-    batch_size = evaluate.round_up(batch_size, mesh.devices.size)
+    batch_size = round_up(batch_size, mesh.devices.size)
 
     # Thresholds on validation: stage i sees the examples every earlier stage deferred.
     val_x, _ = evaluate.split_arrays(data_lib.get_source(info.name, val_split, data_dir=data_dir), info)

@@ -57,7 +57,7 @@ class CascadeOutput(NamedTuple):
 
 def pow2_capacities(batch_size: int, multiple: int = 1) -> tuple[int, ...]:
     """``(B/8, B/4, B/2, B)``, each rounded up to a multiple of ``multiple`` (the device count)."""
-    caps = {_round_up(max(1, math.ceil(batch_size / d)), multiple) for d in (8, 4, 2, 1)}
+    caps = {round_up(max(1, math.ceil(batch_size / d)), multiple) for d in (8, 4, 2, 1)}
     return tuple(sorted(caps))
 
 
@@ -70,10 +70,10 @@ def capacity_ladder(batch_size: int, multiple: int = 8, max_waste: float = 0.125
     """
     if multiple < 1 or max_waste < 0:
         raise ValueError("multiple must be >= 1 and max_waste >= 0")
-    top = _round_up(batch_size, multiple)
+    top = round_up(batch_size, multiple)
     caps = [multiple]
     while caps[-1] < top:
-        caps.append(min(top, max(caps[-1] + multiple, _round_up(math.floor(caps[-1] * (1 + max_waste)), multiple))))
+        caps.append(min(top, max(caps[-1] + multiple, round_up(math.floor(caps[-1] * (1 + max_waste)), multiple))))
     return tuple(caps)
 
 
@@ -93,7 +93,8 @@ def plan_buffers(count: int, capacities: Sequence[int]) -> list[tuple[int, int]]
     return plan
 
 
-def _round_up(n: int, m: int) -> int:
+def round_up(n: int, m: int) -> int:
+    """`n` rounded up to a multiple of `m`."""
     return -(-int(n) // int(m)) * int(m)
 
 
@@ -198,7 +199,7 @@ class CascadeRunner:
         if bad:
             raise ValueError(f"capacities {bad} are not multiples of the {self.num_devices} devices of the mesh; "
                              f"each buffer is split evenly over the devices (try "
-                             f"{sorted({_round_up(c, self.num_devices) for c in caps})})")
+                             f"{sorted({round_up(c, self.num_devices) for c in caps})})")
         return tuple(sorted(set(caps)))
 
     def capacities_for(self, batch_size: int) -> tuple[int, ...]:
