@@ -11,6 +11,7 @@ import pytest
 from scipy.optimize import linprog
 
 from helpers import digits_config
+from titans import checkpoint
 from titans import config as config_lib
 from titans.active import config as active_config
 from titans.active import loop, selection, teachers
@@ -279,7 +280,7 @@ def _rows(images):
 def test_loop_counts_queries_and_runs_teacher_only_on_bought_points(data_dir, tmp_path):
     cfg = _active_config(data_dir)
     fake = _FakeTeacher()
-    out = loop.run(cfg, str(tmp_path / "run"), teacher_predict=fake, log=lambda s: None)
+    out = loop.run_active(cfg, str(tmp_path / "run"), teacher_predict=fake, log=lambda s: None)
     data = loop.load_data(active_config.validate(cfg))
     for name, r in out["strategies"].items():
         assert r["pool_queries"] == 80 and r["queries"] == [0, 40, 80]
@@ -291,7 +292,7 @@ def test_loop_counts_queries_and_runs_teacher_only_on_bought_points(data_dir, tm
     # Every pool row the teacher saw was bought: compare against the bought indices on disk.
     bought_rows = set()
     for name in out["strategies"]:
-        ck = loop.RoundCheckpoints(str(tmp_path / "run" / name / "rounds"))
+        ck = checkpoint.TreeCheckpoints(str(tmp_path / "run" / name / "rounds"))
         step = ck.latest()
         tree = ck.manager.restore(step)
         ck.close()

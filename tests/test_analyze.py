@@ -14,7 +14,7 @@ import pytest
 
 from helpers import REPO, digits_config
 from titans import checkpoint as ckpt_lib
-from titans import data, train
+from titans import data, runs, train
 from titans.analyze import (AnalysisError, analyze_path, analyze_run, compare_runs, diff_checkpoints,
                             inspect_checkpoint, register_section)
 from titans.analyze import sections as sections_lib
@@ -50,11 +50,11 @@ def _np_ece(logits, labels, bins=15):
 def test_analysis_equals_a_direct_evaluation(runs):
     w = runs["student"]
     m = analyze_run(w, hardest=8)
-    model, cfg, info, _ = train.load_run_model(w)
+    model, cfg, info, _ = runs.load_model(w)
     src = data.get_source(info.name, "test", data_dir=cfg.dataset.data_dir)
-    logits, labels = train.predict_logits(model, src, info, batch_size=64)
-    teacher, _, _, _ = train.load_run_model(runs[(0.1, 0)])
-    t_logits, _ = train.predict_logits(teacher, src, info, batch_size=64)
+    logits, labels = runs.predict_split(runs.logits_fn, model, src, info, batch_size=64)
+    teacher, _, _, _ = runs.load_model(runs[(0.1, 0)])
+    t_logits, _ = runs.predict_split(runs.logits_fn, teacher, src, info, batch_size=64)
     pred, t_pred = logits.argmax(-1), t_logits.argmax(-1)
     assert m["num_examples"] == len(labels) == 360
     assert m["accuracy"] == pytest.approx(np.mean(pred == labels), abs=1e-9)
@@ -120,7 +120,7 @@ def test_inspect_without_data_and_diff(runs, tmp_path):
     json.dump(cfg, open(os.path.join(w, "config.json"), "w"))
     info = inspect_checkpoint(w)
     assert info["steps"] == [20, 40] and info["step"] == 40
-    model, _, _, _ = train.load_run_model(w)
+    model, _, _, _ = runs.load_model(w)
     leaves = [np.asarray(x) for x in jax.tree.leaves(model.params)]
     assert info["param_count"] == sum(x.size for x in leaves) == sum(r["params"] for r in info["layers"])
     assert sorted(r["l2_norm"] for r in info["layers"]) == pytest.approx(sorted(np.linalg.norm(x) for x in leaves))

@@ -20,7 +20,7 @@ from flax import nnx
 
 from titans import cascade, models, parallel
 from titans.cascade import runner as runner_lib
-from titans.train import Teacher
+from titans.runs import FrozenModel as Teacher
 
 from helpers import REPO, digits_config
 
@@ -410,7 +410,7 @@ def test_runner_argument_errors(nets):
 def digits_cascade(data_dir, tmp_path_factory):
     import ml_collections
 
-    from titans import pipeline
+    from titans import experiment
 
     workdir = str(tmp_path_factory.mktemp("cascade"))
     c = ml_collections.ConfigDict()
@@ -427,7 +427,7 @@ def digits_cascade(data_dir, tmp_path_factory):
         teacher="teacher", students=("tiny", "tiny_defer"), val_split="train[80%:]", test_split="test",
         gates=("msp", "defer_output", "learned"), num_thresholds=21, batch_size=60,
         target_deferral_rates=(0.2, 0.5)))
-    return workdir, pipeline.run(c, workdir)
+    return workdir, experiment.run_experiment(c, workdir)
 
 
 def test_cascade_evaluation_outputs(digits_cascade):
@@ -467,7 +467,7 @@ def test_cascade_cli_three_stages(digits_cascade, tmp_path):
     stages = ",".join(os.path.join(workdir, n) for n in ("tiny", "tiny_defer", "teacher"))
     out_file = tmp_path / "run.json"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "titans.cascade.run", f"--stages={stages}", "--rates=0.5,0.5",
+    proc = subprocess.run([sys.executable, "-m", "titans.cascade.apply", f"--stages={stages}", "--rates=0.5,0.5",
                            "--val_split=train[80%:]", "--batch_size=64", f"--out={out_file}"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -479,6 +479,6 @@ def test_cascade_cli_three_stages(digits_cascade, tmp_path):
     flops = res["flops_per_example"]
     assert res["amortized_flops_per_example"] < flops[0] + flops[1] + flops[2]
     # Bad input: a wrong number of rates is named.
-    bad = subprocess.run([sys.executable, "-m", "titans.cascade.run", f"--stages={stages}", "--rates=0.5"],
+    bad = subprocess.run([sys.executable, "-m", "titans.cascade.apply", f"--stages={stages}", "--rates=0.5"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "3 stages need 2 --rates" in bad.stderr

@@ -67,14 +67,14 @@ def test_cascade_configs_validate_and_name_real_models(spec):
     import jax.numpy as jnp
     from flax import nnx
 
-    from titans import data, train
+    from titans import data, models, runs
     c = config_lib.validate(config_lib.load_config_file(os.path.join(REPO, "configs", spec)))
     assert c.stage_order[0] == "teacher" and set(c.cascade.students) == set(c.stage_order[1:])
     for name in c.stage_order:
         stage = config_lib.validate(c.stages[name])
         info = data.dataset_info(stage.dataset.name)
-        outputs = train.num_outputs(stage, info)
-        model = nnx.eval_shape(lambda: train.build_model(stage.model, info, seed=0, dtype=jnp.float32,
+        outputs = runs.num_outputs(stage, info)
+        model = nnx.eval_shape(lambda: models.build_model(stage.model, info, seed=0, dtype=jnp.float32,
                                                          outputs=outputs))
         assert model.num_classes == info.num_classes + (stage.distill.objective == "defer")
     with pytest.raises(ValueError, match="Unknown argument 'seeds'"):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from helpers import REPO, digits_config
-from titans import train
+from titans import runs, train
 
 WORKER = os.path.join(REPO, "tests", "multiprocess_worker.py")
 pytestmark = pytest.mark.slow
@@ -60,7 +60,7 @@ def _result(stdout):
 
 
 def _params(workdir):
-    model, _, _, step = train.load_run_model(workdir)
+    model, _, _, step = runs.load_model(workdir)
     return step, [np.asarray(x) for x in jax.tree.leaves(model.params)]
 
 

@@ -18,7 +18,7 @@ from flax import nnx
 
 from titans import checkpoint as ckpt_lib
 from titans import config as config_lib
-from titans import data, teachers, train
+from titans import data, models, runs, teachers, train
 from titans.teachers import cache as cache_lib
 from titans.teachers import service
 
@@ -38,7 +38,7 @@ def teacher_dir(data_dir, tmp_path_factory):
 def online(teacher_dir):
     """The online teacher's forward, exactly as the train step computes it (float32 on CPU)."""
     info = data.dataset_info("digits")
-    teacher, _ = train.load_teacher(teacher_dir, info, dtype=jnp.float32)
+    teacher, _ = runs.load_teacher(teacher_dir, info, dtype=jnp.float32)
     apply = jax.jit(lambda t, x: t.apply(data.normalize(x, info, jnp.float32)).astype(jnp.float32))
     return lambda images: np.asarray(apply(teacher, np.asarray(images)))
 
@@ -227,7 +227,7 @@ def _final_params(workdir):
     with open(os.path.join(workdir, "config.json")) as f:
         import ml_collections
         cfg = ml_collections.ConfigDict(json.load(f))
-    _, params, rest = nnx.split(train.build_model(cfg.model, data.dataset_info(cfg.dataset.name), seed=0,
+    _, params, rest = nnx.split(models.build_model(cfg.model, data.dataset_info(cfg.dataset.name), seed=0,
                                                   dtype=jnp.float32), nnx.Param, ...)
     return ck.restore_model(ck.latest_step(), {"params": nnx.to_pure_dict(params), "rest": nnx.to_pure_dict(rest)})
 

@@ -16,7 +16,7 @@ from flax import nnx
 
 from titans import checkpoint as ckpt_lib
 from titans import config as config_lib
-from titans import data, parallel, train
+from titans import data, models, parallel, runs, train
 
 from helpers import REPO, digits_config
 
@@ -24,14 +24,11 @@ from helpers import REPO, digits_config
 def _step_on(devices, config, info, batch):
     """One train step of a BatchNorm CNN on a mesh over `devices`; returns the new params."""
     mesh = parallel.make_mesh(devices)
-    model = train.build_model(config.model, info, seed=0, dtype=jnp.float32)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    model = models.build_model(config.model, info, seed=0, dtype=jnp.float32)
     tx, schedule = train.make_optimizer(config, 10, 1000)
-    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=rest,
-                             opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(0)),
-                             nonfinite_step=jnp.full((), -1, jnp.int32))
+    graphdef, state = train.TrainState.create(model, tx)
     state = parallel.replicate(state, mesh)
-    step = jax.jit(train.make_train_step(graphdef, tx, train.make_loss_fn(config), info, jnp.float32, schedule))
+    step = jax.jit(train.make_train_step(graphdef, tx, train.resolve(None, config), info, jnp.float32, schedule))
     new_state, metrics = step(state, parallel.to_global(batch, mesh), None)
     assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(new_state.params))
     return jax.device_get(nnx.to_pure_dict(new_state.params)), jax.device_get(nnx.to_pure_dict(new_state.model_state))
@@ -51,7 +48,7 @@ def test_eight_devices_equal_one_device(data_dir):
     for a, b in zip(jax.tree.leaves(p8) + jax.tree.leaves(s8), jax.tree.leaves(p1) + jax.tree.leaves(s1)):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
     # The step really moved the parameters (otherwise equality would prove nothing).
-    p0 = nnx.to_pure_dict(nnx.split(train.build_model(config.model, info, seed=0, dtype=jnp.float32),
+    p0 = nnx.to_pure_dict(nnx.split(models.build_model(config.model, info, seed=0, dtype=jnp.float32),
                                     nnx.Param, ...)[1])
     assert max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p0))) > 1e-3
 
@@ -90,7 +87,7 @@ def test_distillation_freezes_and_does_not_save_teacher(teacher_run, data_dir, t
     assert _tree_digest(os.path.join(teacher_dir, "checkpoints")) == before
     # The student's checkpoint holds the student's variables only.
     info = data.dataset_info("digits")
-    student = train.build_model(c.model, info, seed=0, dtype=jnp.float32)
+    student = models.build_model(c.model, info, seed=0, dtype=jnp.float32)
     _, params, rest = nnx.split(student, nnx.Param, ...)
     like = {"params": nnx.to_pure_dict(params), "rest": nnx.to_pure_dict(rest)}
     saved = ckpt_lib.Checkpointer(str(tmp_path), read_only=True)
@@ -112,7 +109,7 @@ def _final_params(workdir):
     ck = ckpt_lib.Checkpointer(workdir, read_only=True)
     cfg = ml_collections.ConfigDict(json.load(open(os.path.join(workdir, "config.json"))))
     info = data.dataset_info(cfg.dataset.name)
-    _, params, rest = nnx.split(train.build_model(cfg.model, info, seed=0, dtype=jnp.float32), nnx.Param, ...)
+    _, params, rest = nnx.split(models.build_model(cfg.model, info, seed=0, dtype=jnp.float32), nnx.Param, ...)
     return ck.latest_step(), ck.restore_model(ck.latest_step(), {"params": nnx.to_pure_dict(params),
                                                                    "rest": nnx.to_pure_dict(rest)})
 
@@ -211,7 +208,7 @@ def test_corrupt_checkpoint_refused_and_untouched(data_dir, tmp_path):
 def test_teacher_with_other_input_shape_refused(teacher_run, data_dir, tmp_path):
     c = config_lib.load_config_file(os.path.join(REPO, "configs", "fmnist_student.py") + ":" + teacher_run[0])
     c.dataset.data_dir = data_dir
-    with pytest.raises(train.TeacherMismatchError, match="digits.*fashion_mnist|fashion_mnist.*digits"):
+    with pytest.raises(runs.TeacherMismatchError, match="digits.*fashion_mnist|fashion_mnist.*digits"):
         train.train_and_evaluate(c, str(tmp_path))
 
 
@@ -223,18 +220,18 @@ def test_missing_dataset_names_prepare_command(tmp_path):
 
 
 def test_pipeline_runs_stages_and_skips_finished(data_dir, tmp_path, capsys):
-    from titans import pipeline
+    from titans import experiment
     c = ml_collections.ConfigDict()
     c.stage_order = ("teacher", "student")
     c.stages = ml_collections.ConfigDict()
     c.stages.teacher = digits_config(data_dir, total_steps=30)
     c.stages.student = digits_config(data_dir, total_steps=20)
     c.stages.student.distill.teacher_workdir = "@teacher"
-    out = pipeline.run(c, str(tmp_path))
+    out = experiment.run_experiment(c, str(tmp_path))
     assert set(out["stages"]) == {"teacher", "student"}
     table = open(tmp_path / "summary.md").read()
     assert "| teacher |" in table and "| student |" in table
-    out2 = pipeline.run(c, str(tmp_path))
+    out2 = experiment.run_experiment(c, str(tmp_path))
     assert "already finished" in capsys.readouterr().out
     assert out2["stages"]["student"]["accuracy"] == out["stages"]["student"]["accuracy"]
 
@@ -262,10 +259,10 @@ def test_objective_without_teacher_is_refused(data_dir, tmp_path):
 
 def test_load_run_model_and_predict_match_results(teacher_run, data_dir):
     workdir, result = teacher_run
-    model, cfg, info, step = train.load_run_model(workdir)
+    model, cfg, info, step = runs.load_model(workdir)
     assert step == 150 and cfg.model.name == "mlp"
     src = data.get_source("digits", "test", data_dir=data_dir)
-    logits, labels = train.predict_logits(model, src, info, batch_size=64)
+    logits, labels = runs.predict_split(runs.logits_fn, model, src, info, batch_size=64)
     assert logits.shape == (len(src), 10) and len(labels) == len(src)
     assert float(np.mean(logits.argmax(-1) == labels)) == pytest.approx(result["accuracy"], abs=1e-9)
 
@@ -274,5 +271,5 @@ def test_teacher_with_other_classes_refused(teacher_run):
     # Every offline dataset has 10 classes, so the student's data is described with 100 here.
     import dataclasses
     info = dataclasses.replace(data.dataset_info("digits"), num_classes=100, name="digits100")
-    with pytest.raises(train.TeacherMismatchError, match=r"10 classes.*'digits100' has 100 classes"):
-        train.load_teacher(teacher_run[0], info, dtype=jnp.float32)
+    with pytest.raises(runs.TeacherMismatchError, match=r"10 classes.*'digits100' has 100 classes"):
+        runs.load_teacher(teacher_run[0], info, dtype=jnp.float32)

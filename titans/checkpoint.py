@@ -18,7 +18,6 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -170,6 +169,28 @@ def describe(workdir: str) -> dict:
     return {"steps": steps, "meta": ckpt.read_meta(steps[-1]) if steps else None}
 
 
-def tree_allclose(a, b, atol: float) -> bool:
-    return all(bool(jnp.allclose(x, y, atol=atol, rtol=0)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+class TreeCheckpoints:
+    """Numbered checkpoints of one pytree of fixed shapes (e.g. an active-distillation round's state).
+
+    For a method's own progress between trainer runs; a training run's state goes through
+    `Checkpointer`. Saves are synchronous: when `save` returns, the step is on disk.
+    """
+
+    def __init__(self, directory: str, keep: int = 2):
+        self.directory = directory
+        self.manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep))
+
+    def latest(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, tree: dict) -> None:
+        self.manager.save(step, args=ocp.args.StandardSave(tree))
+        self.manager.wait_until_finished()
+
+    def restore(self, step: int, like: dict) -> dict:
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+    def close(self) -> None:
+        self.manager.close()
 

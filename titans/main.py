@@ -1,6 +1,6 @@
 """Command line: `python -m titans.main --config=configs/NAME.py[:ARG] --workdir=DIR [--config.FIELD=V ...]`.
 
-Only parses flags; everything else is `titans.pipeline.run(config, workdir)`.
+Only parses flags; everything else is `titans.experiment.run_experiment(config, workdir)`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from titans import config as config_lib
+from titans import experiment
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/quickstart.py[:ARG].",
                                           lock_config=True)
@@ -39,12 +40,11 @@ def _precheck_overrides(argv: list[str]) -> None:
 def main(argv):
     del argv
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax is chatty at INFO
-    from titans import pipeline  # imports jax: after flags, so XLA_FLAGS etc. are honoured
     try:
         config = config_lib.validate(_CONFIG.value)
     except config_lib.ConfigError as e:
         sys.exit(f"error: {e}")
-    pipeline.run(config, _WORKDIR.value)
+    experiment.run_experiment(config, _WORKDIR.value)
 
 
 def cli():

@@ -13,6 +13,7 @@ import os
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
@@ -72,12 +73,10 @@ def check_processes_agree(**fingerprints: str) -> None:
     """
     if jax.process_count() == 1:
         return
-    from jax.experimental import multihost_utils
-
     names = sorted(fingerprints)
     mine = np.array([int(hashlib.sha256(str(fingerprints[k]).encode()).hexdigest()[:7], 16) for k in names],
                     np.int32)
-    everyone = np.asarray(multihost_utils.process_allgather(mine))  # (processes, len(names))
+    everyone = np.asarray(process_allgather(mine))  # (processes, len(names))
     bad = [k for j, k in enumerate(names) if len(set(everyone[:, j].tolist())) > 1]
     if bad:
         groups = {k: {int(v): [p for p in range(everyone.shape[0]) if everyone[p, j] == v]
@@ -144,5 +143,6 @@ def replicate(tree, mesh: Mesh):
     return jax.tree.map(put, tree)
 
 
-def is_main_process() -> bool:
-    return jax.process_index() == 0
+def process_allgather(x):
+    """Every process's `x`, stacked along a new leading axis (a collective: all processes call it)."""
+    return multihost_utils.process_allgather(x)

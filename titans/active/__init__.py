@@ -2,7 +2,7 @@
 
     from titans.active import selection, loop
     idx, p = selection.select_robust(key, gain, available, b, m)   # game + DepRound
-    result = loop.run(config, workdir)                              # the whole loop, resumable
+    result = loop.run_active(config, workdir)                       # the whole loop, resumable
 
 See docs/active.md.
 """

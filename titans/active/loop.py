@@ -11,14 +11,13 @@ WORKDIR/<strategy>/, round by round:
              student is trained on labels + all soft labels bought so far; it is evaluated on the
              test split.
 
-The student is trained with the trainer's own step (`train.make_train_step`) under a StudentHook
+The student is trained by the trainer's own step and `fit` loop under a Method (titans/active/student.py)
 whose loss is cross-entropy on labelled rows and the distillation loss (student.distill.loss,
-temperature) against the bought teacher logits on bought rows; its data is an in-memory subset, so
-nothing in titans/train.py changes. The pool's true labels are never used for training or
+temperature) against the bought teacher logits on bought rows; its data is an in-memory subset. The pool's true labels are never used for training or
 selection; they only give the diagnostic `teacher_error_bought` (how often the teacher was wrong on
 what was bought).
 
-Every round is checkpointed with orbax (WORKDIR/<strategy>/rounds/<r>: bought indices, bought
+Every round is checkpointed with orbax (`checkpoint.TreeCheckpoints`, WORKDIR/<strategy>/rounds/<r>: bought indices, bought
 logits, query counters, history, the student's variables), so a rerun resumes after the last
 finished round and never re-queries the teacher. Results: WORKDIR/active.json and active.png.
 """
@@ -27,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import time
 from typing import Callable
@@ -35,17 +35,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from titans import checkpoint as ckpt_lib
 from titans import config as config_lib
 from titans import data as data_lib
-from titans import losses, parallel
-from titans import train as train_lib
+from titans import parallel, runs
 from titans.active import config as active_config
 from titans.active import selection
 from titans.active import teachers as teachers_lib
+from titans.active.student import StudentTrainer
 
 
 class QueryBudgetError(RuntimeError):
@@ -137,131 +136,10 @@ def load_data(config) -> Data:
     return Data(info, (imgs[lab], labels[lab]), (imgs[val], labels[val]), imgs[pool], labels[pool], test_src)
 
 
-def _batched(fn, images: np.ndarray, batch: int):
-    """fn over `images` in fixed-size chunks (the last one padded), so it compiles once."""
-    outs = []
-    for start in range(0, len(images), batch):
-        chunk = images[start:start + batch]
-        n = len(chunk)
-        if n < batch:
-            chunk = np.concatenate([chunk, np.zeros((batch - n, *chunk.shape[1:]), chunk.dtype)])
-        outs.append(jax.tree.map(lambda x: np.asarray(x)[:n], fn(chunk)))
-    return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
-
-
-def teacher_predict_fn(teacher: train_lib.Teacher, info, batch: int) -> Callable[[np.ndarray], np.ndarray]:
-    apply = jax.jit(lambda t, x: t.apply(data_lib.normalize(x, info, jnp.float32)).astype(jnp.float32))
-    return lambda images: _batched(lambda x: apply(teacher, x), images, batch)
-
-
-class StudentTrainer:
-    """Trains a fresh student on labelled rows (cross-entropy) + bought rows (distillation) with the
-    trainer's jitted step; one compilation for all rounds (the per-row tables have a fixed size)."""
-
-    def __init__(self, student_cfg, info, capacity: int):
-        self.cfg, self.info, self.capacity = student_cfg, info, capacity
-        self.mesh = parallel.make_mesh()
-        parallel.check_batch_size(student_cfg.batch_size, self.mesh)
-        self.dtype = train_lib.compute_dtype(student_cfg.dtype)
-        model = train_lib.build_model(student_cfg.model, info, seed=0, dtype=self.dtype)
-        self.graphdef = nnx.split(model, nnx.Param, ...)[0]
-        d = student_cfg.distill
-        if d.loss not in ("kd", "hard"):
-            raise config_lib.ConfigError(f"student.distill.loss={d.loss!r}: the active loop supports 'kd' and 'hard'.")
-
-        def loss(logits, aux, teacher_logits, batch, frozen, step):
-            del aux, teacher_logits, step
-            idx = batch["index"]
-            has_label = frozen["has_label"][idx]
-            soft = frozen["soft"][idx]
-            ce = losses.cross_entropy(logits, batch["label"], student_cfg.label_smoothing)
-            if d.loss == "kd":
-                kd = losses.kd_divergence(logits, soft, d.temperature)
-            else:
-                kd = losses.hard_distillation(logits, soft)
-            return jnp.where(has_label, ce, kd), jnp.ones(idx.shape, jnp.float32)
-
-        self.hook = train_lib.StudentHook(loss=loss, needs_index=True)
-        self._steps: dict[int, tuple] = {}
-        self.eval_step = jax.jit(train_lib.make_eval_step(self.graphdef, info, self.dtype, student_cfg.ece_bins))
-
-        def predict(params, rest, images):
-            m = nnx.merge(self.graphdef, params, rest)
-            logits, acts = m(data_lib.normalize(images, info, self.dtype), train=False, capture=True)
-            return jax.nn.softmax(logits.astype(jnp.float32)), acts["features"].astype(jnp.float32)
-
-        self._predict = jax.jit(predict)
-
-    def _step_fn(self, total_steps: int, num_examples: int):
-        if total_steps not in self._steps:
-            tx, schedule = train_lib.make_optimizer(self.cfg, total_steps, num_examples)
-            step = jax.jit(train_lib.make_train_step(self.graphdef, tx, None, self.info, self.dtype, schedule,
-                                                     self.hook), donate_argnums=(0,))
-            self._steps[total_steps] = (tx, step)
-        return self._steps[total_steps]
-
-    def train(self, images, labels, has_label, soft, seed: int):
-        """Returns the student's (params, rest) after training on these rows from scratch."""
-        n, k = len(images), self.info.num_classes
-        if n > self.capacity:
-            raise ValueError(f"{n} training rows exceed the capacity {self.capacity}.")
-        total = config_lib.steps(self.cfg, n)
-        tx, step = self._step_fn(total, n)
-        frozen = {"has_label": np.zeros(self.capacity, bool), "soft": np.zeros((self.capacity, k), np.float32)}
-        frozen["has_label"][:n] = has_label
-        frozen["soft"][:n] = soft
-        frozen = parallel.replicate(jax.tree.map(jnp.asarray, frozen), self.mesh)
-        model = train_lib.build_model(self.cfg.model, self.info, seed=seed, dtype=self.dtype)
-        _, params, rest = nnx.split(model, nnx.Param, ...)
-        state = train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=rest,
-                                     opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(seed)),
-                                     nonfinite_step=jnp.full((), -1, jnp.int32))
-        state = parallel.replicate(state, self.mesh)
-        src = data_lib.ArraySource(images, labels)
-        with data_lib.TrainLoader(src, self.info, global_batch_size=self.cfg.batch_size, seed=seed,
-                                  augment=self.cfg.dataset.augment, with_index=True) as loader:
-            for _ in range(total):
-                state, _ = step(state, parallel.to_global(next(loader), self.mesh), None, frozen)
-        bad = int(jax.device_get(state.nonfinite_step))
-        if bad >= 0:
-            raise train_lib.NonFiniteLossError(f"The student's loss became NaN/inf at step {bad}; lower "
-                                               f"student.optimizer.learning_rate.")
-        return jax.device_get(state.params), jax.device_get(state.model_state)
-
-    def evaluate(self, params, rest, test_src) -> dict:
-        return train_lib.evaluate(self.eval_step, params, rest, None, test_src, self.info,
-                                  batch_size=self.cfg.eval_batch_size, mesh=self.mesh)
-
-    def predict(self, params, rest, images, batch: int):
-        """(softmax probabilities, `features` embeddings) over `images`."""
-        return _batched(lambda x: self._predict(params, rest, x), images, batch)
-
-    def abstract_variables(self):
-        model = train_lib.build_model(self.cfg.model, self.info, seed=0, dtype=self.dtype)
-        _, params, rest = nnx.split(model, nnx.Param, ...)
-        return nnx.to_pure_dict(params), nnx.to_pure_dict(rest), params, rest
-
-
-class RoundCheckpoints:
-    """One orbax checkpoint per finished round (step = round index), all with fixed shapes."""
-
-    def __init__(self, directory: str):
-        self.directory = directory
-        self.manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(max_to_keep=2))
-
-    def latest(self) -> int | None:
-        return self.manager.latest_step()
-
-    def save(self, rnd: int, tree: dict) -> None:
-        self.manager.save(rnd, args=ocp.args.StandardSave(tree))
-        self.manager.wait_until_finished()
-
-    def restore(self, rnd: int, like: dict) -> dict:
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-        return self.manager.restore(rnd, args=ocp.args.StandardRestore(abstract))
-
-    def close(self) -> None:
-        self.manager.close()
+def teacher_predict_fn(teacher: runs.FrozenModel, batch: int) -> Callable[[np.ndarray], np.ndarray]:
+    """images -> the teacher's float32 logits, through `runs.predict`."""
+    mesh = parallel.make_mesh()
+    return lambda images: runs.predict(runs.logits_fn, teacher, images, batch_size=batch, mesh=mesh)
 
 
 def _resume_fields(config) -> dict:
@@ -290,7 +168,7 @@ def _check_resume(meta: dict, strategy: str, fields: dict, workdir: str) -> None
 
 
 def run_strategy(strategy: str, config, data: Data, teacher_predict, trainer: StudentTrainer, workdir: str, *,
-                 stop_after_round: int | None = None, log: Callable[[str], None] = print) -> dict:
+                 stop_after_round: int | None = None, log: Callable[[str], None] = logging.info) -> dict:
     """Runs (or resumes) one strategy's rounds in `workdir`; returns its history.
 
     `stop_after_round` ends the call after that round is checkpointed (for tests of resuming).
@@ -306,8 +184,7 @@ def run_strategy(strategy: str, config, data: Data, teacher_predict, trainer: St
         with open(meta_path) as f:
             _check_resume(json.load(f), strategy, fields, workdir)
     else:
-        with open(meta_path, "w") as f:
-            json.dump({"strategy": strategy, "config": fields}, f, indent=1)
+        runs.write_text(meta_path, json.dumps({"strategy": strategy, "config": fields}, indent=1))
 
     pure_params, pure_rest, params_like, rest_like = trainer.abstract_variables()
     nan = np.full(rounds + 1, np.nan, np.float32)
@@ -322,7 +199,7 @@ def run_strategy(strategy: str, config, data: Data, teacher_predict, trainer: St
                     "select_time_s": nan.copy(), "train_time_s": nan.copy()},
         "student": ckpt_lib.to_savable({"params": pure_params, "rest": pure_rest}),
     }
-    ckpt = RoundCheckpoints(os.path.join(workdir, "rounds"))
+    ckpt = ckpt_lib.TreeCheckpoints(os.path.join(workdir, "rounds"))
     teacher = CountingTeacher(teacher_predict, data.pool_images, budget=cap)
     done = ckpt.latest()
     start = 0
@@ -429,12 +306,11 @@ def _resolve_teacher(config, workdir: str, log) -> tuple[str, dict]:
                                     f"empty: train the teacher first, or set teacher.train.")
         log(f"[teacher] training in {tdir} (label noise {t.label_noise})")
         teachers_lib.train_teacher(t.train, tdir, label_noise=t.label_noise)
-    with open(os.path.join(tdir, "results.json")) as f:
-        res = json.load(f)
+    res = runs.RunDir(tdir).results()
     return tdir, {"workdir": tdir, "test_accuracy": res.get("accuracy"), "label_noise": float(t.label_noise)}
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *, log: Callable[[str], None] = print,
+def run_active(config: ml_collections.ConfigDict, workdir: str, *, log: Callable[[str], None] = logging.info,
         teacher_predict: Callable | None = None) -> dict:
     """Runs every strategy (resuming finished rounds); writes WORKDIR/active.json and active.png.
 
@@ -443,17 +319,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, log: Callable[[str],
     config = active_config.validate(config)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config_lib.to_json(config))
+    runs.write_text(os.path.join(workdir, "config.json"), config_lib.to_json(config))
     data = load_data(config)
     teacher_info = {"workdir": None, "test_accuracy": None, "label_noise": float(config.teacher.label_noise)}
     if teacher_predict is None:
         tdir, teacher_info = _resolve_teacher(config, workdir, log)
-        teacher, t_cfg, t_info, _ = train_lib.load_run_model(tdir)
-        if t_info.num_classes != data.info.num_classes or tuple(t_info.image_shape) != tuple(data.info.image_shape):
-            raise train_lib.TeacherMismatchError(f"The teacher in {tdir} was trained on {t_cfg.dataset.name!r}, "
-                                                 f"which does not match {config.dataset.name!r}.")
-        teacher_predict = teacher_predict_fn(teacher, data.info, config.active.predict_batch_size)
+        teacher, _ = runs.load_teacher(tdir, data.info)
+        teacher_predict = teacher_predict_fn(teacher, config.active.predict_batch_size)
     cap = len(data.labelled[1]) + config.active.rounds * config.active.budget_per_round
     trainer = StudentTrainer(config.student, data.info, cap)
     results = {}
@@ -471,8 +343,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, log: Callable[[str],
         "teacher": teacher_info,
         "strategies": results,
     }
-    with open(os.path.join(workdir, "active.json"), "w") as f:
-        json.dump(out, f, indent=2)
+    runs.write_json(os.path.join(workdir, "active.json"), out)
     plot(out, os.path.join(workdir, "active.png"))
     return out
 

@@ -12,6 +12,10 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from titans import config as config_lib
+from titans.active import config as active_config
+from titans.active import loop
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Active config file, e.g. configs/active_fmnist.py[:ARG].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for rounds, results and the plot (resumed if present).")
@@ -21,17 +25,18 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     del argv
     logging.getLogger("absl").setLevel(logging.WARNING)
-    from titans import config as config_lib
-    from titans.active import config as active_config
-    from titans.active import loop
     try:
         config = active_config.validate(_CONFIG.value)
     except config_lib.ConfigError as e:
         sys.exit(f"error: {e}")
-    out = loop.run(config, _WORKDIR.value, log=lambda s: print(s, flush=True))
+    out = loop.run_active(config, _WORKDIR.value)
     for name, r in out["strategies"].items():
         print(f"{name:>8}: " + "  ".join(f"{q}:{a:.4f}" for q, a in zip(r["queries"], r["accuracy"])), flush=True)
 
 
-if __name__ == "__main__":
+def cli():
     app.run(main)
+
+
+if __name__ == "__main__":
+    cli()

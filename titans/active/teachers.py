@@ -1,7 +1,7 @@
 """Imperfect teachers on purpose: training a teacher on less data and/or with label noise.
 
 Less data is a run config's `dataset.train_split` (e.g. 'train[:5%]'). Label noise is added here,
-without touching the trainer: `train_and_evaluate` gets a StudentHook whose loss reads each row's
+without touching the trainer: `train_and_evaluate` gets a Method whose loss reads each row's
 label from a fixed table of noisy labels (indexed by the loader's example index), so the teacher
 fits the noisy labels while everything else (checkpoints, resume, evaluation on clean test
 labels) is the plain trainer's.
@@ -9,7 +9,6 @@ labels) is the plain trainer's.
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax.numpy as jnp
@@ -17,7 +16,8 @@ import numpy as np
 
 from titans import data as data_lib
 from titans import losses
-from titans import train as train_lib
+from titans import runs
+from titans.train import Method, train_and_evaluate
 
 
 def noisy_labels(labels: np.ndarray, noise: float, num_classes: int, seed: int) -> np.ndarray:
@@ -36,14 +36,14 @@ def noisy_labels(labels: np.ndarray, noise: float, num_classes: int, seed: int) 
     return out.astype(np.int32)
 
 
-def noisy_label_hook(table: np.ndarray, label_smoothing: float = 0.0) -> train_lib.StudentHook:
-    """A trainer hook: cross-entropy against table[example index] instead of the batch's label."""
+def noisy_label_method(table: np.ndarray, label_smoothing: float = 0.0) -> Method:
+    """A trainer Method: cross-entropy against table[example index] instead of the batch's label."""
     def loss(logits, aux, teacher_logits, batch, frozen, step):
         del aux, teacher_logits, step
         labels = frozen["labels"][batch["index"]]
         return losses.cross_entropy(logits, labels, label_smoothing), jnp.ones(labels.shape, jnp.float32)
 
-    return train_lib.StudentHook(frozen={"labels": jnp.asarray(table, jnp.int32)}, loss=loss, needs_index=True)
+    return Method(frozen={"labels": jnp.asarray(table, jnp.int32)}, loss=loss, needs_index=True)
 
 
 def train_teacher(run_config, workdir: str, *, label_noise: float = 0.0) -> dict:
@@ -52,19 +52,18 @@ def train_teacher(run_config, workdir: str, *, label_noise: float = 0.0) -> dict
     Writes WORKDIR/label_noise.json (the noise and how many labels it changed). Returns the
     trainer's results.
     """
-    done = os.path.join(workdir, "results.json")
-    if os.path.exists(done):
-        with open(done) as f:
-            return json.load(f)
+    done = runs.RunDir(workdir).results()
+    if done is not None:
+        return done
     if not label_noise:
-        return train_lib.train_and_evaluate(run_config, workdir)
+        return train_and_evaluate(run_config, workdir)
     info = data_lib.dataset_info(run_config.dataset.name)
     src = data_lib.get_source(run_config.dataset.name, run_config.dataset.train_split,
                               data_dir=run_config.dataset.data_dir or None)
     clean = np.fromiter((e["label"] for e in src.__getitems__(range(len(src)))), np.int64, len(src))
     table = noisy_labels(clean, label_noise, info.num_classes, run_config.seed)
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "label_noise.json"), "w") as f:
-        json.dump({"label_noise": label_noise, "num_examples": int(len(table)),
-                   "num_changed": int(np.sum(table != clean)), "seed": int(run_config.seed)}, f, indent=2)
-    return train_lib.train_and_evaluate(run_config, workdir, hook=noisy_label_hook(table, run_config.label_smoothing))
+    runs.write_json(os.path.join(workdir, "label_noise.json"),
+                    {"label_noise": label_noise, "num_examples": int(len(table)),
+                     "num_changed": int(np.sum(table != clean)), "seed": int(run_config.seed)})
+    return train_and_evaluate(run_config, workdir, method=noisy_label_method(table, run_config.label_smoothing))

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
+
+from titans import checkpoint as ckpt_lib
+from titans import data as data_lib
+from titans.analyze import AnalysisError, analyze_path, compare_runs, diff_checkpoints, inspect_checkpoint
 
 
 def main(argv=None):
@@ -24,11 +29,7 @@ def main(argv=None):
     p.add_argument("--diff_with", default="", help="with --inspect: another run of the same model to diff against")
     a = p.parse_args(argv)
 
-    import logging
     logging.getLogger("absl").setLevel(logging.WARNING)
-    from titans import checkpoint as ckpt_lib
-    from titans import data as data_lib
-    from titans.analyze import AnalysisError, analyze_path, compare_runs, diff_checkpoints, inspect_checkpoint
     try:
         if a.compare:
             compare_runs(a.workdirs, a.out or "analysis_compare")
@@ -71,5 +72,9 @@ def _print_inspection(info):
             print(f"| {r['layer']} | {r['diff_l2']:.4f} | {r['relative']:.4f} |")
 
 
-if __name__ == "__main__":
+def cli():
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -8,7 +8,9 @@ import os
 
 import numpy as np
 
+from titans import runs
 from titans.analyze import plots
+from titans.analyze.errors import AnalysisError
 
 # Fields that differ between seeds of one setting without defining a different setting.
 IGNORED = ("seed", "name", "dataset.data_dir", "distill.teacher_workdir")
@@ -27,8 +29,7 @@ def _flat(d, prefix=""):
 
 
 def _load(workdir):
-    from titans.analyze.run import AnalysisError, is_run  # noqa: PLC0415
-    if not is_run(workdir):
+    if not runs.RunDir(workdir).exists:
         raise AnalysisError(f"{workdir} is not a Titans run (no config.json)")
     with open(os.path.join(workdir, "config.json")) as f:
         config = json.load(f)

@@ -9,7 +9,8 @@ import numpy as np
 from flax import nnx
 
 from titans import checkpoint as ckpt_lib
-from titans import models, train
+from titans import models, runs
+from titans.analyze.errors import AnalysisError
 
 
 def _layers(params) -> list[tuple[str, np.ndarray]]:
@@ -19,11 +20,10 @@ def _layers(params) -> list[tuple[str, np.ndarray]]:
 
 def inspect_checkpoint(workdir: str, step: int = -1) -> dict:
     """Saved steps, checkpoint meta, parameter count, XLA FLOPs per example, and per-layer parameter norms."""
-    from titans.analyze.run import AnalysisError, is_run  # noqa: PLC0415
-    if not is_run(workdir):
+    if not runs.RunDir(workdir).exists:
         raise AnalysisError(f"{workdir} is not a Titans run (no config.json)")
     desc = ckpt_lib.describe(workdir)
-    model, cfg, info, used = train.load_run_model(workdir, step=step)
+    model, cfg, info, used = runs.load_model(workdir, step=step)
     module = nnx.merge(model.graphdef, model.params, model.model_state)
     layers = [{"layer": name, "shape": list(a.shape), "params": int(a.size), "l2_norm": float(np.linalg.norm(a)),
                "rms": float(np.sqrt(np.mean(np.square(a)))) if a.size else 0.0} for name, a in _layers(model.params)]
@@ -49,8 +49,8 @@ def diff_checkpoints(workdir: str, step_a: int, step_b: int = -1, other_workdir:
                 if meta_a["fields"].get(k) != meta_b["fields"].get(k)}
         raise ckpt_lib.IncompatibleCheckpointError(
             f"cannot compare checkpoints of different models: {diff} ({workdir} vs {other})")
-    a, _, _, sa = train.load_run_model(workdir, step=step_a)
-    b, _, _, sb = train.load_run_model(other, step=step_b)
+    a, _, _, sa = runs.load_model(workdir, step=step_a)
+    b, _, _, sb = runs.load_model(other, step=step_b)
     rows = []
     for (name, x), (_, y) in zip(_layers(a.params), _layers(b.params)):
         d = float(np.linalg.norm(x - y))

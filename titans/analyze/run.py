@@ -19,17 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from titans import data as data_lib
-from titans import losses, parallel, train
+from titans import losses, parallel, runs
 from titans.analyze import html, plots
+from titans.analyze.errors import AnalysisError
 from titans.analyze.sections import SECTIONS
 
 
-class AnalysisError(ValueError):
-    """A workdir that is not a run, or a split that does not exist."""
-
-
 def is_run(workdir: str) -> bool:
-    return os.path.exists(os.path.join(workdir, "config.json"))
+    return runs.RunDir(workdir).exists
 
 
 def is_pipeline(workdir: str) -> bool:
@@ -80,7 +77,7 @@ def analyze_run(workdir: str, *, split: str | None = None, step: int = -1, harde
                             "`python -m titans.main` run).")
     if jax.process_count() > 1:
         raise AnalysisError("the analysis runs in a single process")
-    model, cfg, info, used_step = train.load_run_model(workdir, step=step)
+    model, cfg, info, used_step = runs.load_model(workdir, step=step)
     split = split or cfg.dataset.eval_split
     try:
         src = data_lib.get_source(info.name, split, data_dir=cfg.dataset.data_dir or None)
@@ -92,20 +89,17 @@ def analyze_run(workdir: str, *, split: str | None = None, step: int = -1, harde
         known = ", ".join(info.splits)
         raise AnalysisError(f"split {split!r} of {info.name} cannot be read ({type(e).__name__}: {e}); "
                             f"its splits are {known} (slices like 'train[90%:]' work too)") from None
-    from titans.cascade.evaluate import NormalizedModel, predict, split_arrays  # noqa: PLC0415
-    from titans.cascade.runner import round_up  # noqa: PLC0415
-    images, labels = split_arrays(src, info)
+    images, labels = runs.split_arrays(src, info)
     mesh = parallel.make_mesh()
-    batch_size = round_up(batch_size, mesh.devices.size)
     C = info.num_classes
-    logits = predict(NormalizedModel.of(model, info), images, mesh=mesh, batch_size=batch_size,
+    logits = runs.predict(runs.logits_fn, model, images, mesh=mesh, batch_size=batch_size,
                      progress=f"[analyze] {cfg.name} on {split}")
     metrics = {"workdir": workdir, "name": cfg.name, "model": cfg.model.name, "dataset": info.name, "split": split,
                "step": used_step, **evaluate_logits(logits, labels, C, cfg.get("ece_bins", 15))}
     teacher_logits = None
     if cfg.distill.teacher_workdir:
-        teacher, _ = train.load_teacher(cfg.distill.teacher_workdir, info, dtype=jnp.float32)
-        teacher_logits = predict(NormalizedModel.of(teacher, info), images, mesh=mesh, batch_size=batch_size,
+        teacher, _ = runs.load_teacher(cfg.distill.teacher_workdir, info, dtype=jnp.float32)
+        teacher_logits = runs.predict(runs.logits_fn, teacher, images, mesh=mesh, batch_size=batch_size,
                                  progress="[analyze] teacher")
         t_pred, s_pred = teacher_logits.argmax(-1), logits[:, :C].argmax(-1)
         agree = t_pred == s_pred

@@ -30,45 +30,37 @@ import numpy as np
 from flax import nnx
 
 from titans import data as data_lib
-from titans import logs, models, parallel, train
+from titans import parallel, runs
 from titans.cascade import cost as cost_lib
 from titans.cascade import gates as gates_lib
 from titans.cascade import curves as curves_lib
-from titans.cascade.runner import CascadeRunner, round_up
+from titans.cascade.runner import CascadeRunner
 
 
 @flax.struct.dataclass
 class NormalizedModel:
-    """A frozen run model that takes raw uint8 images: normalises with its dataset's mean/std first.
+    """A cascade stage: a frozen run model that takes raw uint8 images (normalised inside `apply`).
 
     A pytree (its arrays are arguments of jitted calls, not baked-in constants), so the cascade
-    runner and `predict` pass it into their jitted functions.
+    runner and `runs.predict` pass it into their jitted functions.
     """
-    model: train.Teacher
-    mean: tuple = flax.struct.field(pytree_node=False)
-    std: tuple = flax.struct.field(pytree_node=False)
+    model: runs.FrozenModel
 
     @classmethod
-    def of(cls, model: train.Teacher, info) -> "NormalizedModel":
-        return cls(model, tuple(info.mean), tuple(info.std))
+    def of(cls, model: runs.FrozenModel, info) -> "NormalizedModel":
+        return cls(model.replace(mean=tuple(info.mean), std=tuple(info.std)))
 
     def apply(self, images):
-        mean, inv_std = np.asarray(self.mean, np.float32), 1.0 / np.asarray(self.std, np.float32)
-        return self.model.apply((jnp.asarray(images).astype(jnp.float32) - mean) * inv_std).astype(jnp.float32)
+        return self.model.logits(images)
 
 
-def split_arrays(src, info, batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:
-    """A whole split as (uint8 images (N, H, W, C), int labels (N,)), in the split's order."""
-    images, labels = [], []
-    for batch in data_lib.eval_batches(src, info, global_batch_size=batch_size):
-        keep = np.asarray(batch["mask"])
-        images.append(np.asarray(batch["image"])[keep])
-        labels.append(np.asarray(batch["label"])[keep])
-    return np.concatenate(images), np.concatenate(labels)
+def stage_logits(stage, images):
+    """The `runs.predict` function of a cascade stage."""
+    return stage.apply(images)
 
 
-def flops_of(model: train.Teacher, info) -> float:
-    return models.flops_per_example(nnx.merge(model.graphdef, model.params, model.model_state), tuple(info.image_shape))
+def flops_of(model: runs.FrozenModel, info) -> float:
+    return model.flops_per_example(info.image_shape)
 
 
 def _time_per_example(model: NormalizedModel, images, repeats: int = 5) -> float:
@@ -76,7 +68,7 @@ def _time_per_example(model: NormalizedModel, images, repeats: int = 5) -> float
     return cost_lib.measure_time_per_example(model.apply, jnp.asarray(images), repeats=repeats)
 
 
-def run(config, workdir: str) -> dict:
+def evaluate_cascades(config, workdir: str) -> dict:
     """Evaluates `config.cascade` (see configs/titans_fmnist.py) on the stages in `workdir`."""
     if jax.process_count() > 1:
         raise RuntimeError("The cascade evaluation runs in a single process; the training stages are finished. "
@@ -84,14 +76,14 @@ def run(config, workdir: str) -> dict:
     cc = config.cascade
     t0 = time.perf_counter()
     teacher_dir = os.path.join(workdir, cc.teacher)
-    teacher, t_cfg, info, _ = train.load_run_model(teacher_dir)
+    teacher, t_cfg, info, _ = runs.load_model(teacher_dir)
     data_dir = t_cfg.dataset.data_dir or None
     mesh = parallel.make_mesh()
-    batch_size = round_up(cc.batch_size, mesh.devices.size)
-    val_x, y_val = split_arrays(data_lib.get_source(info.name, cc.val_split, data_dir=data_dir), info)
-    test_x, y_test = split_arrays(data_lib.get_source(info.name, cc.test_split, data_dir=data_dir), info)
+    batch_size = runs.round_up(cc.batch_size, mesh.devices.size)
+    val_x, y_val = runs.split_arrays(data_lib.get_source(info.name, cc.val_split, data_dir=data_dir), info)
+    test_x, y_test = runs.split_arrays(data_lib.get_source(info.name, cc.test_split, data_dir=data_dir), info)
     teacher = NormalizedModel.of(teacher, info)
-    logits_of = functools.partial(predict, mesh=mesh, batch_size=batch_size)
+    logits_of = functools.partial(runs.predict, stage_logits, mesh=mesh, batch_size=batch_size)
     t_val, t_test = logits_of(teacher, val_x), logits_of(teacher, test_x)
     c_teacher = flops_of(teacher.model, info)
     timing_images = test_x[:batch_size]
@@ -108,7 +100,7 @@ def run(config, workdir: str) -> dict:
            "backend": jax.default_backend(), "students": {}}
     for name in cc.students:
         s_dir = os.path.join(workdir, name)
-        student, s_cfg, _, _ = train.load_run_model(s_dir)
+        student, s_cfg, _, _ = runs.load_model(s_dir)
         student = NormalizedModel.of(student, info)
         s_val, s_test = logits_of(student, val_x), logits_of(student, test_x)
         c_student = flops_of(student.model, info)
@@ -215,45 +207,13 @@ def _evaluate_gate(gate_name, student, teacher, s_val, s_test, data, C, s_entry,
     return result
 
 
-def predict(model: NormalizedModel, images, *, mesh, batch_size, progress: str = "") -> np.ndarray:
-    """Logits (N, K) in float32, batch by batch on the mesh (the last batch padded, padding dropped).
-
-    `batch_size` must be a multiple of the mesh's devices. With `progress`, a bar with that label
-    and an ETA is drawn on stderr.
-    """
-    model = parallel.replicate(model, mesh)
-    apply = jitted_apply()
-    outs, t0 = [], time.perf_counter()
-    for start in range(0, len(images), batch_size):
-        chunk = _pad(images[start:start + batch_size], batch_size)
-        logits = apply(model, parallel.to_global({"x": chunk}, mesh)["x"])
-        outs.append(np.asarray(jax.device_get(logits))[:min(batch_size, len(images) - start)])
-        if progress:
-            logs.progress_bar(progress, start + len(outs[-1]), len(images), t0)
-    if progress:
-        print(file=sys.stderr)
-    return np.concatenate(outs)
-
-
-@functools.cache
-def jitted_apply():
-    return jax.jit(lambda m, x: m.apply(x))
-
-
-def _pad(chunk, size):
-    """Pads a short final batch to `size` rows with copies of its first row."""
-    if len(chunk) == size:
-        return chunk
-    return np.concatenate([chunk, np.repeat(chunk[:1], size - len(chunk), axis=0)])
-
-
 def run_runner(runner: CascadeRunner, images, batch_size):
     """The runner over a whole split: predictions (N,), answering stage (N,), wall seconds per example."""
     preds, by = [], []
     t0 = time.perf_counter()
     for start in range(0, len(images), batch_size):
         n = min(batch_size, len(images) - start)
-        out = runner(_pad(images[start:start + batch_size], batch_size))
+        out = runner(runs.pad_batch(images[start:start + batch_size], batch_size))
         preds.append(np.asarray(out.predictions)[:n])
         by.append(out.answered_by[:n])
     elapsed = time.perf_counter() - t0

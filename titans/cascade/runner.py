@@ -38,6 +38,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from titans import parallel
+from titans.runs import round_up
 
 __all__ = ["CascadeOutput", "CascadeRunner", "capacity_ladder", "pow2_capacities", "plan_buffers"]
 
@@ -91,11 +92,6 @@ def plan_buffers(count: int, capacities: Sequence[int]) -> list[tuple[int, int]]
     if count > 0:
         plan.append((caps[bisect.bisect_left(caps, count)], count))
     return plan
-
-
-def round_up(n: int, m: int) -> int:
-    """`n` rounded up to a multiple of `m`."""
-    return -(-int(n) // int(m)) * int(m)
 
 
 def _as_stage(stage) -> tuple[Callable, Any]:

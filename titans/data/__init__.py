@@ -14,7 +14,7 @@ Pipelines ship uint8 images; TensorFlow is never imported.
 
 from titans.data.augment import normalize
 from titans.data.info import DATASETS, DatasetInfo, dataset_info
-from titans.data.pipeline import TrainLoader, eval_batches, num_eval_batches
+from titans.data.loaders import TrainLoader, eval_batches, eval_images, num_eval_batches
 from titans.data.sources import (
     ArraySource,
     DatasetNotFoundError,
@@ -34,6 +34,7 @@ __all__ = [
     "dataset_info",
     "default_data_dir",
     "eval_batches",
+    "eval_images",
     "get_source",
     "load_in_memory",
     "normalize",

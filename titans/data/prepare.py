@@ -16,6 +16,9 @@ import importlib.util
 import os
 import sys
 
+import tensorflow_datasets as tfds
+
+from titans.data import builders, speech
 from titans.data.info import DATASETS
 from titans.data.sources import _auto_prepared_builder, default_data_dir
 
@@ -23,8 +26,6 @@ from titans.data.sources import _auto_prepared_builder, default_data_dir
 def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = None) -> str:
     """Prepares `name` in `data_dir`; returns the directory the dataset was written to."""
     data_dir = os.path.expanduser(data_dir or default_data_dir())
-    from titans.data import builders
-
     if name == "digits":
         return os.fspath(_auto_prepared_builder(builders.TitansDigits, data_dir).data_dir)
     if name == "fashion_mnist" and builders.fmnist_raw_available(manual_dir):
@@ -33,8 +34,6 @@ def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = Non
         return os.fspath(builder.data_dir)
 
     if name == "speech_commands":
-        from titans.data import speech
-
         raw = manual_dir or speech.raw_dir()
         if not speech.raw_available(raw):
             raise SystemExit("speech_commands: pass --manual_dir (or set $TITANS_SPEECH_DIR) to the extracted "
@@ -46,8 +45,6 @@ def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = Non
             f"Preparing {name!r} runs TFDS's own builder, which needs TensorFlow: "
             "pip install -r requirements-tf.txt"
         )
-    import tensorflow_datasets as tfds
-
     builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
     config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
     builder.download_and_prepare(download_config=config)

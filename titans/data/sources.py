@@ -10,11 +10,14 @@ one raises `DatasetNotFoundError` naming that command.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 from collections.abc import Sequence
 
 import numpy as np
+import tensorflow_datasets as tfds
 
+from titans.data import builders, speech
 from titans.data.info import DATASETS
 
 
@@ -107,8 +110,6 @@ def load_in_memory(src, chunk: int = 4096) -> ArraySource:
 def _prepare_lock(data_dir: str, builder_name: str):
     """Serialises auto-preparation between processes sharing a data_dir (e.g. several hosts
     started on one machine), so that they do not all write the same dataset at once."""
-    import fcntl
-
     os.makedirs(data_dir, exist_ok=True)
     with open(os.path.join(data_dir, f".titans-prepare-{builder_name}.lock"), "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -120,8 +121,6 @@ def _prepare_lock(data_dir: str, builder_name: str):
 
 def _auto_prepared_builder(builder_cls, data_dir: str, manual_dir: str | None = None):
     """Returns `builder_cls` over data_dir, preparing it (ArrayRecord) if it is not yet."""
-    import tensorflow_datasets as tfds
-
     builder = builder_cls(data_dir=data_dir, file_format="array_record")
     if builder.is_prepared():
         return builder
@@ -163,8 +162,6 @@ def _tfds_data_source(name: str, tfds_name: str, split: str, data_dir: str):
     Readiness is judged from the failure rather than checked up front, so that
     `tfds.testing.mock_data` (which fakes `as_data_source` but not the files) works too.
     """
-    import tensorflow_datasets as tfds
-
     builder = tfds.builder(tfds_name, data_dir=data_dir)
     try:
         return builder.as_data_source(split=split)
@@ -194,8 +191,6 @@ def get_source(name: str, split: str, data_dir: str | None = None) -> Source:
         raise ValueError(f"Unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     data_dir = os.path.expanduser(os.fspath(data_dir or default_data_dir()))
     if name == "digits":
-        from titans.data import builders
-
         ds = _auto_prepared_builder(builders.TitansDigits, data_dir).as_data_source(split=split)
     elif name == "fashion_mnist":
         ds = _fashion_mnist(split, data_dir)
@@ -207,8 +202,6 @@ def get_source(name: str, split: str, data_dir: str | None = None) -> Source:
 
 
 def _speech_commands(split: str, data_dir: str):
-    from titans.data import speech
-
     builder = speech.TitansSpeechCommands(data_dir=data_dir, file_format="array_record")
     if not (builder.is_prepared() or speech.raw_available()):
         raise DatasetNotFoundError(
@@ -223,8 +216,6 @@ def _speech_commands(split: str, data_dir: str):
 
 
 def _fashion_mnist(split: str, data_dir: str):
-    from titans.data import builders
-
     offline = builders.FashionMnistOffline(data_dir=data_dir, file_format="array_record")
     if offline.is_prepared() or builders.fmnist_raw_available():
         builder = _auto_prepared_builder(

@@ -4,25 +4,24 @@
     members.py   the connection between members, frozen earlier members, loading an ensemble
     anytime.py   anytime inference: vmapped threshold/budget sweeps, and the naive loop
     runner.py    the rounds with FIND-WL, the resched / no-resched baselines, ensemble.json
-    audio.py     1-D convolutional students for speech (TFDS speech_commands)
     report.py    aggregation over seeds into a Markdown report
 
     from titans.ensemble import load
     ens = load("WORKDIR", variant="bdistil")   # an nnx.Module: ens(x) = f_1(x) + ... + f_W(x)
 """
 
+import json
+import os
+
+from titans import data as data_lib
+from titans import runs
+from titans.ensemble import members
 from titans.ensemble.members import ConnectedMember, Ensemble
 
 
 def load(workdir: str, variant: str = "bdistil"):
     """The ensemble of a B-DISTIL run (`variant` in bdistil, bdistil_noconn, resched, no_resched)
     as one `Ensemble` module, plus its dataset info: (ensemble, info)."""
-    import json
-    import os
-
-    from titans import data as data_lib
-    from titans.ensemble import members
-
     path = os.path.join(workdir, "ensemble.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{workdir} has no ensemble.json: run the B-DISTIL config there first.")
@@ -33,9 +32,7 @@ def load(workdir: str, variant: str = "bdistil"):
     specs = result["variants"][variant]["members"]
     if not specs:
         raise ValueError(f"variant {variant!r} of {workdir} has no members ({result['variants'][variant].get('stopped')}).")
-    with open(os.path.join(specs[0]["workdir"], "config.json")) as f:
-        dataset = json.load(f)["dataset"]["name"]
-    info = data_lib.dataset_info(dataset)
+    info = runs.RunDir(specs[0]["workdir"]).info
     layer = result.get("connect_layer", "") if variant == "bdistil" else ""
     return members.load_ensemble(specs, info, layer=layer), info
 

@@ -12,10 +12,8 @@ activations once, and member w consumes them.
 
 from __future__ import annotations
 
-import json
-import os
+import functools
 from collections import OrderedDict
-from typing import Any
 
 import flax.struct
 import jax
@@ -24,10 +22,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from titans import checkpoint as ckpt_lib
 from titans import data as data_lib
-from titans import models, parallel
-from titans import train as train_lib
+from titans import models, runs
 
 JOINS = ("concat", "add")
 
@@ -110,22 +106,10 @@ def activation_dim(members: FrozenMembers, input_shape) -> int:
     return int(np.prod(prev.shape[1:]))
 
 
-def build_base_model(model_cfg, info, *, seed: int, dtype, outputs: int | None = None) -> nnx.Module:
-    """A member's backbone: the 1-D audio models of this package, else `titans.models`."""
-    from titans.ensemble import audio
-
-    kwargs = dict(model_cfg.kwargs.to_dict() if hasattr(model_cfg.kwargs, "to_dict") else model_cfg.kwargs)
-    if model_cfg.name in audio.AUDIO_MODELS:
-        return audio.AUDIO_MODELS[model_cfg.name](num_classes=outputs or info.num_classes,
-                                                  input_shape=tuple(info.image_shape), rngs=nnx.Rngs(seed),
-                                                  dtype=dtype, **kwargs)
-    return train_lib.build_model(model_cfg, info, seed=seed, dtype=dtype, outputs=outputs)
-
-
 def build_member(spec: dict, info, *, seed: int, dtype) -> nnx.Module:
     """A member from its spec {"model": {"name", "kwargs"}, "connected", "prev_dim", "join", "width"}."""
     model_cfg = ml_collections.ConfigDict(spec["model"])
-    base = build_base_model(model_cfg, info, seed=seed, dtype=dtype)
+    base = models.build_model(model_cfg, info, seed=seed, dtype=dtype)
     if not spec.get("connected"):
         return base
     return ConnectedMember(base, spec["prev_dim"], join=spec["join"], width=spec["width"],
@@ -134,31 +118,22 @@ def build_member(spec: dict, info, *, seed: int, dtype) -> nnx.Module:
 
 def load_member(spec: dict, info, *, dtype=jnp.float32):
     """(graphdef, params, state) of a finished member run in spec["workdir"]."""
-    model = build_member(spec, info, seed=0, dtype=dtype)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    ckpt = ckpt_lib.Checkpointer(spec["workdir"], read_only=True)
-    steps = ckpt.all_steps()
-    if not steps:
+    run = runs.RunDir(spec["workdir"])
+    if not run.checkpoint_steps():
         raise FileNotFoundError(f"The member run {spec['workdir']} has no checkpoint.")
-    variables = ckpt.restore_model(steps[-1], {"params": nnx.to_pure_dict(params), "rest": nnx.to_pure_dict(rest)})
-    nnx.replace_by_pure_dict(params, variables["params"])
-    nnx.replace_by_pure_dict(rest, variables["rest"])
-    return graphdef, params, rest
+    frozen = run.load_model(module=build_member(spec, info, seed=0, dtype=dtype))
+    return frozen.graphdef, frozen.params, frozen.model_state
+
+
+def _members_logits(members: FrozenMembers, images, info):
+    """(B, W, K): every member's own logits of raw images."""
+    return jnp.transpose(members.apply(data_lib.normalize(images, info, jnp.float32))[0], (1, 0, 2))
 
 
 def member_logits(members: FrozenMembers, src, info, *, batch_size: int, mesh=None) -> tuple[np.ndarray, np.ndarray]:
     """Every member's own logits over a whole split, in order: ((N, W, K) float32, labels (N,))."""
-    mesh = mesh or parallel.make_mesh()
-    members = parallel.replicate(members, mesh)
-    apply = jax.jit(lambda m, images: jnp.transpose(m.apply(data_lib.normalize(images, info, jnp.float32))[0],
-                                                    (1, 0, 2)))
-    outs, labels = [], []
-    for batch in data_lib.eval_batches(src, info, global_batch_size=batch_size, process_index=0, process_count=1):
-        keep = np.asarray(batch["mask"])
-        out = np.asarray(jax.device_get(apply(members, parallel.to_global({"x": batch["image"]}, mesh)["x"])))
-        outs.append(out[keep])
-        labels.append(np.asarray(batch["label"])[keep])
-    return np.concatenate(outs), np.concatenate(labels)
+    fn = functools.partial(_members_logits, info=info)
+    return runs.predict_split(fn, members, src, info, batch_size=batch_size, mesh=mesh)
 
 
 class Ensemble(nnx.Module):
@@ -213,18 +188,3 @@ def cumulative_flops(ensemble: Ensemble, input_shape) -> list[float]:
     finally:
         ensemble.active = len(ensemble)
     return out
-
-
-def read_json(path: str, default: Any = None):
-    if not os.path.exists(path):
-        return default
-    with open(path) as f:
-        return json.load(f)
-
-
-def write_json(path: str, obj) -> None:
-    """Atomic: a run killed mid-write leaves the previous file."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)

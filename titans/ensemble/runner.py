@@ -10,7 +10,7 @@ Layout under WORKDIR (after the pipeline's stages, e.g. WORKDIR/teacher):
   no_resched/{name}/          one student whose FLOPs are closest to the full ensemble's
   teacher_logits_*.npy        the teacher's logits per split (computed once)
   ensemble.json, ensemble.md  accuracy vs members and vs cumulative FLOPs, anytime curves
-Every member is trained by `titans.train.train_and_evaluate` (with a StudentHook that adds the
+Every member is trained by `titans.train.train_and_evaluate` (with a Method that adds the
 frozen earlier members, the weight player's weights and the weak-learner loss). Rerunning the
 command resumes: finished rounds are read from state.json, an interrupted member run resumes from
 its checkpoint, and finished candidate runs are not retrained.
@@ -19,6 +19,7 @@ its checkpoint, and finished candidate runs are not retrained.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 
 import jax
@@ -29,12 +30,13 @@ from flax import nnx
 
 from titans import data as data_lib
 from titans import losses, models, parallel
-from titans import train as train_lib
+from titans import logs, runs
+from titans.train import Method, train_and_evaluate
 from titans.ensemble import anytime
 from titans.ensemble import config as ens_config
 from titans.ensemble import members as mem
 from titans.ensemble import weights as wp
-from titans.ensemble.members import read_json, write_json
+from titans.runs import read_json, write_json
 
 
 class Context:
@@ -58,7 +60,7 @@ class Context:
         self.mesh = parallel.make_mesh()
         self.bs = int(self.e.predict_batch_size)
         parallel.check_batch_size(self.bs, self.mesh)
-        self.teacher, _ = train_lib.load_teacher(member.distill.teacher_workdir, self.info, dtype=jnp.float32,
+        self.teacher, _ = runs.load_teacher(member.distill.teacher_workdir, self.info, dtype=jnp.float32,
                                                  step=member.distill.teacher_step)
         self._teacher_logits = {}
         self.labels = {}
@@ -70,7 +72,7 @@ class Context:
             if os.path.exists(path) and os.path.exists(lpath):
                 logits, labels = np.load(path), np.load(lpath)
             else:
-                logits, labels = train_lib.predict_logits(self.teacher, self.sources[split], self.info,
+                logits, labels = runs.predict_split(runs.logits_fn, self.teacher, self.sources[split], self.info,
                                                           batch_size=self.bs, mesh=self.mesh)
                 os.makedirs(self.workdir, exist_ok=True)
                 np.save(path, logits)
@@ -87,8 +89,8 @@ class Context:
         return c
 
 
-def _build_hook(build_only: bool, spec: dict, frozen_members, weights: np.ndarray, ctx: Context):
-    """The StudentHook that turns a distillation run into the training of member `spec`."""
+def _member_method(build_only: bool, spec: dict, frozen_members, weights: np.ndarray, ctx: Context):
+    """The Method that turns a distillation run into the training of member `spec`."""
     e, d = ctx.e, ctx.member.distill
     pair = weights.ndim == 2
 
@@ -96,7 +98,7 @@ def _build_hook(build_only: bool, spec: dict, frozen_members, weights: np.ndarra
         return mem.build_member(spec, info, seed=seed, dtype=dtype)
 
     if build_only:
-        return train_lib.StudentHook(build_model=build_model)
+        return Method(build_model=build_model)
 
     def forward(model, images, frozen, train):
         prev = None
@@ -119,16 +121,16 @@ def _build_hook(build_only: bool, spec: dict, frozen_members, weights: np.ndarra
                                        alpha=d.alpha, temperature=d.temperature)
         return per, (jnp.ones_like(per) if pair else w)
 
-    return train_lib.StudentHook(frozen={"members": frozen_members, "weights": jnp.asarray(weights)},
+    return Method(frozen={"members": frozen_members, "weights": jnp.asarray(weights)},
                                  build_model=build_model, forward=forward, loss=loss, needs_index=True)
 
 
-def _train(config, workdir: str, hook) -> dict:
-    done = read_json(os.path.join(workdir, "results.json"))
+def _train(config, workdir: str, method: Method) -> dict:
+    done = runs.RunDir(workdir).results()
     if done is not None:
-        print(f"[{config.name}] already finished: {workdir}", flush=True)
+        logging.info("[%s] already finished: %s", config.name, workdir)
         return done
-    return train_lib.train_and_evaluate(config, workdir, hook=hook)
+    return train_and_evaluate(config, workdir, method=method)
 
 
 def residual_loss(ensemble_logits, teacher_logits, labels, weights, ctx: Context) -> np.ndarray:
@@ -188,7 +190,7 @@ def run_bdistil(ctx: Context, variant: str, connect: bool) -> dict:
                     "prev_dim": prev_dim, "join": e.connect.join, "width": int(e.connect.width),
                     "workdir": os.path.join(vdir, f"round{w}", cname)}
             cfg = ctx.member_config(f"{variant}_r{w}_{cname}", cand, ctx.member.seed + 1000 * w + j)
-            result = _train(cfg, spec["workdir"], _build_hook(False, spec, frozen, weights, ctx))
+            result = _train(cfg, spec["workdir"], _member_method(False, spec, frozen, weights, ctx))
             if result.get("preempted"):
                 write_json(state_path, state)
                 return {"preempted": True}
@@ -204,7 +206,7 @@ def run_bdistil(ctx: Context, variant: str, connect: bool) -> dict:
                                 f"edge {edge:.4f} < gamma {e.gamma}: condition not met, trying the next size"),
                      "test_accuracy": result.get("accuracy")}
             state["log"].append(entry)
-            print(f"[FIND-WL {variant}] round {w}, candidate {cname}: {entry['reason']}", flush=True)
+            logging.info("[FIND-WL %s] round %d, candidate %s: %s", variant, w, cname, entry["reason"])
             best = max(best or (edge, cname), (edge, cname))
             if meets:
                 accepted = dict(spec, edge=edge)
@@ -213,7 +215,7 @@ def run_bdistil(ctx: Context, variant: str, connect: bool) -> dict:
             state["stopped"] = (f"round {w}: no candidate met the weak-learning condition (best edge "
                                 f"{best[0]:.4f} by {best[1]} < gamma {e.gamma}); the ensemble keeps "
                                 f"{len(state['members'])} member(s).")
-            print(f"[FIND-WL {variant}] stopped at {state['stopped']}", flush=True)
+            logging.info("[FIND-WL %s] stopped at %s", variant, state["stopped"])
             write_json(state_path, state)
             break
         state["members"].append(accepted)
@@ -233,7 +235,7 @@ def run_resched(ctx: Context, sizes: list[dict]) -> dict:
         spec = {"round": i, "candidate": f"member{i}", "model": model, "connected": False,
                 "workdir": os.path.join(vdir, f"member{i}")}
         cfg = ctx.member_config(f"resched_member{i}", entry, ctx.member.seed + 5000 + i)
-        result = _train(cfg, spec["workdir"], _build_hook(True, spec, None, np.zeros(0), ctx))
+        result = _train(cfg, spec["workdir"], _member_method(True, spec, None, np.zeros(0), ctx))
         if result.get("preempted"):
             return {"preempted": True}
         specs.append(spec)
@@ -251,7 +253,7 @@ def run_no_resched(ctx: Context, target_flops: float) -> dict:
     spec = {"round": 1, "candidate": name, "model": entry.to_dict(), "connected": False,
             "workdir": os.path.join(ctx.workdir, "no_resched", name)}
     result = _train(ctx.member_config(f"no_resched_{name}", entry, ctx.member.seed + 9000), spec["workdir"],
-                    _build_hook(True, spec, None, np.zeros(0), ctx))
+                    _member_method(True, spec, None, np.zeros(0), ctx))
     if result.get("preempted"):
         return {"preempted": True}
     return {"members": [spec], "log": [], "stopped": None}
@@ -297,7 +299,7 @@ def evaluate_variant(ctx: Context, name: str, state: dict) -> dict:
     return out
 
 
-def run(config, workdir: str) -> dict:
+def run_ensemble(config, workdir: str) -> dict:
     """Runs (or resumes) every variant of config.ensemble.variants and writes ensemble.json/.md."""
     ctx = Context(config, workdir)
     e = ctx.e
@@ -311,7 +313,7 @@ def run(config, workdir: str) -> dict:
     boosted = next((states[v] for v in ("bdistil", "bdistil_noconn") if v in states and states[v]["members"]), None)
     if "resched" in variants:
         if boosted is None:
-            print("[resched] skipped: no B-DISTIL variant produced members to match in size", flush=True)
+            logging.warning("[resched] skipped: no B-DISTIL variant produced members to match in size")
         else:
             states["resched"] = run_resched(ctx, [m["model"] for m in boosted["members"]])
             if states["resched"].get("preempted"):
@@ -321,7 +323,7 @@ def run(config, workdir: str) -> dict:
         ref = next((evaluated[v] for v in ("bdistil", "bdistil_noconn") if evaluated.get(v, {}).get("cumulative_flops")),
                    None)
         if ref is None:
-            print("[no_resched] skipped: no B-DISTIL ensemble to match in FLOPs", flush=True)
+            logging.warning("[no_resched] skipped: no B-DISTIL ensemble to match in FLOPs")
         else:
             s = run_no_resched(ctx, ref["cumulative_flops"][-1])
             if s.get("preempted"):
@@ -330,15 +332,13 @@ def run(config, workdir: str) -> dict:
     g_test = ctx.teacher_logits("test")
     teacher = {"accuracy": float(np.mean(np.argmax(g_test, -1) == ctx.labels["test"])),
                "workdir": ctx.member.distill.teacher_workdir,
-               "flops_per_example": models.flops_per_example(
-                   nnx.merge(ctx.teacher.graphdef, ctx.teacher.params, ctx.teacher.model_state), ctx.info.image_shape)}
+               "flops_per_example": ctx.teacher.flops_per_example(ctx.info.image_shape)}
     result = {"teacher": teacher, "variants": evaluated, "test_split": e.test_split, "connect_layer": e.connect.layer,
               "num_test": len(ctx.labels["test"]), "seed": int(ctx.member.seed)}
-    if train_lib.logs.is_writer():
+    if logs.is_writer():
         write_json(os.path.join(ctx.workdir, "ensemble.json"), result)
         table = summary_table(result)
-        with open(os.path.join(ctx.workdir, "ensemble.md"), "w") as f:
-            f.write(table + "\n")
+        runs.write_text(os.path.join(ctx.workdir, "ensemble.md"), table + "\n")
         print("\n" + table, flush=True)
     return {"preempted": False, **result}
 

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 from flax import nnx
 
+from titans.models.audio import Conv1DNet
 from titans.models.mobilenet import MobileNetV2
 from titans.models.resnet_cifar import CifarResNet
 from titans.models.resnet_imagenet import ImageNetResNet
@@ -30,6 +31,7 @@ _CRD_X4 = {"widths": (64, 128, 256), "stem_width": 32}
 
 _REGISTRY: dict[str, _Entry] = {
     "mlp": _Entry(MLP, {}),
+    "conv1d": _Entry(Conv1DNet, {}),  # 1-D over time, for (frames, mel bands, 1) speech inputs
     "cnn": _Entry(CNN, {}),
     "cifar_resnet": _Entry(CifarResNet, {}),
     **{f"resnet{d}": _Entry(CifarResNet, {"depth": d}) for d in (8, 14, 20, 32, 44, 56, 110)},
@@ -108,3 +110,11 @@ def create_model(
         **entry.fixed,
         **kwargs,
     )
+
+
+def build_model(model_cfg, info, *, seed: int, dtype=jnp.float32, outputs: int | None = None) -> nnx.Module:
+    """The model a config's `model` section names, for dataset `info`, with `outputs` logits
+    (default: the dataset's classes). Parameters are initialised from `seed`."""
+    kwargs = model_cfg.kwargs.to_dict() if hasattr(model_cfg.kwargs, "to_dict") else dict(model_cfg.kwargs)
+    return create_model(model_cfg.name, num_classes=outputs or info.num_classes,
+                        input_shape=tuple(info.image_shape), rngs=nnx.Rngs(seed), dtype=dtype, **kwargs)

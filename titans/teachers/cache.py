@@ -30,6 +30,7 @@ by example only, and a run that augments its training images refuses it (see
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import hashlib
 import json
@@ -38,7 +39,18 @@ import shlex
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
+from array_record.python import array_record_data_source, array_record_module
+from flax import nnx
+
+from titans import checkpoint as ckpt_lib
+from titans import config as config_lib
+from titans import data as data_lib
+from titans import parallel, runs
+from titans.teachers.soft_labels import topk_to_logits
 
 FORMAT = "titans-teacher-cache"
 VERSION = 1
@@ -57,7 +69,6 @@ class StaleCacheError(CacheError):
 
 def _np_dtype(name: str):
     if name == "bfloat16":
-        import ml_dtypes
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(name)
 
@@ -79,11 +90,6 @@ def shard_name(s: int, num_shards: int) -> str:
 
 def variables_digest(teacher) -> str:
     """SHA-256 over a frozen model's variables (paths, dtypes, shapes, bytes), in a fixed order."""
-    import jax
-    from flax import nnx
-
-    from titans import checkpoint as ckpt_lib
-
     h = hashlib.sha256()
     for part, tree in (("params", teacher.params), ("rest", teacher.model_state)):
         flat = jax.tree_util.tree_flatten_with_path(ckpt_lib.to_savable(nnx.to_pure_dict(tree)))[0]
@@ -96,16 +102,10 @@ def variables_digest(teacher) -> str:
 
 def load_teacher_with_identity(teacher_workdir: str, step: int, info, dtype=None):
     """(Teacher, teacher config, identity dict) of a teacher run, refusing one for other data."""
-    import jax.numpy as jnp
-
-    from titans import checkpoint as ckpt_lib
-    from titans import train
-
     workdir = os.path.abspath(teacher_workdir)
-    steps = ckpt_lib.Checkpointer(workdir, read_only=True).all_steps() \
-        if os.path.isdir(os.path.join(workdir, "checkpoints")) else []
+    steps = runs.RunDir(workdir).checkpoint_steps()
     use = (steps[-1] if steps else step) if step < 0 else step
-    teacher, t_cfg = train.load_teacher(workdir, info, dtype=dtype or jnp.float32, step=use)
+    teacher, t_cfg = runs.load_teacher(workdir, info, dtype=dtype or jnp.float32, step=use)
     identity = {
         "workdir": workdir,
         "step": int(use),
@@ -126,8 +126,6 @@ class TeacherCache:
     """A complete cache opened for random access: `logits(indices)`, `topk(indices)`."""
 
     def __init__(self, directory: str):
-        from array_record.python import array_record_data_source
-
         self.directory = os.path.abspath(directory or "")
         path = os.path.join(self.directory, "manifest.json")
         if not directory or not os.path.exists(path):
@@ -189,8 +187,6 @@ class TeacherCache:
 
     def logits(self, indices) -> np.ndarray:
         """Dense float32 logits (len(indices), num_classes); top-k caches are expanded."""
-        from titans.teachers import topk_to_logits
-
         rec = self.records(indices)
         if self.topk:
             return topk_to_logits(rec["values"].astype(np.float32), rec["indices"], self.num_classes)
@@ -216,16 +212,23 @@ def _write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+def _full_logits(teacher, images):
+    return teacher.logits(images)
+
+
+def _topk_logits(teacher, images, k):
+    return jax.lax.top_k(teacher.logits(images), k)
+
+
+def _topk_fn(topk: int):
+    """The `runs.predict` function of a cache: full logits, or (top-k values, top-k classes)."""
+    return functools.partial(_topk_logits, k=topk) if topk else _full_logits
+
+
 def write_cache(*, teacher_workdir: str, dataset: str, split: str, out: str, data_dir: str | None = None,
                 teacher_step: int = -1, topk: int = 0, dtype: str = "float32", shard_size: int = 8192,
                 batch_size: int = 512, delay_per_shard_s: float = 0.0, command: str = "", log=print) -> dict:
     """Writes (or finishes) the cache; returns its manifest. See the module docstring."""
-    import jax
-    import jax.numpy as jnp
-
-    from titans import data as data_lib
-    from titans.data.pipeline import _eval_images
-
     if dtype not in DTYPES:
         raise ValueError(f"--dtype={dtype!r} is not one of {list(DTYPES)}.")
     if shard_size < 1 or batch_size < 1 or topk < 0:
@@ -273,15 +276,7 @@ def write_cache(*, teacher_workdir: str, dataset: str, split: str, out: str, dat
     rec_dtype = record_dtype(info.num_classes, topk, dtype)
     store = _np_dtype(dtype)
 
-    @jax.jit
-    def predict(t, images):
-        logits = t.apply(data_lib.normalize(images, info, jnp.float32)).astype(jnp.float32)
-        if topk:
-            return jax.lax.top_k(logits, topk)
-        return logits
-
-    from array_record.python import array_record_module
-
+    fn, mesh = _topk_fn(topk), parallel.make_mesh()
     t0 = time.perf_counter()
     written = 0
     for s in range(num_shards):
@@ -292,17 +287,15 @@ def write_cache(*, teacher_workdir: str, dataset: str, split: str, out: str, dat
         writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
         for start in range(s * shard_size, min(n, (s + 1) * shard_size), batch_size):
             stop = min(start + batch_size, (s + 1) * shard_size, n)
-            images, _ = _eval_images(src.__getitems__(range(start, stop)), info)
+            images, _ = data_lib.eval_images(src.__getitems__(range(start, stop)), info)
             m = stop - start
-            if m < batch_size:  # one shape for every call: a single compilation
-                images = np.concatenate([images, np.zeros((batch_size - m, *images.shape[1:]), images.dtype)])
-            out_arrays = jax.device_get(predict(teacher, images))
+            out_arrays = runs.predict(fn, teacher, images, batch_size=batch_size, mesh=mesh)
             rows = np.zeros((m,), rec_dtype)
             if topk:
-                rows["values"] = np.asarray(out_arrays[0][:m]).astype(store)
-                rows["indices"] = np.asarray(out_arrays[1][:m]).astype(np.int32)
+                rows["values"] = out_arrays[0].astype(store)
+                rows["indices"] = out_arrays[1].astype(np.int32)
             else:
-                rows["logits"] = np.asarray(out_arrays[:m]).astype(store)
+                rows["logits"] = out_arrays.astype(store)
             for r in range(m):
                 writer.write(rows[r:r + 1].tobytes())
             written += m
@@ -339,7 +332,6 @@ def _parse(argv):
     defaults = dict(teacher_workdir="", teacher_step=-1, dataset="", split="train", data_dir="", out="",
                     topk=0, dtype="float32")
     if args.config:
-        from titans import config as config_lib
         c = config_lib.validate(config_lib.load_config_file(args.config))
         defaults.update(teacher_workdir=c.distill.teacher_workdir, teacher_step=c.distill.teacher_step,
                         dataset=c.dataset.name, split=c.dataset.train_split, data_dir=c.dataset.data_dir,

@@ -29,6 +29,7 @@ workers on other machines need the code (the `titans` package) but not the teach
 from __future__ import annotations
 
 import collections
+import gc
 import functools
 import json
 import logging
@@ -40,7 +41,16 @@ import threading
 import time
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from flax import nnx
+
+from titans import checkpoint as ckpt_lib
+from titans import data as data_lib
+from titans import runs
+from titans.teachers import cache as cache_lib
 
 KINDS = ("cpu", "gpu")
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -55,24 +65,15 @@ class TeacherWorker:
 
     def __init__(self, model_config_json: str, dataset: str, variables: dict, batch_shape, dtype: str = "auto",
                  delay_s: float = 0.0):
-        import jax
-        import jax.numpy as jnp
-        import ml_collections
-        from flax import nnx
-
-        from titans import checkpoint as ckpt_lib
-        from titans import data as data_lib
-        from titans import train
-
         cfg = ml_collections.ConfigDict(json.loads(model_config_json))
         info = data_lib.dataset_info(dataset)
-        compute = train.compute_dtype(dtype)
-        model = train.build_model(cfg.model, info, seed=0, dtype=compute, outputs=train.num_outputs(cfg, info))
+        compute = runs.compute_dtype(dtype)
+        model = runs.build_run_model(cfg, info, seed=0, dtype=compute)
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         nnx.replace_by_pure_dict(params, variables["params"])
         rest_like = nnx.to_pure_dict(rest)
         nnx.replace_by_pure_dict(rest, ckpt_lib.from_savable(variables["rest"], rest_like))
-        self._teacher = train.Teacher(graphdef, params, rest)
+        self._teacher = runs.FrozenModel(graphdef, params, rest)
         self._apply = jax.jit(lambda t, x: t.apply(data_lib.normalize(x, info, compute)).astype(jnp.float32))
         self._delay_s = float(delay_s)
         self._platform = jax.devices()[0].platform
@@ -80,7 +81,7 @@ class TeacherWorker:
         jax.block_until_ready(self._apply(self._teacher, np.zeros(tuple(batch_shape), np.uint8)))
 
     def ready(self) -> dict:
-        import ray
+        import ray  # noqa: PLC0415  (deferred: ray is the optional `ray` extra)
         return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(), "platform": self._platform}
 
     def infer(self, images) -> np.ndarray:
@@ -91,7 +92,7 @@ class TeacherWorker:
 
 @functools.lru_cache(maxsize=None)
 def _remote_worker_cls():
-    import ray
+    import ray  # noqa: PLC0415  (deferred: ray is the optional `ray` extra)
     return ray.remote(max_restarts=0, max_task_retries=0)(TeacherWorker)
 
 
@@ -101,7 +102,7 @@ def connect(address: str = "", *, num_cpus: int | None = None, num_gpus: int | N
     Already connected: nothing. `address` (e.g. "10.0.0.5:6379", "auto", "ray://head:10001"): join
     that cluster. Empty: start a local one on this machine, bound to 127.0.0.1.
     """
-    import ray
+    import ray  # noqa: PLC0415  (deferred: ray is the optional `ray` extra)
 
     if ray.is_initialized():
         return False
@@ -136,7 +137,7 @@ class TeacherPool:
                  cpus_per_worker: float = 1.0, gpus_per_worker: float = 1.0, per_worker: int = 2,
                  batch_timeout_s: float = 120.0, start_timeout_s: float = 300.0, scale_interval_s: float = 2.0,
                  max_attempts: int = 3, delay_s: float = 0.0, owns_ray: bool = False, wait: bool = True):
-        import ray
+        import ray  # noqa: PLC0415  (deferred: ray is the optional `ray` extra)
 
         if not ray.is_initialized():
             raise ServiceError("Ray is not initialised: call titans.teachers.service.connect() first.")
@@ -289,7 +290,6 @@ class TeacherPool:
         while not self._inbox.empty():
             self._inbox.get_nowait()
         workers = w = None  # noqa: F841  (drop the actor handles before shutdown)
-        import gc
         gc.collect()
         if self._owns_ray:
             self._ray.shutdown()
@@ -507,12 +507,6 @@ class PoolLabeler:
 
 def pool_from_config(config, info, *, delay_s: float = 0.0) -> TeacherPool:
     """Connects to (or starts) Ray and starts the pool `config.distill.service` describes."""
-    import jax
-    from flax import nnx
-
-    from titans import checkpoint as ckpt_lib
-    from titans.teachers import cache as cache_lib
-
     d, s = config.distill, config.distill.service
     teacher, t_cfg, _ = cache_lib.load_teacher_with_identity(d.teacher_workdir, d.teacher_step, info)
     variables = {"params": jax.device_get(nnx.to_pure_dict(teacher.params)),

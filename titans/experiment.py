@@ -1,4 +1,4 @@
-"""Runs a config: one training run, or a pipeline of stages (teacher, then students, ...).
+"""Runs an experiment config: one training run, or a pipeline of stages (teacher, then students, ...).
 
 A pipeline with a `cascade` section is followed by the cascade evaluation (titans/cascade/evaluate.py);
 one with an `ensemble` section by the B-DISTIL ensemble run (titans/ensemble/runner.py).
@@ -11,22 +11,26 @@ resumes from its checkpoint, so rerunning a pipeline command continues where it 
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 
 import ml_collections
 
 from titans import config as config_lib
-from titans import train
+from titans import logs, runs
+from titans.cascade import evaluate as cascade_evaluate
+from titans.ensemble import config as ensemble_config
+from titans.ensemble import runner as ensemble_runner
+from titans.train import train_and_evaluate
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def run_experiment(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Runs a config: one training run, or a pipeline of stages and its cascade/ensemble sections."""
     config = config_lib.validate(config)
     if "ensemble" in config:
-        from titans.ensemble import config as ensemble_config  # noqa: PLC0415
         ensemble_config.validate(config)  # before any stage trains, so a bad field fails fast
     if "stages" not in config:
-        return train.train_and_evaluate(config, workdir)
+        return train_and_evaluate(config, workdir)
     return run_pipeline(config, workdir)
 
 
@@ -42,30 +46,25 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 raise config_lib.ConfigError(f"stage '{name}' distils from '{ref}', which must run before it "
                                              f"(stage_order: {list(config.stage_order)}).")
             stage.distill.teacher_workdir = os.path.join(workdir, ref[1:])
-        done = os.path.join(stage_dir, "results.json")
-        if os.path.exists(done):
-            with open(done) as f:
-                results[name] = json.load(f)
-            print(f"[{name}] already finished: {done}", flush=True)
+        finished = runs.RunDir(stage_dir).results()
+        if finished is not None:
+            results[name] = finished
+            logging.info("[%s] already finished: %s", name, stage_dir)
             continue
-        results[name] = train.train_and_evaluate(stage, stage_dir)
+        results[name] = train_and_evaluate(stage, stage_dir)
         if results[name].get("preempted"):
             return {"preempted": True, "stage": name, "stages": results}
     table = summary_table(results)
     if results:
         print("\n" + table, flush=True)
-    if train.logs.is_writer():
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(results, f, indent=2)
-        with open(os.path.join(workdir, "summary.md"), "w") as f:
-            f.write(table + "\n")
+    if logs.is_writer():
+        runs.write_json(os.path.join(workdir, "summary.json"), results)
+        runs.write_text(os.path.join(workdir, "summary.md"), table + "\n")
     out = {"preempted": False, "stages": results}
     if "cascade" in config:
-        from titans.cascade import evaluate  # noqa: PLC0415 (only pipelines with a cascade section need it)
-        out["cascade"] = evaluate.run(config, workdir)
+        out["cascade"] = cascade_evaluate.evaluate_cascades(config, workdir)
     if "ensemble" in config:
-        from titans.ensemble import runner  # noqa: PLC0415 (only pipelines with an ensemble section need it)
-        out["ensemble"] = runner.run(config, workdir)
+        out["ensemble"] = ensemble_runner.run_ensemble(config, workdir)
     return out
 
 

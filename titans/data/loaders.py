@@ -52,7 +52,7 @@ def _stack(examples: list[dict], image_shape) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def _eval_images(examples: list[dict], info: DatasetInfo) -> tuple[np.ndarray, np.ndarray]:
+def eval_images(examples: list[dict], info: DatasetInfo) -> tuple[np.ndarray, np.ndarray]:
     """Stacked images after the deterministic (evaluation) transform of `info.augment`."""
     if info.augment == "imagenet":
         examples = [
@@ -182,7 +182,7 @@ class TrainLoader:
         examples = self.src.__getitems__(self._indices(order, step, row0, lbs).tolist())
         kind = self.info.augment
         if not self.augment:
-            images, labels = _eval_images(examples, self.info)
+            images, labels = eval_images(examples, self.info)
             return {"image": images, "label": labels}
         # Random numbers are drawn for the whole global batch and then sliced, so each
         # example's augmentation depends on (seed, step, global row) only.
@@ -279,7 +279,7 @@ def eval_batches(
         labels = np.zeros((lbs,), np.int32)
         mask = np.zeros((lbs,), bool)
         if stop > start:
-            got_images, got_labels = _eval_images(src.__getitems__(range(start, stop)), info)
+            got_images, got_labels = eval_images(src.__getitems__(range(start, stop)), info)
             images[: stop - start], labels[: stop - start] = got_images, got_labels
             mask[: stop - start] = True
         return {"image": images, "label": labels, "mask": mask}

@@ -1,11 +1,11 @@
 """Runs a cascade of finished Titans runs over a split: cheapest stage first, the next only where deferred.
 
-    python -m titans.cascade.run \
+    python -m titans.cascade.apply \
         --stages=workdirs/titans_fmnist/seed0/tiny_standard,workdirs/titans_fmnist/seed0/teacher \
         --gate=msp --rates=0.3
 
     # three stages: tiny defers 50% of the split to small, small defers 40% of what reaches it
-    python -m titans.cascade.run --stages=W/tiny_standard,W/small_standard,W/teacher --rates=0.5,0.4
+    python -m titans.cascade.apply --stages=W/tiny_standard,W/small_standard,W/teacher --rates=0.5,0.4
 
 Each ``--stages`` entry is a run directory (its config.json and latest checkpoint are loaded, frozen).
 The threshold of stage i is chosen on ``--val_split`` so that a fraction ``rates[i]`` of the validation
@@ -18,9 +18,18 @@ per example against the last stage run on everything. ``--out FILE`` writes the 
 from __future__ import annotations
 
 import json
+import logging
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 from absl import app, flags
+
+from titans import data as data_lib
+from titans import parallel, runs
+from titans.cascade import curves, evaluate, gates
+from titans.cascade.runner import CascadeRunner
 
 _STAGES = flags.DEFINE_list("stages", None, "Run directories, cheapest first; the last one always answers.")
 _GATE = flags.DEFINE_string("gate", "msp", "Gate of every non-final stage: msp, margin, entropy, defer_output.")
@@ -35,22 +44,13 @@ flags.mark_flags_as_required(["stages"])
 
 def run_cascade(stage_dirs, gate_name: str, rates, val_split: str, split: str, batch_size: int) -> dict:
     """The library form of this command; returns what it prints."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from titans import data as data_lib
-    from titans import parallel, train
-    from titans.cascade import curves, evaluate, gates
-    from titans.cascade.runner import CascadeRunner, round_up
-
     k = len(stage_dirs)
     if k < 2:
         raise ValueError("a cascade needs at least two --stages")
     rates = [float(r) for r in rates]
     if len(rates) != k - 1:
         raise ValueError(f"{k} stages need {k - 1} --rates (one per non-final stage), got {len(rates)}")
-    loaded = [train.load_run_model(d) for d in stage_dirs]
+    loaded = [runs.load_model(d) for d in stage_dirs]
     info = loaded[-1][2]
     for d, (_, _, inf, _) in zip(stage_dirs, loaded):
         if (inf.name, inf.num_classes) != (info.name, info.num_classes):
@@ -61,29 +61,27 @@ def run_cascade(stage_dirs, gate_name: str, rates, val_split: str, split: str, b
     stages = [evaluate.NormalizedModel.of(m, info) for m, *_ in loaded]
     gate = gates.get_gate(gate_name, num_classes=C)
     mesh = parallel.make_mesh()
-    batch_size = round_up(batch_size, mesh.devices.size)
+    batch_size = runs.round_up(batch_size, mesh.devices.size)
 
     # Thresholds on validation: stage i sees the examples every earlier stage deferred.
-    val_x, _ = evaluate.split_arrays(data_lib.get_source(info.name, val_split, data_dir=data_dir), info)
+    val_x, _ = runs.split_arrays(data_lib.get_source(info.name, val_split, data_dir=data_dir), info)
     reach = np.arange(len(val_x))
     thresholds = []
     for i in range(k - 1):
         if len(reach) == 0:
             raise ValueError(f"no validation example reaches stage {i}; lower the earlier --rates")
-        logits = evaluate.predict(stages[i], val_x[reach], mesh=mesh, batch_size=batch_size)
+        logits = runs.predict(evaluate.stage_logits, stages[i], val_x[reach], mesh=mesh, batch_size=batch_size)
         scores = np.asarray(jax.jit(jax.vmap(gate))(jnp.asarray(logits)))
         thresholds.append(curves.threshold_for_rate(scores, rates[i]))
         reach = reach[scores > thresholds[-1]]
 
-    x, y = evaluate.split_arrays(data_lib.get_source(info.name, split, data_dir=data_dir), info)
+    x, y = runs.split_arrays(data_lib.get_source(info.name, split, data_dir=data_dir), info)
     runner = CascadeRunner(stages, [gate] * (k - 1), thresholds, mesh=mesh)
     runner.warmup(x[:batch_size])
     preds, answered_by, sec = evaluate.run_runner(runner, x, batch_size)
-    last = evaluate.jitted_apply()
-    last_model = parallel.replicate(stages[-1], mesh)
-    jax.block_until_ready(last(last_model, parallel.to_global({"x": x[:batch_size]}, mesh)["x"]))
+    runs.predict(evaluate.stage_logits, stages[-1], x[:batch_size], mesh=mesh, batch_size=batch_size)  # compile
     t0 = time.perf_counter()
-    last_logits = evaluate.predict(stages[-1], x, mesh=mesh, batch_size=batch_size)
+    last_logits = runs.predict(evaluate.stage_logits, stages[-1], x, mesh=mesh, batch_size=batch_size)
     last_sec = (time.perf_counter() - t0) / len(x)
 
     flops = [evaluate.flops_of(m, info) for m, *_ in loaded]
@@ -103,7 +101,6 @@ def run_cascade(stage_dirs, gate_name: str, rates, val_split: str, split: str, b
 
 def main(argv):
     del argv
-    import logging
     logging.getLogger("absl").setLevel(logging.WARNING)
     try:
         out = run_cascade(_STAGES.value, _GATE.value, _RATES.value, _VAL_SPLIT.value, _SPLIT.value, _BATCH.value)
@@ -123,5 +120,9 @@ def main(argv):
             json.dump(out, f, indent=1)
 
 
-if __name__ == "__main__":
+def cli():
     app.run(main)
+
+
+if __name__ == "__main__":
+    cli()

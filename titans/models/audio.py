@@ -49,5 +49,3 @@ class Conv1DNet(L.Classifier):
         acts["features"] = x
         return self.classifier(x), acts
 
-
-AUDIO_MODELS = {"conv1d": Conv1DNet}

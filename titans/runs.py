@@ -1,0 +1,284 @@
+"""Finished runs and the models in them: the one place that loads and runs trained models.
+
+    run = RunDir(workdir)                  # config.json, checkpoints/, results.json of a run
+    run.finished                           # results.json exists
+    model = run.load_model()               # FrozenModel of the latest checkpoint (or step=N)
+    logits = predict(logits_fn, model, images, batch_size=512)   # batched, padded, on the mesh
+    logits, labels = predict_split(logits_fn, model, src, info, batch_size=512)
+
+Cascades, ensembles, active distillation, the teacher cache, the teacher service and analysis all
+load models through `RunDir` / `load_teacher` and run them through `predict`; none of them imports
+the trainer. The trainer writes a run's files through `RunDir` too, so what it writes and what is read
+back here cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from titans import checkpoint as ckpt_lib
+from titans import config as config_lib
+from titans import data as data_lib
+from titans import logs, models, parallel
+
+
+class TeacherMismatchError(ValueError):
+    """The teacher run does not fit the student's data (classes or input shape differ)."""
+
+
+class NotARunError(FileNotFoundError):
+    """A directory that holds no Titans run (no config.json) or no checkpoint yet."""
+
+
+def compute_dtype(name: str):
+    """A config's `dtype` as a jnp dtype; "auto" is bfloat16 on GPU/TPU and float32 on CPU."""
+    if name == "auto":
+        return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def num_outputs(config, info) -> int:
+    """Classes, plus one "defer" output for a learning-to-defer student."""
+    return info.num_classes + (1 if config.distill.get("objective", "standard") == "defer" else 0)
+
+
+def build_run_model(config, info, *, seed: int, dtype) -> nnx.Module:
+    """The model a run config trains (its outputs include a defer output where the objective has one)."""
+    return models.build_model(config.model, info, seed=seed, dtype=dtype, outputs=num_outputs(config, info))
+
+
+@flax.struct.dataclass
+class FrozenModel:
+    """A trained model, frozen: its graph (static) and its variables (arrays, passed into jitted calls).
+
+    `apply` takes normalised inputs (what the train step has at hand) and stops gradients, so a
+    teacher can enter a student's step without being trained; `logits` takes raw uint8 images.
+    """
+
+    graphdef: Any = flax.struct.field(pytree_node=False)
+    params: Any
+    model_state: Any
+    mean: tuple = flax.struct.field(pytree_node=False, default=())
+    std: tuple = flax.struct.field(pytree_node=False, default=())
+
+    def module(self) -> nnx.Module:
+        return nnx.merge(self.graphdef, self.params, jax.tree.map(lambda x: x, self.model_state))
+
+    def apply(self, images):
+        return jax.lax.stop_gradient(self.module()(images, train=False))
+
+    def logits(self, images):
+        """float32 logits of raw (uint8-valued) images: normalised with the run's dataset statistics."""
+        mean = np.asarray(self.mean, np.float32)
+        inv_std = 1.0 / np.asarray(self.std, np.float32)
+        x = (jnp.asarray(images).astype(jnp.float32) - mean) * inv_std
+        return self.apply(x).astype(jnp.float32)
+
+    def flops_per_example(self, input_shape) -> float:
+        return models.flops_per_example(self.module(), tuple(input_shape))
+
+
+def restore_variables(module: nnx.Module, ckpt: ckpt_lib.Checkpointer, step: int) -> FrozenModel:
+    """Reads the `model` item of `step` into a module built with the right structure; frozen."""
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    variables = ckpt.restore_model(step, {"params": nnx.to_pure_dict(params), "rest": nnx.to_pure_dict(rest)})
+    nnx.replace_by_pure_dict(params, variables["params"])
+    nnx.replace_by_pure_dict(rest, variables["rest"])
+    return FrozenModel(graphdef, params, rest)
+
+
+class RunDir:
+    """The directory of one training run: config.json, checkpoints/, metrics.jsonl, results.json."""
+
+    def __init__(self, path: str):
+        self.path = os.path.abspath(path)
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    @property
+    def exists(self) -> bool:
+        return os.path.exists(self.file("config.json"))
+
+    @property
+    def finished(self) -> bool:
+        return os.path.exists(self.file("results.json"))
+
+    @functools.cached_property
+    def config(self) -> ml_collections.ConfigDict:
+        if not self.exists:
+            raise NotARunError(f"{self.path!r} is not a Titans run (no config.json); train a model there first.")
+        with open(self.file("config.json")) as f:
+            return ml_collections.ConfigDict(json.load(f))
+
+    @property
+    def info(self) -> data_lib.DatasetInfo:
+        return data_lib.dataset_info(self.config.dataset.name)
+
+    def results(self) -> dict | None:
+        """results.json of a finished run, or None."""
+        return read_json(self.file("results.json"))
+
+    def write_config(self, config) -> None:
+        write_text(self.file("config.json"), config_lib.to_json(config))
+
+    def write_results(self, result: dict) -> None:
+        write_json(self.file("results.json"), result)
+
+    def checkpoint_steps(self) -> list[int]:
+        if not os.path.isdir(self.file("checkpoints")):
+            return []
+        return ckpt_lib.Checkpointer(self.path, read_only=True).all_steps()
+
+    def resolve_step(self, step: int = -1) -> int:
+        """`step`, or the latest saved step for -1; refuses a step that is not saved."""
+        steps = self.checkpoint_steps()
+        if not steps:
+            raise NotARunError(f"The run {self.path} has no checkpoint yet.")
+        use = steps[-1] if step < 0 else step
+        if use not in steps:
+            raise ValueError(f"Step {step} is not saved in {self.path}; saved: {steps}.")
+        return use
+
+    def load_model(self, *, step: int = -1, dtype=jnp.float32, module: nnx.Module | None = None) -> FrozenModel:
+        """The run's model at `step` (latest for -1), frozen. Only the checkpoint's `model` item is read.
+
+        `module` overrides the architecture built from config.json (a method's own model, e.g. an
+        ensemble member with a connection); its structure must match the checkpoint's.
+        """
+        cfg, info = self.config, self.info
+        use = self.resolve_step(step)
+        ckpt = ckpt_lib.Checkpointer(self.path, read_only=True)
+        if module is None:
+            ckpt.check_meta(use, ckpt_lib.meta_for(cfg, info, num_outputs(cfg, info)))
+            module = build_run_model(cfg, info, seed=0, dtype=dtype)
+        model = restore_variables(module, ckpt, use)
+        return model.replace(mean=tuple(info.mean), std=tuple(info.std))
+
+
+def load_model(workdir: str, *, dtype=jnp.float32, step: int = -1):
+    """(FrozenModel, config, dataset info, step used) of the run in `workdir`."""
+    run = RunDir(workdir)
+    use = run.resolve_step(step) if run.exists else step
+    return run.load_model(step=use, dtype=dtype), run.config, run.info, use
+
+
+def load_teacher(teacher_workdir: str, info, *, dtype=jnp.float32, step: int = -1):
+    """(FrozenModel, config) of a teacher run for a student on dataset `info`; refuses other data."""
+    run = RunDir(teacher_workdir)
+    if not run.exists:
+        raise NotARunError(f"distill.teacher_workdir={teacher_workdir!r} is not a Titans run "
+                           f"(no config.json); train the teacher there first.")
+    t_info = run.info
+    if t_info.num_classes != info.num_classes or tuple(t_info.image_shape) != tuple(info.image_shape):
+        raise TeacherMismatchError(
+            f"The teacher in {teacher_workdir} was trained on '{run.config.dataset.name}' "
+            f"({t_info.num_classes} classes, input {tuple(t_info.image_shape)}), but this run's data "
+            f"'{info.name}' has {info.num_classes} classes and input {tuple(info.image_shape)}.")
+    return run.load_model(step=step, dtype=dtype), run.config
+
+
+# ------------------------------------------------------------------------------------- predict
+
+
+def logits_fn(model: FrozenModel, images):
+    """The usual `predict` function: float32 logits of raw images."""
+    return model.logits(images)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(fn: Callable) -> Callable:
+    return jax.jit(fn)
+
+
+def pad_batch(chunk: np.ndarray, size: int) -> np.ndarray:
+    """A short final batch padded to `size` rows with copies of its first row (dropped afterwards)."""
+    if len(chunk) == size:
+        return chunk
+    return np.concatenate([chunk, np.repeat(chunk[:1], size - len(chunk), axis=0)])
+
+
+def _single_process(what: str) -> None:
+    if jax.process_count() > 1:
+        raise RuntimeError(f"{what} runs in a single process (it gathers the whole split on this host).")
+
+
+def predict(fn: Callable, model, images: np.ndarray, *, batch_size: int, mesh=None, progress: str = ""):
+    """fn(model, images batch) over all `images`, batch by batch on the mesh, in order.
+
+    `fn` returns a pytree of arrays with the batch as leading axis; it is jitted once (keep it a
+    module-level function so that repeated calls share the compiled program). The last batch is
+    padded to `batch_size` rows, so one shape compiles; the padding is dropped. `batch_size` is
+    rounded up to a multiple of the mesh's devices. With `progress`, a bar with that label and an
+    ETA is drawn on stderr. Single process.
+    """
+    _single_process("predict")
+    mesh = mesh or parallel.make_mesh()
+    batch_size = round_up(batch_size, mesh.devices.size)
+    model = parallel.replicate(model, mesh)
+    apply, outs, t0 = _jitted(fn), [], time.perf_counter()
+    n = len(images)
+    for start in range(0, n, batch_size):
+        rows = min(batch_size, n - start)
+        x = parallel.to_global({"x": pad_batch(np.asarray(images[start:start + batch_size]), batch_size)}, mesh)["x"]
+        outs.append(jax.tree.map(lambda a, r=rows: np.asarray(jax.device_get(a))[:r], apply(model, x)))
+        if progress:
+            logs.progress_bar(progress, start + rows, n, t0)
+    if progress:
+        print(file=sys.stderr)
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
+
+
+def predict_split(fn: Callable, model, src, info, *, batch_size: int, mesh=None, progress: str = ""):
+    """`predict` over a whole dataset split: (outputs in the split's order, labels (N,))."""
+    images, labels = split_arrays(src, info)
+    return predict(fn, model, images, batch_size=batch_size, mesh=mesh, progress=progress), labels
+
+
+def split_arrays(src, info, batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """A whole split as (uint8 images (N, H, W, C), int labels (N,)), in the split's order."""
+    images, labels = [], []
+    for batch in data_lib.eval_batches(src, info, global_batch_size=batch_size):
+        keep = np.asarray(batch["mask"])
+        images.append(np.asarray(batch["image"])[keep])
+        labels.append(np.asarray(batch["label"])[keep])
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def round_up(n: int, multiple: int) -> int:
+    """`n` rounded up to a multiple of `multiple`."""
+    return -(-int(n) // int(multiple)) * int(multiple)
+
+
+# ------------------------------------------------------------------------------------ run files
+
+
+def read_json(path: str, default: Any = None):
+    if not os.path.exists(path):
+        return default
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_text(path: str, text: str) -> None:
+    """Atomic: a process killed mid-write leaves the previous file (temp file + rename)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: str, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2))
