@@ -35,32 +35,46 @@ import time
 # Runnable as a script from anywhere in the repository.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import numpy as np
+from flax import nnx
 
-from titans import cascade, models  # noqa: E402
-from titans.train import Teacher  # noqa: E402
+from titans import cascade, models
+from titans.train import Teacher
 
 PAIRS = {
     # name: input shape, classes, (teacher, kwargs), (student, kwargs)
-    "fmnist": ((28, 28, 1), 10, ("cnn", {"channels": (32, 64), "dense": 128}), ("cnn", {"channels": (8, 16), "dense": 32})),
+    "fmnist": (
+        (28, 28, 1),
+        10,
+        ("cnn", {"channels": (32, 64), "dense": 128}),
+        ("cnn", {"channels": (8, 16), "dense": 32}),
+    ),
     "cifar": ((32, 32, 3), 10, ("resnet56", {}), ("resnet20", {})),
 }
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_pair", choices=sorted(PAIRS), default="fmnist",
-                   help="fmnist: cnn 32-64/128 -> cnn 8-16/32 at 28x28x1; cifar: resnet56 -> resnet20 at 32x32x3")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--model_pair",
+        choices=sorted(PAIRS),
+        default="fmnist",
+        help="fmnist: cnn 32-64/128 -> cnn 8-16/32 at 28x28x1; cifar: resnet56 -> resnet20 at 32x32x3",
+    )
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--rates", default="0.1,0.3,0.5", help="comma-separated deferral rates")
     p.add_argument("--repeats", type=int, default=7, help="timed repeats (each times every variant once)")
     p.add_argument("--inner", type=int, default=3, help="calls averaged inside one timed measurement")
-    p.add_argument("--capacities", nargs="+", default=["ladder", "pow2"],
-                   help="capacity sets to compare: 'ladder' (cascade.capacity_ladder(B, 8, 0.125)), 'ladder:W' (max waste W), "
-                        "'pow2' (B/8, B/4, B/2, B) or an explicit comma list")
+    p.add_argument(
+        "--capacities",
+        nargs="+",
+        default=["ladder", "pow2"],
+        help="capacity sets to compare: 'ladder' (cascade.capacity_ladder(B, 8, 0.125)), 'ladder:W' (max waste W), "
+        "'pow2' (B/8, B/4, B/2, B) or an explicit comma list",
+    )
     p.add_argument("--gate", default="msp", choices=sorted(cascade.GATES.keys() - {"defer_output"}))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="", help="write the results as JSON here")
@@ -82,8 +96,10 @@ def capacity_set(spec: str, batch: int) -> tuple[int, ...]:
 
 def build(name, kwargs, shape, num_classes, seed) -> Teacher:
     """A randomly initialised model as a frozen `Teacher` (its initialiser compiled once, not op by op)."""
+
     def make():
         return models.create_model(name, num_classes=num_classes, input_shape=shape, rngs=nnx.Rngs(seed), **kwargs)
+
     graphdef, _ = nnx.split(nnx.eval_shape(make))
     state = jax.jit(lambda: nnx.split(make())[1])()
     graphdef, params, rest = nnx.split(nnx.merge(graphdef, state), nnx.Param, ...)
@@ -103,8 +119,10 @@ def main(argv=None):
     B = args.batch
     teacher = build(t_name, t_kw, shape, C, args.seed)
     student = build(s_name, s_kw, shape, C, args.seed + 1)
-    flops = {role: models.flops_per_example(nnx.merge(m.graphdef, m.params, m.model_state), shape)
-             for role, m in (("teacher", teacher), ("student", student))}
+    flops = {
+        role: models.flops_per_example(nnx.merge(m.graphdef, m.params, m.model_state), shape)
+        for role, m in (("teacher", teacher), ("student", student))
+    }
     apply = jax.jit(lambda m, x: m.apply(x))
     gate = cascade.get_gate(args.gate, num_classes=C)
     images = jax.device_put(np.random.default_rng(args.seed).standard_normal((B, *shape)).astype(np.float32))
@@ -116,8 +134,14 @@ def main(argv=None):
     for r in args.rates:
         thr = cascade.threshold_for_rate(scores, r)
         deferred = np.nonzero(scores > thr)[0]
-        points.append({"rate": r, "threshold": thr, "deferred": int(deferred.size),
-                       "teacher_batch": images[deferred] if deferred.size else None})
+        points.append(
+            {
+                "rate": r,
+                "threshold": thr,
+                "deferred": int(deferred.size),
+                "teacher_batch": images[deferred] if deferred.size else None,
+            }
+        )
 
     cap_sets = {spec: capacity_set(spec, B) for spec in args.capacities}
     runners = {}
@@ -130,7 +154,9 @@ def main(argv=None):
             out = runner(images)
             want = np.where(scores > pt["threshold"], t_logits.argmax(-1), s_logits.argmax(-1))
             if not np.array_equal(np.asarray(out.predictions), want):
-                raise AssertionError(f"runner with capacities {spec} disagrees with the naive cascade at r={pt['rate']}")
+                raise AssertionError(
+                    f"runner with capacities {spec} disagrees with the naive cascade at r={pt['rate']}"
+                )
             pt.setdefault("buffer_rows", {})[spec] = int(out.ran[1] + out.padded[1])
         runners[spec] = runner
     for pt in points:
@@ -144,10 +170,12 @@ def main(argv=None):
         if pt["teacher_batch"] is not None:
             tasks[f"teacher_r{i}"] = (lambda b: lambda: apply(teacher, b))(pt["teacher_batch"])
         for spec, runner in runners.items():
+
             def run(runner=runner, thr=pt["threshold"]):
                 runner.thresholds = [thr]
                 out = runner(images)
                 return out.predictions, out.logits
+
             tasks[f"runner_r{i}_{spec}"] = run
     samples = {k: [] for k in tasks}
     for _ in range(args.repeats):
@@ -161,34 +189,63 @@ def main(argv=None):
         ideal = med["student"] + t_r
         for spec in runners:
             rt = med[f"runner_r{i}_{spec}"]
-            rows.append({"rate": pt["rate"], "deferred": pt["deferred"], "capacities": spec,
-                         "teacher_rows": pt["buffer_rows"][spec], "t_student_ms": 1e3 * med["student"],
-                         "t_teacher_r_ms": 1e3 * t_r, "ideal_ms": 1e3 * ideal, "runner_ms": 1e3 * rt,
-                         "runner_over_ideal": rt / ideal, "t_teacher_full_ms": 1e3 * med["teacher_full"],
-                         "runner_over_teacher_full": rt / med["teacher_full"]})
+            rows.append(
+                {
+                    "rate": pt["rate"],
+                    "deferred": pt["deferred"],
+                    "capacities": spec,
+                    "teacher_rows": pt["buffer_rows"][spec],
+                    "t_student_ms": 1e3 * med["student"],
+                    "t_teacher_r_ms": 1e3 * t_r,
+                    "ideal_ms": 1e3 * ideal,
+                    "runner_ms": 1e3 * rt,
+                    "runner_over_ideal": rt / ideal,
+                    "t_teacher_full_ms": 1e3 * med["teacher_full"],
+                    "runner_over_teacher_full": rt / med["teacher_full"],
+                }
+            )
 
-    print(f"# Cascade runner speed: {args.model_pair} ({t_name} {t_kw or ''} -> {s_name} {s_kw or ''}), "
-          f"input {shape}, batch {B}, gate {args.gate}")
-    print(f"jax {jax.__version__}, backend {jax.default_backend()}, device {jax.devices()[0].device_kind}, "
-          f"{len(jax.devices())} device(s), {platform.machine()}, {os.cpu_count()} cpus; random weights; "
-          f"medians of {args.repeats} interleaved repeats x {args.inner} calls")
-    print(f"XLA FLOPs/example: teacher {flops['teacher'] / 1e6:.2f} M, student {flops['student'] / 1e6:.3f} M, "
-          f"gate {cascade.gate_flops(gate, C):.0f}; compile + check {compile_s:.1f} s")
+    print(
+        f"# Cascade runner speed: {args.model_pair} ({t_name} {t_kw or ''} -> {s_name} {s_kw or ''}), "
+        f"input {shape}, batch {B}, gate {args.gate}"
+    )
+    print(
+        f"jax {jax.__version__}, backend {jax.default_backend()}, device {jax.devices()[0].device_kind}, "
+        f"{len(jax.devices())} device(s), {platform.machine()}, {os.cpu_count()} cpus; random weights; "
+        f"medians of {args.repeats} interleaved repeats x {args.inner} calls"
+    )
+    print(
+        f"XLA FLOPs/example: teacher {flops['teacher'] / 1e6:.2f} M, student {flops['student'] / 1e6:.3f} M, "
+        f"gate {cascade.gate_flops(gate, C):.0f}; compile + check {compile_s:.1f} s"
+    )
     for spec, caps in cap_sets.items():
         print(f"capacities {spec}: {', '.join(map(str, caps))}")
     print()
-    print("| capacities | rate | deferred | teacher rows run | t_student ms | t_teacher(r) ms | ideal ms | runner ms "
-          "| runner/ideal | t_teacher_full ms | runner/teacher-full |")
+    print(
+        "| capacities | rate | deferred | teacher rows run | t_student ms | t_teacher(r) ms | ideal ms | runner ms "
+        "| runner/ideal | t_teacher_full ms | runner/teacher-full |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
-        print(f"| {row['capacities']} | {row['rate']:.2f} | {row['deferred']} | {row['teacher_rows']} "
-              f"| {row['t_student_ms']:.2f} | {row['t_teacher_r_ms']:.2f} | {row['ideal_ms']:.2f} "
-              f"| {row['runner_ms']:.2f} | {row['runner_over_ideal']:.3f} | {row['t_teacher_full_ms']:.2f} "
-              f"| {row['runner_over_teacher_full']:.3f} |")
+        print(
+            f"| {row['capacities']} | {row['rate']:.2f} | {row['deferred']} | {row['teacher_rows']} "
+            f"| {row['t_student_ms']:.2f} | {row['t_teacher_r_ms']:.2f} | {row['ideal_ms']:.2f} "
+            f"| {row['runner_ms']:.2f} | {row['runner_over_ideal']:.3f} | {row['t_teacher_full_ms']:.2f} "
+            f"| {row['runner_over_teacher_full']:.3f} |"
+        )
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"args": {k: v for k, v in vars(args).items()}, "flops": flops, "rows": rows,
-                       "capacities": {k: list(v) for k, v in cap_sets.items()}, "samples_s": samples}, f, indent=1)
+            json.dump(
+                {
+                    "args": dict(vars(args)),
+                    "flops": flops,
+                    "rows": rows,
+                    "capacities": {k: list(v) for k, v in cap_sets.items()},
+                    "samples_s": samples,
+                },
+                f,
+                indent=1,
+            )
     return rows
 
 

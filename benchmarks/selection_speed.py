@@ -23,11 +23,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from titans.active import selection  # noqa: E402
+from titans.active import selection
 
 
 def _timed(fn, repeats: int) -> tuple[float, float]:
@@ -51,21 +51,27 @@ def run(pools, b, dim, centres, kcenter_max, repeats, m_fraction):
         available = jnp.asarray(rng.random(n) > 0.05)
         m = m_fraction * b
         cases = {
-            "random": lambda r: np.asarray(selection.select("random", key=jax.random.key(r), probs=probs,
-                                                             available=available, b=b)[0]),
-            "margin": lambda r: np.asarray(selection.select("margin", key=jax.random.key(r), probs=probs,
-                                                             available=available, b=b)[0]),
-            "entropy": lambda r: np.asarray(selection.select("entropy", key=jax.random.key(r), probs=probs,
-                                                              available=available, b=b)[0]),
-            "robust": lambda r: np.asarray(selection.select("robust", key=jax.random.key(r), probs=probs,
-                                                             available=available, b=b, m=m)[0]),
+            "random": lambda r: np.asarray(
+                selection.select("random", key=jax.random.key(r), probs=probs, available=available, b=b)[0]
+            ),
+            "margin": lambda r: np.asarray(
+                selection.select("margin", key=jax.random.key(r), probs=probs, available=available, b=b)[0]
+            ),
+            "entropy": lambda r: np.asarray(
+                selection.select("entropy", key=jax.random.key(r), probs=probs, available=available, b=b)[0]
+            ),
+            "robust": lambda r: np.asarray(
+                selection.select("robust", key=jax.random.key(r), probs=probs, available=available, b=b, m=m)[0]
+            ),
         }
         if n <= kcenter_max:
             emb = jnp.asarray(rng.normal(size=(n, dim)).astype(np.float32))
             cen = jnp.asarray(rng.normal(size=(centres, dim)).astype(np.float32))
-            cases["kcenter"] = lambda r: np.asarray(selection.select(
-                "kcenter", key=jax.random.key(r), probs=probs, available=available, b=b, embeddings=emb,
-                centres=cen)[0])
+            cases["kcenter"] = lambda r: np.asarray(
+                selection.select(
+                    "kcenter", key=jax.random.key(r), probs=probs, available=available, b=b, embeddings=emb, centres=cen
+                )[0]
+            )
         for name, fn in cases.items():
             reps = repeats if name != "kcenter" or n < 1_000_000 else 1
             first, warm = _timed(fn, reps)
@@ -104,9 +110,11 @@ def main():
     pools = [int(float(p)) for p in args.pools.split(",")]
     rows = run(pools, args.b, args.dim, args.centres, args.kcenter_max, args.repeats, args.m_fraction)
     dev = jax.devices()[0]
-    print(f"Selection of b={args.b} points; k-center: dim {args.dim}, {args.centres} centres. "
-          f"Device: {dev.platform} ({dev.device_kind}), {len(jax.devices())} device(s); "
-          f"jax {jax.__version__}, Python {platform.python_version()}.")
+    print(
+        f"Selection of b={args.b} points; k-center: dim {args.dim}, {args.centres} centres. "
+        f"Device: {dev.platform} ({dev.device_kind}), {len(jax.devices())} device(s); "
+        f"jax {jax.__version__}, Python {platform.python_version()}."
+    )
     print(f"Command: python benchmarks/selection_speed.py {' '.join(sys.argv[1:])}".rstrip())
     print()
     print(table(rows, pools))

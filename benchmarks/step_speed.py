@@ -42,30 +42,43 @@ import time
 # Runnable as a script from anywhere in the repository.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 PAIRS = {
     # name: dataset, (teacher model, kwargs), (student model, kwargs)
-    "fmnist": ("fashion_mnist", ("cnn", {"channels": [32, 64], "dense": 128}),
-               ("cnn", {"channels": [8, 16], "dense": 32})),
+    "fmnist": (
+        "fashion_mnist",
+        ("cnn", {"channels": [32, 64], "dense": 128}),
+        ("cnn", {"channels": [8, 16], "dense": 32}),
+    ),
     "cifar": ("cifar10", ("resnet56", {}), ("resnet20", {})),
 }
 STEP_NAMES = ("teacher", "student", "kd")
 STEP1_TOL = 1e-4  # first-step loss, same weights and batch: only float rounding differs
 STEP2_RTOL = 1e-3  # after one update; deep nets at small batches amplify rounding a little
-STEP_LABELS = {"teacher": "teacher step (CE)", "student": "student step (CE)",
-               "kd": "online-KD step (teacher fwd + student KD)"}
+STEP_LABELS = {
+    "teacher": "teacher step (CE)",
+    "student": "student step (CE)",
+    "kd": "online-KD step (teacher fwd + student KD)",
+}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_pair", choices=sorted(PAIRS), default="fmnist",
-                   help="default dataset + teacher + student: fmnist (cnn 32-64/128 -> cnn 8-16/32, 28x28x1) "
-                        "or cifar (resnet56 -> resnet20, 32x32x3)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--model_pair",
+        choices=sorted(PAIRS),
+        default="fmnist",
+        help="default dataset + teacher + student: fmnist (cnn 32-64/128 -> cnn 8-16/32, 28x28x1) "
+        "or cifar (resnet56 -> resnet20, 32x32x3)",
+    )
     p.add_argument("--dataset", default=None, help="override the pair's dataset (only its shape/classes are used)")
     p.add_argument("--teacher", default=None, help="teacher model name (Titans registry), overrides the pair")
-    p.add_argument("--teacher_kwargs", default=None, help='teacher kwargs as JSON, e.g. \'{"channels": [32, 64], "dense": 128}\'')
+    p.add_argument(
+        "--teacher_kwargs", default=None, help='teacher kwargs as JSON, e.g. \'{"channels": [32, 64], "dense": 128}\''
+    )
     p.add_argument("--student", default=None, help="student model name, overrides the pair")
     p.add_argument("--student_kwargs", default=None, help="student kwargs as JSON")
     p.add_argument("--batch_size", type=int, default=128, help="global batch size")
@@ -74,11 +87,19 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
     p.add_argument("--num_batches", type=int, default=4, help="pre-generated random batches, cycled")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
-    p.add_argument("--torch_threads", type=int, default=0,
-                   help="torch.set_num_threads on CPU; 0 = os.cpu_count() (the pinned cores with --cpu_cores)")
-    p.add_argument("--cpu_cores", type=int, default=0,
-                   help="pin this process to its first N cores before JAX and torch start (XLA sizes its "
-                        "thread pool from them); 0 = all")
+    p.add_argument(
+        "--torch_threads",
+        type=int,
+        default=0,
+        help="torch.set_num_threads on CPU; 0 = os.cpu_count() (the pinned cores with --cpu_cores)",
+    )
+    p.add_argument(
+        "--cpu_cores",
+        type=int,
+        default=0,
+        help="pin this process to its first N cores before JAX and torch start (XLA sizes its "
+        "thread pool from them); 0 = all",
+    )
     p.add_argument("--out", default="", help="write the results as JSON here")
     p.add_argument("--skip_torch", action="store_true", help="time the Titans steps only")
     p.add_argument("--skip_numerics", action="store_true", help="skip the JAX-vs-torch loss check")
@@ -129,6 +150,7 @@ def cpu_name() -> str:
 # Titans (JAX) side: the trainer's own functions.
 # ----------------------------------------------------------------------------------------------
 
+
 class TitansSide:
     def __init__(self, args, total_steps: int):
         import jax
@@ -171,7 +193,7 @@ class TitansSide:
     def split(self, role):
         """Fresh (graphdef, params, rest) copies of the initial model (the timing donates buffers)."""
         graphdef, params, rest = self.nnx.split(self.models[role], self.nnx.Param, ...)
-        copy = lambda tree: self.jax.tree.map(lambda a: self.jnp.array(a, copy=True), tree)  # noqa: E731
+        copy = lambda tree: self.jax.tree.map(lambda a: self.jnp.array(a, copy=True), tree)
         return graphdef, copy(params), copy(rest)
 
     def optimizer(self, role):
@@ -180,8 +202,9 @@ class TitansSide:
     def lr_values(self, role) -> np.ndarray:
         """The learning rate of every step, to drive the torch optimizer with the same values."""
         _, schedule = self.optimizer(role)
-        return np.asarray(self.jax.device_get(
-            self.jax.vmap(schedule)(self.jnp.arange(self.total_steps + 8))), np.float64)
+        return np.asarray(
+            self.jax.device_get(self.jax.vmap(schedule)(self.jnp.arange(self.total_steps + 8))), np.float64
+        )
 
     def teacher(self):
         graphdef, params, rest = self.split("teacher")
@@ -193,17 +216,28 @@ class TitansSide:
         role = "teacher" if kind == "teacher" else "student"
         graphdef, params, rest = self.split(role)
         tx, schedule = self.optimizer(role)
-        state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=rest,
-                                 opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(0)),
-                                 nonfinite_step=jnp.full((), -1, jnp.int32))
+        state = train.TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            model_state=rest,
+            opt_state=tx.init(params),
+            rng=jax.random.key_data(jax.random.key(0)),
+            nonfinite_step=jnp.full((), -1, jnp.int32),
+        )
         state = self.parallel.replicate(state, self.mesh)
-        step = jax.jit(train.make_train_step(graphdef, tx, train.make_loss_fn(self.configs[role]), self.info,
-                                             self.dtype, schedule), donate_argnums=(0,))
+        step = jax.jit(
+            train.make_train_step(
+                graphdef, tx, train.make_loss_fn(self.configs[role]), self.info, self.dtype, schedule
+            ),
+            donate_argnums=(0,),
+        )
         return step, state, (self.teacher() if kind == "kd" else None)
 
     def batches(self, images_nhwc, labels):
-        return [self.parallel.to_global({"image": x, "label": y.astype(np.int32)}, self.mesh)
-                for x, y in zip(images_nhwc, labels)]
+        return [
+            self.parallel.to_global({"image": x, "label": y.astype(np.int32)}, self.mesh)
+            for x, y in zip(images_nhwc, labels)
+        ]
 
     def sync(self, tree):
         self.jax.block_until_ready(tree)
@@ -211,7 +245,7 @@ class TitansSide:
     def pure(self, role):
         """Initial variables as nested dicts of numpy arrays (params and BatchNorm statistics)."""
         _, params, rest = self.nnx.split(self.models[role], self.nnx.Param, ...)
-        to_np = lambda t: self.jax.tree.map(np.asarray, self.nnx.to_pure_dict(t))  # noqa: E731
+        to_np = lambda t: self.jax.tree.map(np.asarray, self.nnx.to_pure_dict(t))
         return to_np(params), to_np(rest)
 
     def describe(self, role):
@@ -221,24 +255,47 @@ class TitansSide:
 
         m = self.models[role]
         if isinstance(m, CNN):
-            return dict(kind="cnn", input_shape=tuple(m.input_shape), num_classes=m.num_classes,
-                        channels=[int(c.kernel[...].shape[-1]) for c in m.convs], pools=list(m.pools),
-                        dense=int(m.dense.kernel[...].shape[-1]), batch_norm=bool(m.use_bn))
+            return dict(
+                kind="cnn",
+                input_shape=tuple(m.input_shape),
+                num_classes=m.num_classes,
+                channels=[int(c.kernel[...].shape[-1]) for c in m.convs],
+                pools=list(m.pools),
+                dense=int(m.dense.kernel[...].shape[-1]),
+                batch_norm=bool(m.use_bn),
+            )
         if isinstance(m, CifarResNet):
             blocks = []
             for stage in m.stages:
-                blocks.append([dict(in_ch=int(b.conv1.kernel[...].shape[2]), out_ch=int(b.conv1.kernel[...].shape[3]),
-                                    stride=int(b.stride), projection=b.proj_conv is not None,
-                                    pad_channels=int(b.pad_channels)) for b in stage])
-            return dict(kind="cifar_resnet", input_shape=tuple(m.input_shape), num_classes=m.num_classes,
-                        stem=int(m.stem_conv.kernel[...].shape[-1]), stages=blocks)
-        raise NotImplementedError(f"No PyTorch twin written for {type(m).__name__} "
-                                  f"('{self.specs[role][0]}'); use --skip_torch or a cnn / CIFAR ResNet.")
+                blocks.append(
+                    [
+                        dict(
+                            in_ch=int(b.conv1.kernel[...].shape[2]),
+                            out_ch=int(b.conv1.kernel[...].shape[3]),
+                            stride=int(b.stride),
+                            projection=b.proj_conv is not None,
+                            pad_channels=int(b.pad_channels),
+                        )
+                        for b in stage
+                    ]
+                )
+            return dict(
+                kind="cifar_resnet",
+                input_shape=tuple(m.input_shape),
+                num_classes=m.num_classes,
+                stem=int(m.stem_conv.kernel[...].shape[-1]),
+                stages=blocks,
+            )
+        raise NotImplementedError(
+            f"No PyTorch twin written for {type(m).__name__} "
+            f"('{self.specs[role][0]}'); use --skip_torch or a cnn / CIFAR ResNet."
+        )
 
 
 # ----------------------------------------------------------------------------------------------
 # PyTorch side, written plainly.
 # ----------------------------------------------------------------------------------------------
+
 
 def torch_modules():
     import torch
@@ -294,7 +351,7 @@ def torch_modules():
                 x = self.proj_bn(self.proj_conv(x))
             else:
                 if self.stride != 1:
-                    x = x[:, :, ::self.stride, ::self.stride]
+                    x = x[:, :, :: self.stride, :: self.stride]
                 if self.pad_channels:
                     lo = self.pad_channels // 2
                     x = F.pad(x, (0, 0, 0, 0, lo, self.pad_channels - lo))
@@ -321,8 +378,9 @@ def torch_modules():
 def build_torch_model(desc):
     CNN, CifarResNet = torch_modules()
     if desc["kind"] == "cnn":
-        return CNN(desc["input_shape"], desc["num_classes"], desc["channels"], desc["pools"], desc["dense"],
-                   desc["batch_norm"])
+        return CNN(
+            desc["input_shape"], desc["num_classes"], desc["channels"], desc["pools"], desc["dense"], desc["batch_norm"]
+        )
     return CifarResNet(desc["input_shape"], desc["num_classes"], desc["stem"], desc["stages"])
 
 
@@ -366,8 +424,11 @@ def load_jax_weights(tmodel, params: dict, rest: dict) -> int:
 
     walk(params, ())
     walk(rest, ())
-    missing = [n for n, t in list(tmodel.named_parameters()) + list(tmodel.named_buffers())
-               if id(t) not in written and not n.endswith("num_batches_tracked")]
+    missing = [
+        n
+        for n, t in list(tmodel.named_parameters()) + list(tmodel.named_buffers())
+        if id(t) not in written and not n.endswith("num_batches_tracked")
+    ]
     if missing:
         raise ValueError(f"torch tensors not loaded from JAX: {missing}")
     return len(written)
@@ -415,8 +476,13 @@ class TorchSide:
             for p in teacher.parameters():
                 p.requires_grad_(False)
         lrs = self.lrs[role]
-        opt = torch.optim.SGD(model.parameters(), lr=float(lrs[0]), momentum=cfg.momentum, nesterov=cfg.nesterov,
-                              weight_decay=cfg.weight_decay)
+        opt = torch.optim.SGD(
+            model.parameters(),
+            lr=float(lrs[0]),
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov,
+            weight_decay=cfg.weight_decay,
+        )
         mean, inv_std = self.mean, self.inv_std
         alpha, T = self.alpha, self.temperature
         counter = [0]
@@ -433,8 +499,12 @@ class TorchSide:
             else:
                 with torch.no_grad():
                     t_logits = teacher(x)
-                kl = F.kl_div(F.log_softmax(logits / T, dim=1), F.log_softmax(t_logits / T, dim=1),
-                              reduction="batchmean", log_target=True)
+                kl = F.kl_div(
+                    F.log_softmax(logits / T, dim=1),
+                    F.log_softmax(t_logits / T, dim=1),
+                    reduction="batchmean",
+                    log_target=True,
+                )
                 loss = alpha * T * T * kl + (1.0 - alpha) * F.cross_entropy(logits, labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -445,8 +515,13 @@ class TorchSide:
 
     def batches(self, images_nhwc, labels):
         torch = self.torch
-        return [(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(self.device),
-                 torch.from_numpy(y.astype(np.int64)).to(self.device)) for x, y in zip(images_nhwc, labels)]
+        return [
+            (
+                torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(self.device),
+                torch.from_numpy(y.astype(np.int64)).to(self.device),
+            )
+            for x, y in zip(images_nhwc, labels)
+        ]
 
     def sync(self):
         if self.device.type == "cuda":
@@ -454,6 +529,7 @@ class TorchSide:
 
 
 # ----------------------------------------------------------------------------------------------
+
 
 def numerics_check(titans: TitansSide, torch_side: TorchSide, jax_batches, torch_batches):
     """Losses of the first two steps of each kind, from identical weights, on the same batches."""
@@ -473,40 +549,52 @@ def numerics_check(titans: TitansSide, torch_side: TorchSide, jax_batches, torch
                     state, metrics = j_step(state, jax_batches[i % len(jax_batches)], teacher)
                     j_losses.append(float(jax.device_get(metrics["loss"])))
                     t_losses.append(float(t_step(torch_batches[i % len(torch_batches)]).cpu()))
-                results[kind] = {"jax": j_losses, "torch": t_losses,
-                                 "step1_abs_diff": abs(j_losses[0] - t_losses[0]),
-                                 "step2_rel_diff": abs(j_losses[1] - t_losses[1]) / max(abs(j_losses[1]), 1e-12)}
+                results[kind] = {
+                    "jax": j_losses,
+                    "torch": t_losses,
+                    "step1_abs_diff": abs(j_losses[0] - t_losses[0]),
+                    "step2_rel_diff": abs(j_losses[1] - t_losses[1]) / max(abs(j_losses[1]), 1e-12),
+                }
                 del state
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old_tf32
-    results["pass"] = all(e["step1_abs_diff"] <= STEP1_TOL * max(1.0, abs(e["jax"][0]))
-                          and e["step2_rel_diff"] <= STEP2_RTOL for e in results.values())
+    results["pass"] = all(
+        e["step1_abs_diff"] <= STEP1_TOL * max(1.0, abs(e["jax"][0])) and e["step2_rel_diff"] <= STEP2_RTOL
+        for e in results.values()
+    )
     return results
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.cpu_cores:
-        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.cpu_cores])
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cpu_cores])
     import jax
 
     jax.config.update("jax_platforms", "cuda" if args.device == "gpu" else "cpu")
-    command = "python " + shlex.join([os.path.relpath(sys.argv[0]) if argv is None else "benchmarks/step_speed.py",
-                                       *(sys.argv[1:] if argv is None else argv)])
+    command = "python " + shlex.join(
+        [
+            os.path.relpath(sys.argv[0]) if argv is None else "benchmarks/step_speed.py",
+            *(sys.argv[1:] if argv is None else argv),
+        ]
+    )
     total_steps = 2 + (1 + args.warmup + args.steps * args.repeats)  # numerics + compile + warm-up + timed
     titans = TitansSide(args, total_steps)
     info = titans.info
 
     rng = np.random.default_rng(args.seed)
-    images = [rng.integers(0, 256, size=(args.batch_size, *info.image_shape), dtype=np.uint8)
-              for _ in range(args.num_batches)]
-    labels = [rng.integers(0, info.num_classes, size=(args.batch_size,)).astype(np.int32)
-              for _ in range(args.num_batches)]
+    images = [
+        rng.integers(0, 256, size=(args.batch_size, *info.image_shape), dtype=np.uint8) for _ in range(args.num_batches)
+    ]
+    labels = [
+        rng.integers(0, info.num_classes, size=(args.batch_size,)).astype(np.int32) for _ in range(args.num_batches)
+    ]
     jax_batches = titans.batches(images, labels)
 
     torch_side = None
     if not args.skip_torch:
         import torch
+
         torch_side = TorchSide(args, titans, titans.configs["student"].distill)
         torch_batches = torch_side.batches(images, labels)
 
@@ -522,8 +610,13 @@ def main(argv=None):
         for i in range(1 + args.warmup):
             state, metrics = step(state, jax_batches[i % args.num_batches], teacher)
         titans.sync((state, metrics))
-        jax_runs[kind] = {"step": step, "state": state, "teacher": teacher, "i": 1 + args.warmup,
-                          "warmup_s": time.perf_counter() - t0}
+        jax_runs[kind] = {
+            "step": step,
+            "state": state,
+            "teacher": teacher,
+            "i": 1 + args.warmup,
+            "warmup_s": time.perf_counter() - t0,
+        }
         if torch_side is not None:
             t_step = torch_side.make(kind)
             for i in range(1 + args.warmup):
@@ -585,29 +678,48 @@ def main(argv=None):
         "dataset": args.dataset,
         "input_shape": list(info.image_shape),
         "num_classes": info.num_classes,
-        "teacher": {"model": args.teacher_spec[0], "kwargs": args.teacher_spec[1],
-                    "flops_per_example": titans.flops["teacher"], "params": titans.params["teacher"]},
-        "student": {"model": args.student_spec[0], "kwargs": args.student_spec[1],
-                    "flops_per_example": titans.flops["student"], "params": titans.params["student"]},
-        "batch_size": args.batch_size, "steps": args.steps, "repeats": args.repeats, "warmup": args.warmup,
+        "teacher": {
+            "model": args.teacher_spec[0],
+            "kwargs": args.teacher_spec[1],
+            "flops_per_example": titans.flops["teacher"],
+            "params": titans.params["teacher"],
+        },
+        "student": {
+            "model": args.student_spec[0],
+            "kwargs": args.student_spec[1],
+            "flops_per_example": titans.flops["student"],
+            "params": titans.params["student"],
+        },
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
         "dtype": "float32",
         "numerics": numerics,
         "steps_results": {},
     }
     for kind in STEP_NAMES:
         j = times[("jax", kind)]
-        entry = {"jax_seconds": j, "jax_examples_per_s": [n / t for t in j],
-                 "jax_median_examples_per_s": statistics.median(n / t for t in j),
-                 "jax_compile_and_warmup_s": jax_runs[kind]["warmup_s"],
-                 "jax_last_loss": float(jax.device_get(jax_runs[kind]["loss"]))}
+        entry = {
+            "jax_seconds": j,
+            "jax_examples_per_s": [n / t for t in j],
+            "jax_median_examples_per_s": statistics.median(n / t for t in j),
+            "jax_compile_and_warmup_s": jax_runs[kind]["warmup_s"],
+            "jax_last_loss": float(jax.device_get(jax_runs[kind]["loss"])),
+        }
         if torch_side is not None:
             t = times[("torch", kind)]
             ratios = [tt / jj for tt, jj in zip(t, j)]
-            entry.update({"torch_seconds": t, "torch_examples_per_s": [n / x for x in t],
-                          "torch_median_examples_per_s": statistics.median(n / x for x in t),
-                          "torch_over_jax_time_per_repeat": ratios,
-                          "torch_over_jax_time_median": statistics.median(ratios),
-                          "torch_last_loss": float(torch_runs[kind]["loss"].cpu())})
+            entry.update(
+                {
+                    "torch_seconds": t,
+                    "torch_examples_per_s": [n / x for x in t],
+                    "torch_median_examples_per_s": statistics.median(n / x for x in t),
+                    "torch_over_jax_time_per_repeat": ratios,
+                    "torch_over_jax_time_median": statistics.median(ratios),
+                    "torch_last_loss": float(torch_runs[kind]["loss"].cpu()),
+                }
+            )
         result["steps_results"][kind] = entry
 
     print_report(result, args)
@@ -628,14 +740,22 @@ def print_report(r, args):
     if r["torch_version"]:
         versions += f", torch {r['torch_version']} (eager)"
     print(f"- versions: {versions}; python {platform.python_version()}")
-    print(f"- data: {r['dataset']} shape {tuple(r['input_shape'])}, {r['num_classes']} classes, random uint8 "
-          f"batches normalised inside the step; global batch {r['batch_size']}; float32")
-    print(f"- teacher: {t['model']} {json.dumps(t['kwargs'])}: {t['flops_per_example'] / 1e6:.3f} MFLOPs/example "
-          f"(eval forward, XLA count), {t['params']:,} params")
-    print(f"- student: {s['model']} {json.dumps(s['kwargs'])}: {s['flops_per_example'] / 1e6:.3f} MFLOPs/example "
-          f"(eval forward, XLA count), {s['params']:,} params")
-    print(f"- timing: {r['repeats']} repeats x {r['steps']} steps each, after compilation + {r['warmup']} warm-up "
-          f"steps; the six runs interleaved in every repeat; medians over repeats")
+    print(
+        f"- data: {r['dataset']} shape {tuple(r['input_shape'])}, {r['num_classes']} classes, random uint8 "
+        f"batches normalised inside the step; global batch {r['batch_size']}; float32"
+    )
+    print(
+        f"- teacher: {t['model']} {json.dumps(t['kwargs'])}: {t['flops_per_example'] / 1e6:.3f} MFLOPs/example "
+        f"(eval forward, XLA count), {t['params']:,} params"
+    )
+    print(
+        f"- student: {s['model']} {json.dumps(s['kwargs'])}: {s['flops_per_example'] / 1e6:.3f} MFLOPs/example "
+        f"(eval forward, XLA count), {s['params']:,} params"
+    )
+    print(
+        f"- timing: {r['repeats']} repeats x {r['steps']} steps each, after compilation + {r['warmup']} warm-up "
+        f"steps; the six runs interleaved in every repeat; medians over repeats"
+    )
     if args.device == "cpu":
         j_thr = f"XLA CPU, {r['jax_cpu_threads']} threads"
         t_thr = f"{r['torch_cpu_threads']} threads" if r["torch_cpu_threads"] else ""
@@ -653,22 +773,30 @@ def print_report(r, args):
         row = f"| {STEP_LABELS[kind]} | {e['jax_median_examples_per_s']:,.0f} |"
         if r["torch_version"]:
             rat = e["torch_over_jax_time_per_repeat"]
-            row += (f" {e['torch_median_examples_per_s']:,.0f} | {e['torch_over_jax_time_median']:.2f} "
-                    f"({min(rat):.2f}-{max(rat):.2f}) |")
+            row += (
+                f" {e['torch_median_examples_per_s']:,.0f} | {e['torch_over_jax_time_median']:.2f} "
+                f"({min(rat):.2f}-{max(rat):.2f}) |"
+            )
         print(row)
     if r["torch_version"]:
         print("\nRatio column: median (min-max) over repeats of the back-to-back ratio; > 1 means Titans is faster.")
     if r["numerics"]:
-        print("\nNumerics check (same initial weights, same batches, float32 'highest' precision; "
-              "losses of steps 1 and 2):")
+        print(
+            "\nNumerics check (same initial weights, same batches, float32 'highest' precision; "
+            "losses of steps 1 and 2):"
+        )
         ok = r["numerics"]["pass"]
         for kind in STEP_NAMES:
             e = r["numerics"][kind]
-            print(f"- {STEP_LABELS[kind]}: JAX {', '.join(f'{v:.7f}' for v in e['jax'])} | "
-                  f"torch {', '.join(f'{v:.7f}' for v in e['torch'])} | step-1 |diff| {e['step1_abs_diff']:.1e}, "
-                  f"step-2 relative diff {e['step2_rel_diff']:.1e}")
-        print(f"- {'PASS' if ok else 'FAIL'} (step 1: |diff| <= {STEP1_TOL:g} x max(1, |loss|); step 2, after one "
-              f"optimizer update: relative diff <= {STEP2_RTOL:g})")
+            print(
+                f"- {STEP_LABELS[kind]}: JAX {', '.join(f'{v:.7f}' for v in e['jax'])} | "
+                f"torch {', '.join(f'{v:.7f}' for v in e['torch'])} | step-1 |diff| {e['step1_abs_diff']:.1e}, "
+                f"step-2 relative diff {e['step2_rel_diff']:.1e}"
+            )
+        print(
+            f"- {'PASS' if ok else 'FAIL'} (step 1: |diff| <= {STEP1_TOL:g} x max(1, |loss|); step 2, after one "
+            f"optimizer update: relative diff <= {STEP2_RTOL:g})"
+        )
 
 
 if __name__ == "__main__":

@@ -33,8 +33,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -85,15 +83,24 @@ def main(argv=None):
     cfg.distill.teacher_workdir = args.teacher_workdir
     cfg = config_lib.validate(cfg)
     student = train.build_model(cfg.model, info, seed=1, dtype=jnp.float32)
-    flops = {"teacher": models.flops_per_example(nnx.merge(teacher.graphdef, teacher.params, teacher.model_state),
-                                                 tuple(info.image_shape)),
-             "student": models.flops_per_example(student, tuple(info.image_shape))}
+    flops = {
+        "teacher": models.flops_per_example(
+            nnx.merge(teacher.graphdef, teacher.params, teacher.model_state), tuple(info.image_shape)
+        ),
+        "student": models.flops_per_example(student, tuple(info.image_shape)),
+    }
 
     # --- the cache
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="titans-bench-cache-")
     t0 = time.perf_counter()
-    cache_lib.write_cache(teacher_workdir=args.teacher_workdir, dataset=args.dataset, split=args.split,
-                          out=cache_dir, data_dir=args.data_dir or None, log=lambda s: None)
+    cache_lib.write_cache(
+        teacher_workdir=args.teacher_workdir,
+        dataset=args.dataset,
+        split=args.split,
+        out=cache_dir,
+        data_dir=args.data_dir or None,
+        log=lambda s: None,
+    )
     cache_seconds = time.perf_counter() - t0
     cache = cache_lib.TeacherCache(cache_dir)
 
@@ -101,15 +108,25 @@ def main(argv=None):
     sizes = [int(x) for x in args.workers.split(",") if x]
     kinds = tuple(args.kinds.split("+"))
     service.connect(args.ray_address, num_cpus=sum(sizes) + 1)
-    variables = {"params": jax.device_get(nnx.to_pure_dict(teacher.params)),
-                 "rest": jax.device_get(ckpt_lib.to_savable(nnx.to_pure_dict(teacher.model_state)))}
+    variables = {
+        "params": jax.device_get(nnx.to_pure_dict(teacher.params)),
+        "rest": jax.device_get(ckpt_lib.to_savable(nnx.to_pure_dict(teacher.model_state))),
+    }
     pools = {}
     t0 = time.perf_counter()
     for n in sizes:
-        pools[n] = service.TeacherPool(model_config=t_cfg.to_dict(), dataset=args.dataset, variables=variables,
-                                       batch_shape=(args.batch_size, *info.image_shape), dtype="float32",
-                                       min_workers=n, max_workers=n, kinds=kinds, wait=False,
-                                       start_timeout_s=600)
+        pools[n] = service.TeacherPool(
+            model_config=t_cfg.to_dict(),
+            dataset=args.dataset,
+            variables=variables,
+            batch_shape=(args.batch_size, *info.image_shape),
+            dtype="float32",
+            min_workers=n,
+            max_workers=n,
+            kinds=kinds,
+            wait=False,
+            start_timeout_s=600,
+        )
     for n in sizes:
         pools[n].wait_for_workers(n, timeout=600)
     pool_seconds = time.perf_counter() - t0
@@ -118,26 +135,37 @@ def main(argv=None):
     tx, schedule = train.make_optimizer(cfg, cfg.total_steps, len(src))
     graphdef, params0, rest0 = nnx.split(student, nnx.Param, ...)
     rep_teacher = parallel.replicate(teacher, mesh)
-    step_fn = jax.jit(train.make_train_step(graphdef, tx, train.make_loss_fn(cfg), info, jnp.float32, schedule),
-                      donate_argnums=(0,))
+    step_fn = jax.jit(
+        train.make_train_step(graphdef, tx, train.make_loss_fn(cfg), info, jnp.float32, schedule), donate_argnums=(0,)
+    )
     ce_cfg = config_lib.base_config()
     ce_cfg.total_steps = 1
-    ce_step = jax.jit(train.make_train_step(graphdef, tx, train.make_loss_fn(ce_cfg), info, jnp.float32, schedule),
-                      donate_argnums=(0,))
+    ce_step = jax.jit(
+        train.make_train_step(graphdef, tx, train.make_loss_fn(ce_cfg), info, jnp.float32, schedule),
+        donate_argnums=(0,),
+    )
 
     def fresh_state():
-        copy = lambda t: jax.tree.map(lambda a: jnp.array(a, copy=True), t)  # noqa: E731
+        copy = lambda t: jax.tree.map(lambda a: jnp.array(a, copy=True), t)
         p, r = copy(params0), copy(rest0)
-        st = train.TrainState(step=jnp.zeros((), jnp.int32), params=p, model_state=r, opt_state=tx.init(p),
-                              rng=jax.random.key_data(jax.random.key(0)), nonfinite_step=jnp.full((), -1, jnp.int32))
+        st = train.TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=p,
+            model_state=r,
+            opt_state=tx.init(p),
+            rng=jax.random.key_data(jax.random.key(0)),
+            nonfinite_step=jnp.full((), -1, jnp.int32),
+        )
         return parallel.replicate(st, mesh)
 
     def base_loader(with_index):
         return data.TrainLoader(src, info, global_batch_size=args.batch_size, seed=0, with_index=with_index)
 
-    modes = {"ceiling": dict(label="student alone (ceiling)"),
-             "online": dict(label="online KD (teacher in the step)"),
-             "cache": dict(label="cached KD (ArrayRecord, full logits)")}
+    modes = {
+        "ceiling": dict(label="student alone (ceiling)"),
+        "online": dict(label="online KD (teacher in the step)"),
+        "cache": dict(label="cached KD (ArrayRecord, full logits)"),
+    }
     for n in sizes:
         modes[f"service{n}"] = dict(label=f"service KD, {n} teacher worker{'s' if n > 1 else ''}")
     for name, m in modes.items():
@@ -181,12 +209,21 @@ def main(argv=None):
     stats = {n: dict(pools[n].stats) for n in sizes}
 
     n_ex = args.steps * args.batch_size
-    result = {"command": command, "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()}), "
-                                             f"{os.cpu_count()} logical cores",
-              "jax_version": jax.__version__, "load_average_before_after": [load_before, load_after],
-              "flops_per_example": flops, "batch_size": args.batch_size, "steps": args.steps,
-              "repeats": args.repeats, "split": args.split, "cache_write_s": cache_seconds,
-              "pool_start_s": pool_seconds, "pool_stats": stats, "modes": {}}
+    result = {
+        "command": command,
+        "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} logical cores",
+        "jax_version": jax.__version__,
+        "load_average_before_after": [load_before, load_after],
+        "flops_per_example": flops,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "split": args.split,
+        "cache_write_s": cache_seconds,
+        "pool_start_s": pool_seconds,
+        "pool_stats": stats,
+        "modes": {},
+    }
     for name, m in modes.items():
         eps = [n_ex / t for t in m["times"]]
         result["modes"][name] = {"label": m["label"], "examples_per_s": eps, "median": statistics.median(eps)}
@@ -196,19 +233,27 @@ def main(argv=None):
     print("\n## Teacher modes: student training throughput\n")
     print(f"- command: `{command}`")
     print(f"- device: {result['device']}; jax {jax.__version__}; float32; global batch {args.batch_size}")
-    print(f"- teacher {t_cfg.model.name} {json.dumps(t_cfg.model.kwargs.to_dict())}: "
-          f"{flops['teacher'] / 1e6:.2f} MFLOPs/example; student cnn {args.student_kwargs}: "
-          f"{flops['student'] / 1e6:.2f} MFLOPs/example ({flops['teacher'] / flops['student']:.1f}x)")
-    print(f"- {args.repeats} repeats x {args.steps} steps per mode, modes interleaved; medians over repeats; "
-          f"data: {args.dataset} {args.split} in memory; service: local Ray, CPU workers, {args.in_flight} batches in flight")
-    print(f"- load average (1/5/15 min) before {tuple(round(x, 1) for x in load_before)}, after "
-          f"{tuple(round(x, 1) for x in load_after)}; cache written in {cache_seconds:.1f} s; pools started in "
-          f"{pool_seconds:.1f} s\n")
+    print(
+        f"- teacher {t_cfg.model.name} {json.dumps(t_cfg.model.kwargs.to_dict())}: "
+        f"{flops['teacher'] / 1e6:.2f} MFLOPs/example; student cnn {args.student_kwargs}: "
+        f"{flops['student'] / 1e6:.2f} MFLOPs/example ({flops['teacher'] / flops['student']:.1f}x)"
+    )
+    print(
+        f"- {args.repeats} repeats x {args.steps} steps per mode, modes interleaved; medians over repeats; "
+        f"data: {args.dataset} {args.split} in memory; service: local Ray, CPU workers, {args.in_flight} batches in flight"
+    )
+    print(
+        f"- load average (1/5/15 min) before {tuple(round(x, 1) for x in load_before)}, after "
+        f"{tuple(round(x, 1) for x in load_after)}; cache written in {cache_seconds:.1f} s; pools started in "
+        f"{pool_seconds:.1f} s\n"
+    )
     print("| mode | examples/s (median) | per repeat | / ceiling | / online KD |")
     print("|---|---:|---|---:|---:|")
-    for name, r in result["modes"].items():
+    for r in result["modes"].values():
         per = ", ".join(f"{x:,.0f}" for x in r["examples_per_s"])
-        print(f"| {r['label']} | {r['median']:,.0f} | {per} | {r['median'] / ceiling:.2f} | {r['median'] / online:.2f} |")
+        print(
+            f"| {r['label']} | {r['median']:,.0f} | {per} | {r['median'] / ceiling:.2f} | {r['median'] / online:.2f} |"
+        )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
@@ -216,6 +261,7 @@ def main(argv=None):
     for pool in pools.values():
         pool.close()
     import ray
+
     ray.shutdown()
     return result
 

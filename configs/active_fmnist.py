@@ -36,8 +36,15 @@ from titans.active.config import defaults
 from titans.config import load_config_file
 
 _HERE = os.path.dirname(__file__)
-_ARGS = dict(teacher="good", seed="0", strategies="random,margin,entropy,kcenter,robust", rounds="4",
-             budget="250", noise="0.3", teacher_dir="")
+_ARGS = dict(
+    teacher="good",
+    seed="0",
+    strategies="random,margin,entropy,kcenter,robust",
+    rounds="4",
+    budget="250",
+    noise="0.3",
+    teacher_dir="",
+)
 
 
 def _args(arg: str) -> dict:

@@ -32,8 +32,17 @@ from titans.ensemble.config import defaults, model_entry
 
 
 def _args(arg: str) -> dict:
-    out = dict(dataset="cifar100", seed="0", teacher="", teacher_model="resnet56", teacher_epochs="240",
-               epochs="60", rounds="4", weights="example", gamma="0.02")
+    out = dict(
+        dataset="cifar100",
+        seed="0",
+        teacher="",
+        teacher_model="resnet56",
+        teacher_epochs="240",
+        epochs="60",
+        rounds="4",
+        weights="example",
+        gamma="0.02",
+    )
     for part in filter(None, arg.split(",")):
         key, _, value = part.partition("=")
         if key not in out:
@@ -93,8 +102,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     e.connect.layer = "features"
     e.connect.join = "concat"
     e.connect.width = 32
-    e.no_resched = ml_collections.ConfigDict({n: model_entry(n) for n in
-                                              ("resnet14", "resnet20", "resnet32", "resnet44", "resnet56")})
+    e.no_resched = ml_collections.ConfigDict(
+        {n: model_entry(n) for n in ("resnet14", "resnet20", "resnet32", "resnet44", "resnet56")}
+    )
     e.val_split = "train[90%:]"
     e.test_split = "test"
     e.predict_batch_size = 500

@@ -30,8 +30,7 @@ from titans.ensemble.config import defaults, model_entry
 
 
 def _args(arg: str) -> dict:
-    out = dict(seed="0", teacher="", teacher_epochs="15", epochs="10", rounds="4", weights="example",
-               gamma="0.02")
+    out = dict(seed="0", teacher="", teacher_epochs="15", epochs="10", rounds="4", weights="example", gamma="0.02")
     for part in filter(None, arg.split(",")):
         key, _, value = part.partition("=")
         if key not in out:
@@ -83,16 +82,18 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     e = defaults()
     e.member = member
-    e.candidates = ml_collections.ConfigDict({
-        f"conv1d_{w}": model_entry("conv1d", channels=(w, w), kernel=5, dense=w) for w in (16, 32, 64)})
+    e.candidates = ml_collections.ConfigDict(
+        {f"conv1d_{w}": model_entry("conv1d", channels=(w, w), kernel=5, dense=w) for w in (16, 32, 64)}
+    )
     e.rounds = int(a["rounds"])
     e.weights = a["weights"]
     e.gamma = float(a["gamma"])
     e.connect.layer = "features"
     e.connect.join = "concat"
     e.connect.width = 16
-    e.no_resched = ml_collections.ConfigDict({
-        f"conv1d_{w}": model_entry("conv1d", channels=(w, w, w), kernel=5, dense=w) for w in (32, 48, 64, 96, 128)})
+    e.no_resched = ml_collections.ConfigDict(
+        {f"conv1d_{w}": model_entry("conv1d", channels=(w, w, w), kernel=5, dense=w) for w in (32, 48, 64, 96, 128)}
+    )
     e.val_split = "validation"
     e.test_split = "test"
     e.predict_batch_size = 500

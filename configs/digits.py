@@ -33,9 +33,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 def get_sweep(arg: str = "") -> dict:
     """A small sweep (the sweep runner's smoke test): learning rate x model width (zipped), 2 seeds.
 
-        python -m titans.sweep --config=configs/digits.py --workdir=workdirs/digits_sweep --parallel=2
+    python -m titans.sweep --config=configs/digits.py --workdir=workdirs/digits_sweep --parallel=2
     """
     del arg
-    return {"product": {"optimizer.learning_rate": [0.05, 0.2]},
-            "zip": {"model.kwargs.hidden": [(16,), (64,)], "batch_size": [32, 64]},
-            "seeds": [0, 1]}
+    return {
+        "product": {"optimizer.learning_rate": [0.05, 0.2]},
+        "zip": {"model.kwargs.hidden": [(16,), (64,)], "batch_size": [32, 64]},
+        "seeds": [0, 1],
+    }

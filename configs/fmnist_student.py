@@ -16,6 +16,7 @@ from titans.config import load_config_file
 def get_config(arg: str = "workdirs/fmnist_teacher") -> ml_collections.ConfigDict:
     teacher_workdir, _, epochs = arg.partition(",")
     import os
+
     c = load_config_file(os.path.join(os.path.dirname(__file__), "fmnist_teacher.py") + ":" + (epochs or "3"))
     c.name = "student"
     c.model.kwargs = ml_collections.ConfigDict(dict(channels=(8, 16), dense=32))
@@ -33,5 +34,4 @@ def get_sweep(arg: str = "workdirs/fmnist_teacher") -> dict:
             --workdir=workdirs/kd_sweep --parallel=2
     """
     del arg
-    return {"product": {"distill.temperature": [1.0, 2.0, 4.0, 8.0], "distill.alpha": [0.5, 0.9]},
-            "seeds": [0, 1, 2]}
+    return {"product": {"distill.temperature": [1.0, 2.0, 4.0, 8.0], "distill.alpha": [0.5, 0.9]}, "seeds": [0, 1, 2]}

@@ -27,8 +27,13 @@ _HERE = os.path.dirname(__file__)
 
 
 def _args(arg: str) -> dict:
-    out = dict(mode="online", seed="0", epochs="1", teacher_root="workdirs/titans_fmnist",
-               cache_root="workdirs/teacher_modes/caches")
+    out = dict(
+        mode="online",
+        seed="0",
+        epochs="1",
+        teacher_root="workdirs/titans_fmnist",
+        cache_root="workdirs/teacher_modes/caches",
+    )
     for part in filter(None, arg.split(",")):
         key, _, value = part.partition("=")
         if key not in out:

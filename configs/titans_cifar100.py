@@ -31,6 +31,8 @@ from titans.config import base_config
 from titans.config_builders import cascade_pipeline, parse_config_arg
 
 STUDENTS = ("resnet8", "resnet20")
+
+
 def _run(name: str, model: str, seed: int, epochs: float) -> ml_collections.ConfigDict:
     c = base_config()
     c.name = name
@@ -53,10 +55,20 @@ def _run(name: str, model: str, seed: int, epochs: float) -> ml_collections.Conf
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    a = parse_config_arg(arg, dict(seed="0", teacher="resnet110", epochs="240", students="+".join(STUDENTS),
-                                   objectives="standard+easy+defer"), "titans_cifar100.py")
+    a = parse_config_arg(
+        arg,
+        dict(
+            seed="0", teacher="resnet110", epochs="240", students="+".join(STUDENTS), objectives="standard+easy+defer"
+        ),
+        "titans_cifar100.py",
+    )
     seed, epochs = int(a["seed"]), float(a["epochs"])
     students = {s: (lambda s=s: _run(s, s, seed, epochs)) for s in a["students"].split("+")}
-    return cascade_pipeline(_run("teacher", a["teacher"], seed, epochs), students, a["objectives"].split("+"),
-                            temperature=4.0, alpha=0.9,
-                            cascade=dict(val_split="train[90%:]", test_split="test", batch_size=1000))
+    return cascade_pipeline(
+        _run("teacher", a["teacher"], seed, epochs),
+        students,
+        a["objectives"].split("+"),
+        temperature=4.0,
+        alpha=0.9,
+        cascade=dict(val_split="train[90%:]", test_split="test", batch_size=1000),
+    )

@@ -35,8 +35,11 @@ STUDENT_SIZES = {
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    a = parse_config_arg(arg, dict(seed="0", epochs="2", teacher_epochs="3", sizes="tiny+small",
-                                   objectives="standard+easy+defer"), "titans_fmnist.py")
+    a = parse_config_arg(
+        arg,
+        dict(seed="0", epochs="2", teacher_epochs="3", sizes="tiny+small", objectives="standard+easy+defer"),
+        "titans_fmnist.py",
+    )
     seed = int(a["seed"])
 
     def run(epochs: str, **model_kwargs) -> ml_collections.ConfigDict:
@@ -49,5 +52,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         return c
 
     students = {size: (lambda size=size: run(a["epochs"], **STUDENT_SIZES[size])) for size in a["sizes"].split("+")}
-    return cascade_pipeline(run(a["teacher_epochs"]), students, a["objectives"].split("+"), temperature=4.0,
-                            alpha=0.9, cascade=dict(val_split="train[90%:]", test_split="test", batch_size=500))
+    return cascade_pipeline(
+        run(a["teacher_epochs"]),
+        students,
+        a["objectives"].split("+"),
+        temperature=4.0,
+        alpha=0.9,
+        cascade=dict(val_split="train[90%:]", test_split="test", batch_size=500),
+    )

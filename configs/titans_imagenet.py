@@ -32,6 +32,7 @@ import ml_collections
 from titans.config import base_config
 from titans.config_builders import cascade_pipeline, parse_config_arg
 
+
 def _run(name: str, model: str, seed: int, epochs: float) -> ml_collections.ConfigDict:
     c = base_config()
     c.name = name
@@ -54,11 +55,20 @@ def _run(name: str, model: str, seed: int, epochs: float) -> ml_collections.Conf
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    a = parse_config_arg(arg, dict(seed="0", epochs="90", students="resnet18+mobilenet_v2",
-                                   objectives="standard+easy+defer"), "titans_imagenet.py")
+    a = parse_config_arg(
+        arg,
+        dict(seed="0", epochs="90", students="resnet18+mobilenet_v2", objectives="standard+easy+defer"),
+        "titans_imagenet.py",
+    )
     seed, epochs = int(a["seed"]), float(a["epochs"])
     teacher = _run("teacher", "resnet50", seed, epochs)
     teacher.label_smoothing = 0.1
     students = {s: (lambda s=s: _run(s, s, seed, epochs)) for s in a["students"].split("+")}
-    return cascade_pipeline(teacher, students, a["objectives"].split("+"), temperature=2.0, alpha=0.9,
-                            cascade=dict(val_split="train[99%:]", test_split="validation", batch_size=1024))
+    return cascade_pipeline(
+        teacher,
+        students,
+        a["objectives"].split("+"),
+        temperature=2.0,
+        alpha=0.9,
+        cascade=dict(val_split="train[99%:]", test_split="validation", batch_size=1024),
+    )

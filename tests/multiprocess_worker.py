@@ -14,13 +14,13 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
+import jax
 
 jax.config.update("jax_cpu_collectives_implementation", "gloo")  # cross-process collectives on CPU
 
-from helpers import digits_config  # noqa: E402
+from helpers import digits_config
 
-from titans import train  # noqa: E402
+from titans import train
 
 
 def main():
@@ -35,8 +35,18 @@ def main():
     if len(sys.argv) > 5:
         c.optimizer.learning_rate = float(sys.argv[5])
     result = train.train_and_evaluate(c, workdir)
-    print("RESULT " + json.dumps({"process_index": jax.process_index(), "process_count": jax.process_count(),
-                                  "devices": len(jax.devices()), "accuracy": result["accuracy"]}), flush=True)
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "process_index": jax.process_index(),
+                "process_count": jax.process_count(),
+                "devices": len(jax.devices()),
+                "accuracy": result["accuracy"],
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

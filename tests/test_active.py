@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import digits_config
 from scipy.optimize import linprog
 
-from helpers import digits_config
 from titans import checkpoint
 from titans import config as config_lib
 from titans.active import config as active_config
@@ -85,8 +85,9 @@ def _lp_value(g, b, m):
     a_ub[:, n] = -1
     a_ub[np.arange(n), n + 1 + np.arange(n)] = -1
     a_eq = np.concatenate([np.ones(n), [0.0], np.zeros(n)])[None]
-    res = linprog(c, A_ub=a_ub, b_ub=np.zeros(n), A_eq=a_eq, b_eq=[b],
-                  bounds=[(0, 1)] * n + [(0, None)] * (n + 1), method="highs")
+    res = linprog(
+        c, A_ub=a_ub, b_ub=np.zeros(n), A_eq=a_eq, b_eq=[b], bounds=[(0, 1)] * n + [(0, None)] * (n + 1), method="highs"
+    )
     assert res.success
     return -res.fun
 
@@ -110,6 +111,7 @@ def test_game_solution_matches_lp(seed):
 def test_game_value_against_brute_force_on_vertices():
     """With m = 0 the optimum is the best 0/1 choice of b points (checked over all subsets)."""
     import itertools
+
     g = np.array([0.3, 0.9, 0.1, 0.7, 0.5], np.float32)
     best = max(sum(g[list(s)]) for s in itertools.combinations(range(5), 2))
     p, _ = selection.game_probabilities(jnp.asarray(g), 2, 0.0)
@@ -134,8 +136,9 @@ def test_estimate_mistakes():
     labels = np.array([0, 1, 2, 3, 4, 5, 6, 7, 0, 0])
     assert selection.estimate_mistakes(pred, labels, 100) == pytest.approx(20.0)
     gain = np.array([0, 0, 0, 0, 0, 0, 0, 0, 1, 0.9])
-    assert selection.estimate_mistakes(pred, labels, 100, student_gain=gain, kind="informative",
-                                       informative_fraction=0.2) == pytest.approx(100.0)
+    assert selection.estimate_mistakes(
+        pred, labels, 100, student_gain=gain, kind="informative", informative_fraction=0.2
+    ) == pytest.approx(100.0)
     with pytest.raises(selection.SelectionError, match="empty"):
         selection.estimate_mistakes(pred[:0], labels[:0], 10)
 
@@ -196,8 +199,9 @@ def test_kcenter_against_numpy():
     pool = rng.normal(size=(500, 6)).astype(np.float32)
     centres = rng.normal(size=(37, 6)).astype(np.float32)
     available = rng.random(500) > 0.2
-    got = np.asarray(selection.select_kcenter(jnp.asarray(pool), jnp.asarray(centres), jnp.asarray(available),
-                                              25, chunk=16))
+    got = np.asarray(
+        selection.select_kcenter(jnp.asarray(pool), jnp.asarray(centres), jnp.asarray(available), 25, chunk=16)
+    )
     assert got.tolist() == _kcenter_numpy(pool.astype(np.float64), centres.astype(np.float64), available, 25)
 
 
@@ -324,12 +328,12 @@ def test_resume_mid_loop_matches_an_uninterrupted_run(data_dir, tmp_path):
     full_teacher = _FakeTeacher()
     full = loop.run_strategy("robust", cfg, data, full_teacher, trainer, str(tmp_path / "full"), log=lambda s: None)
     part_teacher = _FakeTeacher()
-    first = loop.run_strategy("robust", cfg, data, part_teacher, trainer, str(tmp_path / "part"),
-                              stop_after_round=1, log=lambda s: None)
+    first = loop.run_strategy(
+        "robust", cfg, data, part_teacher, trainer, str(tmp_path / "part"), stop_after_round=1, log=lambda s: None
+    )
     assert first == {"stopped_after_round": 1}
     assert sum(len(s) for s in part_teacher.seen) == 100 + 40
-    resumed = loop.run_strategy("robust", cfg, data, part_teacher, trainer, str(tmp_path / "part"),
-                                log=lambda s: None)
+    resumed = loop.run_strategy("robust", cfg, data, part_teacher, trainer, str(tmp_path / "part"), log=lambda s: None)
     # The resumed call bought only rounds 2 and 3, and re-ran nothing (validation not re-queried).
     assert resumed["teacher_rows_run_this_call"] == 80
     assert sum(len(s) for s in part_teacher.seen) == 100 + 120
@@ -337,8 +341,9 @@ def test_resume_mid_loop_matches_an_uninterrupted_run(data_dir, tmp_path):
     assert resumed["queries"] == full["queries"]
     np.testing.assert_allclose(resumed["accuracy"], full["accuracy"], atol=1e-6)
     # A different config in the same workdir is refused.
-    other = active_config.validate(_active_config(data_dir, **{"active.strategies": "robust", "active.rounds": 3,
-                                                               "active.budget_per_round": 30}))
+    other = active_config.validate(
+        _active_config(data_dir, **{"active.strategies": "robust", "active.rounds": 3, "active.budget_per_round": 30})
+    )
     with pytest.raises(loop.ResumeMismatchError, match="active.budget_per_round: 40 -> 30"):
         loop.run_strategy("robust", other, data, part_teacher, trainer, str(tmp_path / "part"), log=lambda s: None)
 
@@ -360,7 +365,9 @@ def test_active_config_errors(data_dir):
         active_config.validate(c)
     with pytest.raises(config_lib.ConfigError, match="unknown strategy 'coreset'"):
         active_config.validate(_active_config(data_dir, **{"active.strategies": "random,coreset"}))
-    with pytest.raises(config_lib.ConfigError, match="'optimizer.lr' in active config 'student'.*optimizer.learning_rate"):
+    with pytest.raises(
+        config_lib.ConfigError, match="'optimizer.lr' in active config 'student'.*optimizer.learning_rate"
+    ):
         bad = _active_config(data_dir)
         bad.student.optimizer.lr = 0.1
         active_config.validate(bad)

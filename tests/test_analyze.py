@@ -11,12 +11,20 @@ import sys
 import jax
 import numpy as np
 import pytest
-
 from helpers import REPO, digits_config
+
 from titans import checkpoint as ckpt_lib
-from titans import data, runs, train
-from titans.analyze import (AnalysisError, analyze_path, analyze_run, compare_runs, diff_checkpoints,
-                            inspect_checkpoint, register_section)
+from titans import data, train
+from titans import runs as runs_lib
+from titans.analyze import (
+    AnalysisError,
+    analyze_path,
+    analyze_run,
+    compare_runs,
+    diff_checkpoints,
+    inspect_checkpoint,
+    register_section,
+)
 from titans.analyze import sections as sections_lib
 
 
@@ -44,17 +52,19 @@ def _np_ece(logits, labels, bins=15):
     p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
     conf, pred = p.max(-1), p.argmax(-1)
     idx = np.clip((conf * bins).astype(int), 0, bins - 1)
-    return sum(abs((pred[idx == b] == labels[idx == b]).sum() - conf[idx == b].sum()) for b in range(bins)) / len(labels)
+    return sum(abs((pred[idx == b] == labels[idx == b]).sum() - conf[idx == b].sum()) for b in range(bins)) / len(
+        labels
+    )
 
 
 def test_analysis_equals_a_direct_evaluation(runs):
     w = runs["student"]
     m = analyze_run(w, hardest=8)
-    model, cfg, info, _ = runs.load_model(w)
+    model, cfg, info, _ = runs_lib.load_model(w)
     src = data.get_source(info.name, "test", data_dir=cfg.dataset.data_dir)
-    logits, labels = runs.predict_split(runs.logits_fn, model, src, info, batch_size=64)
-    teacher, _, _, _ = runs.load_model(runs[(0.1, 0)])
-    t_logits, _ = runs.predict_split(runs.logits_fn, teacher, src, info, batch_size=64)
+    logits, labels = runs_lib.predict_split(runs_lib.logits_fn, model, src, info, batch_size=64)
+    teacher, _, _, _ = runs_lib.load_model(runs[(0.1, 0)])
+    t_logits, _ = runs_lib.predict_split(runs_lib.logits_fn, teacher, src, info, batch_size=64)
     pred, t_pred = logits.argmax(-1), t_logits.argmax(-1)
     assert m["num_examples"] == len(labels) == 360
     assert m["accuracy"] == pytest.approx(np.mean(pred == labels), abs=1e-9)
@@ -83,12 +93,14 @@ def test_report_renders_in_headless_chromium(runs, tmp_path):
     analyze_run(w, hardest=8)
     url = "file://" + os.path.join(w, "analysis", "report.html")
     base = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
-    dom = subprocess.run(base + ["--virtual-time-budget=5000", "--dump-dom", url], capture_output=True, text=True,
-                         timeout=120).stdout
+    dom = subprocess.run(
+        base + ["--virtual-time-budget=5000", "--dump-dom", url], capture_output=True, text=True, timeout=120
+    ).stdout
     assert "<title>report-ok:5/5</title>" in dom  # the page loaded and all 5 embedded plots decoded
     shot = tmp_path / "shot.png"
     subprocess.run(base + ["--window-size=1200,1400", f"--screenshot={shot}", url], capture_output=True, timeout=120)
     import matplotlib.image
+
     img = matplotlib.image.imread(str(shot))
     assert img.shape[:2] == (1400, 1200)
     non_white = np.mean(img[..., :3].min(-1) < 0.9)
@@ -120,7 +132,7 @@ def test_inspect_without_data_and_diff(runs, tmp_path):
     json.dump(cfg, open(os.path.join(w, "config.json"), "w"))
     info = inspect_checkpoint(w)
     assert info["steps"] == [20, 40] and info["step"] == 40
-    model, _, _, _ = runs.load_model(w)
+    model, _, _, _ = runs_lib.load_model(w)
     leaves = [np.asarray(x) for x in jax.tree.leaves(model.params)]
     assert info["param_count"] == sum(x.size for x in leaves) == sum(r["params"] for r in info["layers"])
     assert sorted(r["l2_norm"] for r in info["layers"]) == pytest.approx(sorted(np.linalg.norm(x) for x in leaves))
@@ -145,17 +157,25 @@ def test_bad_inputs_are_named(runs, tmp_path):
     json.dump(cfg, open(os.path.join(other, "config.json"), "w"))
     with pytest.raises(ckpt_lib.IncompatibleCheckpointError):
         analyze_run(other)
-    proc = subprocess.run([sys.executable, "-m", "titans.analyze", str(tmp_path / "nowhere")], cwd=REPO,
-                          capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "titans.analyze", str(tmp_path / "nowhere")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
     assert proc.returncode != 0 and "error:" in proc.stderr and "not a Titans run" in proc.stderr
 
 
 def test_methods_plug_in_sections(runs):
     w = runs[(0.3, 0)]
     try:
+
         @register_section("test_method")
         def _section(workdir):
             return [{"title": "plugged-in numbers", "table": [["k", "v"], ["answer", "42"]]}] if workdir == w else None
+
         analyze_run(w, hardest=0)
     finally:
         sections_lib.SECTIONS.pop("test_method", None)

@@ -17,12 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import REPO, digits_config
 
 from titans import cascade, models, parallel
 from titans.cascade import runner as runner_lib
 from titans.runs import FrozenModel as Teacher
-
-from helpers import REPO, digits_config
 
 C = 10
 SHAPE = (8, 8, 1)
@@ -56,8 +55,9 @@ def test_gates_match_numpy(logits):
         np.testing.assert_allclose(jax.vmap(cascade.GATES[name])(logits[:, :C]), want, rtol=1e-5, atol=1e-6)
     p_all = _np_softmax(logits.astype(np.float64))
     want = np.log(p_all[:, -1] / p_all[:, :C].max(-1))  # the rule "defer iff p_defer > max_k p_k"
-    np.testing.assert_allclose(jax.vmap(cascade.get_gate("defer_output", num_classes=C))(logits), want, rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        jax.vmap(cascade.get_gate("defer_output", num_classes=C))(logits), want, rtol=1e-5, atol=1e-5
+    )
     np.testing.assert_allclose(jax.vmap(cascade.defer_output)(logits), want, rtol=1e-5, atol=1e-5)
 
 
@@ -97,8 +97,9 @@ def test_learned_gate_predicts_where_teacher_wins():
     # The other target, the penultimate-features input, and a C+1-output student.
     feats = rng.randn(n, 4).astype(np.float32)
     s1 = np.concatenate([s, rng.randn(n, 1).astype(np.float32)], -1)
-    g2 = cascade.train_learned_gate(s1[tr], t[tr], labels[tr], student_features=feats[tr], steps=20,
-                                    target="teacher_lower_loss")
+    g2 = cascade.train_learned_gate(
+        s1[tr], t[tr], labels[tr], student_features=feats[tr], steps=20, target="teacher_lower_loss"
+    )
     assert jax.vmap(g2.score)(s1[te], feats[te]).shape == (n // 2,)
     assert g2.flops_per_example(C + 1) > 0
     with pytest.raises(ValueError, match="features"):
@@ -219,8 +220,9 @@ def _model(name, seed, num_classes=C, **kw):
     Built abstractly and filled from numpy: XLA's compile of the random initialiser alone takes
     seconds here, and the tests only need distinct, reasonably scaled networks.
     """
-    abstract = nnx.eval_shape(lambda: models.create_model(name, num_classes=num_classes, input_shape=SHAPE,
-                                                          rngs=nnx.Rngs(seed), **kw))
+    abstract = nnx.eval_shape(
+        lambda: models.create_model(name, num_classes=num_classes, input_shape=SHAPE, rngs=nnx.Rngs(seed), **kw)
+    )
     graphdef, state = nnx.split(abstract)
     rng = np.random.default_rng(seed)
 
@@ -247,8 +249,12 @@ def nets():
     student = _model("cnn", 1, channels=(4,), dense=16)
     teacher = _model("cnn", 2, channels=(8, 16), dense=32)
     graphdef, params, rest = nnx.split(teacher, nnx.Param, ...)
-    return {"tiny": tiny, "student": student, "teacher": teacher,
-            "teacher_struct": Teacher(graphdef=graphdef, params=params, model_state=rest)}
+    return {
+        "tiny": tiny,
+        "student": student,
+        "teacher": teacher,
+        "teacher_struct": Teacher(graphdef=graphdef, params=params, model_state=rest),
+    }
 
 
 class RowRecorder:
@@ -265,8 +271,7 @@ class RowRecorder:
         """Per buffer: the batch indices of its distinct rows, and its size."""
         jax.effects_barrier()
         key = {images[i].tobytes(): i for i in range(len(images))}
-        return [([key[r.tobytes()] for r in np.unique(b.reshape(len(b), -1), axis=0)], len(b))
-                for b in self.buffers]
+        return [([key[r.tobytes()] for r in np.unique(b.reshape(len(b), -1), axis=0)], len(b)) for b in self.buffers]
 
 
 def _logits(model, x):
@@ -278,8 +283,9 @@ def _images(seed, n):
     return np.random.RandomState(seed).randn(n, *SHAPE).astype(np.float32)
 
 
-@pytest.mark.parametrize("capacities,rate", [((4, 8, 16, 32), 0.3), ((8,), 0.7), ((3, 5), 0.45), (None, 0.1),
-                                             ((16, 32), 1.0), ((4, 8), 0.0)])
+@pytest.mark.parametrize(
+    "capacities,rate", [((4, 8, 16, 32), 0.3), ((8,), 0.7), ((3, 5), 0.45), (None, 0.1), ((16, 32), 1.0), ((4, 8), 0.0)]
+)
 def test_runner_two_stages_matches_naive(nets, capacities, rate):
     """Student where kept, teacher where deferred; the teacher sees each deferred row once, nothing else."""
     x = _images(5, 32)
@@ -314,8 +320,7 @@ def test_runner_two_stages_matches_naive(nets, capacities, rate):
 def test_runner_overflow_many_batches_no_recompile(nets):
     """Several batches at different deferral counts, beyond the largest capacity: one compile per capacity."""
     gate = cascade.get_gate("entropy", num_classes=C)
-    runner = cascade.CascadeRunner([nets["student"], nets["teacher_struct"].apply], [gate], [0.0],
-                                   capacities=(4, 8))
+    runner = cascade.CascadeRunner([nets["student"], nets["teacher_struct"].apply], [gate], [0.0], capacities=(4, 8))
     x0 = _images(6, 40)
     runner.warmup(x0)
     traces = runner.trace_counts.copy()
@@ -363,8 +368,9 @@ def test_runner_defer_output_student(nets):
     scores = np.asarray(jax.vmap(cascade.defer_output)(s_logits))
     thr = cascade.threshold_for_rate(scores, 0.4)
     defer = scores > thr
-    runner = cascade.CascadeRunner([student, nets["teacher"]], [cascade.get_gate("defer_output", num_classes=C)],
-                                   [thr], capacities=(8, 16))
+    runner = cascade.CascadeRunner(
+        [student, nets["teacher"]], [cascade.get_gate("defer_output", num_classes=C)], [thr], capacities=(8, 16)
+    )
     out = runner(x)
     assert out.logits.shape == (24, C)
     np.testing.assert_array_equal(out.predictions, np.where(defer, t_logits.argmax(-1), s_logits[:, :C].argmax(-1)))
@@ -423,10 +429,18 @@ def digits_cascade(data_dir, tmp_path_factory):
         s.distill.teacher_workdir = "@teacher"
         s.distill.objective = objective
         c.stages[name] = s
-    c.cascade = ml_collections.ConfigDict(dict(
-        teacher="teacher", students=("tiny", "tiny_defer"), val_split="train[80%:]", test_split="test",
-        gates=("msp", "defer_output", "learned"), num_thresholds=21, batch_size=60,
-        target_deferral_rates=(0.2, 0.5)))
+    c.cascade = ml_collections.ConfigDict(
+        dict(
+            teacher="teacher",
+            students=("tiny", "tiny_defer"),
+            val_split="train[80%:]",
+            test_split="test",
+            gates=("msp", "defer_output", "learned"),
+            num_thresholds=21,
+            batch_size=60,
+            target_deferral_rates=(0.2, 0.5),
+        )
+    )
     return workdir, experiment.run_experiment(c, workdir)
 
 
@@ -445,8 +459,13 @@ def test_cascade_evaluation_outputs(digits_cascade):
             # Ends of the curve: nothing deferred is the student, everything deferred is the teacher.
             assert acc[0] == pytest.approx(s["test_accuracy"]) and acc[-1] == pytest.approx(t["test_accuracy"])
             assert curve["test_deferral_rate"][0] == 0.0 and curve["test_deferral_rate"][-1] == 1.0
-            np.testing.assert_allclose(curve["amortized_flops"], s["flops_per_example"] + g["gate_flops_per_example"]
-                                       + np.array(curve["test_deferral_rate"]) * t["flops_per_example"], rtol=1e-6)
+            np.testing.assert_allclose(
+                curve["amortized_flops"],
+                s["flops_per_example"]
+                + g["gate_flops_per_example"]
+                + np.array(curve["test_deferral_rate"]) * t["flops_per_example"],
+                rtol=1e-6,
+            )
             for r, p in g["at_deferral_rate"].items():
                 # The real runner's answers are the offline sweep's.
                 assert p["runner_disagreements_with_sweep"] == 0, (name, gate, r)
@@ -455,7 +474,9 @@ def test_cascade_evaluation_outputs(digits_cascade):
                 assert len(p["per_class_test_deferral_rate"]) == 10
             # The budget holds on the validation split, where the threshold was chosen.
             p = g["at_cost_fraction"]["0.5"]
-            val_cost = s["flops_per_example"] + g["gate_flops_per_example"] + p["val_deferral_rate"] * t["flops_per_example"]
+            val_cost = (
+                s["flops_per_example"] + g["gate_flops_per_example"] + p["val_deferral_rate"] * t["flops_per_example"]
+            )
             assert val_cost <= 0.5 * t["flops_per_example"] + 1e-6
     for tag in ("deferral", "flops", "time"):
         assert os.path.getsize(os.path.join(workdir, f"cascade_accuracy_vs_{tag}.png")) > 1000
@@ -467,9 +488,23 @@ def test_cascade_cli_three_stages(digits_cascade, tmp_path):
     stages = ",".join(os.path.join(workdir, n) for n in ("tiny", "tiny_defer", "teacher"))
     out_file = tmp_path / "run.json"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "titans.cascade.apply", f"--stages={stages}", "--rates=0.5,0.5",
-                           "--val_split=train[80%:]", "--batch_size=64", f"--out={out_file}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "titans.cascade.apply",
+            f"--stages={stages}",
+            "--rates=0.5,0.5",
+            "--val_split=train[80%:]",
+            "--batch_size=64",
+            f"--out={out_file}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "accuracy" in proc.stdout
     res = json.load(open(out_file))
@@ -479,6 +514,12 @@ def test_cascade_cli_three_stages(digits_cascade, tmp_path):
     flops = res["flops_per_example"]
     assert res["amortized_flops_per_example"] < flops[0] + flops[1] + flops[2]
     # Bad input: a wrong number of rates is named.
-    bad = subprocess.run([sys.executable, "-m", "titans.cascade.apply", f"--stages={stages}", "--rates=0.5"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    bad = subprocess.run(
+        [sys.executable, "-m", "titans.cascade.apply", f"--stages={stages}", "--rates=0.5"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert bad.returncode != 0 and "3 stages need 2 --rates" in bad.stderr

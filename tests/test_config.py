@@ -5,10 +5,9 @@ import subprocess
 import sys
 
 import pytest
+from helpers import REPO
 
 from titans import config as config_lib
-
-from helpers import REPO
 
 
 def _cfg(**kw):
@@ -51,31 +50,50 @@ def test_steps_from_epochs():
 
 @pytest.mark.slow
 def test_cli_unknown_override_is_a_clear_error(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "titans.main", "--config=configs/digits.py",
-                           f"--workdir={tmp_path}", "--config.optimizer.lr=0.1"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "titans.main",
+            "--config=configs/digits.py",
+            f"--workdir={tmp_path}",
+            "--config.optimizer.lr=0.1",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode != 0
     assert "Unknown config field 'optimizer.lr'" in proc.stderr
     assert "optimizer.learning_rate" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("spec", ["titans_fmnist.py", "titans_fmnist.py:objectives=easy_agree+easy_correct",
-                                  "titans_cifar100.py", "titans_cifar100.py:teacher=wrn_40_2",
-                                  "titans_imagenet.py"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "titans_fmnist.py",
+        "titans_fmnist.py:objectives=easy_agree+easy_correct",
+        "titans_cifar100.py",
+        "titans_cifar100.py:teacher=wrn_40_2",
+        "titans_imagenet.py",
+    ],
+)
 def test_cascade_configs_validate_and_name_real_models(spec):
     """Every stage of the cascade configs passes validation and builds (abstractly) on its dataset."""
     import jax.numpy as jnp
     from flax import nnx
 
     from titans import data, models, runs
+
     c = config_lib.validate(config_lib.load_config_file(os.path.join(REPO, "configs", spec)))
     assert c.stage_order[0] == "teacher" and set(c.cascade.students) == set(c.stage_order[1:])
     for name in c.stage_order:
         stage = config_lib.validate(c.stages[name])
         info = data.dataset_info(stage.dataset.name)
         outputs = runs.num_outputs(stage, info)
-        model = nnx.eval_shape(lambda: models.build_model(stage.model, info, seed=0, dtype=jnp.float32,
-                                                         outputs=outputs))
+        model = nnx.eval_shape(
+            lambda: models.build_model(stage.model, info, seed=0, dtype=jnp.float32, outputs=outputs)
+        )
         assert model.num_classes == info.num_classes + (stage.distill.objective == "defer")
     with pytest.raises(ValueError, match="Unknown argument 'seeds'"):
         config_lib.load_config_file(os.path.join(REPO, "configs", spec.split(":")[0]) + ":seeds=1")

@@ -69,9 +69,10 @@ def mock_tfds(num_examples):
         assert not serialized
         return [generator[k] for k in record_keys]
 
-    with tfds.testing.mock_data(
-        num_examples=num_examples, policy=tfds.testing.MockPolicy.USE_CODE
-    ), mock.patch.object(tfds_mocking, "_getitems", getitems):
+    with (
+        tfds.testing.mock_data(num_examples=num_examples, policy=tfds.testing.MockPolicy.USE_CODE),
+        mock.patch.object(tfds_mocking, "_getitems", getitems),
+    ):
         yield
 
 
@@ -147,12 +148,10 @@ def test_fashion_mnist_offline(data_dir):
         first_image = np.frombuffer(f.read(16 + 784), np.uint8, offset=16).reshape(28, 28, 1)
     assert ex["label"] == raw_labels[0]
     np.testing.assert_array_equal(ex["image"], first_image)
-    labels = np.array(
-        [e["label"] for s in range(0, 60000, 6000) for e in train.__getitems__(range(s, s + 6000))]
-    )
+    labels = np.array([e["label"] for s in range(0, 60000, 6000) for e in train.__getitems__(range(s, s + 6000))])
     np.testing.assert_array_equal(labels, raw_labels)
     assert np.bincount(labels, minlength=10).tolist() == [6000] * 10
-    assert set(e["label"] for e in test.__getitems__(range(0, 10000, 7))) <= set(range(10))
+    assert {e["label"] for e in test.__getitems__(range(0, 10000, 7))} <= set(range(10))
 
 
 def test_missing_cifar10_raises(tmp_path):
@@ -205,17 +204,16 @@ def test_epochs_reshuffle_and_cover_every_example_once(digits_train):
     loader = data.TrainLoader(digits_train, info, global_batch_size=100, seed=0)
     spe = loader.steps_per_epoch
     assert spe == 14  # 1437 // 100: the last partial batch of each epoch is dropped
-    epochs = [
-        np.concatenate([loader.global_indices(e * spe + k) for k in range(spe)]) for e in range(3)
-    ]
+    epochs = [np.concatenate([loader.global_indices(e * spe + k) for k in range(spe)]) for e in range(3)]
     for order in epochs:
         assert len(np.unique(order)) == len(order) == 1400
         assert order.min() >= 0 and order.max() < 1437
     assert not np.array_equal(epochs[0], epochs[1])
     assert not np.array_equal(epochs[1], epochs[2])
     # With a batch that divides the split, an epoch is exactly a permutation of it.
-    small = data.TrainLoader(data.ArraySource(np.zeros((12, 8, 8, 1), np.uint8), np.arange(12)),
-                             info, global_batch_size=4, seed=1)
+    small = data.TrainLoader(
+        data.ArraySource(np.zeros((12, 8, 8, 1), np.uint8), np.arange(12)), info, global_batch_size=4, seed=1
+    )
     for e in range(3):
         labels = np.concatenate([next(small)["label"] for _ in range(3)])
         assert sorted(labels.tolist()) == list(range(12))
@@ -254,8 +252,7 @@ def test_resume_exactly_from_state(digits_train):
     _assert_batches_equal(_take(loader, 2), reference[7:9])
 
     # Global order does not depend on process count, so a state resumes on 2 processes.
-    halves = [data.TrainLoader(digits_train, info, process_index=p, process_count=2, **kw)
-              for p in (0, 1)]
+    halves = [data.TrainLoader(digits_train, info, process_index=p, process_count=2, **kw) for p in (0, 1)]
     for h in halves:
         h.set_state(state)
     parts = [_take(h, 5) for h in halves]
@@ -284,8 +281,7 @@ def test_loader_rejects_bad_layout(digits_train):
 def test_eval_batches_cover_each_example_once(digits_test, process_count):
     info = data.dataset_info("digits")
     per_process = [
-        list(data.eval_batches(digits_test, info, global_batch_size=64, process_index=p,
-                               process_count=process_count))
+        list(data.eval_batches(digits_test, info, global_batch_size=64, process_index=p, process_count=process_count))
         for p in range(process_count)
     ]
     assert all(len(b) == 6 for b in per_process)  # ceil(360 / 64), the same on every process
@@ -358,7 +354,7 @@ def test_cifar_through_tfds_mock(tmp_path, name, num_classes):
         evals = list(data.eval_batches(test, info, global_batch_size=40))
     for b in batches:
         assert b["image"].shape == (32, 32, 32, 3) and b["image"].dtype == np.uint8
-        assert b["label"].dtype == np.int32 and 0 <= b["label"].min() and b["label"].max() < num_classes
+        assert b["label"].dtype == np.int32 and b["label"].min() >= 0 and b["label"].max() < num_classes
     assert len(evals) == 3 and sum(int(b["mask"].sum()) for b in evals) == 96
     assert evals[0]["image"].shape == (40, 32, 32, 3)
 
@@ -371,8 +367,7 @@ def test_imagenet_through_tfds_mock(tmp_path):
         shapes = {train[i]["image"].shape for i in range(8)}
         assert len(shapes) > 1  # variable-size images, as stored
         batch = next(data.TrainLoader(train, info, global_batch_size=8, seed=0))
-        evals = list(data.eval_batches(val, info, global_batch_size=16, process_index=1,
-                                       process_count=2))
+        evals = list(data.eval_batches(val, info, global_batch_size=16, process_index=1, process_count=2))
     assert batch["image"].shape == (8, 224, 224, 3) and batch["image"].dtype == np.uint8
     assert batch["label"].max() < 1000
     assert [int(b["mask"].sum()) for b in evals] == [8, 0]

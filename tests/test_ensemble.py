@@ -13,11 +13,12 @@ from flax import nnx
 from helpers import digits_config
 
 from titans import config as config_lib
-from titans import data, experiment, losses, models, runs, train
+from titans import data, experiment, losses, models, train
 from titans.ensemble import anytime, members, weights
 from titans.ensemble import config as ens_config
 
 # ----------------------------------------------------------------------------- weight player
+
 
 def _np_update(w, s, eta, mix):
     s = np.minimum(s / np.quantile(s, 0.99), 1.0)
@@ -65,6 +66,7 @@ def test_weight_player_refuses_bad_input():
 
 # ------------------------------------------------------------------------ weak-learner loss
 
+
 def test_log_barrier_extension_matches_numpy_and_is_smooth():
     t = 5.0
     z = np.array([-2.0, -0.5, -1 / t**2 - 1e-4, -1 / t**2 + 1e-4, 0.0, 0.3, 3.0])
@@ -84,20 +86,30 @@ def test_weak_learner_loss():
     with_barrier = losses.weak_learner_loss(f_prev + f_new, f_prev, g, y, barrier_weight=0.3, gamma=0.1)
     assert np.all(np.asarray(with_barrier) > np.asarray(plain) - 1.0)
     # The previous members and the teacher get no gradient through it.
-    gp, gg = jax.grad(lambda p, t: losses.weak_learner_loss(p + f_new, p, t, y).sum() * 0 +
-                      losses.weak_learner_loss(jax.lax.stop_gradient(p) + f_new, p, t, y).sum(), argnums=(0, 1))(f_prev, g)
+    gp, gg = jax.grad(
+        lambda p, t: (
+            losses.weak_learner_loss(p + f_new, p, t, y).sum() * 0
+            + losses.weak_learner_loss(jax.lax.stop_gradient(p) + f_new, p, t, y).sum()
+        ),
+        argnums=(0, 1),
+    )(f_prev, g)
     assert float(jnp.abs(gp).max()) == 0.0 and float(jnp.abs(gg).max()) == 0.0
     pw = jnp.asarray(rng.uniform(0.5, 2, size=(6, 5)), jnp.float32)
     r = losses.centred(g) - losses.centred(f_prev + f_new)
-    np.testing.assert_allclose(losses.boosting_residual_loss(f_prev + f_new, g, y, pair_weights=pw),
-                               np.mean(np.asarray(pw) * np.asarray(r) ** 2, -1), rtol=1e-5)
+    np.testing.assert_allclose(
+        losses.boosting_residual_loss(f_prev + f_new, g, y, pair_weights=pw),
+        np.mean(np.asarray(pw) * np.asarray(r) ** 2, -1),
+        rtol=1e-5,
+    )
 
 
 # ----------------------------------------------------------------- members and the connection
 
+
 def _cnn(seed, channels=(4, 8), dense=8):
-    return models.create_model("cnn", num_classes=10, input_shape=(8, 8, 1), rngs=nnx.Rngs(seed),
-                               channels=channels, dense=dense)
+    return models.create_model(
+        "cnn", num_classes=10, input_shape=(8, 8, 1), rngs=nnx.Rngs(seed), channels=channels, dense=dense
+    )
 
 
 def _x(n=4, seed=0):
@@ -152,6 +164,7 @@ def test_connection_shapes_and_frozen_previous_member(join, width, feat):
 
 # ----------------------------------------------------------------------------------- anytime
 
+
 @pytest.mark.parametrize("budget", [float("inf"), 2.5])
 def test_anytime_sweep_equals_naive_loop(budget):
     rng = np.random.default_rng(3)
@@ -168,7 +181,9 @@ def test_anytime_sweep_equals_naive_loop(budget):
     # Threshold 0 stops after the first member; above 1, all affordable members run.
     assert out["mean_members"][0] == 1.0
     assert out["mean_members"][-1] == (4.0 if budget == float("inf") else 2.0)
-    np.testing.assert_allclose(out["accuracy"][-1], anytime.accuracy_by_members(own, labels)[int(out["mean_members"][-1]) - 1])
+    np.testing.assert_allclose(
+        out["accuracy"][-1], anytime.accuracy_by_members(own, labels)[int(out["mean_members"][-1]) - 1]
+    )
     with pytest.raises(ValueError, match="one entry per member"):
         anytime.sweep(own, labels, cost[:3], thresholds)
 
@@ -185,11 +200,13 @@ def test_train_loader_gives_example_indices(data_dir):
 
 # --------------------------------------------------------------------------- the B-DISTIL run
 
+
 @pytest.fixture(scope="module")
 def digits_teacher(data_dir, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("bdistil_teacher"))
-    train.train_and_evaluate(digits_config(data_dir, **{"dataset.train_split": "train[:90%]", "total_steps": 60}),
-                             workdir)
+    train.train_and_evaluate(
+        digits_config(data_dir, **{"dataset.train_split": "train[:90%]", "total_steps": 60}), workdir
+    )
     return workdir
 
 
@@ -198,14 +215,18 @@ def ensemble_config(data_dir, teacher, **fields):
     c.stages = ml_collections.ConfigDict()
     c.stage_order = ()
     e = ens_config.defaults()
-    m = digits_config(data_dir, **{"dataset.train_split": "train[:90%]", "total_steps": 12,
-                                   "checkpoint.every_steps": 6, "log_every_steps": 6})
+    m = digits_config(
+        data_dir,
+        **{"dataset.train_split": "train[:90%]", "total_steps": 12, "checkpoint.every_steps": 6, "log_every_steps": 6},
+    )
     m.distill.teacher_workdir = teacher
     e.member = m
-    e.candidates = ml_collections.ConfigDict({"wide": ens_config.model_entry("mlp", hidden=(16,)),
-                                             "narrow": ens_config.model_entry("mlp", hidden=(8,))})
-    e.no_resched = ml_collections.ConfigDict({"n16": ens_config.model_entry("mlp", hidden=(16,)),
-                                              "n64": ens_config.model_entry("mlp", hidden=(64,))})
+    e.candidates = ml_collections.ConfigDict(
+        {"wide": ens_config.model_entry("mlp", hidden=(16,)), "narrow": ens_config.model_entry("mlp", hidden=(8,))}
+    )
+    e.no_resched = ml_collections.ConfigDict(
+        {"n16": ens_config.model_entry("mlp", hidden=(16,)), "n64": ens_config.model_entry("mlp", hidden=(64,))}
+    )
     e.rounds = 2
     e.predict_batch_size = 64
     e.connect.width = 4
@@ -225,6 +246,7 @@ def ensemble_run(data_dir, digits_teacher, tmp_path_factory):
 
 def _member_outputs(workdir, variant="bdistil"):
     from titans import ensemble
+
     ens, _ = ensemble.load(workdir, variant)
     x = jnp.asarray(np.random.default_rng(0).integers(0, 17, size=(16, 8, 8, 1)), jnp.float32)
     return np.asarray(ens.member_logits(x)), ens
@@ -260,6 +282,7 @@ def test_bdistil_run_outputs(ensemble_run):
     np.testing.assert_allclose(ens(x), own.sum(0), atol=1e-5)
     assert os.path.exists(os.path.join(workdir, "ensemble.md"))
     from titans.ensemble import report
+
     runs = report.load([workdir])
     assert "| B-DISTIL (connected) | 2 |" in report.members_table(runs)
     assert report.equal_cost_table(runs).count("\n") == 3  # header, rule, w = 1 and 2
@@ -278,8 +301,11 @@ def test_resume_mid_ensemble_gives_the_same_result(ensemble_run, data_dir, digit
     resumed, _ = _member_outputs(workdir)
     full, _ = _member_outputs(full_dir)
     np.testing.assert_allclose(resumed, full, atol=1e-5)
-    np.testing.assert_allclose(np.load(os.path.join(workdir, "bdistil", "weights_round2.npy")),
-                               np.load(os.path.join(full_dir, "bdistil", "weights_round2.npy")), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.load(os.path.join(workdir, "bdistil", "weights_round2.npy")),
+        np.load(os.path.join(full_dir, "bdistil", "weights_round2.npy")),
+        rtol=1e-6,
+    )
 
 
 def test_find_wl_stops_cleanly_when_no_candidate_meets_the_condition(data_dir, digits_teacher, tmp_path, capsys):
@@ -295,6 +321,7 @@ def test_find_wl_stops_cleanly_when_no_candidate_meets_the_condition(data_dir, d
     assert not any(r["accepted"] for r in state["log"])
     with pytest.raises(ValueError, match="no members"):
         from titans import ensemble
+
         ensemble.load(str(tmp_path), "bdistil")
 
 
@@ -325,6 +352,7 @@ def test_ensemble_config_errors(data_dir, digits_teacher):
 
 def test_fmnist_and_cifar_configs_validate():
     from helpers import REPO
+
     c = config_lib.load_config_file(os.path.join(REPO, "configs", "bdistil_fmnist.py") + ":seed=1")
     config_lib.validate(c)
     ens_config.validate(c)
@@ -333,8 +361,11 @@ def test_fmnist_and_cifar_configs_validate():
     assert c.stage_order == () and c.ensemble.member.distill.teacher_workdir == "/t"
     with pytest.raises(ValueError, match="Unknown argument"):
         config_lib.load_config_file(os.path.join(REPO, "configs", "bdistil_fmnist.py") + ":seeds=1")
-    for spec, dataset in (("bdistil_cifar.py:dataset=cifar10", "cifar10"), ("bdistil_cifar.py", "cifar100"),
-                          ("bdistil_speech.py", "speech_commands")):
+    for spec, dataset in (
+        ("bdistil_cifar.py:dataset=cifar10", "cifar10"),
+        ("bdistil_cifar.py", "cifar100"),
+        ("bdistil_speech.py", "speech_commands"),
+    ):
         c = config_lib.load_config_file(os.path.join(REPO, "configs", spec))
         config_lib.validate(c)
         ens_config.validate(c)
@@ -342,8 +373,12 @@ def test_fmnist_and_cifar_configs_validate():
         for group in ("candidates", "no_resched"):  # every architecture is a real one, with real arguments
             for entry in c.ensemble[group].values():
                 if entry.name == "conv1d":  # the 1-D speech model: built, since its kwargs are free-form
-                    members.build_member({"model": entry.to_dict(), "connected": False},
-                                         data.dataset_info(dataset), seed=0, dtype=jnp.float32)
+                    members.build_member(
+                        {"model": entry.to_dict(), "connected": False},
+                        data.dataset_info(dataset),
+                        seed=0,
+                        dtype=jnp.float32,
+                    )
                 else:
                     assert set(entry.kwargs) <= set(models.model_kwargs(entry.name))
     with pytest.raises(ValueError, match="cifar10 or cifar100"):
@@ -352,8 +387,10 @@ def test_fmnist_and_cifar_configs_validate():
 
 # ------------------------------------------------------------------------------- speech path
 
+
 def _write_wav(path, samples):
     import wave
+
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with wave.open(path, "wb") as f:
         f.setnchannels(1)
@@ -398,8 +435,10 @@ def test_speech_path_on_a_mock_archive(tmp_path, monkeypatch):
     labels = {src[i]["label"] for i in range(len(src))}
     assert labels == {speech.LABELS.index(x) for x in ("yes", "no", "_unknown_", "_silence_")}
     # A louder tone gives more energy in its band.
-    assert speech.log_mel_uint8(np.zeros(16000, np.int16)).max() < speech.log_mel_uint8(
-        (8000 * np.sin(np.arange(16000) * 0.2)).astype(np.int16)).max()
+    assert (
+        speech.log_mel_uint8(np.zeros(16000, np.int16)).max()
+        < speech.log_mel_uint8((8000 * np.sin(np.arange(16000) * 0.2)).astype(np.int16)).max()
+    )
 
     # The 1-D conv student as ensemble members, from a speech config made tiny.
     c = config_lib.load_config_file(os.path.join(os.path.dirname(__file__), "..", "configs", "bdistil_speech.py"))

@@ -16,8 +16,11 @@ def np_log_softmax(z):
 @pytest.fixture
 def batch():
     rng = np.random.default_rng(0)
-    return (rng.normal(size=(16, 10)) * 3).astype(np.float32), (rng.normal(size=(16, 10)) * 3).astype(
-        np.float32), rng.integers(0, 10, 16)
+    return (
+        (rng.normal(size=(16, 10)) * 3).astype(np.float32),
+        (rng.normal(size=(16, 10)) * 3).astype(np.float32),
+        rng.integers(0, 10, 16),
+    )
 
 
 def test_cross_entropy(batch):
@@ -55,10 +58,12 @@ def test_hard_distillation_and_mix(batch):
     ce = -np_log_softmax(s.astype(np.float64))[np.arange(16), y]
     pt = np.exp(np_log_softmax(t.astype(np.float64) / 2.0))
     kd = 4.0 * (pt * (np.log(pt) - np_log_softmax(s.astype(np.float64) / 2.0))).sum(-1)
-    np.testing.assert_allclose(losses.distillation_loss(s, t, y, kind="kd", alpha=0.7, temperature=2.0),
-                               0.7 * kd + 0.3 * ce, rtol=1e-4)
-    np.testing.assert_allclose(losses.distillation_loss(s, t, y, kind="hard", alpha=0.5),
-                               0.5 * hard + 0.5 * ce, rtol=1e-5)
+    np.testing.assert_allclose(
+        losses.distillation_loss(s, t, y, kind="kd", alpha=0.7, temperature=2.0), 0.7 * kd + 0.3 * ce, rtol=1e-4
+    )
+    np.testing.assert_allclose(
+        losses.distillation_loss(s, t, y, kind="hard", alpha=0.5), 0.5 * hard + 0.5 * ce, rtol=1e-5
+    )
 
 
 def test_teacher_gets_no_gradient(batch):
@@ -93,8 +98,12 @@ def test_easy_weights(batch, rule):
     s, t, y = batch
     pt, ps = np_softmax(t.astype(np.float64)), np_softmax(s.astype(np.float64))
     srt = np.sort(pt, -1)
-    easiness = {"confidence": pt.max(-1), "margin": srt[:, -1] - srt[:, -2],
-                "correctness": pt[np.arange(16), y], "agreement": ps[np.arange(16), pt.argmax(-1)]}[rule]
+    easiness = {
+        "confidence": pt.max(-1),
+        "margin": srt[:, -1] - srt[:, -2],
+        "correctness": pt[np.arange(16), y],
+        "agreement": ps[np.arange(16), pt.argmax(-1)],
+    }[rule]
     ref = 0.2 + 0.8 * easiness**3.0
     got = losses.easy_weights(t, y, s, rule=rule, sharpness=3.0, floor=0.2)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-7)

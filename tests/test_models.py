@@ -33,8 +33,11 @@ ALIASES = (
 )
 
 # Expected stage keys, in forward order.
-STAGES = {"mlp": ["hidden1", "hidden2"], "cnn": ["stage1", "stage2"],
-          "mobilenet_v2": [f"stage{i}" for i in range(1, 8)]}
+STAGES = {
+    "mlp": ["hidden1", "hidden2"],
+    "cnn": ["stage1", "stage2"],
+    "mobilenet_v2": [f"stage{i}" for i in range(1, 8)],
+}
 for _n in ("resnet18", "resnet34", "resnet50"):
     STAGES[_n] = [f"stage{i}" for i in range(1, 5)]
 
@@ -43,11 +46,12 @@ def stages_of(name):
     return STAGES.get(name, ["stage1", "stage2", "stage3"])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _abstract_model(name, input_shape, num_classes, kwargs):
     return nnx.eval_shape(
-        lambda: models.create_model(name, num_classes=num_classes, input_shape=input_shape,
-                                    rngs=nnx.Rngs(0), **dict(kwargs))
+        lambda: models.create_model(
+            name, num_classes=num_classes, input_shape=input_shape, rngs=nnx.Rngs(0), **dict(kwargs)
+        )
     )
 
 
@@ -87,7 +91,7 @@ def batch(input_shape=SMALL, seed=0, n=BATCH):
 
 
 def test_registered_names():
-    assert models.MODEL_NAMES == sorted(ALIASES)
+    assert sorted(ALIASES) == models.MODEL_NAMES
 
 
 def trace(name, train, input_shape=SMALL, **kwargs):
@@ -96,8 +100,7 @@ def trace(name, train, input_shape=SMALL, **kwargs):
     Returns the output shapes, plus for every BatchNorm statistic whether the function hands
     back its input unchanged (the jaxpr forwards the very same variable).
     """
-    graphdef, params, stats = nnx.split(abstract_model(name, input_shape, **kwargs),
-                                        nnx.Param, nnx.BatchStat)
+    graphdef, params, stats = nnx.split(abstract_model(name, input_shape, **kwargs), nnx.Param, nnx.BatchStat)
 
     def run(params, stats, x):
         model = nnx.merge(graphdef, params, stats)
@@ -107,8 +110,8 @@ def trace(name, train, input_shape=SMALL, **kwargs):
     closed, (out, new_stats) = jax.make_jaxpr(run, return_shape=True)(params, stats, x)
     assert jax.tree.structure(new_stats) == jax.tree.structure(stats)
     n_params, n_stats = len(jax.tree.leaves(params)), len(jax.tree.leaves(stats))
-    stat_in = closed.jaxpr.invars[n_params:n_params + n_stats]
-    stat_out = closed.jaxpr.outvars[len(closed.jaxpr.outvars) - n_stats:]
+    stat_in = closed.jaxpr.invars[n_params : n_params + n_stats]
+    stat_out = closed.jaxpr.outvars[len(closed.jaxpr.outvars) - n_stats :]
     forwarded = [o is i for o, i in zip(stat_out, stat_in)]
     return out, forwarded
 
@@ -138,8 +141,7 @@ def test_interface_and_batchnorm_modes(name):
         ("cnn", (8, 8, 1), {"channels": (4, 4, 4, 4), "dense": 8, "batch_norm": False}),
         ("cnn", (28, 28, 1), {"channels": (8, 16), "dense": 32}),
         ("cifar_resnet", (8, 8, 3), {"depth": 10, "widths": (4, 8, 8, 16)}),
-        ("cifar_resnet", (8, 8, 3), {"depth": 8, "widths": (8, 16, 16), "stem_width": 4,
-                                     "shortcut": "pad"}),
+        ("cifar_resnet", (8, 8, 3), {"depth": 8, "widths": (8, 16, 16), "stem_width": 4, "shortcut": "pad"}),
         ("wide_resnet", (8, 8, 3), {"depth": 10, "widen": 1}),
         ("mobilenet_v2", (8, 8, 3), {"width_mult": 0.25, "dropout": 0.2}),
         ("resnet18", (64, 64, 3), {"width": 4}),
@@ -208,7 +210,7 @@ def test_dropout_only_in_train_mode():
         return n
 
     def count_random_bits(train):
-        fn = lambda s, x: nnx.merge(graphdef, s)(x, train=train)  # noqa: E731
+        fn = lambda s, x: nnx.merge(graphdef, s)(x, train=train)
         return count(jax.make_jaxpr(fn)(state, x).jaxpr, "random_bits")
 
     assert count_random_bits(False) == 0
@@ -294,8 +296,7 @@ def test_flops_grow_with_depth_and_width():
 
 
 def test_real_init_student_cnn():
-    model = models.create_model("cnn", num_classes=10, input_shape=FMNIST, rngs=nnx.Rngs(0),
-                                **STUDENT)
+    model = models.create_model("cnn", num_classes=10, input_shape=FMNIST, rngs=nnx.Rngs(0), **STUDENT)
     params = nnx.state(model, nnx.Param)
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
     logits, acts = model(batch(FMNIST), train=True, capture=True)
@@ -303,8 +304,7 @@ def test_real_init_student_cnn():
     assert acts["stage1"].shape == (BATCH, 14, 14, 8)
     assert acts["stage2"].shape == (BATCH, 7, 7, 16)
     assert acts["features"].shape == (BATCH, 32)
-    same = models.create_model("cnn", num_classes=10, input_shape=FMNIST, rngs=nnx.Rngs(0),
-                               **STUDENT)
+    same = models.create_model("cnn", num_classes=10, input_shape=FMNIST, rngs=nnx.Rngs(0), **STUDENT)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(nnx.state(same, nnx.Param))):
         np.testing.assert_array_equal(a, b)  # same seed, same weights
     count = models.param_count(model)
@@ -334,30 +334,32 @@ def test_batchnorm_matches_flax_batchnorm():
     x = (rng.standard_normal((4, 5, 5, 6)) * 3 + 1).astype(np.float32)
     w = rng.standard_normal(x.shape).astype(np.float32)
     ours = layers.batch_norm(6, rngs=nnx.Rngs(0), dtype=jnp.float32)
-    ref = nnx.BatchNorm(6, momentum=layers.BN_MOMENTUM, epsilon=layers.BN_EPSILON,
-                        rngs=nnx.Rngs(0))
+    ref = nnx.BatchNorm(6, momentum=layers.BN_MOMENTUM, epsilon=layers.BN_EPSILON, rngs=nnx.Rngs(0))
     assert isinstance(ours, nnx.BatchNorm)
     for bn in (ours, ref):
         bn.scale.set_value(jnp.linspace(0.5, 2.0, 6))
         bn.bias.set_value(jnp.linspace(-1.0, 1.0, 6))
     for use_running_average in (False, True, False):
-        np.testing.assert_allclose(ours(x, use_running_average=use_running_average),
-                                   ref(x, use_running_average=use_running_average),
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            ours(x, use_running_average=use_running_average),
+            ref(x, use_running_average=use_running_average),
+            rtol=1e-5,
+            atol=1e-5,
+        )
         np.testing.assert_allclose(ours.mean[...], ref.mean[...], rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(ours.var[...], ref.var[...], rtol=1e-6, atol=1e-6)
     grads = []
     for bn in (ours, ref):
         graphdef, state = nnx.split(bn)
-        loss = lambda x: jnp.sum(  # noqa: E731
-            nnx.merge(graphdef, state, copy=True)(x, use_running_average=False) * w)
+        loss = lambda x: jnp.sum(nnx.merge(graphdef, state, copy=True)(x, use_running_average=False) * w)
         grads.append(jax.grad(loss)(x))
     np.testing.assert_allclose(grads[0], grads[1], rtol=1e-4, atol=1e-5)
 
 
 def test_bf16_compute_keeps_float32_params_and_logits():
-    model = models.create_model("cnn", num_classes=10, input_shape=FMNIST, rngs=nnx.Rngs(0),
-                                dtype=jnp.bfloat16, **STUDENT)
+    model = models.create_model(
+        "cnn", num_classes=10, input_shape=FMNIST, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, **STUDENT
+    )
     params = jax.tree.leaves(nnx.state(model, nnx.Param))
     assert all(p.dtype == jnp.float32 for p in params)
     logits, acts = model(batch(FMNIST), train=True, capture=True)
@@ -380,14 +382,11 @@ def test_unknown_name_lists_close_matches():
 
 def test_unknown_and_fixed_kwargs_rejected():
     with pytest.raises(TypeError, match="widht"):
-        models.create_model("resnet18", num_classes=10, input_shape=SMALL, rngs=nnx.Rngs(0),
-                            widht=32)
+        models.create_model("resnet18", num_classes=10, input_shape=SMALL, rngs=nnx.Rngs(0), widht=32)
     with pytest.raises(TypeError, match="depth"):
-        models.create_model("resnet20", num_classes=10, input_shape=SMALL, rngs=nnx.Rngs(0),
-                            depth=56)
+        models.create_model("resnet20", num_classes=10, input_shape=SMALL, rngs=nnx.Rngs(0), depth=56)
     with pytest.raises(ValueError, match="6n\\+2"):
-        models.create_model("cifar_resnet", num_classes=10, input_shape=SMALL,
-                            rngs=nnx.Rngs(0), depth=21)
+        models.create_model("cifar_resnet", num_classes=10, input_shape=SMALL, rngs=nnx.Rngs(0), depth=21)
 
 
 def test_wrong_input_shape_is_reported():
@@ -399,8 +398,7 @@ def test_wrong_input_shape_is_reported():
 
 
 def test_jitted_grad_through_split_merge():
-    model = models.create_model("cnn", num_classes=10, input_shape=FMNIST, rngs=nnx.Rngs(0),
-                                **STUDENT)
+    model = models.create_model("cnn", num_classes=10, input_shape=FMNIST, rngs=nnx.Rngs(0), **STUDENT)
     graphdef, params, rest = nnx.split(model, nnx.Param, nnx.BatchStat)
     x, y = batch(FMNIST, n=4), jnp.arange(4) % 10
 

@@ -15,8 +15,8 @@ import sys
 import jax
 import numpy as np
 import pytest
-
 from helpers import REPO, digits_config
+
 from titans import runs, train
 
 WORKER = os.path.join(REPO, "tests", "multiprocess_worker.py")
@@ -34,11 +34,18 @@ def _launch(num_processes, devices_each, data_dir, workdir, teacher_dir, steps=6
     port = _free_port()
     procs = []
     for pid in range(num_processes):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", TFDS_DATA_DIR=data_dir,
-                   XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_each}")
+        env = dict(
+            os.environ,
+            JAX_PLATFORMS="cpu",
+            TFDS_DATA_DIR=data_dir,
+            XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_each}",
+        )
         if num_processes > 1:
-            env.update(TITANS_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", TITANS_NUM_PROCESSES=str(num_processes),
-                       TITANS_PROCESS_ID=str(pid))
+            env.update(
+                TITANS_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                TITANS_NUM_PROCESSES=str(num_processes),
+                TITANS_PROCESS_ID=str(pid),
+            )
         args = [sys.executable, WORKER, data_dir, workdir, teacher_dir, str(steps)]
         if lrs is not None:
             args.append(str(lrs[pid]))
@@ -83,7 +90,7 @@ def two_process_run(data_dir, teacher_dir, tmp_path_factory):
 def test_two_processes_equal_one_process(two_process_run, data_dir, teacher_dir, tmp_path):
     workdir, results = two_process_run
     assert [(r["process_index"], r["process_count"], r["devices"]) for r in results] == [(0, 2, 8), (1, 2, 8)]
-    (rc, stdout, stderr), = _launch(1, 8, data_dir, str(tmp_path / "single"), teacher_dir)
+    ((rc, stdout, stderr),) = _launch(1, 8, data_dir, str(tmp_path / "single"), teacher_dir)
     assert rc == 0, stderr[-3000:]
     single = _result(stdout)
     assert (single["process_count"], single["devices"]) == (1, 8)
@@ -94,8 +101,7 @@ def test_two_processes_equal_one_process(two_process_run, data_dir, teacher_dir,
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
     assert results[0]["accuracy"] == results[1]["accuracy"] == pytest.approx(single["accuracy"], abs=1e-9)
     # Only process 0 writes: every logged step appears once.
-    steps = [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))
-             if "train/loss" in line]
+    steps = [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl")) if "train/loss" in line]
     assert steps == [2, 4, 6]
 
 

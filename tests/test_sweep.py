@@ -6,14 +6,15 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import REPO
+
 from titans import sweep
 
 
 def test_expand_product_zip_seeds():
-    runs = sweep.expand({"product": {"a": [1, 2], "b": ["x", "y", "z"]}, "zip": {"c": [10, 20], "d": [0.1, 0.2]},
-                         "seeds": [0, 1]})
+    runs = sweep.expand(
+        {"product": {"a": [1, 2], "b": ["x", "y", "z"]}, "zip": {"c": [10, 20], "d": [0.1, 0.2]}, "seeds": [0, 1]}
+    )
     assert len(runs) == 2 * 3 * 2 * 2
     assert runs[0] == {"a": 1, "b": "x", "c": 10, "d": 0.1, "seed": 0}
     assert all((r["c"], r["d"]) in {(10, 0.1), (20, 0.2)} for r in runs)  # zipped fields vary together
@@ -23,18 +24,21 @@ def test_expand_product_zip_seeds():
     assert sweep.run_name({"model.kwargs.hidden": (16, 32), "seed": 1}) == "model.kwargs.hidden=16-32,seed=1"
 
 
-@pytest.mark.parametrize("bad,message", [
-    ({"zip": {"a": [1, 2], "b": [1]}}, "equal length"),
-    ({"product": {"a": []}}, "non-empty list"),
-    ({"product": {"a": [1]}, "zip": {"a": [2]}}, "both product and zip"),
-    ({"grid": {"a": [1]}}, "Unknown sweep keys"),
-])
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        ({"zip": {"a": [1, 2], "b": [1]}}, "equal length"),
+        ({"product": {"a": []}}, "non-empty list"),
+        ({"product": {"a": [1]}, "zip": {"a": [2]}}, "both product and zip"),
+        ({"grid": {"a": [1]}}, "Unknown sweep keys"),
+    ],
+)
 def test_bad_sweeps_are_refused(bad, message):
     with pytest.raises(sweep.SweepError, match=message):
         sweep.expand(bad)
 
 
-SWEEP_CONFIG = '''
+SWEEP_CONFIG = """
 import os, sys
 sys.path.insert(0, {repo!r})
 from configs.digits import get_config as _digits
@@ -50,13 +54,18 @@ def get_config(arg=""):
 
 def get_sweep(arg=""):
     return {{"product": {{"optimizer.learning_rate": [0.1, 0.3]}}, "seeds": [0, 1]}}
-'''
+"""
 
 
 def _sweep_cmd(config, root, *extra):
-    return subprocess.run([sys.executable, "-m", "titans.sweep", f"--config={config}", f"--workdir={root}", *extra],
-                          cwd=REPO, capture_output=True, text=True, timeout=900,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""))
+    return subprocess.run(
+        [sys.executable, "-m", "titans.sweep", f"--config={config}", f"--workdir={root}", *extra],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""),
+    )
 
 
 @pytest.mark.slow
@@ -79,8 +88,9 @@ def test_local_sweep_skips_finished_and_summarizes(data_dir, tmp_path):
     summary = (root / "sweep_summary.md").read_text()
     assert "| optimizer.learning_rate=0.1 | 2 |" in summary and " ± " in summary
     data = json.load(open(root / "sweep.json"))
-    accs = [json.load(open(root / f"optimizer.learning_rate=0.1,seed={s}" / "results.json"))["accuracy"]
-            for s in (0, 1)]
+    accs = [
+        json.load(open(root / f"optimizer.learning_rate=0.1,seed={s}" / "results.json"))["accuracy"] for s in (0, 1)
+    ]
     row = next(r for r in data["summary"] if r["group"] == "optimizer.learning_rate=0.1")
     assert row["accuracy"]["mean"] == pytest.approx(sum(accs) / 2) and row["accuracy"]["n"] == 2
     again = _sweep_cmd(str(config), str(root))
@@ -97,10 +107,13 @@ def test_sweep_cli_errors_and_tpu_commands(tmp_path):
     tpu = _sweep_cmd(cfg, "gs://b/sw", "--tpu=sweep", "--zone=us-central2-b")
     assert tpu.returncode == 0, tpu.stderr
     lines = tpu.stdout.strip().splitlines()
-    assert len(lines) == 8 and lines[0].startswith("launch/tpu.sh run --name=sweep-0 --zone=us-central2-b "
-                                                   "--config=" + cfg)
+    assert len(lines) == 8 and lines[0].startswith(
+        "launch/tpu.sh run --name=sweep-0 --zone=us-central2-b --config=" + cfg
+    )
     assert "--workdir=gs://b/sw/optimizer.learning_rate=0.05,model.kwargs.hidden=16,batch_size=32,seed=0" in lines[0]
-    assert lines[0].endswith("-- --config.optimizer.learning_rate=0.05 '--config.model.kwargs.hidden=(16,)' "
-                             "--config.batch_size=32 --config.seed=0")
+    assert lines[0].endswith(
+        "-- --config.optimizer.learning_rate=0.05 '--config.model.kwargs.hidden=(16,)' "
+        "--config.batch_size=32 --config.seed=0"
+    )
     local = _sweep_cmd(cfg, str(tmp_path), "--tpu=sweep", "--zone=us-central2-b")
     assert local.returncode != 0 and "gs://" in local.stderr

@@ -15,14 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import REPO, digits_config
 
 from titans import checkpoint as ckpt_lib
 from titans import config as config_lib
 from titans import data, models, runs, teachers, train
 from titans.teachers import cache as cache_lib
 from titans.teachers import service
-
-from helpers import REPO, digits_config
 
 ATOL = 1e-5  # the same float32 forward at another batch size: rounding only
 
@@ -46,14 +45,23 @@ def online(teacher_dir):
 @pytest.fixture(scope="module")
 def full_cache(teacher_dir, data_dir, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("cache_full"))
-    cache_lib.write_cache(teacher_workdir=teacher_dir, dataset="digits", split="train", out=out,
-                          data_dir=data_dir, shard_size=500, batch_size=128, log=lambda s: None)
+    cache_lib.write_cache(
+        teacher_workdir=teacher_dir,
+        dataset="digits",
+        split="train",
+        out=out,
+        data_dir=data_dir,
+        shard_size=500,
+        batch_size=128,
+        log=lambda s: None,
+    )
     return out
 
 
 @pytest.fixture(scope="module")
 def ray_cluster():
     import ray
+
     owns = service.connect(num_cpus=4)
     yield ray
     if owns:
@@ -100,8 +108,17 @@ def test_soft_label_loader_state_counts_handed_out_batches(full_cache, data_dir)
 
 def test_topk_round_trip(teacher_dir, online, data_dir, tmp_path):
     out = str(tmp_path / "top3")
-    cache_lib.write_cache(teacher_workdir=teacher_dir, dataset="digits", split="test", out=out, data_dir=data_dir,
-                          topk=3, shard_size=100, batch_size=64, log=lambda s: None)
+    cache_lib.write_cache(
+        teacher_workdir=teacher_dir,
+        dataset="digits",
+        split="test",
+        out=out,
+        data_dir=data_dir,
+        topk=3,
+        shard_size=100,
+        batch_size=64,
+        log=lambda s: None,
+    )
     cache = cache_lib.TeacherCache(out)
     src = data.get_source("digits", "test", data_dir=data_dir)
     images = np.stack([e["image"] for e in src.__getitems__(range(len(src)))])
@@ -122,8 +139,17 @@ def test_topk_round_trip(teacher_dir, online, data_dir, tmp_path):
         assert np.all(p[~mask] == 0.0)
     # bfloat16 storage of the same top-k.
     out16 = str(tmp_path / "top3_bf16")
-    cache_lib.write_cache(teacher_workdir=teacher_dir, dataset="digits", split="test", out=out16,
-                          data_dir=data_dir, topk=3, dtype="bfloat16", shard_size=1000, log=lambda s: None)
+    cache_lib.write_cache(
+        teacher_workdir=teacher_dir,
+        dataset="digits",
+        split="test",
+        out=out16,
+        data_dir=data_dir,
+        topk=3,
+        dtype="bfloat16",
+        shard_size=1000,
+        log=lambda s: None,
+    )
     v16, i16 = cache_lib.TeacherCache(out16).topk_entries(np.arange(len(src)))
     np.testing.assert_array_equal(i16, order)
     np.testing.assert_allclose(v16, values, rtol=1e-2, atol=1e-2)
@@ -159,8 +185,15 @@ def test_stale_or_foreign_cache_refused(full_cache, teacher_dir, data_dir, tmp_p
         train.train_and_evaluate(c, str(tmp_path / "student3"))
     # The writer will not mix two jobs in one directory.
     with pytest.raises(cache_lib.StaleCacheError, match="(?s)already holds a cache of another job.*split"):
-        cache_lib.write_cache(teacher_workdir=teacher_dir, dataset="digits", split="test", out=full_cache,
-                              data_dir=data_dir, shard_size=500, log=lambda s: None)
+        cache_lib.write_cache(
+            teacher_workdir=teacher_dir,
+            dataset="digits",
+            split="test",
+            out=full_cache,
+            data_dir=data_dir,
+            shard_size=500,
+            log=lambda s: None,
+        )
 
 
 def test_cache_refused_for_augmented_training(teacher_dir, data_dir):
@@ -183,8 +216,12 @@ def test_config_fields_checked():
     with pytest.raises(config_lib.ConfigError, match="needs a teacher"):
         config_lib.validate(c)
     with pytest.raises(config_lib.ConfigError, match="Did you mean: distill.service.max_workers"):
-        config_lib.validate({**c.to_dict(), "distill": {**c.distill.to_dict(), "service": {
-            **c.distill.service.to_dict(), "max_worker": 3}}})
+        config_lib.validate(
+            {
+                **c.to_dict(),
+                "distill": {**c.distill.to_dict(), "service": {**c.distill.service.to_dict(), "max_worker": 3}},
+            }
+        )
     with pytest.raises(config_lib.ConfigError, match="distill.cache.topk"):
         config_lib.check_override(c, "distill.cache.top_k")
 
@@ -192,11 +229,21 @@ def test_config_fields_checked():
 @pytest.mark.slow
 def test_cache_writer_resumes_after_kill(teacher_dir, online, data_dir, tmp_path):
     out = str(tmp_path / "cache")
-    cmd = [sys.executable, "-m", "titans.teachers.cache", f"--teacher_workdir={teacher_dir}", "--dataset=digits",
-           "--split=train", f"--data_dir={data_dir}", f"--out={out}", "--shard_size=200", "--batch_size=100",
-           "--delay_per_shard_s=2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "titans.teachers.cache",
+        f"--teacher_workdir={teacher_dir}",
+        "--dataset=digits",
+        "--split=train",
+        f"--data_dir={data_dir}",
+        f"--out={out}",
+        "--shard_size=200",
+        "--batch_size=100",
+        "--delay_per_shard_s=2",
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    shards = lambda: sorted(f for f in os.listdir(out) if f.endswith(".array_record")) if os.path.isdir(out) else []  # noqa: E731
+    shards = lambda: sorted(f for f in os.listdir(out) if f.endswith(".array_record")) if os.path.isdir(out) else []
     deadline = time.time() + 120
     while len(shards()) < 2 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -226,9 +273,11 @@ def _final_params(workdir):
     ck = ckpt_lib.Checkpointer(workdir, read_only=True)
     with open(os.path.join(workdir, "config.json")) as f:
         import ml_collections
+
         cfg = ml_collections.ConfigDict(json.load(f))
-    _, params, rest = nnx.split(models.build_model(cfg.model, data.dataset_info(cfg.dataset.name), seed=0,
-                                                  dtype=jnp.float32), nnx.Param, ...)
+    _, params, rest = nnx.split(
+        models.build_model(cfg.model, data.dataset_info(cfg.dataset.name), seed=0, dtype=jnp.float32), nnx.Param, ...
+    )
     return ck.restore_model(ck.latest_step(), {"params": nnx.to_pure_dict(params), "rest": nnx.to_pure_dict(rest)})
 
 
@@ -277,11 +326,24 @@ def test_service_student_equals_online(ray_cluster, online_student, data_dir, te
 def test_service_worker_killed_and_added_mid_epoch(ray_cluster, teacher_dir, online, data_dir):
     info = data.dataset_info("digits")
     teacher, t_cfg, _ = cache_lib.load_teacher_with_identity(teacher_dir, -1, info)
-    variables = {"params": jax.device_get(nnx.to_pure_dict(teacher.params)),
-                 "rest": jax.device_get(ckpt_lib.to_savable(nnx.to_pure_dict(teacher.model_state)))}
-    pool = service.TeacherPool(model_config=t_cfg.to_dict(), dataset="digits", variables=variables,
-                               batch_shape=(64, 8, 8, 1), dtype="float32", min_workers=1, max_workers=3, target=2,
-                               delay_s=0.15, scale_interval_s=0.5, batch_timeout_s=60, start_timeout_s=180)
+    variables = {
+        "params": jax.device_get(nnx.to_pure_dict(teacher.params)),
+        "rest": jax.device_get(ckpt_lib.to_savable(nnx.to_pure_dict(teacher.model_state))),
+    }
+    pool = service.TeacherPool(
+        model_config=t_cfg.to_dict(),
+        dataset="digits",
+        variables=variables,
+        batch_shape=(64, 8, 8, 1),
+        dtype="float32",
+        min_workers=1,
+        max_workers=3,
+        target=2,
+        delay_s=0.15,
+        scale_interval_s=0.5,
+        batch_timeout_s=60,
+        start_timeout_s=180,
+    )
     try:
         pool.wait_for_workers(2, timeout=180)
         loader = teachers.SoftLabelLoader(_loader(data_dir, with_index=True), service.PoolLabeler(pool), in_flight=6)

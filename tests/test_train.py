@@ -13,12 +13,11 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import REPO, digits_config
 
 from titans import checkpoint as ckpt_lib
 from titans import config as config_lib
 from titans import data, models, parallel, runs, train
-
-from helpers import REPO, digits_config
 
 
 def _step_on(devices, config, info, batch):
@@ -48,8 +47,9 @@ def test_eight_devices_equal_one_device(data_dir):
     for a, b in zip(jax.tree.leaves(p8) + jax.tree.leaves(s8), jax.tree.leaves(p1) + jax.tree.leaves(s1)):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
     # The step really moved the parameters (otherwise equality would prove nothing).
-    p0 = nnx.to_pure_dict(nnx.split(models.build_model(config.model, info, seed=0, dtype=jnp.float32),
-                                    nnx.Param, ...)[1])
+    p0 = nnx.to_pure_dict(
+        nnx.split(models.build_model(config.model, info, seed=0, dtype=jnp.float32), nnx.Param, ...)[1]
+    )
     assert max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p0))) > 1e-3
 
 
@@ -110,20 +110,31 @@ def _final_params(workdir):
     cfg = ml_collections.ConfigDict(json.load(open(os.path.join(workdir, "config.json"))))
     info = data.dataset_info(cfg.dataset.name)
     _, params, rest = nnx.split(models.build_model(cfg.model, info, seed=0, dtype=jnp.float32), nnx.Param, ...)
-    return ck.latest_step(), ck.restore_model(ck.latest_step(), {"params": nnx.to_pure_dict(params),
-                                                                   "rest": nnx.to_pure_dict(rest)})
+    return ck.latest_step(), ck.restore_model(
+        ck.latest_step(), {"params": nnx.to_pure_dict(params), "rest": nnx.to_pure_dict(rest)}
+    )
 
 
 @pytest.mark.slow
 def test_sigterm_saves_and_resume_equals_uninterrupted(data_dir, tmp_path):
     """A real SIGTERM mid-run, a resume, and the same parameters as a run never interrupted."""
     interrupted, straight = str(tmp_path / "interrupted"), str(tmp_path / "straight")
-    common = ["--config=configs/digits.py", f"--config.dataset.data_dir={data_dir}", "--config.schedule.name=constant",
-              "--config.log_every_steps=20", "--config.checkpoint.every_steps=1000000"]
+    common = [
+        "--config=configs/digits.py",
+        f"--config.dataset.data_dir={data_dir}",
+        "--config.schedule.name=constant",
+        "--config.log_every_steps=20",
+        "--config.checkpoint.every_steps=1000000",
+    ]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "titans.main", f"--workdir={interrupted}", *common,
-                             "--config.total_steps=1000000"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "titans.main", f"--workdir={interrupted}", *common, "--config.total_steps=1000000"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines = []
     for line in proc.stdout:
         lines.append(line)
@@ -138,8 +149,13 @@ def test_sigterm_saves_and_resume_equals_uninterrupted(data_dir, tmp_path):
     total = stopped_at + 60
     outputs = {}
     for workdir in (interrupted, straight):
-        r = subprocess.run([sys.executable, "-m", "titans.main", f"--workdir={workdir}", *common,
-                            f"--config.total_steps={total}"], cwd=REPO, env=env, capture_output=True, text=True)
+        r = subprocess.run(
+            [sys.executable, "-m", "titans.main", f"--workdir={workdir}", *common, f"--config.total_steps={total}"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         assert r.returncode == 0, r.stdout + r.stderr
         outputs[workdir] = r.stdout
     assert f"resumed from checkpoint step {stopped_at}" in outputs[interrupted]
@@ -163,6 +179,7 @@ def test_nan_stops_with_step_and_keeps_last_good_checkpoint(data_dir, tmp_path):
     with pytest.raises(train.NonFiniteLossError, match=r"at step (\d+).*last good checkpoint \(step (\d+)\)") as e:
         train.train_and_evaluate(c, str(tmp_path))
     import re
+
     bad, kept = map(int, re.search(r"at step (\d+).*step (\d+)\)", str(e.value)).groups())
     assert kept <= bad
     step, variables = _final_params(str(tmp_path))
@@ -194,7 +211,9 @@ def test_corrupt_checkpoint_refused_and_untouched(data_dir, tmp_path):
     c = digits_config(data_dir, total_steps=20)
     train.train_and_evaluate(c, str(tmp_path))
     step_dir = os.path.join(str(tmp_path), "checkpoints", "20", "model")
-    victims = [os.path.join(r, f) for r, _, fs in os.walk(step_dir) for f in fs if os.path.getsize(os.path.join(r, f)) > 64]
+    victims = [
+        os.path.join(r, f) for r, _, fs in os.walk(step_dir) for f in fs if os.path.getsize(os.path.join(r, f)) > 64
+    ]
     for v in victims:
         with open(v, "r+b") as f:
             f.write(b"\x00garbage\xff" * 8)
@@ -221,6 +240,7 @@ def test_missing_dataset_names_prepare_command(tmp_path):
 
 def test_pipeline_runs_stages_and_skips_finished(data_dir, tmp_path, capsys):
     from titans import experiment
+
     c = ml_collections.ConfigDict()
     c.stage_order = ("teacher", "student")
     c.stages = ml_collections.ConfigDict()
@@ -270,6 +290,7 @@ def test_load_run_model_and_predict_match_results(teacher_run, data_dir):
 def test_teacher_with_other_classes_refused(teacher_run):
     # Every offline dataset has 10 classes, so the student's data is described with 100 here.
     import dataclasses
+
     info = dataclasses.replace(data.dataset_info("digits"), num_classes=100, name="digits100")
     with pytest.raises(runs.TeacherMismatchError, match=r"10 classes.*'digits100' has 100 classes"):
         runs.load_teacher(teacher_run[0], info, dtype=jnp.float32)

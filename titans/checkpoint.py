@@ -48,8 +48,9 @@ def to_savable(tree):
 
 
 def from_savable(tree, like):
-    return jax.tree.map(lambda x, ref: jax.random.wrap_key_data(x, impl=jax.random.key_impl(ref))
-                        if _is_key(ref) else x, tree, like)
+    return jax.tree.map(
+        lambda x, ref: jax.random.wrap_key_data(x, impl=jax.random.key_impl(ref)) if _is_key(ref) else x, tree, like
+    )
 
 
 def _abstract(tree):
@@ -57,6 +58,7 @@ def _abstract(tree):
         x = jax.random.key_data(x) if _is_key(x) else x
         sharding = getattr(x, "sharding", None)
         return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
+
     return jax.tree.map(spec, tree)
 
 
@@ -104,47 +106,56 @@ class Checkpointer:
             raise CorruptCheckpointError(
                 f"Checkpoint step {step} in {self.directory} could not be read ({type(e).__name__}: {e}). "
                 f"It was left as it is. Saved steps: {self.all_steps()}; pick another with "
-                f"--config.checkpoint.restore_step=N, or use a fresh workdir.") from e
+                f"--config.checkpoint.restore_step=N, or use a fresh workdir."
+            ) from e
 
     def check_meta(self, step: int, expected: dict) -> dict:
         """Raises IncompatibleCheckpointError unless the step's meta fields equal `expected`."""
         found = self.read_meta(step)
         got, want = found.get("fields", {}), expected["fields"]
-        diffs = [f"{k}: checkpoint has {got.get(k)!r}, this run has {want.get(k)!r}"
-                 for k in sorted(set(got) | set(want)) if got.get(k) != want.get(k)]
+        diffs = [
+            f"{k}: checkpoint has {got.get(k)!r}, this run has {want.get(k)!r}"
+            for k in sorted(set(got) | set(want))
+            if got.get(k) != want.get(k)
+        ]
         if diffs:
             raise IncompatibleCheckpointError(
                 f"The workdir's checkpoint (step {step} in {self.directory}) is from an incompatible run:\n  "
                 + "\n  ".join(diffs)
-                + "\nIt was left untouched. Use another --workdir, or run with the checkpoint's config.")
+                + "\nIt was left untouched. Use another --workdir, or run with the checkpoint's config."
+            )
         return found
 
     def restore(self, step: int, *, model_like: Any, train_like: Any, expected_meta: dict):
         """Restores (model, train, loader_state) of `step` after checking its meta."""
         self.check_meta(step, expected_meta)
         try:
-            out = self.manager.restore(step, args=ocp.args.Composite(
-                model=ocp.args.StandardRestore(_abstract(model_like)),
-                train=ocp.args.StandardRestore(_abstract(train_like)),
-                loader=ocp.args.JsonRestore(),
-            ))
+            out = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    model=ocp.args.StandardRestore(_abstract(model_like)),
+                    train=ocp.args.StandardRestore(_abstract(train_like)),
+                    loader=ocp.args.JsonRestore(),
+                ),
+            )
         except Exception as e:
             raise CorruptCheckpointError(
                 f"Checkpoint step {step} in {self.directory} could not be restored "
                 f"({type(e).__name__}: {e}). It was left as it is. Saved steps: {self.all_steps()}; pick "
-                f"another with --config.checkpoint.restore_step=N.") from e
-        return (from_savable(out["model"], model_like), from_savable(out["train"], train_like),
-                dict(out["loader"]))
+                f"another with --config.checkpoint.restore_step=N."
+            ) from e
+        return (from_savable(out["model"], model_like), from_savable(out["train"], train_like), dict(out["loader"]))
 
     def restore_model(self, step: int, model_like: Any):
         """Restores only the `model` item (how a teacher is loaded)."""
         try:
-            out = self.manager.restore(step, args=ocp.args.Composite(
-                model=ocp.args.StandardRestore(_abstract(model_like))))
+            out = self.manager.restore(
+                step, args=ocp.args.Composite(model=ocp.args.StandardRestore(_abstract(model_like)))
+            )
         except Exception as e:
             raise CorruptCheckpointError(
-                f"Model variables of step {step} in {self.directory} could not be restored "
-                f"({type(e).__name__}: {e}).") from e
+                f"Model variables of step {step} in {self.directory} could not be restored ({type(e).__name__}: {e})."
+            ) from e
         return from_savable(out["model"], model_like)
 
 
@@ -193,4 +204,3 @@ class TreeCheckpoints:
 
     def close(self) -> None:
         self.manager.close()
-

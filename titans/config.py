@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import importlib.util
 import json
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import ml_collections
 
@@ -149,8 +151,11 @@ def _unknown_error(name: str, known: Iterable[str], where: str) -> ConfigError:
         # "optimizer.learning_rate"), then its fields with a similar name.
         by_leaf = {k.rpartition(".")[2]: k for k in siblings}
         close = [k for k in siblings if _abbreviates(leaf, k.rpartition(".")[2])][:3]
-        close += [by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), n=4, cutoff=0.6)
-                  if by_leaf[m] not in close]
+        close += [
+            by_leaf[m]
+            for m in difflib.get_close_matches(leaf, list(by_leaf), n=4, cutoff=0.6)
+            if by_leaf[m] not in close
+        ]
     else:
         close = []
     if not close:
@@ -184,7 +189,7 @@ def validate(config: ml_collections.ConfigDict | dict, where: str = "the config"
             validate(stage, where=f"stage '{name}'")
         return config
     known = _flat_keys(base_config())
-    for name, value in _flat_keys(config).items():
+    for name in _flat_keys(config):
         if name not in known:
             raise _unknown_error(name, known, where)
     _check_values(config, where)
@@ -203,12 +208,15 @@ def _check_values(c: ml_collections.ConfigDict, where: str) -> None:
     choice("distill.objective", c.distill.objective, ("standard", "easy_weighted", "defer"))
     choice("distill.easy.rule", c.distill.easy.rule, ("confidence", "margin", "correctness", "agreement"))
     if c.distill.objective != "standard" and not c.distill.teacher_workdir:
-        raise ConfigError(f"{where}: distill.objective={c.distill.objective!r} needs a teacher "
-                          f"(set distill.teacher_workdir).")
+        raise ConfigError(
+            f"{where}: distill.objective={c.distill.objective!r} needs a teacher (set distill.teacher_workdir)."
+        )
     _check_teacher_mode(c, where, choice)
     if (c.total_steps > 0) == (c.total_epochs > 0):
-        raise ConfigError(f"{where}: set exactly one of total_steps and total_epochs "
-                          f"(got total_steps={c.total_steps}, total_epochs={c.total_epochs}).")
+        raise ConfigError(
+            f"{where}: set exactly one of total_steps and total_epochs "
+            f"(got total_steps={c.total_steps}, total_epochs={c.total_epochs})."
+        )
     if not 0.0 <= c.distill.alpha <= 1.0:
         raise ConfigError(f"{where}: distill.alpha={c.distill.alpha} must be in [0, 1].")
     if c.distill.temperature <= 0:
@@ -224,17 +232,22 @@ def _check_teacher_mode(c: ml_collections.ConfigDict, where: str, choice) -> Non
     for kind in d.service.kinds:
         choice("distill.service.kinds[]", kind, ("cpu", "gpu"))
     if d.teacher_mode != "online" and not d.teacher_workdir:
-        raise ConfigError(f"{where}: distill.teacher_mode={d.teacher_mode!r} needs a teacher "
-                          f"(set distill.teacher_workdir).")
+        raise ConfigError(
+            f"{where}: distill.teacher_mode={d.teacher_mode!r} needs a teacher (set distill.teacher_workdir)."
+        )
     if d.teacher_mode == "cache" and not d.cache.dir:
-        raise ConfigError(f"{where}: distill.teacher_mode='cache' needs distill.cache.dir (written by "
-                          f"`python -m titans.teachers.cache`).")
+        raise ConfigError(
+            f"{where}: distill.teacher_mode='cache' needs distill.cache.dir (written by "
+            f"`python -m titans.teachers.cache`)."
+        )
     if d.cache.topk < 0:
         raise ConfigError(f"{where}: distill.cache.topk={d.cache.topk} must be >= 0 (0 = full logits).")
     s = d.service
     if not (0 <= s.min_workers <= s.max_workers and s.max_workers >= 1):
-        raise ConfigError(f"{where}: need 0 <= distill.service.min_workers ({s.min_workers}) <= "
-                          f"distill.service.max_workers ({s.max_workers}) and max_workers >= 1.")
+        raise ConfigError(
+            f"{where}: need 0 <= distill.service.min_workers ({s.min_workers}) <= "
+            f"distill.service.max_workers ({s.max_workers}) and max_workers >= 1."
+        )
     if s.max_in_flight < 1:
         raise ConfigError(f"{where}: distill.service.max_in_flight must be >= 1.")
 
@@ -280,7 +293,6 @@ def warmup_steps(config: ml_collections.ConfigDict, num_examples: int) -> int:
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
     """Loads `path.py[:arg]` the way `--config=` does: the module's get_config(arg)."""
-    import importlib.util
     path, _, arg = spec.partition(":")
     module_spec = importlib.util.spec_from_file_location("titans_config_module", path)
     if module_spec is None:

@@ -5,7 +5,7 @@ Light on purpose (ml_collections only): config files are loaded before JAX start
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import ml_collections
 
@@ -31,9 +31,15 @@ def parse_config_arg(arg: str, defaults: dict, config_name: str) -> dict:
     return out
 
 
-def cascade_pipeline(teacher: ml_collections.ConfigDict, students: dict[str, Callable[[], ml_collections.ConfigDict]],
-                     objectives: list[str], *, temperature: float, alpha: float,
-                     cascade: dict) -> ml_collections.ConfigDict:
+def cascade_pipeline(
+    teacher: ml_collections.ConfigDict,
+    students: dict[str, Callable[[], ml_collections.ConfigDict]],
+    objectives: list[str],
+    *,
+    temperature: float,
+    alpha: float,
+    cascade: dict,
+) -> ml_collections.ConfigDict:
     """A pipeline: the teacher stage, then every student size x objective distilled from it, then `cascade`.
 
     `students` maps a size name to a function returning that student's run config (model, data,
@@ -59,8 +65,14 @@ def cascade_pipeline(teacher: ml_collections.ConfigDict, students: dict[str, Cal
             c.stages[s.name] = s
             order.append(s.name)
     c.stage_order = tuple(order)
-    c.cascade = ml_collections.ConfigDict(dict(teacher="teacher", students=tuple(order[1:]),
-                                               gates=("msp", "margin", "entropy", "defer_output", "learned"),
-                                               num_thresholds=201, target_deferral_rates=(0.1, 0.2, 0.3, 0.5),
-                                               **cascade))
+    c.cascade = ml_collections.ConfigDict(
+        dict(
+            teacher="teacher",
+            students=tuple(order[1:]),
+            gates=("msp", "margin", "entropy", "defer_output", "learned"),
+            num_thresholds=201,
+            target_deferral_rates=(0.1, 0.2, 0.3, 0.5),
+            **cascade,
+        )
+    )
     return c

@@ -43,8 +43,10 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
         ref = stage.distill.teacher_workdir
         if ref.startswith("@"):
             if ref[1:] not in results:
-                raise config_lib.ConfigError(f"stage '{name}' distils from '{ref}', which must run before it "
-                                             f"(stage_order: {list(config.stage_order)}).")
+                raise config_lib.ConfigError(
+                    f"stage '{name}' distils from '{ref}', which must run before it "
+                    f"(stage_order: {list(config.stage_order)})."
+                )
             stage.distill.teacher_workdir = os.path.join(workdir, ref[1:])
         finished = runs.RunDir(stage_dir).results()
         if finished is not None:
@@ -70,11 +72,15 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def summary_table(results: dict) -> str:
     """A Markdown table: accuracy, FLOPs and parameters per example, agreement with the teacher."""
-    rows = ["| stage | model | accuracy | ECE | MFLOPs/example | params | agreement with teacher | train time |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| stage | model | accuracy | ECE | MFLOPs/example | params | agreement with teacher | train time |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in results.items():
         agree = f"{r['teacher_agreement']:.4f}" if "teacher_agreement" in r else "-"
-        rows.append(f"| {name} | {r['model']} | {r['accuracy']:.4f} | {r['ece']:.4f} | "
-                    f"{r['flops_per_example'] / 1e6:.3f} | {r['param_count']:,} | {agree} | "
-                    f"{r['train_time_s']:.0f}s |")
+        rows.append(
+            f"| {name} | {r['model']} | {r['accuracy']:.4f} | {r['ece']:.4f} | "
+            f"{r['flops_per_example'] / 1e6:.3f} | {r['param_count']:,} | {agree} | "
+            f"{r['train_time_s']:.0f}s |"
+        )
     return "\n".join(rows)

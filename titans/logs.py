@@ -9,6 +9,7 @@ import sys
 import time
 
 import jax
+from tensorboardX import SummaryWriter
 
 
 class MetricWriter:
@@ -21,12 +22,8 @@ class MetricWriter:
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._file = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
-        try:
-            from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-        except ImportError:  # TensorBoard files are a convenience; metrics.jsonl is the record
-            self._tb = None
+        self._file = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)  # noqa: SIM115  (closed in close())
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, metrics: dict, prefix: str = "") -> None:
         if not self.enabled:
@@ -55,8 +52,12 @@ def progress_bar(label: str, done: int, total: int, t0: float) -> None:
     frac = done / max(total, 1)
     elapsed = time.perf_counter() - t0
     eta = elapsed / frac - elapsed if frac > 0 else 0.0
-    print(f"\r{label} [{'#' * int(30 * frac):<30}] {done}/{total} {elapsed:.0f}s ETA {eta:.0f}s", end="",
-          file=sys.stderr, flush=True)
+    print(
+        f"\r{label} [{'#' * int(30 * frac):<30}] {done}/{total} {elapsed:.0f}s ETA {eta:.0f}s",
+        end="",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def format_duration(seconds: float) -> str:
@@ -93,8 +94,11 @@ class Progress:
         if not self.enabled:
             return
         shown = " | ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
-        print(f"[{self.name}] step {step}/{self.total} | {shown} | {self.examples_per_s:,.0f} ex/s | ETA {eta}",
-              file=sys.stdout, flush=True)
+        print(
+            f"[{self.name}] step {step}/{self.total} | {shown} | {self.examples_per_s:,.0f} ex/s | ETA {eta}",
+            file=sys.stdout,
+            flush=True,
+        )
 
 
 def is_writer() -> bool:

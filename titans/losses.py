@@ -45,8 +45,16 @@ def hard_distillation(student_logits: jax.Array, teacher_logits: jax.Array) -> j
     return cross_entropy(student_logits, jnp.argmax(jax.lax.stop_gradient(teacher_logits), axis=-1))
 
 
-def distillation_loss(student_logits, teacher_logits, labels, *, kind: str = "kd", alpha: float = 0.9,
-                      temperature: float = 4.0, label_smoothing: float = 0.0) -> jax.Array:
+def distillation_loss(
+    student_logits,
+    teacher_logits,
+    labels,
+    *,
+    kind: str = "kd",
+    alpha: float = 0.9,
+    temperature: float = 4.0,
+    label_smoothing: float = 0.0,
+) -> jax.Array:
     """alpha * distillation term + (1 - alpha) * cross-entropy on the true labels, per example."""
     if kind == "kd":
         soft = kd_divergence(student_logits, teacher_logits, temperature)
@@ -85,8 +93,9 @@ def expected_calibration_error(bins) -> float:
 EASY_RULES = ("confidence", "margin", "correctness", "agreement")
 
 
-def easy_weights(teacher_logits, labels, student_logits, *, rule: str, sharpness: float = 1.0,
-                 floor: float = 0.0) -> jax.Array:
+def easy_weights(
+    teacher_logits, labels, student_logits, *, rule: str, sharpness: float = 1.0, floor: float = 0.0
+) -> jax.Array:
     """Per-example weights that concentrate the student's loss on examples it can get right.
 
     An "easiness" score s in [0, 1] comes from the teacher (no gradient flows through it):
@@ -136,6 +145,7 @@ def defer_surrogate(logits, teacher_logits, labels, *, alpha: float = 0.9, defer
 
 # --- Progressive ensemble distillation (B-DISTIL, METHODS.md §2): a member fits what the ensemble misses. ---
 
+
 def log_barrier_extension(z: jax.Array, t: float) -> jax.Array:
     """A log barrier for the constraint z <= 0, relaxed so that it is defined everywhere.
 
@@ -157,8 +167,16 @@ def centred(logits: jax.Array) -> jax.Array:
     return logits - jnp.mean(logits, axis=-1, keepdims=True)
 
 
-def boosting_residual_loss(ensemble_logits, teacher_logits, labels, *, pair_weights=None, kind: str = "kd",
-                           alpha: float = 0.9, temperature: float = 4.0) -> jax.Array:
+def boosting_residual_loss(
+    ensemble_logits,
+    teacher_logits,
+    labels,
+    *,
+    pair_weights=None,
+    kind: str = "kd",
+    alpha: float = 0.9,
+    temperature: float = 4.0,
+) -> jax.Array:
     """How far the ensemble's summed logits F are from the teacher g, per example.
 
     Without `pair_weights`: the distillation loss of F (`distillation_loss`). With weights over
@@ -166,15 +184,27 @@ def boosting_residual_loss(ensemble_logits, teacher_logits, labels, *, pair_weig
     logit residual (the weight player then decides which classes of which examples matter).
     """
     if pair_weights is None:
-        return distillation_loss(ensemble_logits, teacher_logits, labels, kind=kind, alpha=alpha,
-                                 temperature=temperature)
+        return distillation_loss(
+            ensemble_logits, teacher_logits, labels, kind=kind, alpha=alpha, temperature=temperature
+        )
     r = centred(jax.lax.stop_gradient(teacher_logits)) - centred(ensemble_logits)
     return jnp.mean(pair_weights * r**2, axis=-1)
 
 
-def weak_learner_loss(ensemble_logits, previous_logits, teacher_logits, labels, *, pair_weights=None,
-                      gamma: float = 0.05, barrier_weight: float = 0.1, barrier_t: float = 5.0,
-                      kind: str = "kd", alpha: float = 0.9, temperature: float = 4.0) -> jax.Array:
+def weak_learner_loss(
+    ensemble_logits,
+    previous_logits,
+    teacher_logits,
+    labels,
+    *,
+    pair_weights=None,
+    gamma: float = 0.05,
+    barrier_weight: float = 0.1,
+    barrier_t: float = 5.0,
+    kind: str = "kd",
+    alpha: float = 0.9,
+    temperature: float = 4.0,
+) -> jax.Array:
     """A new member's per-example objective: the residual loss of F_w = F_{w-1} + f_w, plus a
     log-barrier relaxation of the weak-learning condition.
 
@@ -185,12 +215,27 @@ def weak_learner_loss(ensemble_logits, previous_logits, teacher_logits, labels, 
     dominate), it enters the loss through `log_barrier_extension(z, barrier_t)` scaled by
     `barrier_weight` (0 turns it off).
     """
-    loss = boosting_residual_loss(ensemble_logits, teacher_logits, labels, pair_weights=pair_weights,
-                                  kind=kind, alpha=alpha, temperature=temperature)
+    loss = boosting_residual_loss(
+        ensemble_logits,
+        teacher_logits,
+        labels,
+        pair_weights=pair_weights,
+        kind=kind,
+        alpha=alpha,
+        temperature=temperature,
+    )
     if not barrier_weight:
         return loss
-    before = jax.lax.stop_gradient(boosting_residual_loss(
-        previous_logits, teacher_logits, labels, pair_weights=pair_weights, kind=kind, alpha=alpha,
-        temperature=temperature))
+    before = jax.lax.stop_gradient(
+        boosting_residual_loss(
+            previous_logits,
+            teacher_logits,
+            labels,
+            pair_weights=pair_weights,
+            kind=kind,
+            alpha=alpha,
+            temperature=temperature,
+        )
+    )
     z = (loss - (1.0 - gamma) * before) / jnp.maximum(jnp.mean(before), 1e-6)
     return loss + barrier_weight * log_barrier_extension(z, barrier_t)

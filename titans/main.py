@@ -14,8 +14,9 @@ from ml_collections import config_flags
 from titans import config as config_lib
 from titans import experiment
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/quickstart.py[:ARG].",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, e.g. configs/quickstart.py[:ARG].", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results (resumed if present).")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -23,7 +24,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def _precheck_overrides(argv: list[str]) -> None:
     """Names an unknown `--config.X=...` field and its close matches before absl's traceback would."""
     cfg_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    overrides = [a[len("--config.") :].split("=", 1)[0] for a in argv if a.startswith("--config.")]
     if not cfg_arg or not overrides:
         return
     try:

@@ -14,13 +14,13 @@ import os
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
 
 
-def maybe_initialize_distributed(coordinator_address: str = "", num_processes: int = 0,
-                                 process_id: int = -1) -> bool:
+def maybe_initialize_distributed(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1) -> bool:
     """Calls `jax.distributed.initialize` when this run is one of several processes.
 
     Sources, in order: explicit arguments (from the config), the environment
@@ -34,8 +34,10 @@ def maybe_initialize_distributed(coordinator_address: str = "", num_processes: i
     pid = process_id if process_id >= 0 else int(os.environ.get("TITANS_PROCESS_ID", "-1"))
     if addr:
         if n <= 0 or pid < 0:
-            raise ValueError(f"Multi-process run at {addr} needs the process count and this process's id "
-                             f"(got num_processes={n}, process_id={pid}).")
+            raise ValueError(
+                f"Multi-process run at {addr} needs the process count and this process's id "
+                f"(got num_processes={n}, process_id={pid})."
+            )
         logging.info("jax.distributed.initialize(%s, num_processes=%d, process_id=%d)", addr, n, pid)
         jax.distributed.initialize(coordinator_address=addr, num_processes=n, process_id=pid)
         return True
@@ -74,18 +76,24 @@ def check_processes_agree(**fingerprints: str) -> None:
     if jax.process_count() == 1:
         return
     names = sorted(fingerprints)
-    mine = np.array([int(hashlib.sha256(str(fingerprints[k]).encode()).hexdigest()[:7], 16) for k in names],
-                    np.int32)
+    mine = np.array([int(hashlib.sha256(str(fingerprints[k]).encode()).hexdigest()[:7], 16) for k in names], np.int32)
     everyone = np.asarray(process_allgather(mine))  # (processes, len(names))
     bad = [k for j, k in enumerate(names) if len(set(everyone[:, j].tolist())) > 1]
     if bad:
-        groups = {k: {int(v): [p for p in range(everyone.shape[0]) if everyone[p, j] == v]
-                      for v in set(everyone[:, j].tolist())} for j, k in enumerate(names) if k in bad}
+        groups = {
+            k: {
+                int(v): [p for p in range(everyone.shape[0]) if everyone[p, j] == v]
+                for v in set(everyone[:, j].tolist())
+            }
+            for j, k in enumerate(names)
+            if k in bad
+        }
         detail = "; ".join(f"{k}: processes {sorted(g.values())} disagree" for k, g in groups.items())
         raise ProcessMismatchError(
             f"The {jax.process_count()} processes of this run differ in {', '.join(bad)} ({detail}). Start every "
             "process with the same config file, overrides and code (this is process "
-            f"{jax.process_index()}: {', '.join(f'{k}={fingerprints[k]}' for k in bad)}).")
+            f"{jax.process_index()}: {', '.join(f'{k}={fingerprints[k]}' for k in bad)})."
+        )
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -106,8 +114,10 @@ def check_batch_size(global_batch_size: int, mesh: Mesh) -> int:
     """Returns the per-process batch size, or raises if the global batch does not split evenly."""
     n_dev, n_proc = mesh.devices.size, jax.process_count()
     if global_batch_size % n_dev:
-        raise ValueError(f"Global batch size {global_batch_size} is not divisible by the {n_dev} devices "
-                         f"of the mesh; pick a multiple of {n_dev}.")
+        raise ValueError(
+            f"Global batch size {global_batch_size} is not divisible by the {n_dev} devices "
+            f"of the mesh; pick a multiple of {n_dev}."
+        )
     return global_batch_size // n_proc
 
 
@@ -136,7 +146,8 @@ def replicate(tree, mesh: Mesh):
             data = np.asarray(jax.random.key_data(x))
             impl = jax.random.key_impl(x)
             return jax.random.wrap_key_data(
-                jax.make_array_from_callback(data.shape, sharding, lambda idx: data[idx]), impl=impl)
+                jax.make_array_from_callback(data.shape, sharding, lambda idx: data[idx]), impl=impl
+            )
         host = np.asarray(x)
         return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 

@@ -19,7 +19,8 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import jax
@@ -179,14 +180,17 @@ def load_teacher(teacher_workdir: str, info, *, dtype=jnp.float32, step: int = -
     """(FrozenModel, config) of a teacher run for a student on dataset `info`; refuses other data."""
     run = RunDir(teacher_workdir)
     if not run.exists:
-        raise NotARunError(f"distill.teacher_workdir={teacher_workdir!r} is not a Titans run "
-                           f"(no config.json); train the teacher there first.")
+        raise NotARunError(
+            f"distill.teacher_workdir={teacher_workdir!r} is not a Titans run "
+            f"(no config.json); train the teacher there first."
+        )
     t_info = run.info
     if t_info.num_classes != info.num_classes or tuple(t_info.image_shape) != tuple(info.image_shape):
         raise TeacherMismatchError(
             f"The teacher in {teacher_workdir} was trained on '{run.config.dataset.name}' "
             f"({t_info.num_classes} classes, input {tuple(t_info.image_shape)}), but this run's data "
-            f"'{info.name}' has {info.num_classes} classes and input {tuple(info.image_shape)}.")
+            f"'{info.name}' has {info.num_classes} classes and input {tuple(info.image_shape)}."
+        )
     return run.load_model(step=step, dtype=dtype), run.config
 
 
@@ -198,7 +202,7 @@ def logits_fn(model: FrozenModel, images):
     return model.logits(images)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jitted(fn: Callable) -> Callable:
     return jax.jit(fn)
 
@@ -232,7 +236,7 @@ def predict(fn: Callable, model, images: np.ndarray, *, batch_size: int, mesh=No
     n = len(images)
     for start in range(0, n, batch_size):
         rows = min(batch_size, n - start)
-        x = parallel.to_global({"x": pad_batch(np.asarray(images[start:start + batch_size]), batch_size)}, mesh)["x"]
+        x = parallel.to_global({"x": pad_batch(np.asarray(images[start : start + batch_size]), batch_size)}, mesh)["x"]
         outs.append(jax.tree.map(lambda a, r=rows: np.asarray(jax.device_get(a))[:r], apply(model, x)))
         if progress:
             logs.progress_bar(progress, start + rows, n, t0)

@@ -30,6 +30,7 @@ import re
 import subprocess
 import sys
 import time
+from shlex import join, quote
 
 import numpy as np
 from absl import app, flags
@@ -41,8 +42,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Root directory: one sub-directo
 _PARALLEL = flags.DEFINE_integer("parallel", 1, "Runs at a time (local mode).")
 _SET = flags.DEFINE_multi_string("set", [], "FIELD=VALUE override applied to every run (repeatable).")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the runs' commands and exit.")
-_TPU = flags.DEFINE_string("tpu", "", "Print one launch/tpu.sh job per run instead of running locally; TPU "
-                                      "VMs are named <tpu>-<i>.")
+_TPU = flags.DEFINE_string(
+    "tpu", "", "Print one launch/tpu.sh job per run instead of running locally; TPU VMs are named <tpu>-<i>."
+)
 _ZONE = flags.DEFINE_string("zone", "", "Zone of the TPU VMs (with --tpu).")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -102,8 +104,11 @@ def _fmt(value) -> str:
 def _override_args(overrides: dict) -> list[str]:
     out = []
     for k, v in overrides.items():
-        value = "(" + ",".join(map(repr, v)) + ("," if len(v) == 1 else "") + ")" if isinstance(v, (list, tuple)) \
+        value = (
+            "(" + ",".join(map(repr, v)) + ("," if len(v) == 1 else "") + ")"
+            if isinstance(v, (list, tuple))
             else str(v)
+        )
         out.append(f"--config.{k}={value}")
     return out
 
@@ -142,10 +147,24 @@ def plan(config_spec: str, root: str, sets: dict) -> list[dict]:
             config_lib.check_override(base, field)  # a typo names the field and its close matches
         name = run_name(overrides, seed_field)
         workdir = os.path.join(root, name)
-        cmd = [sys.executable, "-m", "titans.main", f"--config={config_spec}", f"--workdir={workdir}",
-               *_override_args(overrides), *(f"--config.{k}={v}" for k, v in sets.items())]
-        runs.append({"name": name, "workdir": workdir, "overrides": overrides, "command": cmd,
-                     "group": run_name({k: v for k, v in overrides.items() if k != seed_field}, seed_field)})
+        cmd = [
+            sys.executable,
+            "-m",
+            "titans.main",
+            f"--config={config_spec}",
+            f"--workdir={workdir}",
+            *_override_args(overrides),
+            *(f"--config.{k}={v}" for k, v in sets.items()),
+        ]
+        runs.append(
+            {
+                "name": name,
+                "workdir": workdir,
+                "overrides": overrides,
+                "command": cmd,
+                "group": run_name({k: v for k, v in overrides.items() if k != seed_field}, seed_field),
+            }
+        )
     names = [r["name"] for r in runs]
     if len(set(names)) != len(names):
         raise SweepError("two runs of the sweep got the same name; make the swept values distinct")
@@ -160,8 +179,10 @@ def run_local(runs: list[dict], parallel: int) -> dict:
     """Runs the unfinished runs, `parallel` at a time; returns {name: 'finished'|'skipped'|'failed (rc)'}."""
     status = {r["name"]: "skipped" for r in runs if _finished(r)}
     todo = [r for r in runs if r["name"] not in status]
-    print(f"[sweep] {len(runs)} runs: {len(status)} already finished, {len(todo)} to run, {parallel} at a time",
-          flush=True)
+    print(
+        f"[sweep] {len(runs)} runs: {len(status)} already finished, {len(todo)} to run, {parallel} at a time",
+        flush=True,
+    )
     t0 = time.time()
 
     def one(run):
@@ -175,8 +196,10 @@ def run_local(runs: list[dict], parallel: int) -> dict:
             status[name] = "finished" if rc == 0 else f"failed (exit {rc}; see {name}/sweep.log)"
             elapsed = time.time() - t0
             eta = elapsed / done * (len(todo) - done)
-            print(f"[sweep] {done}/{len(todo)} {name}: {status[name]} | {elapsed:.0f}s elapsed, ETA {eta:.0f}s",
-                  flush=True)
+            print(
+                f"[sweep] {done}/{len(todo)} {name}: {status[name]} | {elapsed:.0f}s elapsed, ETA {eta:.0f}s",
+                flush=True,
+            )
     return status
 
 
@@ -211,12 +234,20 @@ def summarize(runs: list[dict]) -> tuple[str, list[dict]]:
 
 def tpu_commands(runs: list[dict], tpu: str, zone: str, config_spec: str, sets: dict) -> list[str]:
     """One `launch/tpu.sh run` per run, on TPU VMs <tpu>-0, <tpu>-1, ... (create them first)."""
-    from shlex import quote
     out = []
     for i, run in enumerate(runs):
-        args = ["launch/tpu.sh", "run", f"--name={tpu}-{i}", f"--zone={zone}", f"--config={config_spec}",
-                f"--workdir={run['workdir']}", f"--run_name={i}", "--", *_override_args(run["overrides"]),
-                *(f"--config.{k}={v}" for k, v in sets.items())]
+        args = [
+            "launch/tpu.sh",
+            "run",
+            f"--name={tpu}-{i}",
+            f"--zone={zone}",
+            f"--config={config_spec}",
+            f"--workdir={run['workdir']}",
+            f"--run_name={i}",
+            "--",
+            *_override_args(run["overrides"]),
+            *(f"--config.{k}={v}" for k, v in sets.items()),
+        ]
         out.append(" ".join(quote(a) for a in args))
     return out
 
@@ -236,7 +267,6 @@ def main(argv):
         print("\n".join(tpu_commands(runs, _TPU.value, _ZONE.value, _CONFIG.value, sets)))
         return
     if _DRY_RUN.value:
-        from shlex import join
         for run in runs:
             print(("[finished] " if _finished(run) else "") + join(run["command"]))
         return
@@ -246,13 +276,18 @@ def main(argv):
     with open(os.path.join(_WORKDIR.value, "sweep_summary.md"), "w") as f:
         f.write(table + "\n")
     with open(os.path.join(_WORKDIR.value, "sweep.json"), "w") as f:
-        json.dump({"runs": [{**r, "status": status[r["name"]]} for r in runs], "summary": rows}, f, indent=1,
-                  default=str)
+        json.dump(
+            {"runs": [{**r, "status": status[r["name"]]} for r in runs], "summary": rows}, f, indent=1, default=str
+        )
     print("\n" + table)
     failed = [n for n, s in status.items() if s.startswith("failed")]
     if failed:
         raise SystemExit(f"error: {len(failed)} run(s) failed: {', '.join(failed)}")
 
 
-if __name__ == "__main__":
+def cli():
     app.run(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -69,7 +69,9 @@ def strategies(config) -> list[str]:
     names = [s.strip() for s in str(config.active.strategies).split(",") if s.strip()]
     for s in names:
         if s not in STRATEGIES:
-            raise config_lib.ConfigError(f"active.strategies: unknown strategy {s!r}; expected some of {list(STRATEGIES)}.")
+            raise config_lib.ConfigError(
+                f"active.strategies: unknown strategy {s!r}; expected some of {list(STRATEGIES)}."
+            )
     if not names:
         raise config_lib.ConfigError("active.strategies is empty.")
     if len(set(names)) != len(names):
@@ -92,25 +94,36 @@ def validate(config) -> ml_collections.ConfigDict:
             raise config_lib.ConfigError(f"The active config has no '{name}' section.")
     config_lib.validate(config.student, where="active config 'student'")
     if config.student.distill.teacher_workdir:
-        raise config_lib.ConfigError("student.distill.teacher_workdir must be empty: the teacher is "
-                                     "set in teacher.workdir and only queried on bought points.")
+        raise config_lib.ConfigError(
+            "student.distill.teacher_workdir must be empty: the teacher is "
+            "set in teacher.workdir and only queried on bought points."
+        )
     if len(config.teacher.train):
         config_lib.validate(config.teacher.train, where="active config 'teacher.train'")
     a = config.active
     strategies(config)
     if a.informativeness not in INFORMATIVENESS:
-        raise config_lib.ConfigError(f"active.informativeness={a.informativeness!r} is not one of {list(INFORMATIVENESS)}.")
+        raise config_lib.ConfigError(
+            f"active.informativeness={a.informativeness!r} is not one of {list(INFORMATIVENESS)}."
+        )
     if a.m_estimate not in ("overall", "informative"):
         raise config_lib.ConfigError(f"active.m_estimate={a.m_estimate!r} is not 'overall' or 'informative'.")
-    for field in ("rounds", "budget_per_round", "num_labelled", "num_validation", "kcenter_chunk",
-                  "predict_batch_size"):
+    for field in (
+        "rounds",
+        "budget_per_round",
+        "num_labelled",
+        "num_validation",
+        "kcenter_chunk",
+        "predict_batch_size",
+    ):
         if int(a[field]) <= 0:
             raise config_lib.ConfigError(f"active.{field} must be positive, got {a[field]}.")
     if a.pool_size < 0:
         raise config_lib.ConfigError(f"active.pool_size must be >= 0 (0 = all), got {a.pool_size}.")
     if a.num_labelled < config.student.batch_size:
-        raise config_lib.ConfigError(f"active.num_labelled={a.num_labelled} is smaller than "
-                                     f"student.batch_size={config.student.batch_size}.")
+        raise config_lib.ConfigError(
+            f"active.num_labelled={a.num_labelled} is smaller than student.batch_size={config.student.batch_size}."
+        )
     if not 0.0 <= config.teacher.label_noise < 1.0:
         raise config_lib.ConfigError(f"teacher.label_noise={config.teacher.label_noise} must be in [0, 1).")
     if config.teacher.label_noise and not len(config.teacher.train):

@@ -29,7 +29,7 @@ import json
 import logging
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +40,7 @@ from flax import nnx
 from titans import checkpoint as ckpt_lib
 from titans import config as config_lib
 from titans import data as data_lib
-from titans import parallel, runs
+from titans import figures, parallel, runs
 from titans.active import config as active_config
 from titans.active import selection
 from titans.active import teachers as teachers_lib
@@ -90,8 +90,10 @@ class CountingTeacher:
         if again:
             raise QueryBudgetError(f"Pool points {sorted(again)[:5]} were bought already.")
         if self.pool_queries + len(indices) > self.budget:
-            raise QueryBudgetError(f"Buying {len(indices)} more labels would exceed the budget of {self.budget} "
-                                   f"({self.pool_queries} spent).")
+            raise QueryBudgetError(
+                f"Buying {len(indices)} more labels would exceed the budget of {self.budget} "
+                f"({self.pool_queries} spent)."
+            )
         logits = self._run(self._pool_images[np.asarray(indices, np.int64)])
         self.bought.update(indices)
         self.pool_queries += len(indices)
@@ -120,15 +122,17 @@ def load_data(config) -> Data:
     n = len(src)
     need = a.num_labelled + a.num_validation + a.rounds * a.budget_per_round
     if n < need:
-        raise config_lib.ConfigError(f"dataset.split {d.split!r} has {n} examples; labelled + validation + "
-                                     f"rounds * budget_per_round needs at least {need}.")
+        raise config_lib.ConfigError(
+            f"dataset.split {d.split!r} has {n} examples; labelled + validation + "
+            f"rounds * budget_per_round needs at least {need}."
+        )
     perm = np.random.default_rng([config.seed, 0xAC7]).permutation(n)
-    lab, val = perm[:a.num_labelled], perm[a.num_labelled:a.num_labelled + a.num_validation]
-    pool = perm[a.num_labelled + a.num_validation:]
+    lab, val = perm[: a.num_labelled], perm[a.num_labelled : a.num_labelled + a.num_validation]
+    pool = perm[a.num_labelled + a.num_validation :]
     if a.pool_size:
         if a.pool_size > len(pool):
             raise config_lib.ConfigError(f"active.pool_size={a.pool_size} but only {len(pool)} points are left.")
-        pool = pool[:a.pool_size]
+        pool = pool[: a.pool_size]
     if len(pool) < a.rounds * a.budget_per_round:
         raise config_lib.ConfigError(f"The pool has {len(pool)} points, fewer than rounds * budget_per_round.")
     imgs, labels = src.images, np.asarray(src.labels, np.int32)
@@ -147,8 +151,9 @@ def _resume_fields(config) -> dict:
     flat = config_lib._flat_keys(config)
     for k in ("active.strategies", "active.predict_batch_size"):
         flat.pop(k, None)
-    return json.loads(json.dumps({k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in flat.items()},
-                                 default=list))
+    return json.loads(
+        json.dumps({k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in flat.items()}, default=list)
+    )
 
 
 def _check_resume(meta: dict, strategy: str, fields: dict, workdir: str) -> None:
@@ -163,12 +168,22 @@ def _check_resume(meta: dict, strategy: str, fields: dict, workdir: str) -> None
     diff = sorted(k for k in old.keys() & fields.keys() if old[k] != fields[k])
     if diff:
         shown = ", ".join(f"{k}: {old[k]!r} -> {fields[k]!r}" for k in diff[:5])
-        raise ResumeMismatchError(f"{workdir} holds rounds of a run with another config ({shown}); "
-                                  f"use a fresh workdir.")
+        raise ResumeMismatchError(
+            f"{workdir} holds rounds of a run with another config ({shown}); use a fresh workdir."
+        )
 
 
-def run_strategy(strategy: str, config, data: Data, teacher_predict, trainer: StudentTrainer, workdir: str, *,
-                 stop_after_round: int | None = None, log: Callable[[str], None] = logging.info) -> dict:
+def run_strategy(
+    strategy: str,
+    config,
+    data: Data,
+    teacher_predict,
+    trainer: StudentTrainer,
+    workdir: str,
+    *,
+    stop_after_round: int | None = None,
+    log: Callable[[str], None] = logging.info,
+) -> dict:
     """Runs (or resumes) one strategy's rounds in `workdir`; returns its history.
 
     `stop_after_round` ends the call after that round is checkpointed (for tests of resuming).
@@ -194,9 +209,16 @@ def run_strategy(strategy: str, config, data: Data, teacher_predict, trainer: St
         "num_bought": np.zeros((), np.int32),
         "validation_queries": np.zeros((), np.int32),
         "teacher_val_pred": np.full(len(data.validation[1]), -1, np.int32),
-        "history": {"queries": np.zeros(rounds + 1, np.int32), "accuracy": nan.copy(), "loss": nan.copy(),
-                    "ece": nan.copy(), "teacher_error_bought": nan.copy(), "m": nan.copy(),
-                    "select_time_s": nan.copy(), "train_time_s": nan.copy()},
+        "history": {
+            "queries": np.zeros(rounds + 1, np.int32),
+            "accuracy": nan.copy(),
+            "loss": nan.copy(),
+            "ece": nan.copy(),
+            "teacher_error_bought": nan.copy(),
+            "m": nan.copy(),
+            "select_time_s": nan.copy(),
+            "train_time_s": nan.copy(),
+        },
         "student": ckpt_lib.to_savable({"params": pure_params, "rest": pure_rest}),
     }
     ckpt = ckpt_lib.TreeCheckpoints(os.path.join(workdir, "rounds"))
@@ -233,32 +255,50 @@ def run_strategy(strategy: str, config, data: Data, teacher_predict, trainer: St
             m = 0.0
             if strategy == "robust":
                 if state["teacher_val_pred"][0] < 0:  # the validation split is run through the teacher once
-                    state["teacher_val_pred"] = np.argmax(teacher.query_validation(data.validation[0]), -1).astype(np.int32)
+                    state["teacher_val_pred"] = np.argmax(teacher.query_validation(data.validation[0]), -1).astype(
+                        np.int32
+                    )
                     state["validation_queries"] = np.asarray(teacher.validation_queries, np.int32)
                 val_gain = None
                 if a.m_estimate == "informative":
                     val_probs, _ = trainer.predict(params, rest, data.validation[0], a.predict_batch_size)
                     val_gain = np.asarray(selection.informativeness(jnp.asarray(val_probs), a.informativeness))
-                m = selection.estimate_mistakes(state["teacher_val_pred"], data.validation[1], b,
-                                                student_gain=val_gain, kind=a.m_estimate,
-                                                informative_fraction=a.informative_fraction)
+                m = selection.estimate_mistakes(
+                    state["teacher_val_pred"],
+                    data.validation[1],
+                    b,
+                    student_gain=val_gain,
+                    kind=a.m_estimate,
+                    informative_fraction=a.informative_fraction,
+                )
             centres = None
             if strategy == "kcenter":
                 _, lab_emb = trainer.predict(params, rest, lab_images, a.predict_batch_size)
                 centres = np.concatenate([lab_emb, emb[state["bought"][:nb]]])
-            idx, _ = selection.select(strategy, key=key, probs=jnp.asarray(probs), available=jnp.asarray(available),
-                                      b=b, embeddings=jnp.asarray(emb), centres=centres, m=m,
-                                      informativeness_kind=a.informativeness, kcenter_chunk=a.kcenter_chunk)
+            idx, _ = selection.select(
+                strategy,
+                key=key,
+                probs=jnp.asarray(probs),
+                available=jnp.asarray(available),
+                b=b,
+                embeddings=jnp.asarray(emb),
+                centres=centres,
+                m=m,
+                informativeness_kind=a.informativeness,
+                kcenter_chunk=a.kcenter_chunk,
+            )
             idx = np.asarray(jax.device_get(idx), np.int64)
             h["select_time_s"][rnd] = time.perf_counter() - t0
             logits = teacher.query_pool(idx)
-            state["bought"][nb:nb + b] = idx
-            state["soft"][nb:nb + b] = logits
+            state["bought"][nb : nb + b] = idx
+            state["soft"][nb : nb + b] = logits
             nb += b
             state["num_bought"] = np.asarray(nb, np.int32)
             h["m"][rnd] = m
             bought = state["bought"][:nb]
-            h["teacher_error_bought"][rnd] = float(np.mean(np.argmax(state["soft"][:nb], -1) != data.pool_labels[bought]))
+            h["teacher_error_bought"][rnd] = float(
+                np.mean(np.argmax(state["soft"][:nb], -1) != data.pool_labels[bought])
+            )
         bought = state["bought"][:nb]
         soft = state["soft"][:nb]
         images = np.concatenate([lab_images, data.pool_images[bought]])
@@ -302,16 +342,23 @@ def _resolve_teacher(config, workdir: str, log) -> tuple[str, dict]:
     ready = os.path.exists(os.path.join(tdir, "results.json"))
     if not ready:
         if not len(t.train):
-            raise FileNotFoundError(f"teacher.workdir={tdir!r} holds no finished Titans run and teacher.train is "
-                                    f"empty: train the teacher first, or set teacher.train.")
+            raise FileNotFoundError(
+                f"teacher.workdir={tdir!r} holds no finished Titans run and teacher.train is "
+                f"empty: train the teacher first, or set teacher.train."
+            )
         log(f"[teacher] training in {tdir} (label noise {t.label_noise})")
         teachers_lib.train_teacher(t.train, tdir, label_noise=t.label_noise)
     res = runs.RunDir(tdir).results()
     return tdir, {"workdir": tdir, "test_accuracy": res.get("accuracy"), "label_noise": float(t.label_noise)}
 
 
-def run_active(config: ml_collections.ConfigDict, workdir: str, *, log: Callable[[str], None] = logging.info,
-        teacher_predict: Callable | None = None) -> dict:
+def run_active(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    log: Callable[[str], None] = logging.info,
+    teacher_predict: Callable | None = None,
+) -> dict:
     """Runs every strategy (resuming finished rounds); writes WORKDIR/active.json and active.png.
 
     `teacher_predict` (images -> logits) replaces the teacher run (tests).
@@ -349,11 +396,7 @@ def run_active(config: ml_collections.ConfigDict, workdir: str, *, log: Callable
 
 
 def plot(result: dict, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = figures.subplots(figsize=(6, 4))
     for name, r in result["strategies"].items():
         ax.plot(r["queries"], r["accuracy"], marker="o", label=name)
     t = result.get("teacher") or {}
@@ -366,4 +409,3 @@ def plot(result: dict, path: str) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)

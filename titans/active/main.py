@@ -16,8 +16,9 @@ from titans import config as config_lib
 from titans.active import config as active_config
 from titans.active import loop
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Active config file, e.g. configs/active_fmnist.py[:ARG].",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Active config file, e.g. configs/active_fmnist.py[:ARG].", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for rounds, results and the plot (resumed if present).")
 flags.mark_flags_as_required(["config", "workdir"])
 

@@ -15,6 +15,8 @@ import os
 
 import numpy as np
 
+from titans import figures
+
 
 def load(pattern: str) -> list[dict]:
     runs = []
@@ -36,12 +38,21 @@ def aggregate(runs: list[dict]) -> dict:
         qs = runs[0]["strategies"][s]["queries"]
         for r in runs:
             if r["strategies"][s]["queries"] != qs:
-                raise ValueError(f"Runs of strategy {s} have different budgets: {qs} vs {r['strategies'][s]['queries']}.")
+                raise ValueError(
+                    f"Runs of strategy {s} have different budgets: {qs} vs {r['strategies'][s]['queries']}."
+                )
         acc = np.array([r["strategies"][s]["accuracy"] for r in runs], np.float64)
-        terr = np.array([[np.nan if x is None else x for x in r["strategies"][s]["teacher_error_bought"]] for r in runs])
-        out[s] = {"queries": qs, "mean": acc.mean(0).tolist(), "sd": acc.std(0, ddof=1).tolist() if len(runs) > 1
-                  else [0.0] * len(qs), "n": len(runs), "accuracy": acc.tolist(),
-                  "teacher_error_bought": np.nanmean(terr[:, -1]).item() if terr.shape[1] > 1 else None}
+        terr = np.array(
+            [[np.nan if x is None else x for x in r["strategies"][s]["teacher_error_bought"]] for r in runs]
+        )
+        out[s] = {
+            "queries": qs,
+            "mean": acc.mean(0).tolist(),
+            "sd": acc.std(0, ddof=1).tolist() if len(runs) > 1 else [0.0] * len(qs),
+            "n": len(runs),
+            "accuracy": acc.tolist(),
+            "teacher_error_bought": np.nanmean(terr[:, -1]).item() if terr.shape[1] > 1 else None,
+        }
     return out
 
 
@@ -56,11 +67,13 @@ def teacher_summary(runs: list[dict]) -> str:
 def markdown(label: str, runs: list[dict], agg: dict) -> str:
     any_s = next(iter(agg.values()))
     qs = any_s["queries"]
-    lines = [f"**{label}** ({teacher_summary(runs)}; seeds {', '.join(str(r['seed']) for r in runs)}): "
-             f"student test accuracy (%) after each round, mean ± sd over {any_s['n']} seeds",
-             "",
-             "| strategy | " + " | ".join(f"{q} queries" for q in qs) + " | teacher wrong on bought (final) |",
-             "|---|" + "---|" * (len(qs) + 1)]
+    lines = [
+        f"**{label}** ({teacher_summary(runs)}; seeds {', '.join(str(r['seed']) for r in runs)}): "
+        f"student test accuracy (%) after each round, mean ± sd over {any_s['n']} seeds",
+        "",
+        "| strategy | " + " | ".join(f"{q} queries" for q in qs) + " | teacher wrong on bought (final) |",
+        "|---|" + "---|" * (len(qs) + 1),
+    ]
     finals = {s: a["mean"][-1] for s, a in agg.items()}
     best = max(finals.values())
     for s, a in agg.items():
@@ -83,11 +96,7 @@ def paired(agg: dict, a: str, b: str) -> str:
 
 
 def plot(settings: dict, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4), squeeze=False)
+    fig, axes = figures.subplots(1, len(settings), figsize=(6 * len(settings), 4), squeeze=False)
     for ax, (label, (runs, agg)) in zip(axes[0], settings.items()):
         for s, a in agg.items():
             m, sd = np.array(a["mean"]), np.array(a["sd"])
@@ -99,7 +108,6 @@ def plot(settings: dict, path: str) -> None:
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main():

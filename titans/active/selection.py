@@ -148,8 +148,9 @@ def select_kcenter(pool_emb, centre_emb, available, b: int, chunk: int = 1024):
     (labelled and bought points' embeddings, then the points chosen so far)."""
     _check_budget(available, b)
     if pool_emb.ndim != 2 or (centre_emb.size and centre_emb.shape[1] != pool_emb.shape[1]):
-        raise SelectionError(f"Embeddings must be (n, dim) with the same dim; got pool {pool_emb.shape}, "
-                             f"centres {centre_emb.shape}.")
+        raise SelectionError(
+            f"Embeddings must be (n, dim) with the same dim; got pool {pool_emb.shape}, centres {centre_emb.shape}."
+        )
     return _kcenter(pool_emb, jnp.asarray(centre_emb).reshape(-1, pool_emb.shape[1]), available, b, chunk)
 
 
@@ -223,8 +224,9 @@ def game_value(p, gain, m: float) -> float:
     return float(v.sum() - top)
 
 
-def estimate_mistakes(teacher_pred, labels, b: int, *, student_gain=None, kind: str = "overall",
-                      informative_fraction: float = 0.2) -> float:
+def estimate_mistakes(
+    teacher_pred, labels, b: int, *, student_gain=None, kind: str = "overall", informative_fraction: float = 0.2
+) -> float:
     """m = b * the teacher's error rate on a labelled validation split.
 
     kind "overall": error over the whole split; "informative": error over the validation points
@@ -239,7 +241,9 @@ def estimate_mistakes(teacher_pred, labels, b: int, *, student_gain=None, kind: 
         err = wrong.mean()
     elif kind == "informative":
         if student_gain is None:
-            raise SelectionError("m_estimate='informative' needs the student's informativeness on the validation split.")
+            raise SelectionError(
+                "m_estimate='informative' needs the student's informativeness on the validation split."
+            )
         k = max(1, int(round(informative_fraction * len(labels))))
         err = wrong[np.argsort(-np.asarray(student_gain), kind="stable")[:k]].mean()
     else:
@@ -319,8 +323,19 @@ def select_robust(key, gain, available, b: int, m: float):
     return _robust(key, gain, available, b, jnp.float32(m))
 
 
-def select(strategy: str, *, key, probs, available, b: int, embeddings=None, centres=None, m: float = 0.0,
-           informativeness_kind: str = "margin", kcenter_chunk: int = 1024):
+def select(
+    strategy: str,
+    *,
+    key,
+    probs,
+    available,
+    b: int,
+    embeddings=None,
+    centres=None,
+    m: float = 0.0,
+    informativeness_kind: str = "margin",
+    kcenter_chunk: int = 1024,
+):
     """Dispatches to one strategy; returns (indices, extra dict)."""
     if strategy == "random":
         return select_random(key, available, b), {}

@@ -20,8 +20,9 @@ from titans.train import Method, TrainState, evaluate, fit, make_eval_step, make
 
 def _probs_and_features(model: runs.FrozenModel, images):
     """(softmax probabilities, `features` embeddings) of raw images: what the selections read."""
-    x = (jnp.asarray(images).astype(jnp.float32) - np.asarray(model.mean, np.float32)) / np.asarray(model.std,
-                                                                                                     np.float32)
+    x = (jnp.asarray(images).astype(jnp.float32) - np.asarray(model.mean, np.float32)) / np.asarray(
+        model.std, np.float32
+    )
     logits, acts = model.module()(x, train=False, capture=True)
     return jax.nn.softmax(logits.astype(jnp.float32)), acts["features"].astype(jnp.float32)
 
@@ -37,7 +38,11 @@ def student_method(student_cfg) -> Method:
         idx = batch["index"]
         ce = losses.cross_entropy(logits, batch["label"], student_cfg.label_smoothing)
         soft = frozen["soft"][idx]
-        kd = losses.kd_divergence(logits, soft, d.temperature) if d.loss == "kd" else losses.hard_distillation(logits, soft)
+        kd = (
+            losses.kd_divergence(logits, soft, d.temperature)
+            if d.loss == "kd"
+            else losses.hard_distillation(logits, soft)
+        )
         return jnp.where(frozen["has_label"][idx], ce, kd), jnp.ones(idx.shape, jnp.float32)
 
     return Method(loss=loss, needs_index=True)
@@ -63,8 +68,9 @@ class StudentTrainer:
     def _step_fn(self, total_steps: int, num_examples: int):
         if total_steps not in self._steps:
             tx, schedule = make_optimizer(self.cfg, total_steps, num_examples)
-            step = jax.jit(make_train_step(self.graphdef, tx, self.method, self.info, self.dtype, schedule),
-                           donate_argnums=(0,))
+            step = jax.jit(
+                make_train_step(self.graphdef, tx, self.method, self.info, self.dtype, schedule), donate_argnums=(0,)
+            )
             self._steps[total_steps] = (tx, step)
         return self._steps[total_steps]
 
@@ -84,15 +90,30 @@ class StudentTrainer:
         tx, step = self._step_fn(total, n)
         state = parallel.replicate(TrainState.create(self._model(seed), tx)[1], self.mesh)
         src = data_lib.ArraySource(images, labels)
-        with data_lib.TrainLoader(src, self.info, global_batch_size=self.cfg.batch_size, seed=seed,
-                                  augment=self.cfg.dataset.augment, with_index=True) as loader:
-            fitted = fit(state, step, loader, self.cfg, total_steps=total, mesh=self.mesh,
-                         step_args=(None, self._frozen(has_label, soft)), verbose=False)
+        with data_lib.TrainLoader(
+            src,
+            self.info,
+            global_batch_size=self.cfg.batch_size,
+            seed=seed,
+            augment=self.cfg.dataset.augment,
+            with_index=True,
+        ) as loader:
+            fitted = fit(
+                state,
+                step,
+                loader,
+                self.cfg,
+                total_steps=total,
+                mesh=self.mesh,
+                step_args=(None, self._frozen(has_label, soft)),
+                verbose=False,
+            )
         return jax.device_get(fitted.state.params), jax.device_get(fitted.state.model_state)
 
     def evaluate(self, params, rest, test_src) -> dict:
-        return evaluate(self.eval_step, params, rest, None, test_src, self.info,
-                        batch_size=self.cfg.eval_batch_size, mesh=self.mesh)
+        return evaluate(
+            self.eval_step, params, rest, None, test_src, self.info, batch_size=self.cfg.eval_batch_size, mesh=self.mesh
+        )
 
     def predict(self, params, rest, images, batch: int):
         """(softmax probabilities, `features` embeddings) over `images`."""

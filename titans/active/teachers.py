@@ -15,8 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from titans import data as data_lib
-from titans import losses
-from titans import runs
+from titans import losses, runs
 from titans.train import Method, train_and_evaluate
 
 
@@ -38,6 +37,7 @@ def noisy_labels(labels: np.ndarray, noise: float, num_classes: int, seed: int) 
 
 def noisy_label_method(table: np.ndarray, label_smoothing: float = 0.0) -> Method:
     """A trainer Method: cross-entropy against table[example index] instead of the batch's label."""
+
     def loss(logits, aux, teacher_logits, batch, frozen, step):
         del aux, teacher_logits, step
         labels = frozen["labels"][batch["index"]]
@@ -58,12 +58,19 @@ def train_teacher(run_config, workdir: str, *, label_noise: float = 0.0) -> dict
     if not label_noise:
         return train_and_evaluate(run_config, workdir)
     info = data_lib.dataset_info(run_config.dataset.name)
-    src = data_lib.get_source(run_config.dataset.name, run_config.dataset.train_split,
-                              data_dir=run_config.dataset.data_dir or None)
+    src = data_lib.get_source(
+        run_config.dataset.name, run_config.dataset.train_split, data_dir=run_config.dataset.data_dir or None
+    )
     clean = np.fromiter((e["label"] for e in src.__getitems__(range(len(src)))), np.int64, len(src))
     table = noisy_labels(clean, label_noise, info.num_classes, run_config.seed)
     os.makedirs(workdir, exist_ok=True)
-    runs.write_json(os.path.join(workdir, "label_noise.json"),
-                    {"label_noise": label_noise, "num_examples": int(len(table)),
-                     "num_changed": int(np.sum(table != clean)), "seed": int(run_config.seed)})
+    runs.write_json(
+        os.path.join(workdir, "label_noise.json"),
+        {
+            "label_noise": label_noise,
+            "num_examples": int(len(table)),
+            "num_changed": int(np.sum(table != clean)),
+            "seed": int(run_config.seed),
+        },
+    )
     return train_and_evaluate(run_config, workdir, method=noisy_label_method(table, run_config.label_smoothing))

@@ -13,5 +13,12 @@ from titans.analyze.inspect import diff_checkpoints, inspect_checkpoint
 from titans.analyze.run import AnalysisError, analyze_path, analyze_run
 from titans.analyze.sections import register_section
 
-__all__ = ["AnalysisError", "analyze_path", "analyze_run", "compare_runs", "diff_checkpoints", "inspect_checkpoint",
-           "register_section"]
+__all__ = [
+    "AnalysisError",
+    "analyze_path",
+    "analyze_run",
+    "compare_runs",
+    "diff_checkpoints",
+    "inspect_checkpoint",
+    "register_section",
+]

@@ -14,9 +14,10 @@ from titans.analyze import AnalysisError, analyze_path, compare_runs, diff_check
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m titans.analyze",
-                                description="Analyse finished Titans runs: evaluation, plots, HTML report; "
-                                            "compare runs; inspect checkpoints.")
+    p = argparse.ArgumentParser(
+        prog="python -m titans.analyze",
+        description="Analyse finished Titans runs: evaluation, plots, HTML report; compare runs; inspect checkpoints.",
+    )
     p.add_argument("workdirs", nargs="+", help="run or pipeline directories")
     p.add_argument("--split", default=None, help="split to evaluate on (default: each run's eval split)")
     p.add_argument("--step", type=int, default=-1, help="checkpoint step (default: the latest)")
@@ -51,22 +52,25 @@ def main(argv=None):
         else:
             for w in a.workdirs:
                 analyze_path(w, split=a.split, step=a.step, hardest=a.hardest, batch_size=a.batch_size)
-    except (AnalysisError, ckpt_lib.CheckpointError, data_lib.DatasetNotFoundError, FileNotFoundError,
-            ValueError) as e:
+    except (AnalysisError, ckpt_lib.CheckpointError, data_lib.DatasetNotFoundError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
 
 
 def _print_inspection(info):
-    print(f"{info['workdir']}: {info['model']} {info['model_kwargs']} on {info['dataset']}; saved steps "
-          f"{info['steps']}; step {info['step']}: {info['param_count']:,} params, "
-          f"{info['flops_per_example'] / 1e6:.3f} MFLOPs/example")
+    print(
+        f"{info['workdir']}: {info['model']} {info['model_kwargs']} on {info['dataset']}; saved steps "
+        f"{info['steps']}; step {info['step']}: {info['param_count']:,} params, "
+        f"{info['flops_per_example'] / 1e6:.3f} MFLOPs/example"
+    )
     print("| layer | shape | params | L2 norm | RMS |\n|---|---|---:|---:|---:|")
     for r in info["layers"]:
         print(f"| {r['layer']} | {tuple(r['shape'])} | {r['params']:,} | {r['l2_norm']:.4f} | {r['rms']:.4f} |")
     if "diff" in info:
         d = info["diff"]
-        print(f"difference step {d['a']['step']} ({d['a']['workdir']}) vs step {d['b']['step']} ({d['b']['workdir']}):"
-              f" total L2 {d['total_diff_l2']:.4f}")
+        print(
+            f"difference step {d['a']['step']} ({d['a']['workdir']}) vs step {d['b']['step']} ({d['b']['workdir']}):"
+            f" total L2 {d['total_diff_l2']:.4f}"
+        )
         print("| layer | L2 of difference | relative |\n|---|---:|---:|")
         for r in d["layers"]:
             print(f"| {r['layer']} | {r['diff_l2']:.4f} | {r['relative']:.4f} |")

@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from titans import runs
+from titans import figures, runs
 from titans.analyze import plots
 from titans.analyze.errors import AnalysisError
 
@@ -60,18 +60,28 @@ def compare_runs(workdirs: list[str], out: str) -> dict:
     metrics = [m for m in METRICS if any(m in r for _, _, r in runs)]
     rows = []
     for key, members in groups.items():
-        row = {"setting": ", ".join(f"{k}={json.loads(v) if v else v}" for k, v in key) or "(all runs alike)",
-               "runs": len(members), "workdirs": [w for w, _ in members]}
+        row = {
+            "setting": ", ".join(f"{k}={json.loads(v) if v else v}" for k, v in key) or "(all runs alike)",
+            "runs": len(members),
+            "workdirs": [w for w, _ in members],
+        }
         for m in metrics:
             vals = np.array([r[m] for _, r in members if m in r], float)
             if len(vals):
-                row[m] = {"mean": float(vals.mean()), "sd": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0,
-                          "n": int(len(vals))}
+                row[m] = {
+                    "mean": float(vals.mean()),
+                    "sd": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0,
+                    "n": int(len(vals)),
+                }
         rows.append(row)
     os.makedirs(out, exist_ok=True)
-    lines = [f"Compared {len(runs)} runs; fields that differ: {', '.join(differing) or 'none'} "
-             f"(seeds pooled; ignored: {', '.join(IGNORED)}).", "",
-             "| setting | runs | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    lines = [
+        f"Compared {len(runs)} runs; fields that differ: {', '.join(differing) or 'none'} "
+        f"(seeds pooled; ignored: {', '.join(IGNORED)}).",
+        "",
+        "| setting | runs | " + " | ".join(metrics) + " |",
+        "|---|---|" + "---|" * len(metrics),
+    ]
     for row in rows:
         cells = [f"{row[m]['mean']:.4f} ± {row[m]['sd']:.4f}" if m in row else "-" for m in metrics]
         lines.append(f"| {row['setting']} | {row['runs']} | " + " | ".join(cells) + " |")
@@ -86,23 +96,28 @@ def compare_runs(workdirs: list[str], out: str) -> dict:
         w = csv.writer(f)
         w.writerow(["setting", "runs", *(f"{m}_{s}" for m in metrics for s in ("mean", "sd"))])
         for row in rows:
-            w.writerow([row["setting"], row["runs"],
-                        *(row[m][s] if m in row else "" for m in metrics for s in ("mean", "sd"))])
+            w.writerow(
+                [row["setting"], row["runs"], *(row[m][s] if m in row else "" for m in metrics for s in ("mean", "sd"))]
+            )
     _overlay(rows, os.path.join(out, "curves.png"))
     print("\n".join(lines))
     return {"differing": differing, "groups": rows}
 
 
 def _overlay(rows, path):
-    plt = plots._plt()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, ax = figures.subplots(figsize=(6.5, 4))
+    colors = figures.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, row in enumerate(rows):
         for j, w in enumerate(row["workdirs"]):
             pts = [(r["step"], r["train/loss"]) for r in plots.read_metrics_jsonl(w) if "train/loss" in r]
             if pts:
-                ax.plot(*zip(*pts), color=colors[i % len(colors)], lw=1, alpha=0.8,
-                        label=row["setting"][:60] if j == 0 else None)
+                ax.plot(
+                    *zip(*pts),
+                    color=colors[i % len(colors)],
+                    lw=1,
+                    alpha=0.8,
+                    label=row["setting"][:60] if j == 0 else None,
+                )
     ax.set_xlabel("step")
     ax.set_ylabel("train/loss")
     ax.set_yscale("log")
@@ -110,4 +125,3 @@ def _overlay(rows, path):
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -41,8 +41,10 @@ def _figure(title: str, png: str) -> str:
     width = int.from_bytes(raw[16:20], "big") if raw[:8] == b"\x89PNG\r\n\x1a\n" else 0
     style = ' style="max-width:100%"' if width > 800 else ""  # wide plots get the page's width
     data = base64.b64encode(raw).decode()
-    return (f'<figure><img alt="{_html.escape(title)}"{style} src="data:image/png;base64,{data}">'
-            f"<figcaption>{_html.escape(title)}</figcaption></figure>")
+    return (
+        f'<figure><img alt="{_html.escape(title)}"{style} src="data:image/png;base64,{data}">'
+        f"<figcaption>{_html.escape(title)}</figcaption></figure>"
+    )
 
 
 def write_report(path: str, title: str, summary_rows, pngs: list[tuple[str, str]], sections) -> str:
@@ -59,8 +61,10 @@ def write_report(path: str, title: str, summary_rows, pngs: list[tuple[str, str]
                 parts.append(f"<h3>{_html.escape(item['title'])}</h3>" + _table(item["table"]))
             else:
                 parts.append(f"<p><b>{_html.escape(item['title'])}</b>: {_html.escape(str(item.get('text', '')))}</p>")
-    doc = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_html.escape(title)}</title>"
-           f"<style>{_STYLE}</style><script>{_CHECK}</script></head><body>{''.join(parts)}</body></html>")
+    doc = (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_html.escape(title)}</title>"
+        f"<style>{_STYLE}</style><script>{_CHECK}</script></head><body>{''.join(parts)}</body></html>"
+    )
     with open(path, "w") as f:
         f.write(doc)
     return path

@@ -25,12 +25,28 @@ def inspect_checkpoint(workdir: str, step: int = -1) -> dict:
     desc = ckpt_lib.describe(workdir)
     model, cfg, info, used = runs.load_model(workdir, step=step)
     module = nnx.merge(model.graphdef, model.params, model.model_state)
-    layers = [{"layer": name, "shape": list(a.shape), "params": int(a.size), "l2_norm": float(np.linalg.norm(a)),
-               "rms": float(np.sqrt(np.mean(np.square(a)))) if a.size else 0.0} for name, a in _layers(model.params)]
-    return {"workdir": os.path.abspath(workdir), "steps": desc["steps"], "step": used, "meta": desc["meta"],
-            "model": cfg.model.name, "model_kwargs": cfg.model.kwargs.to_dict(), "dataset": info.name,
-            "param_count": models.param_count(module),
-            "flops_per_example": models.flops_per_example(module, tuple(info.image_shape)), "layers": layers}
+    layers = [
+        {
+            "layer": name,
+            "shape": list(a.shape),
+            "params": int(a.size),
+            "l2_norm": float(np.linalg.norm(a)),
+            "rms": float(np.sqrt(np.mean(np.square(a)))) if a.size else 0.0,
+        }
+        for name, a in _layers(model.params)
+    ]
+    return {
+        "workdir": os.path.abspath(workdir),
+        "steps": desc["steps"],
+        "step": used,
+        "meta": desc["meta"],
+        "model": cfg.model.name,
+        "model_kwargs": cfg.model.kwargs.to_dict(),
+        "dataset": info.name,
+        "param_count": models.param_count(module),
+        "flops_per_example": models.flops_per_example(module, tuple(info.image_shape)),
+        "layers": layers,
+    }
 
 
 def diff_checkpoints(workdir: str, step_a: int, step_b: int = -1, other_workdir: str | None = None) -> dict:
@@ -45,10 +61,14 @@ def diff_checkpoints(workdir: str, step_a: int, step_b: int = -1, other_workdir:
     if meta_a is None or meta_b is None:
         raise ckpt_lib.CheckpointError(f"no checkpoint in {workdir if meta_a is None else other}")
     if meta_a["fingerprint"] != meta_b["fingerprint"]:
-        diff = {k: (meta_a["fields"].get(k), meta_b["fields"].get(k)) for k in meta_a["fields"]
-                if meta_a["fields"].get(k) != meta_b["fields"].get(k)}
+        diff = {
+            k: (meta_a["fields"].get(k), meta_b["fields"].get(k))
+            for k in meta_a["fields"]
+            if meta_a["fields"].get(k) != meta_b["fields"].get(k)
+        }
         raise ckpt_lib.IncompatibleCheckpointError(
-            f"cannot compare checkpoints of different models: {diff} ({workdir} vs {other})")
+            f"cannot compare checkpoints of different models: {diff} ({workdir} vs {other})"
+        )
     a, _, _, sa = runs.load_model(workdir, step=step_a)
     b, _, _, sb = runs.load_model(other, step=step_b)
     rows = []
@@ -56,5 +76,9 @@ def diff_checkpoints(workdir: str, step_a: int, step_b: int = -1, other_workdir:
         d = float(np.linalg.norm(x - y))
         rows.append({"layer": name, "diff_l2": d, "relative": d / max(float(np.linalg.norm(x)), 1e-12)})
     total = float(np.sqrt(sum(r["diff_l2"] ** 2 for r in rows)))
-    return {"a": {"workdir": os.path.abspath(workdir), "step": sa}, "b": {"workdir": os.path.abspath(other), "step": sb},
-            "total_diff_l2": total, "layers": rows}
+    return {
+        "a": {"workdir": os.path.abspath(workdir), "step": sa},
+        "b": {"workdir": os.path.abspath(other), "step": sb},
+        "total_diff_l2": total,
+        "layers": rows,
+    }

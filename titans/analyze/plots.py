@@ -7,12 +7,7 @@ import os
 
 import numpy as np
 
-
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+from titans import figures
 
 
 def read_metrics_jsonl(workdir: str) -> list[dict]:
@@ -24,12 +19,14 @@ def read_metrics_jsonl(workdir: str) -> list[dict]:
 
 
 def learning_curves(rows: list[dict], path: str, label: str = "") -> str | None:
-    keys = [k for k in ("train/loss", "train/accuracy", "train/teacher_agreement", "train/learning_rate")
-            if any(k in r for r in rows)]
+    keys = [
+        k
+        for k in ("train/loss", "train/accuracy", "train/teacher_agreement", "train/learning_rate")
+        if any(k in r for r in rows)
+    ]
     if not keys:
         return None
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    fig, axes = figures.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
     for ax, key in zip(axes[0], keys):
         pts = [(r["step"], r[key]) for r in rows if key in r]
         ax.plot(*zip(*pts), lw=1.2, label=label or None)
@@ -38,17 +35,15 @@ def learning_curves(rows: list[dict], path: str, label: str = "") -> str | None:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
 def reliability(metrics: dict, path: str) -> str:
-    plt = _plt()
     rel = metrics["reliability"]
     n = len(rel["count"])
     edges = np.linspace(0, 1, n + 1)
     centers = (edges[:-1] + edges[1:]) / 2
-    fig, ax = plt.subplots(figsize=(4.2, 4))
+    fig, ax = figures.subplots(figsize=(4.2, 4))
     has = np.array(rel["count"]) > 0
     ax.bar(centers[has], np.array(rel["accuracy"])[has], width=1 / n, edgecolor="k", alpha=0.7, label="accuracy")
     ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfect calibration")
@@ -58,15 +53,13 @@ def reliability(metrics: dict, path: str) -> str:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
 def confusion(metrics: dict, path: str) -> str:
-    plt = _plt()
     m = np.array(metrics["confusion"], float)
     norm = m / np.maximum(m.sum(1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(5, 4.4))
+    fig, ax = figures.subplots(figsize=(5, 4.4))
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
@@ -74,15 +67,13 @@ def confusion(metrics: dict, path: str) -> str:
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
 def per_class(metrics: dict, path: str) -> str:
-    plt = _plt()
     C = len(metrics["per_class_accuracy"])
     x = np.arange(C)
-    fig, ax = plt.subplots(figsize=(6, 3.4))
+    fig, ax = figures.subplots(figsize=(6, 3.4))
     width = 0.4 if "teacher" in metrics else 0.8
     ax.bar(x - (width / 2 if "teacher" in metrics else 0), metrics["per_class_accuracy"], width, label="model")
     if "teacher" in metrics:
@@ -95,7 +86,6 @@ def per_class(metrics: dict, path: str) -> str:
     ax.legend(fontsize=8, loc="upper center", ncol=3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
@@ -103,11 +93,10 @@ def hardest_grid(images, examples: list[dict], k: int, path: str) -> str | None:
     """The k examples with the lowest probability on their true label, captioned with who got them right."""
     if k <= 0 or not examples:
         return None
-    plt = _plt()
     order = sorted(range(len(examples)), key=lambda i: examples[i]["p_label"])[:k]
     cols = 8
     rows = -(-len(order) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.5, rows * 2.3), squeeze=False)
+    fig, axes = figures.subplots(rows, cols, figsize=(cols * 1.5, rows * 2.3), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for ax, i in zip(axes.ravel(), order):
@@ -119,19 +108,23 @@ def hardest_grid(images, examples: list[dict], k: int, path: str) -> str | None:
             cap += f"\nt={e['teacher_pred']} {e['teacher_confidence']:.2f}"
         cap += "\ndefer" if e["deferred_at_30pct"] else "\nkeep"
         ax.set_title(cap, fontsize=6.5)
-    fig.suptitle("hardest examples (lowest probability on the true label); m = model, t = teacher, "
-                 "defer/keep = msp gate at a 30% deferral rate", fontsize=8)
+    fig.suptitle(
+        "hardest examples (lowest probability on the true label); m = model, t = teacher, "
+        "defer/keep = msp gate at a 30% deferral rate",
+        fontsize=8,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
 def run_plots(workdir, out, metrics, images, labels, examples, hardest, info) -> list[tuple[str, str]]:
     del labels, info
-    made = [("learning curves", learning_curves(read_metrics_jsonl(workdir), os.path.join(out, "learning_curves.png"))),
-            ("reliability diagram", reliability(metrics, os.path.join(out, "reliability.png"))),
-            ("confusion matrix", confusion(metrics, os.path.join(out, "confusion.png"))),
-            ("per-class accuracy", per_class(metrics, os.path.join(out, "per_class.png"))),
-            ("hardest examples", hardest_grid(images, examples, hardest, os.path.join(out, "hardest.png")))]
+    made = [
+        ("learning curves", learning_curves(read_metrics_jsonl(workdir), os.path.join(out, "learning_curves.png"))),
+        ("reliability diagram", reliability(metrics, os.path.join(out, "reliability.png"))),
+        ("confusion matrix", confusion(metrics, os.path.join(out, "confusion.png"))),
+        ("per-class accuracy", per_class(metrics, os.path.join(out, "per_class.png"))),
+        ("hardest examples", hardest_grid(images, examples, hardest, os.path.join(out, "hardest.png"))),
+    ]
     return [(t, p) for t, p in made if p]

@@ -33,20 +33,25 @@ def is_pipeline(workdir: str) -> bool:
     return os.path.exists(os.path.join(workdir, "summary.json")) and not is_run(workdir)
 
 
-def analyze_path(workdir: str, *, split: str | None = None, step: int = -1, hardest: int = 32,
-                 batch_size: int = 500) -> list[dict]:
+def analyze_path(
+    workdir: str, *, split: str | None = None, step: int = -1, hardest: int = 32, batch_size: int = 500
+) -> list[dict]:
     """Analyses a run, or every stage of a pipeline plus the pipeline page; returns the metrics dicts."""
     workdir = os.path.abspath(workdir)
     if is_run(workdir):
         return [analyze_run(workdir, split=split, step=step, hardest=hardest, batch_size=batch_size)]
     if is_pipeline(workdir):
         stages = [d for d in sorted(os.listdir(workdir)) if is_run(os.path.join(workdir, d))]
-        out = [analyze_run(os.path.join(workdir, d), split=split, step=step, hardest=hardest, batch_size=batch_size)
-               for d in stages]
+        out = [
+            analyze_run(os.path.join(workdir, d), split=split, step=step, hardest=hardest, batch_size=batch_size)
+            for d in stages
+        ]
         _pipeline_page(workdir, out)
         return out
-    raise AnalysisError(f"{workdir} is not a Titans run (no config.json) nor a pipeline (no summary.json with "
-                        "stage directories); point at a directory that `python -m titans.main` wrote.")
+    raise AnalysisError(
+        f"{workdir} is not a Titans run (no config.json) nor a pipeline (no summary.json with "
+        "stage directories); point at a directory that `python -m titans.main` wrote."
+    )
 
 
 def evaluate_logits(logits, labels, num_classes: int, ece_bins: int = 15) -> dict:
@@ -59,22 +64,36 @@ def evaluate_logits(logits, labels, num_classes: int, ece_bins: int = 15) -> dic
     np.add.at(conf, (np.asarray(labels), pred), 1)
     per_class = conf.diagonal() / np.maximum(conf.sum(1), 1)
     count, conf_sum, correct_sum = bins
-    return {"num_examples": int(len(labels)), "accuracy": float(np.mean(pred == np.asarray(labels))),
-            "loss": float(np.mean(np.asarray(losses.cross_entropy(head, y)))),
-            "ece": losses.expected_calibration_error(bins),
-            "reliability": {"count": count.tolist(),
-                            "confidence": (conf_sum / np.maximum(count, 1)).tolist(),
-                            "accuracy": (correct_sum / np.maximum(count, 1)).tolist()},
-            "confusion": conf.tolist(), "per_class_accuracy": per_class.tolist()}
+    return {
+        "num_examples": int(len(labels)),
+        "accuracy": float(np.mean(pred == np.asarray(labels))),
+        "loss": float(np.mean(np.asarray(losses.cross_entropy(head, y)))),
+        "ece": losses.expected_calibration_error(bins),
+        "reliability": {
+            "count": count.tolist(),
+            "confidence": (conf_sum / np.maximum(count, 1)).tolist(),
+            "accuracy": (correct_sum / np.maximum(count, 1)).tolist(),
+        },
+        "confusion": conf.tolist(),
+        "per_class_accuracy": per_class.tolist(),
+    }
 
 
-def analyze_run(workdir: str, *, split: str | None = None, step: int = -1, hardest: int = 32,
-                batch_size: int = 500, out: str | None = None) -> dict:
+def analyze_run(
+    workdir: str,
+    *,
+    split: str | None = None,
+    step: int = -1,
+    hardest: int = 32,
+    batch_size: int = 500,
+    out: str | None = None,
+) -> dict:
     """Evaluates one run's checkpoint on `split` (default: the run's eval split) and writes its analysis."""
     workdir = os.path.abspath(workdir)
     if not is_run(workdir):
-        raise AnalysisError(f"{workdir} is not a Titans run: no config.json (expected the workdir of a "
-                            "`python -m titans.main` run).")
+        raise AnalysisError(
+            f"{workdir} is not a Titans run: no config.json (expected the workdir of a `python -m titans.main` run)."
+        )
     if jax.process_count() > 1:
         raise AnalysisError("the analysis runs in a single process")
     model, cfg, info, used_step = runs.load_model(workdir, step=step)
@@ -87,28 +106,45 @@ def analyze_run(workdir: str, *, split: str | None = None, step: int = -1, harde
         raise
     except Exception as e:  # TFDS raises several types for a bad split name
         known = ", ".join(info.splits)
-        raise AnalysisError(f"split {split!r} of {info.name} cannot be read ({type(e).__name__}: {e}); "
-                            f"its splits are {known} (slices like 'train[90%:]' work too)") from None
+        raise AnalysisError(
+            f"split {split!r} of {info.name} cannot be read ({type(e).__name__}: {e}); "
+            f"its splits are {known} (slices like 'train[90%:]' work too)"
+        ) from None
     images, labels = runs.split_arrays(src, info)
     mesh = parallel.make_mesh()
     C = info.num_classes
-    logits = runs.predict(runs.logits_fn, model, images, mesh=mesh, batch_size=batch_size,
-                     progress=f"[analyze] {cfg.name} on {split}")
-    metrics = {"workdir": workdir, "name": cfg.name, "model": cfg.model.name, "dataset": info.name, "split": split,
-               "step": used_step, **evaluate_logits(logits, labels, C, cfg.get("ece_bins", 15))}
+    logits = runs.predict(
+        runs.logits_fn, model, images, mesh=mesh, batch_size=batch_size, progress=f"[analyze] {cfg.name} on {split}"
+    )
+    metrics = {
+        "workdir": workdir,
+        "name": cfg.name,
+        "model": cfg.model.name,
+        "dataset": info.name,
+        "split": split,
+        "step": used_step,
+        **evaluate_logits(logits, labels, C, cfg.get("ece_bins", 15)),
+    }
     teacher_logits = None
     if cfg.distill.teacher_workdir:
         teacher, _ = runs.load_teacher(cfg.distill.teacher_workdir, info, dtype=jnp.float32)
-        teacher_logits = runs.predict(runs.logits_fn, teacher, images, mesh=mesh, batch_size=batch_size,
-                                 progress="[analyze] teacher")
+        teacher_logits = runs.predict(
+            runs.logits_fn, teacher, images, mesh=mesh, batch_size=batch_size, progress="[analyze] teacher"
+        )
         t_pred, s_pred = teacher_logits.argmax(-1), logits[:, :C].argmax(-1)
         agree = t_pred == s_pred
-        metrics["teacher"] = {"workdir": cfg.distill.teacher_workdir,
-                              **{k: v for k, v in evaluate_logits(teacher_logits, labels, C).items()
-                                 if k in ("accuracy", "loss", "ece", "per_class_accuracy")},
-                              "agreement": float(agree.mean()),
-                              "agreement_by_class": [float(agree[labels == c].mean()) if np.any(labels == c)
-                                                     else float("nan") for c in range(C)]}
+        metrics["teacher"] = {
+            "workdir": cfg.distill.teacher_workdir,
+            **{
+                k: v
+                for k, v in evaluate_logits(teacher_logits, labels, C).items()
+                if k in ("accuracy", "loss", "ece", "per_class_accuracy")
+            },
+            "agreement": float(agree.mean()),
+            "agreement_by_class": [
+                float(agree[labels == c].mean()) if np.any(labels == c) else float("nan") for c in range(C)
+            ],
+        }
 
     out = out or os.path.join(workdir, "analysis")
     os.makedirs(out, exist_ok=True)
@@ -135,12 +171,22 @@ def _examples(logits, teacher_logits, labels, C) -> list[dict]:
     cut = np.quantile(score, 0.7)
     tp = np.asarray(jax.nn.softmax(jnp.asarray(teacher_logits))) if teacher_logits is not None else None
     for i in range(len(labels)):
-        row = {"index": i, "label": int(labels[i]), "pred": int(pred[i]), "confidence": float(p[i].max()),
-               "p_label": float(p[i, labels[i]]), "correct": int(pred[i] == labels[i]),
-               "msp_score": float(score[i]), "deferred_at_30pct": int(score[i] > cut)}
+        row = {
+            "index": i,
+            "label": int(labels[i]),
+            "pred": int(pred[i]),
+            "confidence": float(p[i].max()),
+            "p_label": float(p[i, labels[i]]),
+            "correct": int(pred[i] == labels[i]),
+            "msp_score": float(score[i]),
+            "deferred_at_30pct": int(score[i] > cut),
+        }
         if tp is not None:
-            row.update(teacher_pred=int(tp[i].argmax()), teacher_confidence=float(tp[i].max()),
-                       teacher_correct=int(tp[i].argmax() == labels[i]))
+            row.update(
+                teacher_pred=int(tp[i].argmax()),
+                teacher_confidence=float(tp[i].max()),
+                teacher_correct=int(tp[i].argmax() == labels[i]),
+            )
         rows.append(row)
     return rows
 
@@ -162,11 +208,18 @@ def _title(m):
 
 
 def _summary_rows(m):
-    rows = [["metric", "value"], ["examples", str(m["num_examples"])], ["accuracy", f"{m['accuracy']:.4f}"],
-            ["loss", f"{m['loss']:.4f}"], ["ECE", f"{m['ece']:.4f}"]]
+    rows = [
+        ["metric", "value"],
+        ["examples", str(m["num_examples"])],
+        ["accuracy", f"{m['accuracy']:.4f}"],
+        ["loss", f"{m['loss']:.4f}"],
+        ["ECE", f"{m['ece']:.4f}"],
+    ]
     if "teacher" in m:
-        rows += [["teacher accuracy", f"{m['teacher']['accuracy']:.4f}"],
-                 ["agreement with the teacher", f"{m['teacher']['agreement']:.4f}"]]
+        rows += [
+            ["teacher accuracy", f"{m['teacher']['accuracy']:.4f}"],
+            ["agreement with the teacher", f"{m['teacher']['agreement']:.4f}"],
+        ]
     results = os.path.join(m["workdir"], "results.json")
     if os.path.exists(results):
         with open(results) as f:
@@ -183,9 +236,18 @@ def _pipeline_page(workdir, stage_metrics):
     rows = [["stage", "model", "accuracy", "ECE", "agreement with teacher", "report"]]
     for m in stage_metrics:
         rel = os.path.relpath(os.path.join(m["workdir"], "analysis", "report.html"), out)
-        rows.append([m["name"], m["model"], f"{m['accuracy']:.4f}", f"{m['ece']:.4f}",
-                     f"{m['teacher']['agreement']:.4f}" if "teacher" in m else "-", rel])
+        rows.append(
+            [
+                m["name"],
+                m["model"],
+                f"{m['accuracy']:.4f}",
+                f"{m['ece']:.4f}",
+                f"{m['teacher']['agreement']:.4f}" if "teacher" in m else "-",
+                rel,
+            ]
+        )
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump({"stages": stage_metrics}, f, indent=1)
-    html.write_report(os.path.join(out, "report.html"), f"Titans analysis: pipeline {workdir}", rows, [],
-                      _sections(workdir))
+    html.write_report(
+        os.path.join(out, "report.html"), f"Titans analysis: pipeline {workdir}", rows, [], _sections(workdir)
+    )

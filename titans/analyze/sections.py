@@ -19,16 +19,18 @@ from __future__ import annotations
 import glob
 import json
 import os
-from typing import Callable
+from collections.abc import Callable
 
 SECTIONS: dict[str, Callable[[str], list[dict] | None]] = {}
 
 
 def register_section(name: str):
     """Decorator: adds a report section under ``name`` (replacing one of the same name)."""
+
     def wrap(fn):
         SECTIONS[name] = fn
         return fn
+
     return wrap
 
 
@@ -45,12 +47,23 @@ def cascade_section(workdir: str):
     for name, s in res["students"].items():
         for gate, g in s["gates"].items():
             reach = g.get("reach_teacher")
-            rows.append([name, gate, f"{s['test_accuracy']:.4f}",
-                         f"{g['at_cost_fraction']['0.25'].get('test_accuracy', float('nan')):.4f}",
-                         f"{g['at_cost_fraction']['0.5'].get('test_accuracy', float('nan')):.4f}",
-                         f"{100 * reach['flops_fraction_of_teacher']:.1f}%" if reach else "not reached"])
-    items = [{"title": f"Cascade: teacher test accuracy {t['test_accuracy']:.4f}, "
-                       f"{t['flops_per_example'] / 1e6:.2f} MFLOPs/example", "table": rows}]
+            rows.append(
+                [
+                    name,
+                    gate,
+                    f"{s['test_accuracy']:.4f}",
+                    f"{g['at_cost_fraction']['0.25'].get('test_accuracy', float('nan')):.4f}",
+                    f"{g['at_cost_fraction']['0.5'].get('test_accuracy', float('nan')):.4f}",
+                    f"{100 * reach['flops_fraction_of_teacher']:.1f}%" if reach else "not reached",
+                ]
+            )
+    items = [
+        {
+            "title": f"Cascade: teacher test accuracy {t['test_accuracy']:.4f}, "
+            f"{t['flops_per_example'] / 1e6:.2f} MFLOPs/example",
+            "table": rows,
+        }
+    ]
     for png in sorted(glob.glob(os.path.join(workdir, "cascade_*.png"))):
         items.append({"title": os.path.basename(png)[:-4].replace("_", " "), "png": png})
     return items
@@ -59,8 +72,9 @@ def cascade_section(workdir: str):
 @register_section("method_plots")
 def method_plots_section(workdir: str):
     """Plots a method wrote into the run directory itself (ensemble, active, ... curves)."""
-    pngs = [p for p in sorted(glob.glob(os.path.join(workdir, "*.png")))
-            if not os.path.basename(p).startswith("cascade_")]
+    pngs = [
+        p for p in sorted(glob.glob(os.path.join(workdir, "*.png"))) if not os.path.basename(p).startswith("cascade_")
+    ]
     if not pngs:
         return None
     items = []

@@ -12,16 +12,56 @@ in the data and training layers.
 """
 
 from titans.cascade.cost import amortized_cost, amortized_cost_k, measure_time_per_example, model_flops
-from titans.cascade.gates import (GATES, LearnedGate, auroc, deferral_targets, defer_output, entropy, gate_flops,
-                                  get_gate, learned_gate_features, margin, msp, train_learned_gate)
-from titans.cascade.runner import CascadeOutput, CascadeRunner, capacity_ladder, pow2_capacities, plan_buffers
-from titans.cascade.curves import (cascade_predictions, cascade_sweep, rate_for_cost, sweep, threshold_for_cost,
-                                  threshold_for_rate)
+from titans.cascade.curves import (
+    cascade_predictions,
+    cascade_sweep,
+    rate_for_cost,
+    sweep,
+    threshold_for_cost,
+    threshold_for_rate,
+)
+from titans.cascade.gates import (
+    GATES,
+    LearnedGate,
+    auroc,
+    defer_output,
+    deferral_targets,
+    entropy,
+    gate_flops,
+    get_gate,
+    learned_gate_features,
+    margin,
+    msp,
+    train_learned_gate,
+)
+from titans.cascade.runner import CascadeOutput, CascadeRunner, capacity_ladder, plan_buffers, pow2_capacities
 
 __all__ = [
-    "GATES", "CascadeOutput", "CascadeRunner", "LearnedGate", "amortized_cost", "amortized_cost_k", "auroc",
-    "capacity_ladder", "cascade_predictions", "cascade_sweep", "pow2_capacities", "defer_output",
-    "deferral_targets", "entropy", "gate_flops", "get_gate", "learned_gate_features", "margin",
-    "measure_time_per_example", "model_flops", "msp", "plan_buffers", "rate_for_cost", "sweep",
-    "threshold_for_cost", "threshold_for_rate", "train_learned_gate",
+    "GATES",
+    "CascadeOutput",
+    "CascadeRunner",
+    "LearnedGate",
+    "amortized_cost",
+    "amortized_cost_k",
+    "auroc",
+    "capacity_ladder",
+    "cascade_predictions",
+    "cascade_sweep",
+    "pow2_capacities",
+    "defer_output",
+    "deferral_targets",
+    "entropy",
+    "gate_flops",
+    "get_gate",
+    "learned_gate_features",
+    "margin",
+    "measure_time_per_example",
+    "model_flops",
+    "msp",
+    "plan_buffers",
+    "rate_for_cost",
+    "sweep",
+    "threshold_for_cost",
+    "threshold_for_rate",
+    "train_learned_gate",
 ]

@@ -33,8 +33,9 @@ from titans.cascade.runner import CascadeRunner
 
 _STAGES = flags.DEFINE_list("stages", None, "Run directories, cheapest first; the last one always answers.")
 _GATE = flags.DEFINE_string("gate", "msp", "Gate of every non-final stage: msp, margin, entropy, defer_output.")
-_RATES = flags.DEFINE_list("rates", ["0.3"], "Per non-final stage: fraction of the examples reaching it to defer, "
-                                              "set on the validation split.")
+_RATES = flags.DEFINE_list(
+    "rates", ["0.3"], "Per non-final stage: fraction of the examples reaching it to defer, set on the validation split."
+)
 _VAL_SPLIT = flags.DEFINE_string("val_split", "train[90%:]", "Split on which thresholds are chosen.")
 _SPLIT = flags.DEFINE_string("split", "test", "Split the cascade runs on.")
 _BATCH = flags.DEFINE_integer("batch_size", 512, "Global batch (rounded up to a multiple of the device count).")
@@ -54,8 +55,10 @@ def run_cascade(stage_dirs, gate_name: str, rates, val_split: str, split: str, b
     info = loaded[-1][2]
     for d, (_, _, inf, _) in zip(stage_dirs, loaded):
         if (inf.name, inf.num_classes) != (info.name, info.num_classes):
-            raise ValueError(f"stage {d} was trained on {inf.name} ({inf.num_classes} classes); the last stage on "
-                             f"{info.name} ({info.num_classes})")
+            raise ValueError(
+                f"stage {d} was trained on {inf.name} ({inf.num_classes} classes); the last stage on "
+                f"{info.name} ({info.num_classes})"
+            )
     C = info.num_classes
     data_dir = loaded[-1][1].dataset.data_dir or None
     stages = [evaluate.NormalizedModel.of(m, info) for m, *_ in loaded]
@@ -88,15 +91,26 @@ def run_cascade(stage_dirs, gate_name: str, rates, val_split: str, split: str, b
     gate_flops = gates.gate_flops(gate, C)
     reached = np.array([np.mean(answered_by >= i) for i in range(k)])
     amortized = float(sum(reached[i] * (flops[i] + (gate_flops if i < k - 1 else 0.0)) for i in range(k)))
-    return {"stages": list(stage_dirs), "gate": gate_name, "val_split": val_split, "split": split,
-            "examples": int(len(y)), "thresholds": [float(t) for t in thresholds], "target_rates": rates,
-            "accuracy": float(np.mean(preds == y)),
-            "last_stage_accuracy": float(np.mean(last_logits.argmax(-1) == y)),
-            "answered_fraction": [float(np.mean(answered_by == i)) for i in range(k)],
-            "reach_fraction": reached.tolist(), "flops_per_example": flops,
-            "amortized_flops_per_example": amortized, "flops_fraction_of_last": amortized / flops[-1],
-            "time_per_example_s": sec, "last_stage_time_per_example_s": last_sec,
-            "backend": jax.default_backend(), "num_devices": int(mesh.devices.size)}
+    return {
+        "stages": list(stage_dirs),
+        "gate": gate_name,
+        "val_split": val_split,
+        "split": split,
+        "examples": int(len(y)),
+        "thresholds": [float(t) for t in thresholds],
+        "target_rates": rates,
+        "accuracy": float(np.mean(preds == y)),
+        "last_stage_accuracy": float(np.mean(last_logits.argmax(-1) == y)),
+        "answered_fraction": [float(np.mean(answered_by == i)) for i in range(k)],
+        "reach_fraction": reached.tolist(),
+        "flops_per_example": flops,
+        "amortized_flops_per_example": amortized,
+        "flops_fraction_of_last": amortized / flops[-1],
+        "time_per_example_s": sec,
+        "last_stage_time_per_example_s": last_sec,
+        "backend": jax.default_backend(),
+        "num_devices": int(mesh.devices.size),
+    }
 
 
 def main(argv):
@@ -106,15 +120,19 @@ def main(argv):
         out = run_cascade(_STAGES.value, _GATE.value, _RATES.value, _VAL_SPLIT.value, _SPLIT.value, _BATCH.value)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
-    print(f"cascade of {len(out['stages'])} stages on {out['split']} ({out['examples']} examples, gate {out['gate']}, "
-          f"{out['num_devices']} {out['backend']} device(s))")
+    print(
+        f"cascade of {len(out['stages'])} stages on {out['split']} ({out['examples']} examples, gate {out['gate']}, "
+        f"{out['num_devices']} {out['backend']} device(s))"
+    )
     print("| stage | answered | reached | MFLOPs/example |\n|---|---:|---:|---:|")
     for d, a, r, f in zip(out["stages"], out["answered_fraction"], out["reach_fraction"], out["flops_per_example"]):
         print(f"| {d} | {a:.3f} | {r:.3f} | {f / 1e6:.3f} |")
-    print(f"accuracy {out['accuracy']:.4f} (last stage alone {out['last_stage_accuracy']:.4f}); amortized "
-          f"{out['amortized_flops_per_example'] / 1e6:.3f} MFLOPs/example = {out['flops_fraction_of_last']:.3f} of the "
-          f"last stage's; wall {1e6 * out['time_per_example_s']:.1f} us/example vs "
-          f"{1e6 * out['last_stage_time_per_example_s']:.1f} for the last stage alone")
+    print(
+        f"accuracy {out['accuracy']:.4f} (last stage alone {out['last_stage_accuracy']:.4f}); amortized "
+        f"{out['amortized_flops_per_example'] / 1e6:.3f} MFLOPs/example = {out['flops_fraction_of_last']:.3f} of the "
+        f"last stage's; wall {1e6 * out['time_per_example_s']:.1f} us/example vs "
+        f"{1e6 * out['last_stage_time_per_example_s']:.1f} for the last stage alone"
+    )
     if _OUT.value:
         with open(_OUT.value, "w") as f:
             json.dump(out, f, indent=1)

@@ -8,7 +8,7 @@ Costs can be FLOPs (from XLA, :func:`model_flops`) or seconds (:func:`measure_ti
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import numpy as np

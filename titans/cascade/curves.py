@@ -18,8 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["cascade_predictions", "cascade_sweep", "rate_for_cost", "sweep", "threshold_for_cost",
-           "threshold_for_rate"]
+__all__ = ["cascade_predictions", "cascade_sweep", "rate_for_cost", "sweep", "threshold_for_cost", "threshold_for_rate"]
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes",))
@@ -30,8 +29,11 @@ def _sweep(scores, student_pred, teacher_pred, labels, thresholds, num_classes):
         defer = scores > thr
         pred = jnp.where(defer, teacher_pred, student_pred)
         per_class = jnp.zeros(num_classes).at[labels].add(defer.astype(jnp.float32))
-        return {"accuracy": jnp.mean(pred == labels), "deferral_rate": jnp.mean(defer),
-                "per_class_deferral_rate": per_class / jnp.maximum(class_count, 1.0)}
+        return {
+            "accuracy": jnp.mean(pred == labels),
+            "deferral_rate": jnp.mean(defer),
+            "per_class_deferral_rate": per_class / jnp.maximum(class_count, 1.0),
+        }
 
     return jax.vmap(one)(thresholds)
 
@@ -50,9 +52,14 @@ def sweep(scores, student_pred, teacher_pred, labels, thresholds, num_classes: i
     if num_classes is None:
         num_classes = int(max(labels.max(), student_pred.max(), teacher_pred.max())) + 1
     thresholds = jnp.atleast_1d(jnp.asarray(thresholds, jnp.float32))
-    out = _sweep(jnp.asarray(scores, jnp.float32), jnp.asarray(student_pred, jnp.int32),
-                 jnp.asarray(teacher_pred, jnp.int32), jnp.asarray(labels, jnp.int32), thresholds,
-                 int(num_classes))
+    out = _sweep(
+        jnp.asarray(scores, jnp.float32),
+        jnp.asarray(student_pred, jnp.int32),
+        jnp.asarray(teacher_pred, jnp.int32),
+        jnp.asarray(labels, jnp.int32),
+        thresholds,
+        int(num_classes),
+    )
     return {**out, "thresholds": thresholds}
 
 
@@ -103,8 +110,10 @@ def rate_for_cost(c_student: float, c_gate: float, c_teacher: float, target_cost
         raise ValueError(f"c_teacher must be positive, got {c_teacher}")
     rate = (float(target_cost) - float(c_student) - float(c_gate)) / float(c_teacher)
     if rate < 0:
-        raise ValueError(f"target cost {target_cost} is below the student + gate cost {c_student + c_gate}: "
-                         "no deferral rate reaches it")
+        raise ValueError(
+            f"target cost {target_cost} is below the student + gate cost {c_student + c_gate}: "
+            "no deferral rate reaches it"
+        )
     return min(rate, 1.0)
 
 
@@ -147,8 +156,11 @@ def _cascade_sweep(stage_scores, stage_preds, labels, grid):
     def one(thr):
         pred, by = cascade_predictions(stage_scores, stage_preds, thr)
         reach = jnp.stack([jnp.mean(by >= i) for i in range(k)])
-        return {"accuracy": jnp.mean(pred == labels), "reach_fraction": reach,
-                "answered_fraction": jnp.stack([jnp.mean(by == i) for i in range(k)])}
+        return {
+            "accuracy": jnp.mean(pred == labels),
+            "reach_fraction": reach,
+            "answered_fraction": jnp.stack([jnp.mean(by == i) for i in range(k)]),
+        }
 
     return jax.vmap(one)(grid)
 
@@ -162,6 +174,6 @@ def cascade_sweep(stage_scores, stage_preds, labels, threshold_grid) -> dict:
     """
     k = len(stage_preds)
     grid = jnp.asarray(threshold_grid, jnp.float32).reshape(-1, k - 1)
-    scores = [jnp.asarray(s, jnp.float32) for s in stage_scores[:k - 1]]
+    scores = [jnp.asarray(s, jnp.float32) for s in stage_scores[: k - 1]]
     preds = [jnp.asarray(p, jnp.int32) for p in stage_preds]
     return _cascade_sweep(scores, preds, jnp.asarray(labels, jnp.int32), grid)

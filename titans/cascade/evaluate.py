@@ -20,20 +20,18 @@ from __future__ import annotations
 import functools
 import json
 import os
-import sys
 import time
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from titans import data as data_lib
-from titans import parallel, runs
+from titans import figures, parallel, runs
 from titans.cascade import cost as cost_lib
-from titans.cascade import gates as gates_lib
 from titans.cascade import curves as curves_lib
+from titans.cascade import gates as gates_lib
 from titans.cascade.runner import CascadeRunner
 
 
@@ -44,10 +42,11 @@ class NormalizedModel:
     A pytree (its arrays are arguments of jitted calls, not baked-in constants), so the cascade
     runner and `runs.predict` pass it into their jitted functions.
     """
+
     model: runs.FrozenModel
 
     @classmethod
-    def of(cls, model: runs.FrozenModel, info) -> "NormalizedModel":
+    def of(cls, model: runs.FrozenModel, info) -> NormalizedModel:
         return cls(model.replace(mean=tuple(info.mean), std=tuple(info.std)))
 
     def apply(self, images):
@@ -71,8 +70,10 @@ def _time_per_example(model: NormalizedModel, images, repeats: int = 5) -> float
 def evaluate_cascades(config, workdir: str) -> dict:
     """Evaluates `config.cascade` (see configs/titans_fmnist.py) on the stages in `workdir`."""
     if jax.process_count() > 1:
-        raise RuntimeError("The cascade evaluation runs in a single process; the training stages are finished. "
-                           "Re-run the same command on one host (finished stages are skipped) to evaluate.")
+        raise RuntimeError(
+            "The cascade evaluation runs in a single process; the training stages are finished. "
+            "Re-run the same command on one host (finished stages are skipped) to evaluate."
+        )
     cc = config.cascade
     t0 = time.perf_counter()
     teacher_dir = os.path.join(workdir, cc.teacher)
@@ -93,30 +94,54 @@ def evaluate_cascades(config, workdir: str) -> dict:
     C = info.num_classes
     data = {"val": (val_x, y_val, t_val), "test": (test_x, y_test, t_test)}
 
-    out = {"teacher": {"workdir": teacher_dir, "val_accuracy": teacher_val_acc, "test_accuracy": teacher_test_acc,
-                       "flops_per_example": c_teacher, "time_per_example_s": t_time_teacher},
-           "val_split": cc.val_split, "test_split": cc.test_split, "val_examples": int(len(y_val)),
-           "test_examples": int(len(y_test)), "batch_size": batch_size, "num_devices": int(mesh.devices.size),
-           "backend": jax.default_backend(), "students": {}}
+    out = {
+        "teacher": {
+            "workdir": teacher_dir,
+            "val_accuracy": teacher_val_acc,
+            "test_accuracy": teacher_test_acc,
+            "flops_per_example": c_teacher,
+            "time_per_example_s": t_time_teacher,
+        },
+        "val_split": cc.val_split,
+        "test_split": cc.test_split,
+        "val_examples": int(len(y_val)),
+        "test_examples": int(len(y_test)),
+        "batch_size": batch_size,
+        "num_devices": int(mesh.devices.size),
+        "backend": jax.default_backend(),
+        "students": {},
+    }
     for name in cc.students:
         s_dir = os.path.join(workdir, name)
         student, s_cfg, _, _ = runs.load_model(s_dir)
         student = NormalizedModel.of(student, info)
         s_val, s_test = logits_of(student, val_x), logits_of(student, test_x)
         c_student = flops_of(student.model, info)
-        entry = {"objective": s_cfg.distill.get("objective", "standard"), "model_kwargs": s_cfg.model.kwargs.to_dict(),
-                 "flops_per_example": c_student, "time_per_example_s": _time_per_example(student, timing_images),
-                 "val_accuracy": float(np.mean(s_val[:, :C].argmax(-1) == y_val)),
-                 "test_accuracy": float(np.mean(s_test[:, :C].argmax(-1) == y_test)), "gates": {}}
+        entry = {
+            "objective": s_cfg.distill.get("objective", "standard"),
+            "model_kwargs": s_cfg.model.kwargs.to_dict(),
+            "flops_per_example": c_student,
+            "time_per_example_s": _time_per_example(student, timing_images),
+            "val_accuracy": float(np.mean(s_val[:, :C].argmax(-1) == y_val)),
+            "test_accuracy": float(np.mean(s_test[:, :C].argmax(-1) == y_test)),
+            "gates": {},
+        }
         for gate_name in cc.gates:
             if gate_name == "defer_output" and s_val.shape[-1] == C:
                 continue  # only students trained with the defer objective have that output
             entry["gates"][gate_name] = _evaluate_gate(
-                gate_name, student, teacher, s_val, s_test, data, C, entry, out["teacher"], cc, mesh, batch_size)
+                gate_name, student, teacher, s_val, s_test, data, C, entry, out["teacher"], cc, mesh, batch_size
+            )
         out["students"][name] = entry
-        print(f"[cascade] {name}: student {entry['test_accuracy']:.4f}; test accuracy at 25% of the teacher's "
-              "FLOPs: " + ", ".join(f"{g} {e['at_cost_fraction']['0.25'].get('test_accuracy', float('nan')):.4f}"
-                                   for g, e in entry["gates"].items()), flush=True)
+        print(
+            f"[cascade] {name}: student {entry['test_accuracy']:.4f}; test accuracy at 25% of the teacher's "
+            "FLOPs: "
+            + ", ".join(
+                f"{g} {e['at_cost_fraction']['0.25'].get('test_accuracy', float('nan')):.4f}"
+                for g, e in entry["gates"].items()
+            ),
+            flush=True,
+        )
     out["eval_time_s"] = time.perf_counter() - t0
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "cascade.json"), "w") as f:
@@ -156,31 +181,43 @@ def _evaluate_gate(gate_name, student, teacher, s_val, s_test, data, C, s_entry,
     seconds = cost_lib.amortized_cost(t_student, 0.0, t_teacher, test_rate)
 
     def point(idx):
-        return {"threshold": float(thresholds[idx]), "val_deferral_rate": float(val_curve["deferral_rate"][idx]),
-                "val_accuracy": float(val_curve["accuracy"][idx]),
-                "test_deferral_rate": float(test_rate[idx]), "test_accuracy": float(test_curve["accuracy"][idx]),
-                "amortized_flops": float(flops[idx]), "amortized_time_s": float(seconds[idx]),
-                "flops_fraction_of_teacher": float(flops[idx] / c_teacher)}
+        return {
+            "threshold": float(thresholds[idx]),
+            "val_deferral_rate": float(val_curve["deferral_rate"][idx]),
+            "val_accuracy": float(val_curve["accuracy"][idx]),
+            "test_deferral_rate": float(test_rate[idx]),
+            "test_accuracy": float(test_curve["accuracy"][idx]),
+            "amortized_flops": float(flops[idx]),
+            "amortized_time_s": float(seconds[idx]),
+            "flops_fraction_of_teacher": float(flops[idx] / c_teacher),
+        }
 
     val_acc = np.asarray(val_curve["accuracy"])
     reach = np.nonzero(val_acc >= t_entry["val_accuracy"])[0]
     result = {
-        "gate_flops_per_example": float(c_gate), "threshold_val_examples": int(len(sel)),
+        "gate_flops_per_example": float(c_gate),
+        "threshold_val_examples": int(len(sel)),
         "auroc_teacher_better_test": gates_lib.auroc(x_scores, gates_lib.deferral_targets(s_test, t_test, y_test)),
-        "curve": {"val_deferral_rate": np.asarray(val_curve["deferral_rate"]).tolist(),
-                  "test_deferral_rate": test_rate.tolist(),
-                  "test_accuracy": np.asarray(test_curve["accuracy"]).tolist(),
-                  "amortized_flops": np.asarray(flops).tolist(), "amortized_time_s": np.asarray(seconds).tolist()},
+        "curve": {
+            "val_deferral_rate": np.asarray(val_curve["deferral_rate"]).tolist(),
+            "test_deferral_rate": test_rate.tolist(),
+            "test_accuracy": np.asarray(test_curve["accuracy"]).tolist(),
+            "amortized_flops": np.asarray(flops).tolist(),
+            "amortized_time_s": np.asarray(seconds).tolist(),
+        },
         # Cheapest validation-chosen threshold whose validation accuracy reaches the teacher's.
         "reach_teacher": point(int(reach[0])) if len(reach) else None,
-        "at_cost_fraction": {}, "at_deferral_rate": {},
+        "at_cost_fraction": {},
+        "at_deferral_rate": {},
     }
     for frac in (0.25, 0.5):
         # The largest validation deferral rate on the grid whose FLOPs stay within the budget.
         target_rate = (frac * c_teacher - c_student - c_gate) / c_teacher
         if target_rate < 0:
-            result["at_cost_fraction"][str(frac)] = {"test_accuracy": float("nan"),
-                                                     "note": "student + gate alone cost more than this budget"}
+            result["at_cost_fraction"][str(frac)] = {
+                "test_accuracy": float("nan"),
+                "note": "student + gate alone cost more than this budget",
+            }
         else:
             result["at_cost_fraction"][str(frac)] = point(int(np.searchsorted(rates, target_rate, side="right") - 1))
 
@@ -194,15 +231,19 @@ def _evaluate_gate(gate_name, student, teacher, s_val, s_test, data, C, s_entry,
         runner.thresholds = [thresholds[idx]]
         preds, answered_by, sec = run_runner(runner, test_x, batch_size)
         want = np.where(x_scores > thresholds[idx], t_test.argmax(-1), s_test_pred)
-        p.update(runner_test_accuracy=float(np.mean(preds == y_test)),
-                 runner_test_deferral_rate=float(np.mean(answered_by == 1)),
-                 runner_time_per_example_s=sec,
-                 # Logits recomputed in other batch shapes can differ in the last bits, which can move
-                 # an example sitting on the threshold; anything beyond a handful would be a bug.
-                 runner_disagreements_with_sweep=int(np.sum(preds != want)))
+        p.update(
+            runner_test_accuracy=float(np.mean(preds == y_test)),
+            runner_test_deferral_rate=float(np.mean(answered_by == 1)),
+            runner_time_per_example_s=sec,
+            # Logits recomputed in other batch shapes can differ in the last bits, which can move
+            # an example sitting on the threshold; anything beyond a handful would be a bug.
+            runner_disagreements_with_sweep=int(np.sum(preds != want)),
+        )
         if p["runner_disagreements_with_sweep"] > max(3, 1e-3 * len(y_test)):
-            raise AssertionError(f"cascade runner disagrees with the offline sweep on "
-                                 f"{p['runner_disagreements_with_sweep']} test examples (gate {gate_name}, rate {r})")
+            raise AssertionError(
+                f"cascade runner disagrees with the offline sweep on "
+                f"{p['runner_disagreements_with_sweep']} test examples (gate {gate_name}, rate {r})"
+            )
         result["at_deferral_rate"][str(r)] = p
     return result
 
@@ -213,7 +254,7 @@ def run_runner(runner: CascadeRunner, images, batch_size):
     t0 = time.perf_counter()
     for start in range(0, len(images), batch_size):
         n = min(batch_size, len(images) - start)
-        out = runner(runs.pad_batch(images[start:start + batch_size], batch_size))
+        out = runner(runs.pad_batch(images[start : start + batch_size], batch_size))
         preds.append(np.asarray(out.predictions)[:n])
         by.append(out.answered_by[:n])
     elapsed = time.perf_counter() - t0
@@ -222,16 +263,14 @@ def run_runner(runner: CascadeRunner, images, batch_size):
 
 def plot(out: dict, workdir: str) -> None:
     """cascade_accuracy_vs_deferral.png, cascade_accuracy_vs_flops.png, cascade_accuracy_vs_time.png."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     t = out["teacher"]
-    specs = [("test_deferral_rate", "deferral rate (test)", "deferral", None),
-             ("amortized_flops", "amortized FLOPs per example", "flops", t["flops_per_example"]),
-             ("amortized_time_s", "amortized time per example (s, this machine)", "time", t["time_per_example_s"])]
+    specs = [
+        ("test_deferral_rate", "deferral rate (test)", "deferral", None),
+        ("amortized_flops", "amortized FLOPs per example", "flops", t["flops_per_example"]),
+        ("amortized_time_s", "amortized time per example (s, this machine)", "time", t["time_per_example_s"]),
+    ]
     for key, xlabel, tag, teacher_x in specs:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = figures.subplots(figsize=(7, 4.5))
         for name, s in out["students"].items():
             for gate, g in s["gates"].items():
                 if gate not in ("msp", "defer_output", "learned"):
@@ -247,4 +286,3 @@ def plot(out: dict, workdir: str) -> None:
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(os.path.join(workdir, f"cascade_accuracy_vs_{tag}.png"), dpi=120)
-        plt.close(fig)

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import difflib
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import jax
@@ -35,21 +36,34 @@ import numpy as np
 import optax
 
 __all__ = [
-    "GATES", "LearnedGate", "auroc", "defer_output", "deferral_targets", "entropy", "gate_flops", "get_gate",
-    "learned_gate_features", "margin", "msp", "train_learned_gate",
+    "GATES",
+    "LearnedGate",
+    "auroc",
+    "defer_output",
+    "deferral_targets",
+    "entropy",
+    "gate_flops",
+    "get_gate",
+    "learned_gate_features",
+    "margin",
+    "msp",
+    "train_learned_gate",
 ]
 
 
 def _head(logits, num_classes):
     logits = jnp.asarray(logits, jnp.float32)
     if logits.ndim != 1:
-        raise ValueError(f"a gate scores one example: expected a (C,) row, got shape {logits.shape}; "
-                         "batch it with jax.vmap")
+        raise ValueError(
+            f"a gate scores one example: expected a (C,) row, got shape {logits.shape}; batch it with jax.vmap"
+        )
     if num_classes is None:
         return logits
     if logits.shape[0] not in (num_classes, num_classes + 1):
-        raise ValueError(f"gate built for {num_classes} classes got a row of {logits.shape[0]} logits "
-                         f"(expected {num_classes} or {num_classes + 1})")
+        raise ValueError(
+            f"gate built for {num_classes} classes got a row of {logits.shape[0]} logits "
+            f"(expected {num_classes} or {num_classes + 1})"
+        )
     return logits[:num_classes]
 
 
@@ -81,8 +95,10 @@ def defer_output(logits, num_classes: int | None = None):
     if logits.ndim != 1:
         raise ValueError(f"a gate scores one example: expected a (C+1,) row, got shape {logits.shape}")
     if num_classes is not None and logits.shape[0] != num_classes + 1:
-        raise ValueError(f"defer_output needs a student with {num_classes} + 1 outputs (the last one "
-                         f"'defer'); got a row of {logits.shape[0]} logits")
+        raise ValueError(
+            f"defer_output needs a student with {num_classes} + 1 outputs (the last one "
+            f"'defer'); got a row of {logits.shape[0]} logits"
+        )
     return logits[-1] - jnp.max(logits[:-1])
 
 
@@ -96,8 +112,10 @@ def get_gate(name: str, num_classes: int | None = None) -> Callable:
     except (KeyError, TypeError):
         close = difflib.get_close_matches(str(name), list(GATES), n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ValueError(f"Unknown gate {name!r}.{hint} Known gates: {', '.join(GATES)}; the learned gate "
-                         "is built with train_learned_gate(...)") from None
+        raise ValueError(
+            f"Unknown gate {name!r}.{hint} Known gates: {', '.join(GATES)}; the learned gate "
+            "is built with train_learned_gate(...)"
+        ) from None
     if num_classes is None:
         return fn
     out = functools.partial(fn, num_classes=int(num_classes))
@@ -157,6 +175,7 @@ class LearnedGate:
     it is a per-example function like the built-in gates (vmappable, jittable). The gate is a
     pytree, so it can be passed into jitted functions as an argument.
     """
+
     params: Any
     mean: jax.Array
     std: jax.Array
@@ -170,8 +189,10 @@ class LearnedGate:
         f = learned_gate_features(logits, self.num_classes, self.top_k)
         if self.feature_dim is not None:
             if features is None:
-                raise ValueError(f"this gate was trained with {self.feature_dim} student features; "
-                                 "call score(logits_row, features_row)")
+                raise ValueError(
+                    f"this gate was trained with {self.feature_dim} student features; "
+                    "call score(logits_row, features_row)"
+                )
             f = jnp.concatenate([f, jnp.asarray(features, jnp.float32).reshape(-1)])
         elif features is not None:
             raise ValueError("this gate was trained without student features; call score(logits_row)")
@@ -214,9 +235,20 @@ def deferral_targets(student_logits, teacher_logits, labels, target: str = "teac
     return np.asarray(out, np.float32)
 
 
-def train_learned_gate(student_logits, teacher_logits, labels, *, student_features=None, hidden: int = 32,
-                       steps: int = 500, seed: int = 0, lr: float = 1e-2, weight_decay: float = 1e-4,
-                       target: str = "teacher_better", top_k: int = DEFAULT_TOP_K) -> LearnedGate:
+def train_learned_gate(
+    student_logits,
+    teacher_logits,
+    labels,
+    *,
+    student_features=None,
+    hidden: int = 32,
+    steps: int = 500,
+    seed: int = 0,
+    lr: float = 1e-2,
+    weight_decay: float = 1e-4,
+    target: str = "teacher_better",
+    top_k: int = DEFAULT_TOP_K,
+) -> LearnedGate:
     """Fits a :class:`LearnedGate` on held-out data (full-batch AdamW on the logistic loss).
 
     ``student_logits`` (N, C) or (N, C + 1); ``teacher_logits`` (N, C); ``labels`` (N,).
@@ -243,8 +275,12 @@ def train_learned_gate(student_logits, teacher_logits, labels, *, student_featur
 
     k1, k2 = jax.random.split(jax.random.key(seed))
     d = x.shape[-1]
-    params = {"w1": jax.random.normal(k1, (d, hidden)) * jnp.sqrt(2.0 / d), "b1": jnp.zeros(hidden),
-              "w2": jax.random.normal(k2, (hidden, 1)) * jnp.sqrt(1.0 / hidden), "b2": jnp.zeros(1)}
+    params = {
+        "w1": jax.random.normal(k1, (d, hidden)) * jnp.sqrt(2.0 / d),
+        "b1": jnp.zeros(hidden),
+        "w2": jax.random.normal(k2, (hidden, 1)) * jnp.sqrt(1.0 / hidden),
+        "b2": jnp.zeros(1),
+    }
     tx = optax.adamw(lr, weight_decay=weight_decay)
 
     def loss_fn(p):
@@ -257,12 +293,21 @@ def train_learned_gate(student_logits, teacher_logits, labels, *, student_featur
             loss, g = jax.value_and_grad(loss_fn)(p)
             u, o = tx.update(g, o, p)
             return (optax.apply_updates(p, u), o), loss
+
         (params, _), losses = jax.lax.scan(step, (params, tx.init(params)), None, length=steps)
         return params, loss_fn(params)
 
     params, final = fit(params)
-    return LearnedGate(params=params, mean=mean, std=std, num_classes=C, top_k=top_k, feature_dim=feature_dim,
-                       target=target, train_loss=float(final))
+    return LearnedGate(
+        params=params,
+        mean=mean,
+        std=std,
+        num_classes=C,
+        top_k=top_k,
+        feature_dim=feature_dim,
+        target=target,
+        train_loss=float(final),
+    )
 
 
 def auroc(scores, targets) -> float:

@@ -16,6 +16,8 @@ import warnings
 
 import numpy as np
 
+from titans import figures
+
 
 def _ms(values, fmt="{:.4f}") -> str:
     v = np.array([x for x in values if x is not None and np.isfinite(x)], dtype=float)
@@ -39,13 +41,15 @@ def load(workdirs: list[str]) -> list[dict]:
 
 def table(runs: list[dict]) -> str:
     t = [r["teacher"] for r in runs]
-    lines = [f"Teacher: test accuracy {_ms([x['test_accuracy'] for x in t])}, "
-             f"{np.mean([x['flops_per_example'] for x in t]) / 1e6:.3f} MFLOPs/example, "
-             f"{np.mean([x['time_per_example_s'] for x in t]) * 1e6:.1f} µs/example (this machine). Seeds: {len(runs)}.",
-             "",
-             "| student | objective | gate | MFLOPs (student) | student alone | acc @ 25% teacher FLOPs | "
-             "acc @ 50% teacher FLOPs | FLOPs to reach teacher (val-chosen), % of teacher | test acc there | reached |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Teacher: test accuracy {_ms([x['test_accuracy'] for x in t])}, "
+        f"{np.mean([x['flops_per_example'] for x in t]) / 1e6:.3f} MFLOPs/example, "
+        f"{np.mean([x['time_per_example_s'] for x in t]) * 1e6:.1f} µs/example (this machine). Seeds: {len(runs)}.",
+        "",
+        "| student | objective | gate | MFLOPs (student) | student alone | acc @ 25% teacher FLOPs | "
+        "acc @ 50% teacher FLOPs | FLOPs to reach teacher (val-chosen), % of teacher | test acc there | reached |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     names = list(runs[0]["students"])
     for name in names:
         students = [r["students"][name] for r in runs]
@@ -59,7 +63,8 @@ def table(runs: list[dict]) -> str:
                 f"{_ms([x['at_cost_fraction']['0.5']['test_accuracy'] for x in g])} | "
                 f"{_ms([100 * p['flops_fraction_of_teacher'] if p else None for p in reach], '{:.1f}')} | "
                 f"{_ms([p['test_accuracy'] if p else None for p in reach])} | "
-                f"{sum(p is not None for p in reach)}/{len(reach)} |")
+                f"{sum(p is not None for p in reach)}/{len(reach)} |"
+            )
     return "\n".join(lines)
 
 
@@ -70,8 +75,10 @@ def deferral_table(runs: list[dict], rate: str = "0.3") -> str:
     lines = [head, "|---|---|" + "---|" * len(rates)]
     for name in runs[0]["students"]:
         for gate in runs[0]["students"][name]["gates"]:
-            cells = [_ms([r["students"][name]["gates"][gate]["at_deferral_rate"][k]["test_accuracy"] for r in runs])
-                     for k in rates]
+            cells = [
+                _ms([r["students"][name]["gates"][gate]["at_deferral_rate"][k]["test_accuracy"] for r in runs])
+                for k in rates
+            ]
             lines.append(f"| {name} | {gate} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -84,8 +91,9 @@ def _acc_on_cost_grid(gate_entry: dict, c_teacher: float, grid: np.ndarray) -> n
     return np.interp(grid, frac[order], np.asarray(c["test_accuracy"])[order], left=np.nan, right=np.nan)
 
 
-def comparison_table(runs: list[dict], baseline: str = "standard", gate: str = "msp",
-                     cost_range: tuple[float, float] = (0.1, 0.6)) -> str:
+def comparison_table(
+    runs: list[dict], baseline: str = "standard", gate: str = "msp", cost_range: tuple[float, float] = (0.1, 0.6)
+) -> str:
     """Each objective minus standard KD at equal cost, paired by seed (same teacher, same gate).
 
     Columns: the difference of test accuracy at 25% and at 50% of the teacher's FLOPs (operating
@@ -96,9 +104,11 @@ def comparison_table(runs: list[dict], baseline: str = "standard", gate: str = "
     grid = np.linspace(*cost_range, 51)
     names = list(runs[0]["students"])
     sizes = list(dict.fromkeys(n.split("_", 1)[0] for n in names))
-    lines = [f"| size | objective (gate) | Δ acc @ 25% | Δ acc @ 50% | mean Δ acc over {cost_range[0]:.0%}-"
-             f"{cost_range[1]:.0%} of teacher FLOPs | seeds better (curve) | Δ FLOPs to reach teacher, % of teacher |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| size | objective (gate) | Δ acc @ 25% | Δ acc @ 50% | mean Δ acc over {cost_range[0]:.0%}-"
+        f"{cost_range[1]:.0%} of teacher FLOPs | seeds better (curve) | Δ FLOPs to reach teacher, % of teacher |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for size in sizes:
         base = f"{size}_{baseline}"
         if base not in runs[0]["students"]:
@@ -113,32 +123,36 @@ def comparison_table(runs: list[dict], baseline: str = "standard", gate: str = "
                     b, o = r["students"][base]["gates"][gate], r["students"][name]["gates"][g]
                     ct = r["teacher"]["flops_per_example"]
                     for frac, acc in (("0.25", d25), ("0.5", d50)):
-                        acc.append(o["at_cost_fraction"][frac]["test_accuracy"]
-                                   - b["at_cost_fraction"][frac]["test_accuracy"])
+                        acc.append(
+                            o["at_cost_fraction"][frac]["test_accuracy"] - b["at_cost_fraction"][frac]["test_accuracy"]
+                        )
                     dcurve.append(float(np.nanmean(_acc_on_cost_grid(o, ct, grid) - _acc_on_cost_grid(b, ct, grid))))
                     if o["reach_teacher"] and b["reach_teacher"]:
-                        dreach.append(100 * (o["reach_teacher"]["flops_fraction_of_teacher"]
-                                             - b["reach_teacher"]["flops_fraction_of_teacher"]))
+                        dreach.append(
+                            100
+                            * (
+                                o["reach_teacher"]["flops_fraction_of_teacher"]
+                                - b["reach_teacher"]["flops_fraction_of_teacher"]
+                            )
+                        )
                     else:
                         dreach.append(None)
                 better = sum(d > 0 for d in dcurve)
-                lines.append(f"| {size} | {name.split('_', 1)[1]} ({g}) | {_ms(d25, '{:+.4f}')} | "
-                             f"{_ms(d50, '{:+.4f}')} | {_ms(dcurve, '{:+.4f}')} | {better}/{len(runs)} | "
-                             f"{_ms(dreach, '{:+.1f}')} |")
+                lines.append(
+                    f"| {size} | {name.split('_', 1)[1]} ({g}) | {_ms(d25, '{:+.4f}')} | "
+                    f"{_ms(d50, '{:+.4f}')} | {_ms(dcurve, '{:+.4f}')} | {better}/{len(runs)} | "
+                    f"{_ms(dreach, '{:+.1f}')} |"
+                )
     return "\n".join(lines)
 
 
 def plot_mean_curves(runs: list[dict], out_dir: str, prefix: str = "titans_fmnist") -> list[str]:
     """Accuracy vs amortized FLOPs (msp gate; defer students also with their defer gate), averaged over
     seeds on a common FLOPs grid, one panel per student size."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     c_t = np.mean([r["teacher"]["flops_per_example"] for r in runs])
     acc_t = np.mean([r["teacher"]["test_accuracy"] for r in runs])
     sizes = list(dict.fromkeys(n.split("_")[0] for n in runs[0]["students"]))
-    fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.5), squeeze=False)
+    fig, axes = figures.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.5), squeeze=False)
     for ax, size in zip(axes[0], sizes):
         for name in [n for n in runs[0]["students"] if n.startswith(size + "_")]:
             for gate in ("msp", "defer_output"):
@@ -150,8 +164,9 @@ def plot_mean_curves(runs: list[dict], out_dir: str, prefix: str = "titans_fmnis
                     c = r["students"][name]["gates"][gate]["curve"]
                     frac = np.asarray(c["amortized_flops"]) / c_t
                     order = np.argsort(frac)
-                    curves.append(np.interp(grid, frac[order], np.asarray(c["test_accuracy"])[order],
-                                            left=np.nan, right=np.nan))
+                    curves.append(
+                        np.interp(grid, frac[order], np.asarray(c["test_accuracy"])[order], left=np.nan, right=np.nan)
+                    )
                 curves = np.array(curves)
                 with warnings.catch_warnings():  # grid points below a student's own cost are NaN for every seed
                     warnings.simplefilter("ignore", RuntimeWarning)
@@ -169,7 +184,6 @@ def plot_mean_curves(runs: list[dict], out_dir: str, prefix: str = "titans_fmnis
     fig.tight_layout()
     path = os.path.join(out_dir, f"{prefix}_accuracy_vs_flops.png")
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return [path]
 
 
@@ -180,8 +194,10 @@ def main(argv=None):
     p.add_argument("--plots", default="")
     a = p.parse_args(argv)
     runs = load(a.workdirs)
-    text = (table(runs) + "\n\n" + deferral_table(runs) + "\n\nEach objective against standard KD (msp gate), "
-            "paired by seed:\n\n" + comparison_table(runs))
+    text = (
+        table(runs) + "\n\n" + deferral_table(runs) + "\n\nEach objective against standard KD (msp gate), "
+        "paired by seed:\n\n" + comparison_table(runs)
+    )
     if a.plots:
         os.makedirs(a.plots, exist_ok=True)
         plot_mean_curves(runs, a.plots)

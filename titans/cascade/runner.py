@@ -29,13 +29,15 @@ from __future__ import annotations
 
 import bisect
 import math
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from titans import parallel
 from titans.runs import round_up
@@ -142,8 +144,15 @@ class CascadeRunner:
     recompiles after :meth:`warmup`.
     """
 
-    def __init__(self, stages: Sequence, gates: Sequence[Callable], thresholds: Sequence[float],
-                 capacities: Sequence[int] | None = None, mesh=None, num_classes: int | None = None):
+    def __init__(
+        self,
+        stages: Sequence,
+        gates: Sequence[Callable],
+        thresholds: Sequence[float],
+        capacities: Sequence[int] | None = None,
+        mesh=None,
+        num_classes: int | None = None,
+    ):
         stages = list(stages)
         self.k = len(stages)
         if self.k < 1:
@@ -193,9 +202,11 @@ class CascadeRunner:
             raise ValueError(f"capacities must be positive integers, got {tuple(capacities)}")
         bad = [c for c in caps if c % self.num_devices]
         if bad:
-            raise ValueError(f"capacities {bad} are not multiples of the {self.num_devices} devices of the mesh; "
-                             f"each buffer is split evenly over the devices (try "
-                             f"{sorted({round_up(c, self.num_devices) for c in caps})})")
+            raise ValueError(
+                f"capacities {bad} are not multiples of the {self.num_devices} devices of the mesh; "
+                f"each buffer is split evenly over the devices (try "
+                f"{sorted({round_up(c, self.num_devices) for c in caps})})"
+            )
         return tuple(sorted(set(caps)))
 
     def capacities_for(self, batch_size: int) -> tuple[int, ...]:
@@ -205,8 +216,12 @@ class CascadeRunner:
         return capacity_ladder(batch_size, math.lcm(8, self.num_devices), 0.125)
 
     def reset_counters(self) -> None:
-        self.counters = {"ran": np.zeros(self.k, np.int64), "padded": np.zeros(self.k, np.int64),
-                         "calls": np.zeros(self.k, np.int64), "batches": 0}
+        self.counters = {
+            "ran": np.zeros(self.k, np.int64),
+            "padded": np.zeros(self.k, np.int64),
+            "calls": np.zeros(self.k, np.int64),
+            "batches": 0,
+        }
 
     # -- jitted pieces ---------------------------------------------------------------------------
 
@@ -234,6 +249,7 @@ class CascadeRunner:
             if defer is None:
                 defer = jnp.zeros(head.shape[0], bool)
             return self._constrain(head), self._constrain(defer)
+
         return jax.jit(first)
 
     def _build_later(self, i):
@@ -244,6 +260,7 @@ class CascadeRunner:
             # Padding rows carry an out-of-range index and are dropped here.
             out = self._constrain(out.at[scatter_idx].set(head, mode="drop"))
             return (out,) if defer is None else (out, defer)
+
         return jax.jit(later, donate_argnums=(2,))
 
     # -- running ---------------------------------------------------------------------------------
@@ -296,14 +313,20 @@ class CascadeRunner:
             last = i == self.k - 1
             masks, start = [], 0
             for cap, used in plan_buffers(deferred.size, caps):
-                chunk = deferred[start:start + used]
+                chunk = deferred[start : start + used]
                 start += used
                 gather = np.full(cap, chunk[0], np.int32)
                 gather[:used] = chunk
                 scatter = np.full(cap, B, np.int32)
                 scatter[:used] = chunk
-                res = self._jitted[i](self._consts[i], images, out, self._index(gather), self._index(scatter),
-                                      np.float32(0) if last else self._thr[i])
+                res = self._jitted[i](
+                    self._consts[i],
+                    images,
+                    out,
+                    self._index(gather),
+                    self._index(scatter),
+                    np.float32(0) if last else self._thr[i],
+                )
                 out = res[0]
                 if not last:
                     masks.append((res[1], used))
@@ -320,8 +343,7 @@ class CascadeRunner:
             self.counters["padded"] += padded
             self.counters["calls"] += calls
             self.counters["batches"] += 1
-        return CascadeOutput(predictions=self._finish(out), logits=out, answered_by=answered_by, ran=ran,
-                             padded=padded)
+        return CascadeOutput(predictions=self._finish(out), logits=out, answered_by=answered_by, ran=ran, padded=padded)
 
     def warmup(self, example_images) -> None:
         """Compiles stage 0 for this batch shape and every later stage for every capacity.
@@ -334,7 +356,13 @@ class CascadeRunner:
         out, defer = self._jitted[0](self._consts[0], images, np.float32(0))
         for i in range(1, self.k):
             for cap in self.capacities_for(B):
-                res = self._jitted[i](self._consts[i], images, out, self._index(np.zeros(cap, np.int32)),
-                                      self._index(np.full(cap, B, np.int32)), np.float32(0))
+                res = self._jitted[i](
+                    self._consts[i],
+                    images,
+                    out,
+                    self._index(np.zeros(cap, np.int32)),
+                    self._index(np.full(cap, B, np.int32)),
+                    np.float32(0),
+                )
                 out = res[0]
         jax.block_until_ready((out, self._finish(out)))

@@ -20,6 +20,7 @@ import struct
 
 import numpy as np
 import tensorflow_datasets as tfds
+from sklearn.datasets import load_digits
 
 DIGITS_NUM_TRAIN = 1437
 DIGITS_PERMUTATION_SEED = 0
@@ -38,9 +39,7 @@ def fmnist_raw_dir() -> str:
 
 def fmnist_raw_available(raw_dir: str | None = None) -> bool:
     raw_dir = raw_dir or fmnist_raw_dir()
-    return all(
-        os.path.isfile(os.path.join(raw_dir, f)) for pair in FMNIST_FILES.values() for f in pair
-    )
+    return all(os.path.isfile(os.path.join(raw_dir, f)) for pair in FMNIST_FILES.values() for f in pair)
 
 
 def read_idx(path: str) -> np.ndarray:
@@ -60,8 +59,6 @@ def read_idx(path: str) -> np.ndarray:
 
 def digits_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
     """The (images uint8 (N, 8, 8, 1), labels int64 (N,)) of the fixed train/test split."""
-    from sklearn.datasets import load_digits
-
     d = load_digits()
     # Pixels are integers 0..16; 255/16 maps them onto the full uint8 range exactly at the ends.
     images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]

@@ -24,6 +24,7 @@ import numpy as np
 from titans.data import augment as aug
 from titans.data.info import DatasetInfo
 
+
 def _shuffle_seed(seed: int) -> int:
     """A 32-bit grain shuffle seed hashed from `seed`.
 
@@ -38,8 +39,7 @@ def _check_layout(global_batch_size: int, process_index: int, process_count: int
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     if global_batch_size < 1 or global_batch_size % process_count:
         raise ValueError(
-            f"global_batch_size {global_batch_size} is not a positive multiple of "
-            f"process_count {process_count}"
+            f"global_batch_size {global_batch_size} is not a positive multiple of process_count {process_count}"
         )
     return global_batch_size // process_count
 
@@ -55,9 +55,7 @@ def _stack(examples: list[dict], image_shape) -> tuple[np.ndarray, np.ndarray]:
 def eval_images(examples: list[dict], info: DatasetInfo) -> tuple[np.ndarray, np.ndarray]:
     """Stacked images after the deterministic (evaluation) transform of `info.augment`."""
     if info.augment == "imagenet":
-        examples = [
-            {"image": aug.imagenet_eval_one(e["image"]), "label": e["label"]} for e in examples
-        ]
+        examples = [{"image": aug.imagenet_eval_one(e["image"]), "label": e["label"]} for e in examples]
     return _stack(examples, info.image_shape)
 
 
@@ -137,9 +135,7 @@ class TrainLoader:
         self.num_examples = len(src)
         self.steps_per_epoch = self.num_examples // global_batch_size
         if self.steps_per_epoch < 1:
-            raise ValueError(
-                f"global_batch_size {global_batch_size} > {self.num_examples} examples"
-            )
+            raise ValueError(f"global_batch_size {global_batch_size} > {self.num_examples} examples")
         self.augment = augment and info.augment != "none"
         # Each row's example index into `src` as batch["index"] (int32), for per-example state
         # kept outside the batch, such as a boosting weight player's weights.
@@ -150,9 +146,7 @@ class TrainLoader:
     def _set(self, seed: int, step: int):
         self.seed = int(seed)
         self.step = int(step)
-        self._order = (
-            grain.MapDataset.range(self.num_examples).shuffle(seed=_shuffle_seed(self.seed)).repeat()
-        )
+        self._order = grain.MapDataset.range(self.num_examples).shuffle(seed=_shuffle_seed(self.seed)).repeat()
         # Bound now, so a batch still being computed for a replaced state cannot mix states.
         fn = functools.partial(self._batch, self._order, self.seed)
         self._prefetcher = _Prefetcher(fn, self.step, None, self._prefetch, self._threads)
@@ -194,9 +188,7 @@ class TrainLoader:
             images = aug.crop_flip(images, params)
         elif kind == "imagenet":
             params = {k: v[rows] for k, v in aug.random_resized_crop_params(rng, n).items()}
-            images = np.stack(
-                [aug.imagenet_train_one(e["image"], params, i) for i, e in enumerate(examples)]
-            )
+            images = np.stack([aug.imagenet_train_one(e["image"], params, i) for i, e in enumerate(examples)])
             labels = np.fromiter((e["label"] for e in examples), dtype=np.int32, count=lbs)
         else:
             raise ValueError(f"unknown augmentation {kind!r}")

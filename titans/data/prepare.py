@@ -36,14 +36,15 @@ def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = Non
     if name == "speech_commands":
         raw = manual_dir or speech.raw_dir()
         if not speech.raw_available(raw):
-            raise SystemExit("speech_commands: pass --manual_dir (or set $TITANS_SPEECH_DIR) to the extracted "
-                             "speech_commands_v0.02 archive (validation_list.txt, testing_list.txt, word folders).")
+            raise SystemExit(
+                "speech_commands: pass --manual_dir (or set $TITANS_SPEECH_DIR) to the extracted "
+                "speech_commands_v0.02 archive (validation_list.txt, testing_list.txt, word folders)."
+            )
         return os.fspath(_auto_prepared_builder(speech.TitansSpeechCommands, data_dir, manual_dir=raw).data_dir)
 
     if importlib.util.find_spec("tensorflow") is None:
         raise SystemExit(
-            f"Preparing {name!r} runs TFDS's own builder, which needs TensorFlow: "
-            "pip install -r requirements-tf.txt"
+            f"Preparing {name!r} runs TFDS's own builder, which needs TensorFlow: pip install -r requirements-tf.txt"
         )
     builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
     config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
@@ -52,9 +53,7 @@ def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = Non
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m titans.data.prepare", description=__doc__.split("\n\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m titans.data.prepare", description=__doc__.split("\n\n")[0])
     parser.add_argument("name", choices=DATASETS)
     parser.add_argument("--data_dir", default=None, help="default: $TFDS_DATA_DIR or ~/tensorflow_datasets")
     parser.add_argument("--manual_dir", default=None, help="imagenet2012's tar files; fashion_mnist's IDX files")

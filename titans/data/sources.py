@@ -210,7 +210,8 @@ def _speech_commands(split: str, data_dir: str):
             f"speech_commands_v0.02 archive.\nExtract "
             f"http://download.tensorflow.org/data/speech_commands_v0.02.tar.gz and set TITANS_SPEECH_DIR to "
             f"it (no TensorFlow needed); it is then prepared on first use, or with: "
-            f"{prepare_command('speech_commands', data_dir)} --manual_dir=THAT_DIR")
+            f"{prepare_command('speech_commands', data_dir)} --manual_dir=THAT_DIR"
+        )
     builder = _auto_prepared_builder(speech.TitansSpeechCommands, data_dir, manual_dir=speech.raw_dir() or None)
     return builder.as_data_source(split=split)
 
@@ -218,8 +219,6 @@ def _speech_commands(split: str, data_dir: str):
 def _fashion_mnist(split: str, data_dir: str):
     offline = builders.FashionMnistOffline(data_dir=data_dir, file_format="array_record")
     if offline.is_prepared() or builders.fmnist_raw_available():
-        builder = _auto_prepared_builder(
-            builders.FashionMnistOffline, data_dir, manual_dir=builders.fmnist_raw_dir()
-        )
+        builder = _auto_prepared_builder(builders.FashionMnistOffline, data_dir, manual_dir=builders.fmnist_raw_dir())
         return builder.as_data_source(split=split)
     return _tfds_data_source("fashion_mnist", "fashion_mnist", split, data_dir)

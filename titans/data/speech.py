@@ -37,12 +37,16 @@ def raw_dir() -> str:
 
 def raw_available(path: str | None = None) -> bool:
     path = path or raw_dir()
-    return bool(path) and os.path.isfile(os.path.join(path, "validation_list.txt")) and \
-        os.path.isfile(os.path.join(path, "testing_list.txt"))
+    return (
+        bool(path)
+        and os.path.isfile(os.path.join(path, "validation_list.txt"))
+        and os.path.isfile(os.path.join(path, "testing_list.txt"))
+    )
 
 
 def _mel_filterbank() -> np.ndarray:
     """(NFFT // 2 + 1, NUM_BANDS) triangular HTK-mel filters over 20..7600 Hz."""
+
     def mel(f):
         return 2595.0 * np.log10(1.0 + f / 700.0)
 
@@ -129,15 +133,18 @@ class TitansSpeechCommands(tfds.core.GeneratorBasedBuilder):
     RELEASE_NOTES = {"1.0.0": "First version."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Extract speech_commands_v0.02.tar.gz (http://download.tensorflow.org/data/speech_commands_v0.02.tar.gz) "
-        "into a directory and pass it as manual_dir or set $TITANS_SPEECH_DIR.")
+        "into a directory and pass it as manual_dir or set $TITANS_SPEECH_DIR."
+    )
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
             description="Speech Commands v0.02 (12 classes) as quantised log-mel spectrograms.",
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Tensor(shape=(NUM_FRAMES, NUM_BANDS, 1), dtype=np.uint8),
-                "label": tfds.features.ClassLabel(names=list(LABELS)),
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Tensor(shape=(NUM_FRAMES, NUM_BANDS, 1), dtype=np.uint8),
+                    "label": tfds.features.ClassLabel(names=list(LABELS)),
+                }
+            ),
             supervised_keys=("image", "label"),
             disable_shuffling=True,
         )
@@ -152,5 +159,5 @@ class TitansSpeechCommands(tfds.core.GeneratorBasedBuilder):
                 yield rel, {"image": log_mel_uint8(read_wav(os.path.join(root, rel))), "label": label}
         for rel, start, s in silence_cuts(root):
             if s == split:
-                audio = read_wav(os.path.join(root, rel))[start:start + SAMPLE_RATE]
+                audio = read_wav(os.path.join(root, rel))[start : start + SAMPLE_RATE]
                 yield f"{rel}@{start}", {"image": log_mel_uint8(audio), "label": LABELS.index("_silence_")}

@@ -1,19 +1,18 @@
 """Progressive ensemble distillation (B-DISTIL, METHODS.md §2): an anytime ensemble of small students.
 
-    weights.py   the weight player (multiplicative updates over examples or example-class pairs)
-    members.py   the connection between members, frozen earlier members, loading an ensemble
-    anytime.py   anytime inference: vmapped threshold/budget sweeps, and the naive loop
-    runner.py    the rounds with FIND-WL, the resched / no-resched baselines, ensemble.json
-    report.py    aggregation over seeds into a Markdown report
+weights.py   the weight player (multiplicative updates over examples or example-class pairs)
+members.py   the connection between members, frozen earlier members, loading an ensemble
+anytime.py   anytime inference: vmapped threshold/budget sweeps, and the naive loop
+runner.py    the rounds with FIND-WL, the resched / no-resched baselines, ensemble.json
+report.py    aggregation over seeds into a Markdown report
 
-    from titans.ensemble import load
-    ens = load("WORKDIR", variant="bdistil")   # an nnx.Module: ens(x) = f_1(x) + ... + f_W(x)
+from titans.ensemble import load
+ens = load("WORKDIR", variant="bdistil")   # an nnx.Module: ens(x) = f_1(x) + ... + f_W(x)
 """
 
 import json
 import os
 
-from titans import data as data_lib
 from titans import runs
 from titans.ensemble import members
 from titans.ensemble.members import ConnectedMember, Ensemble
@@ -31,7 +30,9 @@ def load(workdir: str, variant: str = "bdistil"):
         raise ValueError(f"{workdir} has no variant {variant!r}; it has {sorted(result['variants'])}.")
     specs = result["variants"][variant]["members"]
     if not specs:
-        raise ValueError(f"variant {variant!r} of {workdir} has no members ({result['variants'][variant].get('stopped')}).")
+        raise ValueError(
+            f"variant {variant!r} of {workdir} has no members ({result['variants'][variant].get('stopped')})."
+        )
     info = runs.RunDir(specs[0]["workdir"]).info
     layer = result.get("connect_layer", "") if variant == "bdistil" else ""
     return members.load_ensemble(specs, info, layer=layer), info

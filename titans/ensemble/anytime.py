@@ -37,8 +37,11 @@ def _sweep(prefix, labels, cost, thresholds, max_members):
         hit = (conf >= thr) | (position[None, :] >= max_members - 1)
         exit_at = jnp.argmax(hit, axis=1)
         answer = jnp.take_along_axis(pred, exit_at[:, None], axis=1)[:, 0]
-        return {"accuracy": jnp.mean(answer == labels), "mean_cost": jnp.mean(cost[exit_at]),
-                "mean_members": jnp.mean(exit_at + 1.0)}
+        return {
+            "accuracy": jnp.mean(answer == labels),
+            "mean_cost": jnp.mean(cost[exit_at]),
+            "mean_members": jnp.mean(exit_at + 1.0),
+        }
 
     return jax.vmap(one)(thresholds)
 
@@ -68,8 +71,13 @@ def sweep_prefix(prefix, labels, cumulative_cost, thresholds, budget: float = fl
     if len(labels) != prefix.shape[0]:
         raise ValueError(f"{len(labels)} labels for {prefix.shape[0]} examples")
     thresholds = jnp.atleast_1d(jnp.asarray(thresholds, jnp.float32))
-    out = _sweep(jnp.asarray(prefix), jnp.asarray(labels, jnp.int32), jnp.asarray(cost), thresholds,
-                 affordable_members(cost, budget))
+    out = _sweep(
+        jnp.asarray(prefix),
+        jnp.asarray(labels, jnp.int32),
+        jnp.asarray(cost),
+        thresholds,
+        affordable_members(cost, budget),
+    )
     return {k: np.asarray(v) for k, v in {**out, "thresholds": thresholds}.items()}
 
 

@@ -37,8 +37,7 @@ class ConnectedMember(nnx.Module):
     member called alone, e.g. to check shapes).
     """
 
-    def __init__(self, base: nnx.Module, prev_dim: int, *, join: str, width: int, num_classes: int,
-                 rngs: nnx.Rngs):
+    def __init__(self, base: nnx.Module, prev_dim: int, *, join: str, width: int, num_classes: int, rngs: nnx.Rngs):
         if join not in JOINS:
             raise ValueError(f"Unknown connection join {join!r}; expected one of {JOINS}.")
         if prev_dim < 1 or (join == "concat" and width < 1):
@@ -49,8 +48,9 @@ class ConnectedMember(nnx.Module):
         feat = int(base.classifier.in_features)
         out = int(width) if join == "concat" else feat
         self.proj = nnx.Linear(self.prev_dim, out, param_dtype=jnp.float32, rngs=rngs)
-        self.head = nnx.Linear(feat + out if join == "concat" else feat, int(num_classes),
-                               param_dtype=jnp.float32, rngs=rngs)
+        self.head = nnx.Linear(
+            feat + out if join == "concat" else feat, int(num_classes), param_dtype=jnp.float32, rngs=rngs
+        )
         self.input_shape = base.input_shape
         self.num_classes = int(num_classes)
 
@@ -61,8 +61,9 @@ class ConnectedMember(nnx.Module):
             prev = jnp.zeros((own.shape[0], self.prev_dim), jnp.float32)
         prev = prev.reshape(prev.shape[0], -1).astype(jnp.float32)
         if prev.shape[1] != self.prev_dim:
-            raise ValueError(f"the connection expects {self.prev_dim} previous activations per example, "
-                             f"got {prev.shape[1]}")
+            raise ValueError(
+                f"the connection expects {self.prev_dim} previous activations per example, got {prev.shape[1]}"
+            )
         p = self.proj(prev)
         joined = jnp.concatenate([own, jax.nn.relu(p)], -1) if self.join == "concat" else own + p
         logits = self.head(joined)
@@ -74,6 +75,7 @@ class ConnectedMember(nnx.Module):
 @flax.struct.dataclass
 class FrozenMembers:
     """Members 1..w, frozen: static graphs, array variables (jit arguments), and how they chain."""
+
     graphdefs: tuple = flax.struct.field(pytree_node=False)
     params: tuple
     states: tuple
@@ -112,8 +114,14 @@ def build_member(spec: dict, info, *, seed: int, dtype) -> nnx.Module:
     base = models.build_model(model_cfg, info, seed=seed, dtype=dtype)
     if not spec.get("connected"):
         return base
-    return ConnectedMember(base, spec["prev_dim"], join=spec["join"], width=spec["width"],
-                           num_classes=info.num_classes, rngs=nnx.Rngs(seed + 7919))
+    return ConnectedMember(
+        base,
+        spec["prev_dim"],
+        join=spec["join"],
+        width=spec["width"],
+        num_classes=info.num_classes,
+        rngs=nnx.Rngs(seed + 7919),
+    )
 
 
 def load_member(spec: dict, info, *, dtype=jnp.float32):
@@ -169,8 +177,13 @@ class Ensemble(nnx.Module):
 
     def frozen(self) -> FrozenMembers:
         split = [nnx.split(m, nnx.Param, ...) for m in self.members]
-        return FrozenMembers(tuple(g for g, _, _ in split), tuple(p for _, p, _ in split),
-                             tuple(r for _, _, r in split), self.connected, self.layer)
+        return FrozenMembers(
+            tuple(g for g, _, _ in split),
+            tuple(p for _, p, _ in split),
+            tuple(r for _, _, r in split),
+            self.connected,
+            self.layer,
+        )
 
 
 def load_ensemble(specs: list[dict], info, *, layer: str, dtype=jnp.float32) -> Ensemble:

@@ -1,6 +1,6 @@
 """Aggregates B-DISTIL runs (one ensemble.json per seed) into Markdown: mean ± sd over seeds.
 
-    python -m titans.ensemble.report workdirs/bdistil_fmnist/seed0 workdirs/bdistil_fmnist/seed1 ... > report.md
+python -m titans.ensemble.report workdirs/bdistil_fmnist/seed0 workdirs/bdistil_fmnist/seed1 ... > report.md
 """
 
 from __future__ import annotations
@@ -12,8 +12,12 @@ import sys
 import numpy as np
 
 ORDER = ("bdistil", "bdistil_noconn", "resched", "no_resched")
-LABEL = {"bdistil": "B-DISTIL (connected)", "bdistil_noconn": "B-DISTIL, no connection",
-         "resched": "resched (independent members, weighted average)", "no_resched": "no-resched (one student)"}
+LABEL = {
+    "bdistil": "B-DISTIL (connected)",
+    "bdistil_noconn": "B-DISTIL, no connection",
+    "resched": "resched (independent members, weighted average)",
+    "no_resched": "no-resched (one student)",
+}
 
 
 def _ms(values, fmt="{:.4f}") -> str:
@@ -36,10 +40,16 @@ def load(workdirs: list[str]) -> list[dict]:
 
 def members_table(runs: list[dict]) -> str:
     t_flops = np.mean([r["teacher"]["flops_per_example"] for r in runs])
-    rows = ["| variant | members | test accuracy | cumulative MFLOPs/example | × teacher FLOPs | seeds |",
-            "|---|---|---|---|---|---|"]
+    rows = [
+        "| variant | members | test accuracy | cumulative MFLOPs/example | × teacher FLOPs | seeds |",
+        "|---|---|---|---|---|---|",
+    ]
     for name in ORDER:
-        per_seed = [r["variants"][name] for r in runs if name in r["variants"] and r["variants"][name].get("accuracy_by_members")]
+        per_seed = [
+            r["variants"][name]
+            for r in runs
+            if name in r["variants"] and r["variants"][name].get("accuracy_by_members")
+        ]
         if not per_seed:
             continue
         depth = max(len(v["accuracy_by_members"]) for v in per_seed)
@@ -47,14 +57,18 @@ def members_table(runs: list[dict]) -> str:
             have = [v for v in per_seed if len(v["accuracy_by_members"]) > w]
             acc = [v["accuracy_by_members"][w] for v in have]
             flops = [v["cumulative_flops"][w] for v in have]
-            rows.append(f"| {LABEL[name]} | {w + 1} | {_ms(acc)} | {_ms(np.divide(flops, 1e6), '{:.3f}')} | "
-                        f"{np.mean(flops) / t_flops:.3f} | {len(have)} |")
+            rows.append(
+                f"| {LABEL[name]} | {w + 1} | {_ms(acc)} | {_ms(np.divide(flops, 1e6), '{:.3f}')} | "
+                f"{np.mean(flops) / t_flops:.3f} | {len(have)} |"
+            )
     return "\n".join(rows)
 
 
 def anytime_table(runs: list[dict], name: str = "bdistil", thresholds=(0.5, 0.7, 0.8, 0.9, 0.95, 0.99)) -> str:
-    rows = ["| confidence threshold | test accuracy | mean members evaluated | mean MFLOPs/example |",
-            "|---|---|---|---|"]
+    rows = [
+        "| confidence threshold | test accuracy | mean members evaluated | mean MFLOPs/example |",
+        "|---|---|---|---|",
+    ]
     for thr in thresholds:
         acc, mem, cost = [], [], []
         for r in runs:
@@ -101,16 +115,18 @@ def find_wl_lines(runs: list[dict]) -> str:
             v = r["variants"].get(name)
             if not v:
                 continue
-            steps = ", ".join(f"r{e['round']} {e['candidate']} edge {e['edge']:.4f} "
-                              f"{'accepted' if e['accepted'] else 'rejected'} (F test acc {e['test_accuracy']:.4f})"
-                              for e in v["log"])
+            steps = ", ".join(
+                f"r{e['round']} {e['candidate']} edge {e['edge']:.4f} "
+                f"{'accepted' if e['accepted'] else 'rejected'} (F test acc {e['test_accuracy']:.4f})"
+                for e in v["log"]
+            )
             stop = f"; stopped: {v['stopped']}" if v.get("stopped") else ""
             lines.append(f"- seed {r['seed']}, {name}: {steps}{stop}")
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
-    dirs = (argv if argv is not None else sys.argv[1:])
+    dirs = argv if argv is not None else sys.argv[1:]
     if not dirs:
         raise SystemExit(__doc__)
     runs = load(dirs)

@@ -26,17 +26,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from titans import data as data_lib
-from titans import losses, models, parallel
-from titans import logs, runs
-from titans.train import Method, train_and_evaluate
+from titans import logs, losses, models, parallel, runs
 from titans.ensemble import anytime
 from titans.ensemble import config as ens_config
 from titans.ensemble import members as mem
 from titans.ensemble import weights as wp
 from titans.runs import read_json, write_json
+from titans.train import Method, train_and_evaluate
 
 
 class Context:
@@ -60,8 +58,9 @@ class Context:
         self.mesh = parallel.make_mesh()
         self.bs = int(self.e.predict_batch_size)
         parallel.check_batch_size(self.bs, self.mesh)
-        self.teacher, _ = runs.load_teacher(member.distill.teacher_workdir, self.info, dtype=jnp.float32,
-                                                 step=member.distill.teacher_step)
+        self.teacher, _ = runs.load_teacher(
+            member.distill.teacher_workdir, self.info, dtype=jnp.float32, step=member.distill.teacher_step
+        )
         self._teacher_logits = {}
         self.labels = {}
 
@@ -72,8 +71,9 @@ class Context:
             if os.path.exists(path) and os.path.exists(lpath):
                 logits, labels = np.load(path), np.load(lpath)
             else:
-                logits, labels = runs.predict_split(runs.logits_fn, self.teacher, self.sources[split], self.info,
-                                                          batch_size=self.bs, mesh=self.mesh)
+                logits, labels = runs.predict_split(
+                    runs.logits_fn, self.teacher, self.sources[split], self.info, batch_size=self.bs, mesh=self.mesh
+                )
                 os.makedirs(self.workdir, exist_ok=True)
                 np.save(path, logits)
                 np.save(lpath, labels)
@@ -115,14 +115,28 @@ def _member_method(build_only: bool, spec: dict, frozen_members, weights: np.nda
 
     def loss(logits, aux, teacher_logits, batch, frozen, step):
         w = frozen["weights"][batch["index"]]
-        per = losses.weak_learner_loss(logits, aux["base"], teacher_logits, batch["label"],
-                                       pair_weights=w if pair else None, gamma=e.gamma,
-                                       barrier_weight=e.barrier_weight, barrier_t=e.barrier_t, kind=d.loss,
-                                       alpha=d.alpha, temperature=d.temperature)
+        per = losses.weak_learner_loss(
+            logits,
+            aux["base"],
+            teacher_logits,
+            batch["label"],
+            pair_weights=w if pair else None,
+            gamma=e.gamma,
+            barrier_weight=e.barrier_weight,
+            barrier_t=e.barrier_t,
+            kind=d.loss,
+            alpha=d.alpha,
+            temperature=d.temperature,
+        )
         return per, (jnp.ones_like(per) if pair else w)
 
-    return Method(frozen={"members": frozen_members, "weights": jnp.asarray(weights)},
-                                 build_model=build_model, forward=forward, loss=loss, needs_index=True)
+    return Method(
+        frozen={"members": frozen_members, "weights": jnp.asarray(weights)},
+        build_model=build_model,
+        forward=forward,
+        loss=loss,
+        needs_index=True,
+    )
 
 
 def _train(config, workdir: str, method: Method) -> dict:
@@ -137,9 +151,17 @@ def residual_loss(ensemble_logits, teacher_logits, labels, weights, ctx: Context
     """Per-example residual loss of F, as the member's loss counts it (pair weights inside)."""
     d = ctx.member.distill
     pw = jnp.asarray(weights) if weights.ndim == 2 else None
-    return np.asarray(losses.boosting_residual_loss(jnp.asarray(ensemble_logits), jnp.asarray(teacher_logits),
-                                                    jnp.asarray(labels), pair_weights=pw, kind=d.loss,
-                                                    alpha=d.alpha, temperature=d.temperature))
+    return np.asarray(
+        losses.boosting_residual_loss(
+            jnp.asarray(ensemble_logits),
+            jnp.asarray(teacher_logits),
+            jnp.asarray(labels),
+            pair_weights=pw,
+            kind=d.loss,
+            alpha=d.alpha,
+            temperature=d.temperature,
+        )
+    )
 
 
 def weighted_edge(before, after, weights) -> float:
@@ -186,25 +208,49 @@ def run_bdistil(ctx: Context, variant: str, connect: bool) -> dict:
         state["log"] = [r for r in state["log"] if r["round"] != w]
         accepted, best = None, None
         for j, (cname, cand) in enumerate(candidates):
-            spec = {"round": w, "candidate": cname, "model": cand.to_dict(), "connected": bool(layer and frozen),
-                    "prev_dim": prev_dim, "join": e.connect.join, "width": int(e.connect.width),
-                    "workdir": os.path.join(vdir, f"round{w}", cname)}
+            spec = {
+                "round": w,
+                "candidate": cname,
+                "model": cand.to_dict(),
+                "connected": bool(layer and frozen),
+                "prev_dim": prev_dim,
+                "join": e.connect.join,
+                "width": int(e.connect.width),
+                "workdir": os.path.join(vdir, f"round{w}", cname),
+            }
             cfg = ctx.member_config(f"{variant}_r{w}_{cname}", cand, ctx.member.seed + 1000 * w + j)
             result = _train(cfg, spec["workdir"], _member_method(False, spec, frozen, weights, ctx))
             if result.get("preempted"):
                 write_json(state_path, state)
                 return {"preempted": True}
-            own, _ = mem.member_logits(mem.load_ensemble(state["members"] + [spec], ctx.info, layer=layer).frozen(),
-                                       ctx.sources["train"], ctx.info, batch_size=ctx.bs, mesh=ctx.mesh)
+            own, _ = mem.member_logits(
+                mem.load_ensemble(state["members"] + [spec], ctx.info, layer=layer).frozen(),
+                ctx.sources["train"],
+                ctx.info,
+                batch_size=ctx.bs,
+                mesh=ctx.mesh,
+            )
             after_logits = own.sum(axis=1)
             before_logits = own[:, :-1].sum(axis=1)
-            edge = weighted_edge(residual_loss(before_logits, g, labels, weights, ctx),
-                                 residual_loss(after_logits, g, labels, weights, ctx), weights)
+            edge = weighted_edge(
+                residual_loss(before_logits, g, labels, weights, ctx),
+                residual_loss(after_logits, g, labels, weights, ctx),
+                weights,
+            )
             meets = edge >= e.gamma
-            entry = {"round": w, "candidate": cname, "edge": edge, "gamma": float(e.gamma), "accepted": meets,
-                     "reason": (f"edge {edge:.4f} >= gamma {e.gamma}: weak-learning condition met" if meets else
-                                f"edge {edge:.4f} < gamma {e.gamma}: condition not met, trying the next size"),
-                     "test_accuracy": result.get("accuracy")}
+            entry = {
+                "round": w,
+                "candidate": cname,
+                "edge": edge,
+                "gamma": float(e.gamma),
+                "accepted": meets,
+                "reason": (
+                    f"edge {edge:.4f} >= gamma {e.gamma}: weak-learning condition met"
+                    if meets
+                    else f"edge {edge:.4f} < gamma {e.gamma}: condition not met, trying the next size"
+                ),
+                "test_accuracy": result.get("accuracy"),
+            }
             state["log"].append(entry)
             logging.info("[FIND-WL %s] round %d, candidate %s: %s", variant, w, cname, entry["reason"])
             best = max(best or (edge, cname), (edge, cname))
@@ -212,16 +258,19 @@ def run_bdistil(ctx: Context, variant: str, connect: bool) -> dict:
                 accepted = dict(spec, edge=edge)
                 break
         if accepted is None:
-            state["stopped"] = (f"round {w}: no candidate met the weak-learning condition (best edge "
-                                f"{best[0]:.4f} by {best[1]} < gamma {e.gamma}); the ensemble keeps "
-                                f"{len(state['members'])} member(s).")
+            state["stopped"] = (
+                f"round {w}: no candidate met the weak-learning condition (best edge "
+                f"{best[0]:.4f} by {best[1]} < gamma {e.gamma}); the ensemble keeps "
+                f"{len(state['members'])} member(s)."
+            )
             logging.info("[FIND-WL %s] stopped at %s", variant, state["stopped"])
             write_json(state_path, state)
             break
         state["members"].append(accepted)
         scores = wp.residual_scores(after_logits, g, e.weights, ctx.member.distill.temperature)
-        np.save(os.path.join(vdir, f"weights_round{w + 1}.npy"),
-                wp.update_weights(weights, scores, eta=e.eta, mix=e.mix))
+        np.save(
+            os.path.join(vdir, f"weights_round{w + 1}.npy"), wp.update_weights(weights, scores, eta=e.eta, mix=e.mix)
+        )
         write_json(state_path, state)
     return state
 
@@ -232,8 +281,13 @@ def run_resched(ctx: Context, sizes: list[dict]) -> dict:
     specs = []
     for i, model in enumerate(sizes, start=1):
         entry = ml_collections.ConfigDict(model)
-        spec = {"round": i, "candidate": f"member{i}", "model": model, "connected": False,
-                "workdir": os.path.join(vdir, f"member{i}")}
+        spec = {
+            "round": i,
+            "candidate": f"member{i}",
+            "model": model,
+            "connected": False,
+            "workdir": os.path.join(vdir, f"member{i}"),
+        }
         cfg = ctx.member_config(f"resched_member{i}", entry, ctx.member.seed + 5000 + i)
         result = _train(cfg, spec["workdir"], _member_method(True, spec, None, np.zeros(0), ctx))
         if result.get("preempted"):
@@ -250,10 +304,18 @@ def run_no_resched(ctx: Context, target_flops: float) -> dict:
         model = mem.build_member(spec, ctx.info, seed=0, dtype=jnp.float32)
         choices.append((abs(np.log(models.flops_per_example(model, ctx.info.image_shape) / target_flops)), name, entry))
     _, name, entry = min(choices, key=lambda c: c[0])
-    spec = {"round": 1, "candidate": name, "model": entry.to_dict(), "connected": False,
-            "workdir": os.path.join(ctx.workdir, "no_resched", name)}
-    result = _train(ctx.member_config(f"no_resched_{name}", entry, ctx.member.seed + 9000), spec["workdir"],
-                    _member_method(True, spec, None, np.zeros(0), ctx))
+    spec = {
+        "round": 1,
+        "candidate": name,
+        "model": entry.to_dict(),
+        "connected": False,
+        "workdir": os.path.join(ctx.workdir, "no_resched", name),
+    }
+    result = _train(
+        ctx.member_config(f"no_resched_{name}", entry, ctx.member.seed + 9000),
+        spec["workdir"],
+        _member_method(True, spec, None, np.zeros(0), ctx),
+    )
     if result.get("preempted"):
         return {"preempted": True}
     return {"members": [spec], "log": [], "stopped": None}
@@ -277,8 +339,9 @@ def evaluate_variant(ctx: Context, name: str, state: dict) -> dict:
     ens = mem.load_ensemble(specs, ctx.info, layer=layer)
     own_test, labels = mem.member_logits(ens.frozen(), ctx.sources["test"], ctx.info, batch_size=ctx.bs, mesh=ctx.mesh)
     if name == "resched":
-        own_val, labels_val = mem.member_logits(ens.frozen(), ctx.sources["val"], ctx.info, batch_size=ctx.bs,
-                                                mesh=ctx.mesh)
+        own_val, labels_val = mem.member_logits(
+            ens.frozen(), ctx.sources["val"], ctx.info, batch_size=ctx.bs, mesh=ctx.mesh
+        )
         prefix, acc_w = resched_prefix(own_val, labels_val, own_test)
         # Independent members run separately: the cost of w of them is the sum of their own costs.
         own_flops = [models.flops_per_example(m, ctx.info.image_shape) for m in ens.members]
@@ -292,10 +355,10 @@ def evaluate_variant(ctx: Context, name: str, state: dict) -> dict:
     curves = {}
     for b in ctx.e.budgets:
         budget = b * cum_flops[-1]
-        curves[f"budget_{b:g}"] = {k: v.tolist() for k, v in anytime.sweep_prefix(
-            prefix, labels, cum_flops, thresholds, budget).items()}
-    out.update({"accuracy_by_members": acc, "cumulative_flops": [float(f) for f in cum_flops],
-                "anytime": curves})
+        curves[f"budget_{b:g}"] = {
+            k: v.tolist() for k, v in anytime.sweep_prefix(prefix, labels, cum_flops, thresholds, budget).items()
+        }
+    out.update({"accuracy_by_members": acc, "cumulative_flops": [float(f) for f in cum_flops], "anytime": curves})
     return out
 
 
@@ -320,8 +383,9 @@ def run_ensemble(config, workdir: str) -> dict:
                 return {"preempted": True, "variant": "resched"}
     evaluated = {v: evaluate_variant(ctx, v, s) for v, s in states.items()}
     if "no_resched" in variants:
-        ref = next((evaluated[v] for v in ("bdistil", "bdistil_noconn") if evaluated.get(v, {}).get("cumulative_flops")),
-                   None)
+        ref = next(
+            (evaluated[v] for v in ("bdistil", "bdistil_noconn") if evaluated.get(v, {}).get("cumulative_flops")), None
+        )
         if ref is None:
             logging.warning("[no_resched] skipped: no B-DISTIL ensemble to match in FLOPs")
         else:
@@ -330,11 +394,19 @@ def run_ensemble(config, workdir: str) -> dict:
                 return {"preempted": True, "variant": "no_resched"}
             evaluated["no_resched"] = evaluate_variant(ctx, "no_resched", s)
     g_test = ctx.teacher_logits("test")
-    teacher = {"accuracy": float(np.mean(np.argmax(g_test, -1) == ctx.labels["test"])),
-               "workdir": ctx.member.distill.teacher_workdir,
-               "flops_per_example": ctx.teacher.flops_per_example(ctx.info.image_shape)}
-    result = {"teacher": teacher, "variants": evaluated, "test_split": e.test_split, "connect_layer": e.connect.layer,
-              "num_test": len(ctx.labels["test"]), "seed": int(ctx.member.seed)}
+    teacher = {
+        "accuracy": float(np.mean(np.argmax(g_test, -1) == ctx.labels["test"])),
+        "workdir": ctx.member.distill.teacher_workdir,
+        "flops_per_example": ctx.teacher.flops_per_example(ctx.info.image_shape),
+    }
+    result = {
+        "teacher": teacher,
+        "variants": evaluated,
+        "test_split": e.test_split,
+        "connect_layer": e.connect.layer,
+        "num_test": len(ctx.labels["test"]),
+        "seed": int(ctx.member.seed),
+    }
     if logs.is_writer():
         write_json(os.path.join(ctx.workdir, "ensemble.json"), result)
         table = summary_table(result)
@@ -345,8 +417,12 @@ def run_ensemble(config, workdir: str) -> dict:
 
 def summary_table(result: dict) -> str:
     t = result["teacher"]
-    rows = [f"teacher: accuracy {t['accuracy']:.4f}, {t['flops_per_example'] / 1e6:.3f} MFLOPs/example", "",
-            "| variant | members | accuracy | cumulative MFLOPs | fraction of teacher FLOPs |", "|---|---|---|---|---|"]
+    rows = [
+        f"teacher: accuracy {t['accuracy']:.4f}, {t['flops_per_example'] / 1e6:.3f} MFLOPs/example",
+        "",
+        "| variant | members | accuracy | cumulative MFLOPs | fraction of teacher FLOPs |",
+        "|---|---|---|---|---|",
+    ]
     for name, v in result["variants"].items():
         for w, (a, f) in enumerate(zip(v.get("accuracy_by_members", []), v.get("cumulative_flops", [])), start=1):
             rows.append(f"| {name} | {w} | {a:.4f} | {f / 1e6:.3f} | {f / t['flops_per_example']:.3f} |")

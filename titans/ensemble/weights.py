@@ -56,8 +56,9 @@ def update_weights(weights, scores, *, eta: float, mix: float = 0.1, quantile: f
     if w.shape != s.shape:
         raise ValueError(f"weights {w.shape} and scores {s.shape} differ in shape")
     if eta < 0 or not 0.0 <= mix <= 1.0 or not 0.0 < quantile <= 1.0:
-        raise ValueError(f"need eta >= 0, 0 <= mix <= 1 and 0 < quantile <= 1, got eta={eta}, mix={mix}, "
-                         f"quantile={quantile}")
+        raise ValueError(
+            f"need eta >= 0, 0 <= mix <= 1 and 0 < quantile <= 1, got eta={eta}, mix={mix}, quantile={quantile}"
+        )
     s = jnp.minimum(s / jnp.maximum(jnp.quantile(s, quantile), 1e-12), 1.0)
     # Subtracting the max before exp only rescales all weights, which the normalisation undoes.
     logw = jnp.log(jnp.maximum(w, 1e-30)) + eta * s

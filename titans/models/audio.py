@@ -22,18 +22,40 @@ from titans.models import layers as L
 class Conv1DNet(L.Classifier):
     flatten_input = True
 
-    def __init__(self, *, num_classes, input_shape, rngs, dtype=jnp.float32, channels: Sequence[int] = (32, 32),
-                 kernel: int = 5, dense: int = 32):
+    def __init__(
+        self,
+        *,
+        num_classes,
+        input_shape,
+        rngs,
+        dtype=jnp.float32,
+        channels: Sequence[int] = (32, 32),
+        kernel: int = 5,
+        dense: int = 32,
+    ):
         self.input_shape = L.check_input_shape(input_shape)
         self.num_classes = int(num_classes)
         self.dtype = dtype
         _, bands, c = self.input_shape
         widths = [bands * c, *(int(ch) for ch in channels)]
         pad = kernel // 2
-        self.convs = nnx.List([
-            nnx.Conv(a, b, (kernel,), strides=(2,), padding=((pad, pad),), use_bias=False, dtype=dtype,
-                     param_dtype=jnp.float32, kernel_init=L.conv_init(), rngs=rngs)
-            for a, b in zip(widths[:-1], widths[1:])])
+        self.convs = nnx.List(
+            [
+                nnx.Conv(
+                    a,
+                    b,
+                    (kernel,),
+                    strides=(2,),
+                    padding=((pad, pad),),
+                    use_bias=False,
+                    dtype=dtype,
+                    param_dtype=jnp.float32,
+                    kernel_init=L.conv_init(),
+                    rngs=rngs,
+                )
+                for a, b in zip(widths[:-1], widths[1:])
+            ]
+        )
         self.norms = nnx.List([L.batch_norm(b, rngs=rngs, dtype=dtype) for b in widths[1:]])
         self.dense = L.dense(widths[-1], int(dense), rngs=rngs, dtype=dtype)
         self.classifier = L.head(int(dense), self.num_classes, rngs=rngs)
@@ -48,4 +70,3 @@ class Conv1DNet(L.Classifier):
         x = jax.nn.relu(self.dense(jnp.mean(x.astype(jnp.float32), axis=1).astype(self.dtype)))
         acts["features"] = x
         return self.classifier(x), acts
-

@@ -101,15 +101,11 @@ class BatchNorm(nnx.BatchNorm):
             mean = jnp.mean(xf, axes)
             mean_sq = jnp.mean(jnp.square(xf), axes)
             if self.axis_name is not None:
-                mean, mean_sq = jax.lax.pmean(
-                    (mean, mean_sq), self.axis_name, axis_index_groups=self.axis_index_groups
-                )
+                mean, mean_sq = jax.lax.pmean((mean, mean_sq), self.axis_name, axis_index_groups=self.axis_index_groups)
             var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
             m = self.momentum
-            self.mean.set_value(
-                jax.lax.stop_gradient(m * self.mean.get_value() + (1 - m) * mean))
-            self.var.set_value(
-                jax.lax.stop_gradient(m * self.var.get_value() + (1 - m) * var))
+            self.mean.set_value(jax.lax.stop_gradient(m * self.mean.get_value() + (1 - m) * mean))
+            self.var.set_value(jax.lax.stop_gradient(m * self.var.get_value() + (1 - m) * var))
         mul = jax.lax.rsqrt(var + self.epsilon)
         if self.scale is not None:
             mul = mul * self.scale.get_value()
@@ -133,9 +129,7 @@ def batch_norm(ch: int, *, rngs: nnx.Rngs, dtype, zero_scale: bool = False) -> B
 
 def dense(in_f: int, out_f: int, *, rngs: nnx.Rngs, dtype) -> nnx.Linear:
     """Hidden (ReLU-followed) dense layer."""
-    return nnx.Linear(
-        in_f, out_f, dtype=dtype, param_dtype=jnp.float32, kernel_init=he_normal_fan_in, rngs=rngs
-    )
+    return nnx.Linear(in_f, out_f, dtype=dtype, param_dtype=jnp.float32, kernel_init=he_normal_fan_in, rngs=rngs)
 
 
 def head(in_f: int, num_classes: int, *, rngs: nnx.Rngs) -> nnx.Linear:
@@ -174,10 +168,9 @@ class Classifier(nnx.Module):
         if x.ndim != 4:
             raise ValueError(f"expected input of shape (B, H, W, C), got {x.shape}")
         expected = self.input_shape if self.flatten_input else self.input_shape[2:]
-        if tuple(x.shape[4 - len(expected):]) != tuple(expected):
+        if tuple(x.shape[4 - len(expected) :]) != tuple(expected):
             raise ValueError(
-                f"{type(self).__name__} was built for input_shape {self.input_shape}, "
-                f"got a batch of shape {x.shape}"
+                f"{type(self).__name__} was built for input_shape {self.input_shape}, got a batch of shape {x.shape}"
             )
         logits, acts = self.forward(x.astype(self.dtype), train)
         logits = logits.astype(jnp.float32)
@@ -188,5 +181,3 @@ class Classifier(nnx.Module):
 
     def forward(self, x, train: bool):  # pragma: no cover - abstract
         raise NotImplementedError
-
-

@@ -69,8 +69,9 @@ class MobileNetV2(L.Classifier):
     """See the module docstring. acts: ``stage1``..``stage7`` (one per block group),
     ``features`` (pooled output of the last 1x1 conv)."""
 
-    def __init__(self, *, num_classes, input_shape, rngs, dtype=jnp.float32,
-                 width_mult: float = 1.0, dropout: float = 0.0):
+    def __init__(
+        self, *, num_classes, input_shape, rngs, dtype=jnp.float32, width_mult: float = 1.0, dropout: float = 0.0
+    ):
         self.input_shape = L.check_input_shape(input_shape)
         self.num_classes = int(num_classes)
         self.dtype = dtype
@@ -80,8 +81,7 @@ class MobileNetV2(L.Classifier):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.small_input = min(self.input_shape[:2]) < SMALL_INPUT_PX
         stem_ch = make_divisible(32 * width_mult)
-        self.stem = L.conv(self.input_shape[2], stem_ch, 3, 1 if self.small_input else 2,
-                           rngs=rngs, dtype=dtype)
+        self.stem = L.conv(self.input_shape[2], stem_ch, 3, 1 if self.small_input else 2, rngs=rngs, dtype=dtype)
         self.stem_bn = L.batch_norm(stem_ch, rngs=rngs, dtype=dtype)
         stages, in_ch = [], stem_ch
         for g, (t, c, n, s) in enumerate(_CONFIG):
@@ -90,8 +90,7 @@ class MobileNetV2(L.Classifier):
             out_ch = make_divisible(c * width_mult)
             blocks = []
             for b in range(n):
-                blocks.append(InvertedResidual(in_ch, out_ch, s if b == 0 else 1, t,
-                                               rngs=rngs, dtype=dtype))
+                blocks.append(InvertedResidual(in_ch, out_ch, s if b == 0 else 1, t, rngs=rngs, dtype=dtype))
                 in_ch = out_ch
             stages.append(nnx.List(blocks))
         self.stages = nnx.List(stages)

@@ -56,11 +56,7 @@ def model_kwargs(name: str) -> dict[str, Any]:
     """The optional keyword arguments of ``name`` and their defaults."""
     entry = _lookup(name)
     params = inspect.signature(entry.cls.__init__).parameters
-    return {
-        k: p.default
-        for k, p in params.items()
-        if k != "self" and k not in _COMMON and k not in entry.fixed
-    }
+    return {k: p.default for k, p in params.items() if k != "self" and k not in _COMMON and k not in entry.fixed}
 
 
 def _lookup(name: str) -> _Entry:
@@ -69,9 +65,7 @@ def _lookup(name: str) -> _Entry:
     except (KeyError, TypeError):
         close = difflib.get_close_matches(str(name), MODEL_NAMES, n=5, cutoff=0.5)
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ValueError(
-            f"Unknown model name {name!r}.{hint} Known models: {', '.join(MODEL_NAMES)}"
-        ) from None
+        raise ValueError(f"Unknown model name {name!r}.{hint} Known models: {', '.join(MODEL_NAMES)}") from None
 
 
 def create_model(
@@ -116,5 +110,11 @@ def build_model(model_cfg, info, *, seed: int, dtype=jnp.float32, outputs: int |
     """The model a config's `model` section names, for dataset `info`, with `outputs` logits
     (default: the dataset's classes). Parameters are initialised from `seed`."""
     kwargs = model_cfg.kwargs.to_dict() if hasattr(model_cfg.kwargs, "to_dict") else dict(model_cfg.kwargs)
-    return create_model(model_cfg.name, num_classes=outputs or info.num_classes,
-                        input_shape=tuple(info.image_shape), rngs=nnx.Rngs(seed), dtype=dtype, **kwargs)
+    return create_model(
+        model_cfg.name,
+        num_classes=outputs or info.num_classes,
+        input_shape=tuple(info.image_shape),
+        rngs=nnx.Rngs(seed),
+        dtype=dtype,
+        **kwargs,
+    )

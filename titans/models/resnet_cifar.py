@@ -66,9 +66,19 @@ class BasicBlock(nnx.Module):
 class CifarResNet(L.Classifier):
     """See the module docstring. acts: ``stage1``... (output of each stage), ``features``."""
 
-    def __init__(self, *, num_classes, input_shape, rngs, dtype=jnp.float32, depth: int = 20,
-                 widths: Sequence[int] = (16, 32, 64), stem_width: int | None = None,
-                 shortcut: str = "projection", zero_init_residual: bool = False):
+    def __init__(
+        self,
+        *,
+        num_classes,
+        input_shape,
+        rngs,
+        dtype=jnp.float32,
+        depth: int = 20,
+        widths: Sequence[int] = (16, 32, 64),
+        stem_width: int | None = None,
+        shortcut: str = "projection",
+        zero_init_residual: bool = False,
+    ):
         self.input_shape = L.check_input_shape(input_shape)
         self.num_classes = int(num_classes)
         self.dtype = dtype
@@ -77,9 +87,7 @@ class CifarResNet(L.Classifier):
             raise ValueError("widths must not be empty")
         per_block = 2 * len(widths)
         if depth < per_block + 2 or (depth - 2) % per_block:
-            raise ValueError(
-                f"depth must be {per_block}n+2 with n >= 1 for {len(widths)} stages, got {depth}"
-            )
+            raise ValueError(f"depth must be {per_block}n+2 with n >= 1 for {len(widths)} stages, got {depth}")
         if shortcut not in ("projection", "pad"):
             raise ValueError(f"shortcut must be 'projection' or 'pad', got {shortcut!r}")
         n = (depth - 2) // per_block
@@ -91,9 +99,17 @@ class CifarResNet(L.Classifier):
             blocks = []
             for b in range(n):
                 stride = 2 if (s > 0 and b == 0) else 1
-                blocks.append(BasicBlock(in_ch, width, stride, shortcut=shortcut,
-                                         zero_init_residual=zero_init_residual,
-                                         rngs=rngs, dtype=dtype))
+                blocks.append(
+                    BasicBlock(
+                        in_ch,
+                        width,
+                        stride,
+                        shortcut=shortcut,
+                        zero_init_residual=zero_init_residual,
+                        rngs=rngs,
+                        dtype=dtype,
+                    )
+                )
                 in_ch = width
             stages.append(nnx.List(blocks))
         self.stages = nnx.List(stages)

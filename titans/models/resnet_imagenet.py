@@ -83,8 +83,17 @@ class ImageNetResNet(L.Classifier):
     """See the module docstring. ``arch`` is one of ``resnet18``, ``resnet34``, ``resnet50``.
     acts: ``stage1``..``stage4``, ``features``."""
 
-    def __init__(self, *, arch: str, num_classes, input_shape, rngs, dtype=jnp.float32,
-                 width: int = 64, zero_init_residual: bool = False):
+    def __init__(
+        self,
+        *,
+        arch: str,
+        num_classes,
+        input_shape,
+        rngs,
+        dtype=jnp.float32,
+        width: int = 64,
+        zero_init_residual: bool = False,
+    ):
         self.input_shape = L.check_input_shape(input_shape)
         self.num_classes = int(num_classes)
         self.dtype = dtype
@@ -106,8 +115,9 @@ class ImageNetResNet(L.Classifier):
             blocks = []
             for b in range(n):
                 stride = 2 if (s > 0 and b == 0) else 1
-                blocks.append(block_cls(in_ch, w, stride, zero_init_residual=zero_init_residual,
-                                        rngs=rngs, dtype=dtype))
+                blocks.append(
+                    block_cls(in_ch, w, stride, zero_init_residual=zero_init_residual, rngs=rngs, dtype=dtype)
+                )
                 in_ch = w * block_cls.expansion
             stages.append(nnx.List(blocks))
         self.stages = nnx.List(stages)

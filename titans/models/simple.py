@@ -25,15 +25,12 @@ class MLP(L.Classifier):
 
     flatten_input = True
 
-    def __init__(self, *, num_classes, input_shape, rngs, dtype=jnp.float32,
-                 hidden: Sequence[int] = (256, 256)):
+    def __init__(self, *, num_classes, input_shape, rngs, dtype=jnp.float32, hidden: Sequence[int] = (256, 256)):
         self.input_shape = L.check_input_shape(input_shape)
         self.num_classes = int(num_classes)
         self.dtype = dtype
         widths = [math.prod(self.input_shape), *(int(h) for h in hidden)]
-        self.hidden = nnx.List(
-            [L.dense(a, b, rngs=rngs, dtype=dtype) for a, b in zip(widths[:-1], widths[1:])]
-        )
+        self.hidden = nnx.List([L.dense(a, b, rngs=rngs, dtype=dtype) for a, b in zip(widths[:-1], widths[1:])])
         self.classifier = L.head(widths[-1], self.num_classes, rngs=rngs)
 
     def forward(self, x, train):
@@ -57,8 +54,17 @@ class CNN(L.Classifier):
 
     flatten_input = True
 
-    def __init__(self, *, num_classes, input_shape, rngs, dtype=jnp.float32,
-                 channels: Sequence[int] = (32, 64), dense: int = 128, batch_norm: bool = True):
+    def __init__(
+        self,
+        *,
+        num_classes,
+        input_shape,
+        rngs,
+        dtype=jnp.float32,
+        channels: Sequence[int] = (32, 64),
+        dense: int = 128,
+        batch_norm: bool = True,
+    ):
         self.input_shape = L.check_input_shape(input_shape)
         self.num_classes = int(num_classes)
         self.dtype = dtype

@@ -44,8 +44,17 @@ class WideResNet(L.Classifier):
     """See the module docstring. acts: ``stage1``..``stage3`` (group outputs, before the
     next pre-activation), ``features`` (pooled after the final BN-ReLU)."""
 
-    def __init__(self, *, num_classes, input_shape, rngs, dtype=jnp.float32, depth: int = 28,
-                 widen: int = 10, dropout: float = 0.0):
+    def __init__(
+        self,
+        *,
+        num_classes,
+        input_shape,
+        rngs,
+        dtype=jnp.float32,
+        depth: int = 28,
+        widen: int = 10,
+        dropout: float = 0.0,
+    ):
         self.input_shape = L.check_input_shape(input_shape)
         self.num_classes = int(num_classes)
         self.dtype = dtype
@@ -63,8 +72,7 @@ class WideResNet(L.Classifier):
             blocks = []
             for b in range(n):
                 stride = 2 if (s > 0 and b == 0) else 1
-                blocks.append(PreActBlock(in_ch, width, stride, float(dropout),
-                                          rngs=rngs, dtype=dtype))
+                blocks.append(PreActBlock(in_ch, width, stride, float(dropout), rngs=rngs, dtype=dtype))
                 in_ch = width
             stages.append(nnx.List(blocks))
         self.stages = nnx.List(stages)

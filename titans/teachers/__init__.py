@@ -51,22 +51,41 @@ def open_soft_labels(config, info, train_src) -> SoftLabelSource | None:
                 f"distill.teacher_mode='cache' with dataset.augment=True on '{info.name}' (augmentation "
                 f"'{info.augment}'): the cache holds one soft label per example, computed on the "
                 f"un-augmented image, so it cannot label augmented views. Set dataset.augment=False, or use "
-                f"teacher_mode='online' or 'service' (both label the augmented images the student sees).")
+                f"teacher_mode='online' or 'service' (both label the augmented images the student sees)."
+            )
         identity = cache_lib.teacher_identity(d.teacher_workdir, d.teacher_step, info)
         cache = cache_lib.TeacherCache(d.cache.dir)
-        cache.check(teacher=identity, dataset=config.dataset.name, split=config.dataset.train_split,
-                    num_examples=len(train_src), topk=d.cache.topk, dtype=d.cache.dtype)
+        cache.check(
+            teacher=identity,
+            dataset=config.dataset.name,
+            split=config.dataset.train_split,
+            num_examples=len(train_src),
+            topk=d.cache.topk,
+            dtype=d.cache.dtype,
+        )
         labeler = CacheLabeler(cache, info.num_classes)
-        return SoftLabelSource(labeler, in_flight=2, closer=labeler.close,
-                               description=f"cache {d.cache.dir} ({cache.describe()})")
+        return SoftLabelSource(
+            labeler, in_flight=2, closer=labeler.close, description=f"cache {d.cache.dir} ({cache.describe()})"
+        )
     if mode == "service":
         from titans.teachers import service  # noqa: PLC0415  (deferred: imports ray, the optional `ray` extra)
 
         pool = service.pool_from_config(config, info)
-        return SoftLabelSource(service.PoolLabeler(pool), in_flight=d.service.max_in_flight, closer=pool.close,
-                               description=f"service ({pool.describe()})")
+        return SoftLabelSource(
+            service.PoolLabeler(pool),
+            in_flight=d.service.max_in_flight,
+            closer=pool.close,
+            description=f"service ({pool.describe()})",
+        )
     raise ValueError(f"distill.teacher_mode={mode!r} is not one of {list(MODES)}.")
 
 
-__all__ = ["MODES", "CacheLabeler", "SoftLabelLoader", "SoftLabelSource", "SoftLabeler", "open_soft_labels",
-           "topk_to_logits"]
+__all__ = [
+    "MODES",
+    "CacheLabeler",
+    "SoftLabelLoader",
+    "SoftLabelSource",
+    "SoftLabeler",
+    "open_soft_labels",
+    "topk_to_logits",
+]

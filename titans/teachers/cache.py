@@ -132,26 +132,32 @@ class TeacherCache:
             raise CacheError(
                 f"No teacher cache at distill.cache.dir={directory!r} (no manifest.json). Write it first with "
                 f"`python -m titans.teachers.cache --teacher_workdir=... --dataset=... --split=... --out={directory}` "
-                f"(or --config=<this run's config>).")
+                f"(or --config=<this run's config>)."
+            )
         with open(path) as f:
             self.manifest = json.load(f)
         m = self.manifest
         if m.get("format") != FORMAT or m.get("version") != VERSION:
-            raise CacheError(f"{path} is not a Titans teacher cache of version {VERSION} "
-                             f"(format={m.get('format')!r}, version={m.get('version')!r}).")
+            raise CacheError(
+                f"{path} is not a Titans teacher cache of version {VERSION} "
+                f"(format={m.get('format')!r}, version={m.get('version')!r})."
+            )
         missing = [name for name in m["shards"] if not os.path.exists(os.path.join(self.directory, name))]
         if not m.get("complete") or missing:
             raise CacheError(
                 f"The teacher cache in {self.directory} is incomplete ({len(missing)} of {m['num_shards']} shards "
                 f"missing: the writing job was interrupted). Rerun its command to finish it (finished shards are "
-                f"kept):\n  {m.get('command', 'python -m titans.teachers.cache ...')}")
+                f"kept):\n  {m.get('command', 'python -m titans.teachers.cache ...')}"
+            )
         self.num_classes, self.topk = int(m["num_classes"]), int(m["topk"])
         self.dtype = record_dtype(self.num_classes, self.topk, m["dtype"])
         paths = [os.path.join(self.directory, name) for name in m["shards"]]
         self._source = array_record_data_source.ArrayRecordDataSource(paths)
         if len(self._source) != int(m["num_examples"]):
-            raise CacheError(f"The teacher cache in {self.directory} holds {len(self._source)} records, "
-                             f"its manifest says {m['num_examples']}: rewrite it.")
+            raise CacheError(
+                f"The teacher cache in {self.directory} holds {len(self._source)} records, "
+                f"its manifest says {m['num_examples']}: rewrite it."
+            )
 
     def __len__(self) -> int:
         return len(self._source)
@@ -159,27 +165,46 @@ class TeacherCache:
     def describe(self) -> str:
         m = self.manifest
         what = f"top-{self.topk}" if self.topk else "full logits"
-        return (f"{m['num_examples']} examples of {m['dataset']}/{m['split']}, {what} in {m['dtype']}, teacher "
-                f"{m['teacher']['workdir']} step {m['teacher']['step']}")
+        return (
+            f"{m['num_examples']} examples of {m['dataset']}/{m['split']}, {what} in {m['dtype']}, teacher "
+            f"{m['teacher']['workdir']} step {m['teacher']['step']}"
+        )
 
-    def check(self, *, teacher: dict, dataset: str, split: str, num_examples: int, topk: int | None = None,
-              dtype: str | None = None) -> None:
+    def check(
+        self,
+        *,
+        teacher: dict,
+        dataset: str,
+        split: str,
+        num_examples: int,
+        topk: int | None = None,
+        dtype: str | None = None,
+    ) -> None:
         """Raises StaleCacheError listing every field in which the cache differs from the run."""
         m = self.manifest
         diffs = []
         if m["teacher"]["variables_sha256"] != teacher["variables_sha256"]:
-            diffs.append(f"teacher: cache from {m['teacher']['workdir']} step {m['teacher']['step']} "
-                         f"(variables sha256 {m['teacher']['variables_sha256'][:12]}), this run's teacher is "
-                         f"{teacher['workdir']} step {teacher['step']} (sha256 {teacher['variables_sha256'][:12]})")
-        for key, want in (("dataset", dataset), ("split", split), ("num_examples", int(num_examples)),
-                          ("topk", topk), ("dtype", dtype)):
+            diffs.append(
+                f"teacher: cache from {m['teacher']['workdir']} step {m['teacher']['step']} "
+                f"(variables sha256 {m['teacher']['variables_sha256'][:12]}), this run's teacher is "
+                f"{teacher['workdir']} step {teacher['step']} (sha256 {teacher['variables_sha256'][:12]})"
+            )
+        for key, want in (
+            ("dataset", dataset),
+            ("split", split),
+            ("num_examples", int(num_examples)),
+            ("topk", topk),
+            ("dtype", dtype),
+        ):
             if want is not None and m[key] != want:
                 diffs.append(f"{key}: cache has {m[key]!r}, this run has {want!r}")
         if diffs:
             raise StaleCacheError(
-                f"The teacher cache in {self.directory} does not belong to this run:\n  " + "\n  ".join(diffs)
+                f"The teacher cache in {self.directory} does not belong to this run:\n  "
+                + "\n  ".join(diffs)
                 + "\nWrite a cache for this run with `python -m titans.teachers.cache` into another directory, "
-                  "or point distill.cache.dir at the right one.")
+                "or point distill.cache.dir at the right one."
+            )
 
     def records(self, indices) -> np.ndarray:
         keys = [int(i) for i in np.asarray(indices).reshape(-1)]
@@ -225,9 +250,22 @@ def _topk_fn(topk: int):
     return functools.partial(_topk_logits, k=topk) if topk else _full_logits
 
 
-def write_cache(*, teacher_workdir: str, dataset: str, split: str, out: str, data_dir: str | None = None,
-                teacher_step: int = -1, topk: int = 0, dtype: str = "float32", shard_size: int = 8192,
-                batch_size: int = 512, delay_per_shard_s: float = 0.0, command: str = "", log=print) -> dict:
+def write_cache(
+    *,
+    teacher_workdir: str,
+    dataset: str,
+    split: str,
+    out: str,
+    data_dir: str | None = None,
+    teacher_step: int = -1,
+    topk: int = 0,
+    dtype: str = "float32",
+    shard_size: int = 8192,
+    batch_size: int = 512,
+    delay_per_shard_s: float = 0.0,
+    command: str = "",
+    log=print,
+) -> dict:
     """Writes (or finishes) the cache; returns its manifest. See the module docstring."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype={dtype!r} is not one of {list(DTYPES)}.")
@@ -235,33 +273,49 @@ def write_cache(*, teacher_workdir: str, dataset: str, split: str, out: str, dat
         raise ValueError("shard_size and batch_size must be positive and topk >= 0.")
     info = data_lib.dataset_info(dataset)
     if topk >= info.num_classes:
-        raise ValueError(f"--topk={topk} is not below the {info.num_classes} classes of {dataset}; use --topk=0 "
-                         f"for full logits.")
+        raise ValueError(
+            f"--topk={topk} is not below the {info.num_classes} classes of {dataset}; use --topk=0 for full logits."
+        )
     src = data_lib.get_source(dataset, split, data_dir=data_dir or None)
     teacher, _, identity = load_teacher_with_identity(teacher_workdir, teacher_step, info)
     n = len(src)
     num_shards = max(1, -(-n // shard_size))
     manifest = {
-        "format": FORMAT, "version": VERSION, "teacher": identity, "dataset": dataset, "split": split,
-        "num_examples": n, "num_classes": int(info.num_classes), "dtype": dtype, "topk": int(topk),
-        "shard_size": int(shard_size), "num_shards": num_shards,
+        "format": FORMAT,
+        "version": VERSION,
+        "teacher": identity,
+        "dataset": dataset,
+        "split": split,
+        "num_examples": n,
+        "num_classes": int(info.num_classes),
+        "dtype": dtype,
+        "topk": int(topk),
+        "shard_size": int(shard_size),
+        "num_shards": num_shards,
         "shards": [shard_name(s, num_shards) for s in range(num_shards)],
         "record": ("topk values then int32 class indices" if topk else "logits") + f", little-endian {dtype}",
         "augmentation": "none (evaluation transform); keyed by example index",
-        "command": command, "complete": False,
+        "command": command,
+        "complete": False,
     }
     os.makedirs(out, exist_ok=True)
     mpath = os.path.join(out, "manifest.json")
     if os.path.exists(mpath):
         with open(mpath) as f:
             old = json.load(f)
-        diffs = [f"{k}: directory has {old.get(k)!r}, this job {manifest[k]!r}" for k in _JOB_FIELDS
-                 if old.get(k) != manifest[k]]
+        diffs = [
+            f"{k}: directory has {old.get(k)!r}, this job {manifest[k]!r}"
+            for k in _JOB_FIELDS
+            if old.get(k) != manifest[k]
+        ]
         if old.get("teacher", {}).get("variables_sha256") != identity["variables_sha256"]:
             diffs.append(f"teacher: directory has {old.get('teacher')}, this job {identity}")
         if diffs:
-            raise StaleCacheError(f"{out} already holds a cache of another job:\n  " + "\n  ".join(diffs)
-                                  + "\nUse another --out, or delete that directory first.")
+            raise StaleCacheError(
+                f"{out} already holds a cache of another job:\n  "
+                + "\n  ".join(diffs)
+                + "\nUse another --out, or delete that directory first."
+            )
         if old.get("complete"):
             log(f"[cache] {out} is already complete ({n} examples, {num_shards} shards); nothing to do.")
             return old
@@ -297,7 +351,7 @@ def write_cache(*, teacher_workdir: str, dataset: str, split: str, out: str, dat
             else:
                 rows["logits"] = out_arrays.astype(store)
             for r in range(m):
-                writer.write(rows[r:r + 1].tobytes())
+                writer.write(rows[r : r + 1].tobytes())
             written += m
         writer.close()
         os.replace(tmp, final)
@@ -312,11 +366,17 @@ def write_cache(*, teacher_workdir: str, dataset: str, split: str, out: str, dat
 
 
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m titans.teachers.cache",
-                                description="Write a teacher's outputs for a dataset split to a sharded "
-                                            "ArrayRecord cache (resumable: rerun the same command).")
-    p.add_argument("--config", default="", help="a student run config (FILE.py[:ARG]) to take the teacher, "
-                   "dataset, split, data_dir and distill.cache.{dir,topk,dtype} from; flags override it")
+    p = argparse.ArgumentParser(
+        prog="python -m titans.teachers.cache",
+        description="Write a teacher's outputs for a dataset split to a sharded "
+        "ArrayRecord cache (resumable: rerun the same command).",
+    )
+    p.add_argument(
+        "--config",
+        default="",
+        help="a student run config (FILE.py[:ARG]) to take the teacher, "
+        "dataset, split, data_dir and distill.cache.{dir,topk,dtype} from; flags override it",
+    )
     p.add_argument("--teacher_workdir", default=None)
     p.add_argument("--teacher_step", type=int, default=None, help="-1 = latest checkpoint")
     p.add_argument("--dataset", default=None)
@@ -329,13 +389,21 @@ def _parse(argv):
     p.add_argument("--batch_size", type=int, default=512)
     p.add_argument("--delay_per_shard_s", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: be killable
     args = p.parse_args(argv)
-    defaults = dict(teacher_workdir="", teacher_step=-1, dataset="", split="train", data_dir="", out="",
-                    topk=0, dtype="float32")
+    defaults = dict(
+        teacher_workdir="", teacher_step=-1, dataset="", split="train", data_dir="", out="", topk=0, dtype="float32"
+    )
     if args.config:
         c = config_lib.validate(config_lib.load_config_file(args.config))
-        defaults.update(teacher_workdir=c.distill.teacher_workdir, teacher_step=c.distill.teacher_step,
-                        dataset=c.dataset.name, split=c.dataset.train_split, data_dir=c.dataset.data_dir,
-                        out=c.distill.cache.dir, topk=c.distill.cache.topk, dtype=c.distill.cache.dtype)
+        defaults.update(
+            teacher_workdir=c.distill.teacher_workdir,
+            teacher_step=c.distill.teacher_step,
+            dataset=c.dataset.name,
+            split=c.dataset.train_split,
+            data_dir=c.dataset.data_dir,
+            out=c.distill.cache.dir,
+            topk=c.distill.cache.topk,
+            dtype=c.distill.cache.dtype,
+        )
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -347,13 +415,30 @@ def _parse(argv):
 
 def main(argv=None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
-    command = "python -m titans.teachers.cache " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    write_cache(teacher_workdir=args.teacher_workdir, dataset=args.dataset, split=args.split, out=args.out,
-                data_dir=args.data_dir, teacher_step=args.teacher_step, topk=args.topk, dtype=args.dtype,
-                shard_size=args.shard_size, batch_size=args.batch_size,
-                delay_per_shard_s=args.delay_per_shard_s, command=command, log=lambda s: print(s, flush=True))
+    command = "python -m titans.teachers.cache " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
+    )
+    write_cache(
+        teacher_workdir=args.teacher_workdir,
+        dataset=args.dataset,
+        split=args.split,
+        out=args.out,
+        data_dir=args.data_dir,
+        teacher_step=args.teacher_step,
+        topk=args.topk,
+        dtype=args.dtype,
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+        delay_per_shard_s=args.delay_per_shard_s,
+        command=command,
+        log=lambda s: print(s, flush=True),
+    )
     return 0
 
 
-if __name__ == "__main__":
+def cli():
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

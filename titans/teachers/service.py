@@ -29,8 +29,9 @@ workers on other machines need the code (the `titans` package) but not the teach
 from __future__ import annotations
 
 import collections
-import gc
+import contextlib
 import functools
+import gc
 import json
 import logging
 import math
@@ -63,8 +64,15 @@ class ServiceError(RuntimeError):
 class TeacherWorker:
     """One teacher replica: rebuilds the model from its config, loads the shared variables, jits."""
 
-    def __init__(self, model_config_json: str, dataset: str, variables: dict, batch_shape, dtype: str = "auto",
-                 delay_s: float = 0.0):
+    def __init__(
+        self,
+        model_config_json: str,
+        dataset: str,
+        variables: dict,
+        batch_shape,
+        dtype: str = "auto",
+        delay_s: float = 0.0,
+    ):
         cfg = ml_collections.ConfigDict(json.loads(model_config_json))
         info = data_lib.dataset_info(dataset)
         compute = runs.compute_dtype(dtype)
@@ -82,6 +90,7 @@ class TeacherWorker:
 
     def ready(self) -> dict:
         import ray  # noqa: PLC0415  (deferred: ray is the optional `ray` extra)
+
         return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(), "platform": self._platform}
 
     def infer(self, images) -> np.ndarray:
@@ -90,9 +99,10 @@ class TeacherWorker:
         return np.asarray(self._apply(self._teacher, np.asarray(images)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _remote_worker_cls():
     import ray  # noqa: PLC0415  (deferred: ray is the optional `ray` extra)
+
     return ray.remote(max_restarts=0, max_task_retries=0)(TeacherWorker)
 
 
@@ -112,10 +122,17 @@ def connect(address: str = "", *, num_cpus: int | None = None, num_gpus: int | N
         return False
     # address="local": always a new cluster. Without it, ray.init() joins any Ray already running on the
     # machine (it looks for a GCS process), and dies with it when that cluster's owner exits.
-    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
-             _node_ip_address="127.0.0.1",
-             runtime_env=env, log_to_driver=False, configure_logging=False,
-             _temp_dir=tempfile.mkdtemp(prefix="titans-ray-", dir="/tmp"))
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        runtime_env=env,
+        log_to_driver=False,
+        configure_logging=False,
+        _temp_dir=tempfile.mkdtemp(prefix="titans-ray-", dir="/tmp"),
+    )
     return True
 
 
@@ -132,11 +149,29 @@ class _Worker:
 class TeacherPool:
     """A pool of `TeacherWorker` actors; see the module docstring. Thread-safe."""
 
-    def __init__(self, *, model_config: dict, dataset: str, variables: dict, batch_shape, dtype: str = "auto",
-                 min_workers: int = 1, max_workers: int = 2, target: int | None = None, kinds=("cpu",),
-                 cpus_per_worker: float = 1.0, gpus_per_worker: float = 1.0, per_worker: int = 2,
-                 batch_timeout_s: float = 120.0, start_timeout_s: float = 300.0, scale_interval_s: float = 2.0,
-                 max_attempts: int = 3, delay_s: float = 0.0, owns_ray: bool = False, wait: bool = True):
+    def __init__(
+        self,
+        *,
+        model_config: dict,
+        dataset: str,
+        variables: dict,
+        batch_shape,
+        dtype: str = "auto",
+        min_workers: int = 1,
+        max_workers: int = 2,
+        target: int | None = None,
+        kinds=("cpu",),
+        cpus_per_worker: float = 1.0,
+        gpus_per_worker: float = 1.0,
+        per_worker: int = 2,
+        batch_timeout_s: float = 120.0,
+        start_timeout_s: float = 300.0,
+        scale_interval_s: float = 2.0,
+        max_attempts: int = 3,
+        delay_s: float = 0.0,
+        owns_ray: bool = False,
+        wait: bool = True,
+    ):
         import ray  # noqa: PLC0415  (deferred: ray is the optional `ray` extra)
 
         if not ray.is_initialized():
@@ -212,14 +247,16 @@ class TeacherPool:
                     raise ServiceError(
                         f"no teacher worker alive or starting for {self.start_timeout_s:.0f} s; the cluster has "
                         f"{self._ray.available_resources()} free. Add nodes, or lower "
-                        f"distill.service.cpus_per_worker / gpus_per_worker.")
+                        f"distill.service.cpus_per_worker / gpus_per_worker."
+                    )
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(f"batch {seq} not labelled within {timeout} s")
                 self._cv.wait(0.5)
             if seq in self._errors:
                 self._images.pop(seq, None)
-                raise ServiceError(f"batch {seq} failed {self._attempts[seq]} times in the teacher: "
-                                   f"{self._errors.pop(seq)!r}")
+                raise ServiceError(
+                    f"batch {seq} failed {self._attempts[seq]} times in the teacher: {self._errors.pop(seq)!r}"
+                )
             self._images.pop(seq, None)
             return self._results.pop(seq)
 
@@ -244,7 +281,8 @@ class TeacherPool:
                     raise ServiceError(
                         f"only {self.num_alive()} of {n} teacher workers became ready within {timeout:.0f} s "
                         f"(kinds {list(self.kinds)}, {self.cpus_per_worker} CPU / {self.gpus_per_worker} GPU each; "
-                        f"free in the cluster: {self._ray.available_resources()}; events: {self.events[-3:]}).")
+                        f"free in the cluster: {self._ray.available_resources()}; events: {self.events[-3:]})."
+                    )
                 self._cv.wait(0.2)
 
     def num_alive(self) -> int:
@@ -253,13 +291,23 @@ class TeacherPool:
 
     def workers(self) -> list[dict]:
         with self._lock:
-            return [{"name": w.name, "kind": w.kind, "state": w.state, "pid": w.info.get("pid"),
-                     "node": w.info.get("node"), "busy": sorted(w.busy), "served": w.served}
-                    for w in self._workers.values()]
+            return [
+                {
+                    "name": w.name,
+                    "kind": w.kind,
+                    "state": w.state,
+                    "pid": w.info.get("pid"),
+                    "node": w.info.get("node"),
+                    "busy": sorted(w.busy),
+                    "served": w.served,
+                }
+                for w in self._workers.values()
+            ]
 
     def describe(self) -> str:
-        return (f"{self.num_alive()} worker(s) alive of {self.min_workers}-{self.max_workers}, kinds "
-                f"{'/'.join(self.kinds)}")
+        return (
+            f"{self.num_alive()} worker(s) alive of {self.min_workers}-{self.max_workers}, kinds {'/'.join(self.kinds)}"
+        )
 
     def close(self) -> None:
         with self._lock:
@@ -271,10 +319,8 @@ class TeacherPool:
             self._cv.notify_all()
         self._stop.set()
         for w in workers:
-            try:
+            with contextlib.suppress(Exception):  # already gone
                 self._ray.kill(w.handle)
-            except Exception:  # already gone
-                pass
         self._monitor.join(timeout=10)
         # Let every answer still on its way arrive (killed workers answer at once, with an error), then
         # drop every Ray reference we hold: a reference released after ray.shutdown() makes Ray end the
@@ -289,7 +335,7 @@ class TeacherPool:
             self._ctor = None
         while not self._inbox.empty():
             self._inbox.get_nowait()
-        workers = w = None  # noqa: F841  (drop the actor handles before shutdown)
+        workers = w = None
         gc.collect()
         if self._owns_ray:
             self._ray.shutdown()
@@ -327,10 +373,17 @@ class TeacherPool:
         model_cfg, dataset, variables, batch_shape, dtype, delay_s = self._ctor
         demand = self._demand(kind)
         env = {"JAX_PLATFORMS": "cpu"} if kind == "cpu" else {}
-        opts = dict(num_cpus=demand.get("CPU", 0), num_gpus=demand.get("GPU", 0), name=None,
-                    runtime_env={"env_vars": env} if env else None)
-        handle = _remote_worker_cls().options(**{k: v for k, v in opts.items() if v is not None}).remote(
-            model_cfg, dataset, variables, batch_shape, dtype, delay_s)
+        opts = dict(
+            num_cpus=demand.get("CPU", 0),
+            num_gpus=demand.get("GPU", 0),
+            name=None,
+            runtime_env={"env_vars": env} if env else None,
+        )
+        handle = (
+            _remote_worker_cls()
+            .options(**{k: v for k, v in opts.items() if v is not None})
+            .remote(model_cfg, dataset, variables, batch_shape, dtype, delay_s)
+        )
         w = _Worker(name, kind, handle, demand)
         self._workers[name] = w
         self.stats["workers_started"] += 1
@@ -452,10 +505,8 @@ class TeacherPool:
         if count_lost:
             self.stats["workers_lost"] += 1
         self._event(f"{name} {why}; {len(w.busy)} batch(es) requeued")
-        try:
+        with contextlib.suppress(Exception):
             self._ray.kill(w.handle)
-        except Exception:
-            pass
         self._scale()
         self._dispatch()
 
@@ -478,7 +529,7 @@ class TeacherPool:
                 if self._closed:
                     return
                 now = time.monotonic()
-                for ref, (seq, name, t0) in list(self._tasks.items()):
+                for seq, name, t0 in list(self._tasks.values()):
                     if now - t0 > self.batch_timeout_s and name in self._workers:
                         self.stats["timeouts"] += 1
                         self._lose(name, f"timed out on batch {seq} after {self.batch_timeout_s:.0f} s")
@@ -509,14 +560,27 @@ def pool_from_config(config, info, *, delay_s: float = 0.0) -> TeacherPool:
     """Connects to (or starts) Ray and starts the pool `config.distill.service` describes."""
     d, s = config.distill, config.distill.service
     teacher, t_cfg, _ = cache_lib.load_teacher_with_identity(d.teacher_workdir, d.teacher_step, info)
-    variables = {"params": jax.device_get(nnx.to_pure_dict(teacher.params)),
-                 "rest": jax.device_get(ckpt_lib.to_savable(nnx.to_pure_dict(teacher.model_state)))}
+    variables = {
+        "params": jax.device_get(nnx.to_pure_dict(teacher.params)),
+        "rest": jax.device_get(ckpt_lib.to_savable(nnx.to_pure_dict(teacher.model_state))),
+    }
     local_cpus = s.local_cpus or max(1, math.ceil(s.max_workers * s.cpus_per_worker))
     owns = connect(s.address, num_cpus=local_cpus)
     batch_shape = (config.batch_size // jax.process_count(), *info.image_shape)
-    return TeacherPool(model_config=t_cfg.to_dict(), dataset=info.name, variables=variables,
-                       batch_shape=batch_shape, dtype=config.dtype, min_workers=s.min_workers,
-                       max_workers=s.max_workers, kinds=tuple(s.kinds), cpus_per_worker=s.cpus_per_worker,
-                       gpus_per_worker=s.gpus_per_worker, batch_timeout_s=s.batch_timeout_s,
-                       start_timeout_s=s.start_timeout_s, scale_interval_s=s.scale_interval_s,
-                       delay_s=delay_s, owns_ray=owns)
+    return TeacherPool(
+        model_config=t_cfg.to_dict(),
+        dataset=info.name,
+        variables=variables,
+        batch_shape=batch_shape,
+        dtype=config.dtype,
+        min_workers=s.min_workers,
+        max_workers=s.max_workers,
+        kinds=tuple(s.kinds),
+        cpus_per_worker=s.cpus_per_worker,
+        gpus_per_worker=s.gpus_per_worker,
+        batch_timeout_s=s.batch_timeout_s,
+        start_timeout_s=s.start_timeout_s,
+        scale_interval_s=s.scale_interval_s,
+        delay_s=delay_s,
+        owns_ray=owns,
+    )

@@ -10,7 +10,8 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -62,10 +63,15 @@ def check_finite(state: TrainState, ckpt: ckpt_lib.Checkpointer | None) -> None:
     if ckpt is not None:
         ckpt.wait()
         last = ckpt.latest_step()
-    kept = f"the last good checkpoint (step {last}) is kept in {ckpt.directory}" if last is not None \
+    kept = (
+        f"the last good checkpoint (step {last}) is kept in {ckpt.directory}"
+        if last is not None
         else "no checkpoint had been saved yet"
-    raise NonFiniteLossError(f"The loss or gradient became NaN/inf at step {bad}; the run stopped and {kept}. "
-                             f"Lower the learning rate or enable optimizer.grad_clip_norm.")
+    )
+    raise NonFiniteLossError(
+        f"The loss or gradient became NaN/inf at step {bad}; the run stopped and {kept}. "
+        f"Lower the learning rate or enable optimizer.grad_clip_norm."
+    )
 
 
 @dataclasses.dataclass
@@ -82,8 +88,9 @@ class Checkpointing:
             return
         check_finite(state, self.ckpt)
         self.last_saved = step
-        self.ckpt.save(step, model=state.model_vars(), train=state.train_vars(), loader=loader.get_state(),
-                       meta=self.meta)
+        self.ckpt.save(
+            step, model=state.model_vars(), train=state.train_vars(), loader=loader.get_state(), meta=self.meta
+        )
 
 
 class _Profiler:
@@ -134,10 +141,21 @@ class _Logger:
         self.progress.update(done, avg)
 
 
-def fit(state: TrainState, train_step: Callable, loader, config, *, total_steps: int, mesh, step_args=(),
-        checkpointing: Checkpointing | None = None, writer: logs.MetricWriter | None = None,
-        evaluate: Callable[[TrainState], dict] | None = None, workdir: str | None = None,
-        verbose: bool = True) -> FitResult:
+def fit(
+    state: TrainState,
+    train_step: Callable,
+    loader,
+    config,
+    *,
+    total_steps: int,
+    mesh,
+    step_args=(),
+    checkpointing: Checkpointing | None = None,
+    writer: logs.MetricWriter | None = None,
+    evaluate: Callable[[TrainState], dict] | None = None,
+    workdir: str | None = None,
+    verbose: bool = True,
+) -> FitResult:
     """Runs `train_step(state, batch, *step_args)` from `state.step` to `total_steps` over `loader`.
 
     Uses the run config's log_every_steps, eval_every_steps and profile sections. Metrics are
@@ -164,8 +182,12 @@ def fit(state: TrainState, train_step: Callable, loader, config, *, total_steps:
                 t_first = time.perf_counter()
                 logger.progress.start(done)  # leave compilation out of the throughput
             logger.log(done, metrics, state, ckpt)
-            if evaluate is not None and config.eval_every_steps and done % config.eval_every_steps == 0 \
-                    and done < total_steps:
+            if (
+                evaluate is not None
+                and config.eval_every_steps
+                and done % config.eval_every_steps == 0
+                and done < total_steps
+            ):
                 ev = evaluate(state)
                 if writer is not None:
                     writer.write(done, ev, prefix="eval/")

@@ -23,7 +23,8 @@ B-DISTIL members (titans/ensemble/runner.py) and active-distillation students
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax.numpy as jnp
 
@@ -59,14 +60,23 @@ def objective_loss(config) -> Callable:
         if teacher_logits is None:
             return losses.cross_entropy(logits, labels, config.label_smoothing), ones
         if d.objective == "defer":
-            return losses.defer_surrogate(logits, teacher_logits, labels, alpha=d.alpha,
-                                          defer_weight=d.defer_weight), ones
-        per_example = losses.distillation_loss(logits, teacher_logits, labels, kind=d.loss, alpha=d.alpha,
-                                               temperature=d.temperature, label_smoothing=config.label_smoothing)
+            return losses.defer_surrogate(
+                logits, teacher_logits, labels, alpha=d.alpha, defer_weight=d.defer_weight
+            ), ones
+        per_example = losses.distillation_loss(
+            logits,
+            teacher_logits,
+            labels,
+            kind=d.loss,
+            alpha=d.alpha,
+            temperature=d.temperature,
+            label_smoothing=config.label_smoothing,
+        )
         if d.objective != "easy_weighted":
             return per_example, ones
-        weights = losses.easy_weights(teacher_logits, labels, logits, rule=d.easy.rule,
-                                      sharpness=d.easy.sharpness, floor=d.easy.floor)
+        weights = losses.easy_weights(
+            teacher_logits, labels, logits, rule=d.easy.rule, sharpness=d.easy.sharpness, floor=d.easy.floor
+        )
         if d.easy.rule == "agreement" and d.easy.warmup_steps:
             weights = jnp.where(step < d.easy.warmup_steps, ones, weights)
         return per_example, weights

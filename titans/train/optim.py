@@ -15,7 +15,8 @@ def _schedule(config, total_steps: int, num_examples: int):
         main = optax.cosine_decay_schedule(lr, decay_steps)
     elif s.name == "step":
         main = optax.piecewise_constant_schedule(
-            lr, {int(b * total_steps) - warmup: s.step_factor for b in s.step_boundaries})
+            lr, {int(b * total_steps) - warmup: s.step_factor for b in s.step_boundaries}
+        )
     else:
         main = optax.constant_schedule(lr)
     if not warmup:

@@ -24,8 +24,13 @@ class TrainState:
     def create(cls, model: nnx.Module, tx) -> tuple[Any, TrainState]:
         """(graphdef, state at step 0) of a freshly built model and optimizer."""
         graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
-        state = cls(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
-                    opt_state=tx.init(params), nonfinite_step=jnp.full((), -1, jnp.int32))
+        state = cls(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            model_state=model_state,
+            opt_state=tx.init(params),
+            nonfinite_step=jnp.full((), -1, jnp.int32),
+        )
         return graphdef, state
 
     def model_vars(self) -> dict:
@@ -41,5 +46,10 @@ class TrainState:
         rest = jax.tree.map(lambda x: x, self.model_state)
         nnx.replace_by_pure_dict(params, model_vars["params"])
         nnx.replace_by_pure_dict(rest, model_vars["rest"])
-        return self.replace(params=params, model_state=rest, step=train_vars["step"],
-                            opt_state=train_vars["opt_state"], nonfinite_step=train_vars["nonfinite_step"])
+        return self.replace(
+            params=params,
+            model_state=rest,
+            step=train_vars["step"],
+            opt_state=train_vars["opt_state"],
+            nonfinite_step=train_vars["nonfinite_step"],
+        )

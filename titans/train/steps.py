@@ -83,7 +83,7 @@ def make_eval_step(graphdef, info, dtype, num_bins: int, method: Method):
         labels, mask = batch["label"], batch["mask"]
         model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, model_state))
         logits = method.forward(model, images, frozen, False)[0]
-        logits = logits.astype(jnp.float32)[:, :info.num_classes]  # drop a "defer" output
+        logits = logits.astype(jnp.float32)[:, : info.num_classes]  # drop a "defer" output
         m = mask.astype(jnp.float32)
         pred = jnp.argmax(logits, -1)
         out = {
@@ -104,8 +104,9 @@ def make_eval_step(graphdef, info, dtype, num_bins: int, method: Method):
 def evaluate(eval_step, params, model_state, teacher, src, info, *, batch_size: int, mesh, frozen=None) -> dict:
     """Accuracy, loss, ECE (and agreement with the teacher) over a whole split, on every process."""
     totals = None
-    for batch in data_lib.eval_batches(src, info, global_batch_size=batch_size,
-                                       process_index=jax.process_index(), process_count=jax.process_count()):
+    for batch in data_lib.eval_batches(
+        src, info, global_batch_size=batch_size, process_index=jax.process_index(), process_count=jax.process_count()
+    ):
         sums = eval_step(params, model_state, parallel.to_global(batch, mesh), teacher, frozen)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)

@@ -56,23 +56,39 @@ def _start(config, workdir: str) -> Setup:
     eval_src = data_lib.get_source(config.dataset.name, config.dataset.eval_split, data_dir=data_dir)
     parallel.check_batch_size(config.batch_size, mesh)
     parallel.check_batch_size(config.eval_batch_size, mesh)
-    setup = Setup(config, run, mesh, runs.compute_dtype(config.dtype), info, train_src, eval_src,
-                  config_lib.steps(config, len(train_src)))
+    setup = Setup(
+        config,
+        run,
+        mesh,
+        runs.compute_dtype(config.dtype),
+        info,
+        train_src,
+        eval_src,
+        config_lib.steps(config, len(train_src)),
+    )
     # distill.teacher_mode cache/service: the soft labels arrive with the batches (titans.teachers);
     # the cache's manifest and the service's workers are checked here, before the first step.
     setup.soft_labels = teachers.open_soft_labels(config, info, train_src)
     if config.distill.teacher_workdir and setup.soft_labels is None:
-        teacher, _ = runs.load_teacher(config.distill.teacher_workdir, info, dtype=setup.dtype,
-                                       step=config.distill.teacher_step)
+        teacher, _ = runs.load_teacher(
+            config.distill.teacher_workdir, info, dtype=setup.dtype, step=config.distill.teacher_step
+        )
         setup.teacher = parallel.replicate(teacher, mesh)
     return setup
 
 
 def _loader(s: Setup, method: method_lib.Method):
     needs_index = method.needs_index or (s.soft_labels is not None and s.soft_labels.needs_index)
-    loader = data_lib.TrainLoader(s.train_src, s.info, global_batch_size=s.config.batch_size, seed=s.config.seed,
-                                  process_index=jax.process_index(), process_count=jax.process_count(),
-                                  augment=s.config.dataset.augment, with_index=needs_index)
+    loader = data_lib.TrainLoader(
+        s.train_src,
+        s.info,
+        global_batch_size=s.config.batch_size,
+        seed=s.config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        augment=s.config.dataset.augment,
+        with_index=needs_index,
+    )
     return s.soft_labels.wrap(loader) if s.soft_labels is not None else loader
 
 
@@ -82,10 +98,12 @@ def _resume(s: Setup, state: TrainState, loader, ckpt: ckpt_lib.Checkpointer, me
         return state
     step = saved[-1] if s.config.checkpoint.restore_step < 0 else s.config.checkpoint.restore_step
     if step not in saved:
-        raise ckpt_lib.CheckpointError(f"checkpoint.restore_step={step} is not saved in {ckpt.directory}; "
-                                       f"saved steps: {saved}.")
+        raise ckpt_lib.CheckpointError(
+            f"checkpoint.restore_step={step} is not saved in {ckpt.directory}; saved steps: {saved}."
+        )
     model_vars, train_vars, loader_state = ckpt.restore(
-        step, model_like=state.model_vars(), train_like=state.train_vars(), expected_meta=meta)
+        step, model_like=state.model_vars(), train_like=state.train_vars(), expected_meta=meta
+    )
     state = parallel.replicate(state.with_vars(model_vars, train_vars), s.mesh)
     loader.set_state(loader_state)
     logging.info("[%s] resumed from checkpoint step %d of %s", s.config.name, step, ckpt.directory)
@@ -95,18 +113,20 @@ def _resume(s: Setup, state: TrainState, loader, ckpt: ckpt_lib.Checkpointer, me
 def _report(s: Setup, fitted: FitResult, model, eval_fn) -> dict:
     config, state = s.config, fitted.state
     result = eval_fn(state)
-    result.update({
-        "name": config.name,
-        "model": config.model.name,
-        "dataset": config.dataset.name,
-        "split": config.dataset.eval_split,
-        "steps": s.total_steps,
-        "train_time_s": fitted.train_time_s,
-        "train_examples_per_s": fitted.examples_per_s,
-        "flops_per_example": models.flops_per_example(model, tuple(s.info.image_shape)),
-        "param_count": models.param_count(model),
-        "preempted": False,
-    })
+    result.update(
+        {
+            "name": config.name,
+            "model": config.model.name,
+            "dataset": config.dataset.name,
+            "split": config.dataset.eval_split,
+            "steps": s.total_steps,
+            "train_time_s": fitted.train_time_s,
+            "train_examples_per_s": fitted.examples_per_s,
+            "flops_per_example": models.flops_per_example(model, tuple(s.info.image_shape)),
+            "param_count": models.param_count(model),
+            "preempted": False,
+        }
+    )
     if s.soft_labels is not None or s.teacher is not None:
         result["teacher_workdir"] = config.distill.teacher_workdir
         result["objective"] = config.distill.objective
@@ -116,8 +136,9 @@ def _report(s: Setup, fitted: FitResult, model, eval_fn) -> dict:
     return result
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       method: method_lib.Method | None = None) -> dict:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, method: method_lib.Method | None = None
+) -> dict:
     """Trains one model (a teacher, or a student when distill.teacher_workdir is set) and evaluates it.
 
     `method` (optional, see titans.train.method) changes the model, its forward pass and loss, and
@@ -145,20 +166,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     eval_step = jax.jit(make_eval_step(graphdef, s.info, s.dtype, config.ece_bins, method))
 
     def eval_fn(st):
-        return evaluate(eval_step, st.params, st.model_state, s.teacher, s.eval_src, s.info,
-                        batch_size=config.eval_batch_size, mesh=s.mesh, frozen=frozen)
+        return evaluate(
+            eval_step,
+            st.params,
+            st.model_state,
+            s.teacher,
+            s.eval_src,
+            s.info,
+            batch_size=config.eval_batch_size,
+            mesh=s.mesh,
+            frozen=frozen,
+        )
 
     writer = logs.MetricWriter(s.run.path, enabled=writer_proc)
-    with (s.soft_labels or contextlib.nullcontext()):
-        fitted = fit(state, train_step, loader, config, total_steps=s.total_steps, mesh=s.mesh,
-                     step_args=(s.teacher, frozen),
-                     checkpointing=Checkpointing(ckpt, meta, config.checkpoint.every_steps),
-                     writer=writer, evaluate=eval_fn, workdir=s.run.path, verbose=writer_proc)
+    with s.soft_labels or contextlib.nullcontext():
+        fitted = fit(
+            state,
+            train_step,
+            loader,
+            config,
+            total_steps=s.total_steps,
+            mesh=s.mesh,
+            step_args=(s.teacher, frozen),
+            checkpointing=Checkpointing(ckpt, meta, config.checkpoint.every_steps),
+            writer=writer,
+            evaluate=eval_fn,
+            workdir=s.run.path,
+            verbose=writer_proc,
+        )
     if fitted.preempted:
         ckpt.close()
         writer.close()
-        logging.warning("[%s] stopped by SIGTERM at step %d; checkpoint saved. Rerun the same command to resume.",
-                        config.name, fitted.step)
+        logging.warning(
+            "[%s] stopped by SIGTERM at step %d; checkpoint saved. Rerun the same command to resume.",
+            config.name,
+            fitted.step,
+        )
         return {"preempted": True, "step": fitted.step}
     result = _report(s, fitted, nnx.merge(graphdef, fitted.state.params, fitted.state.model_state), eval_fn)
     writer.write(s.total_steps, {k: v for k, v in result.items() if isinstance(v, (int, float))}, prefix="final/")
