@@ -40,7 +40,7 @@ import numpy as np
 from flax import nnx
 
 from titans import cascade, models
-from titans.train import Teacher
+from titans.runs import FrozenModel as Teacher
 
 PAIRS = {
     # name: input shape, classes, (teacher, kwargs), (student, kwargs)

@@ -6,7 +6,7 @@ Three steps, on the same architectures, the same global batch and the same initi
 * student step   cross-entropy training step of the student alone,
 * online-KD step teacher forward (eval mode, no gradient) + the student's Hinton-KD training step.
 
-The Titans side is the real trainer code: `train.make_train_step` / `train.make_loss_fn` /
+The Titans side is the real trainer code: `train.make_train_step` / `train.resolve` (the config's objective Method) /
 `train.make_optimizer` on models from `train.build_model`, jitted with the state donated, the
 batch placed with `parallel.to_global`, exactly as `train.train_and_evaluate` runs it. The PyTorch
 side is eager nn.Modules with the same layers (conv3x3-BN-ReLU-maxpool stages, dense, classifier
@@ -159,9 +159,9 @@ class TitansSide:
         from flax import nnx
 
         from titans import config as config_lib
-        from titans import data, models, parallel, train
+        from titans import data, models, parallel, runs, train
 
-        self.jax, self.jnp, self.nnx, self.train, self.parallel = jax, jnp, nnx, train, parallel
+        self.jax, self.jnp, self.nnx, self.train, self.parallel, self.runs = jax, jnp, nnx, train, parallel, runs
         self.info = data.dataset_info(args.dataset)
         self.mesh = parallel.make_mesh()
         parallel.check_batch_size(args.batch_size, self.mesh)
@@ -182,7 +182,7 @@ class TitansSide:
             cfg.dtype = "float32"
             cfg = config_lib.validate(cfg)
             self.configs[role] = cfg
-            model = train.build_model(cfg.model, self.info, seed=seed, dtype=self.dtype)
+            model = models.build_model(cfg.model, self.info, seed=seed, dtype=self.dtype)
             self.models[role] = model
             self.flops[role] = models.flops_per_example(model, tuple(self.info.image_shape))
             self.params[role] = models.param_count(model)
@@ -208,7 +208,7 @@ class TitansSide:
 
     def teacher(self):
         graphdef, params, rest = self.split("teacher")
-        return self.parallel.replicate(self.train.Teacher(graphdef, params, rest), self.mesh)
+        return self.parallel.replicate(self.runs.FrozenModel(graphdef, params, rest), self.mesh)
 
     def make(self, kind: str):
         """(jitted step, initial TrainState, teacher or None) for kind in teacher|student|kd."""
@@ -221,13 +221,12 @@ class TitansSide:
             params=params,
             model_state=rest,
             opt_state=tx.init(params),
-            rng=jax.random.key_data(jax.random.key(0)),
             nonfinite_step=jnp.full((), -1, jnp.int32),
         )
         state = self.parallel.replicate(state, self.mesh)
         step = jax.jit(
             train.make_train_step(
-                graphdef, tx, train.make_loss_fn(self.configs[role]), self.info, self.dtype, schedule
+                graphdef, tx, train.resolve(None, self.configs[role]), self.info, self.dtype, schedule
             ),
             donate_argnums=(0,),
         )

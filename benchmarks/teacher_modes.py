@@ -82,11 +82,9 @@ def main(argv=None):
     cfg.dtype = "float32"
     cfg.distill.teacher_workdir = args.teacher_workdir
     cfg = config_lib.validate(cfg)
-    student = train.build_model(cfg.model, info, seed=1, dtype=jnp.float32)
+    student = models.build_model(cfg.model, info, seed=1, dtype=jnp.float32)
     flops = {
-        "teacher": models.flops_per_example(
-            nnx.merge(teacher.graphdef, teacher.params, teacher.model_state), tuple(info.image_shape)
-        ),
+        "teacher": teacher.flops_per_example(info.image_shape),
         "student": models.flops_per_example(student, tuple(info.image_shape)),
     }
 
@@ -136,12 +134,12 @@ def main(argv=None):
     graphdef, params0, rest0 = nnx.split(student, nnx.Param, ...)
     rep_teacher = parallel.replicate(teacher, mesh)
     step_fn = jax.jit(
-        train.make_train_step(graphdef, tx, train.make_loss_fn(cfg), info, jnp.float32, schedule), donate_argnums=(0,)
+        train.make_train_step(graphdef, tx, train.resolve(None, cfg), info, jnp.float32, schedule), donate_argnums=(0,)
     )
     ce_cfg = config_lib.base_config()
     ce_cfg.total_steps = 1
     ce_step = jax.jit(
-        train.make_train_step(graphdef, tx, train.make_loss_fn(ce_cfg), info, jnp.float32, schedule),
+        train.make_train_step(graphdef, tx, train.resolve(None, ce_cfg), info, jnp.float32, schedule),
         donate_argnums=(0,),
     )
 
@@ -153,7 +151,6 @@ def main(argv=None):
             params=p,
             model_state=r,
             opt_state=tx.init(p),
-            rng=jax.random.key_data(jax.random.key(0)),
             nonfinite_step=jnp.full((), -1, jnp.int32),
         )
         return parallel.replicate(st, mesh)

@@ -10,7 +10,7 @@ TensorFlow (its Audio feature needs TF even to be read).
 
 Teacher (unless `teacher=RUN_DIR`): a 2-D CNN over the spectrogram (conv 32-64, dense 128, 15 epochs).
 Members: FIND-WL among 1-D conv nets over time (mel bands as channels; `conv1d`,
-titans/ensemble/audio.py) of 16, 32 and 64 channels, up to `rounds` (4), each `epochs` (10) with KD
+titans/models/audio.py) of 16, 32 and 64 channels, up to `rounds` (4), each `epochs` (10) with KD
 (T=4, alpha=0.9) on F_{w-1} + f_w under the weight player's weights; member w >= 2 reads member
 w-1's `features` (concat after a 16-wide projection). Baselines: resched and no-resched as in
 configs/bdistil_fmnist.py. Splits: the clips in validation_list.txt are the validation split, those in

@@ -29,9 +29,12 @@ def _functions(tree):
 
 
 def test_no_function_is_longer_than_80_lines():
-    long = [f"{path}:{fn.lineno} {fn.name} ({fn.end_lineno - fn.lineno + 1} lines)"
-            for path, _, tree in _modules() for fn in _functions(tree)
-            if fn.end_lineno - fn.lineno + 1 > MAX_FUNCTION_LINES]
+    long = [
+        f"{path}:{fn.lineno} {fn.name} ({fn.end_lineno - fn.lineno + 1} lines)"
+        for path, _, tree in _modules()
+        for fn in _functions(tree)
+        if fn.end_lineno - fn.lineno + 1 > MAX_FUNCTION_LINES
+    ]
     assert not long, "functions longer than 80 lines:\n" + "\n".join(long)
 
 
@@ -45,8 +48,10 @@ def test_titans_imports_inside_functions_are_deferred_on_purpose():
             for node in ast.walk(fn):
                 if isinstance(node, ast.Import | ast.ImportFrom):
                     names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
-                    if any(n == "titans" or n.startswith("titans.") for n in names) \
-                            and "(deferred:" not in lines[node.lineno - 1]:
+                    if (
+                        any(n == "titans" or n.startswith("titans.") for n in names)
+                        and "(deferred:" not in lines[node.lineno - 1]
+                    ):
                         bad.append(f"{path}:{node.lineno}: {lines[node.lineno - 1].strip()}")
     assert not bad, "function-level titans imports without a reason:\n" + "\n".join(bad)
 

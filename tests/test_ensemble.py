@@ -2,6 +2,7 @@
 anytime inference, the run with FIND-WL and its baselines, resume, and the speech path."""
 
 import json
+import logging
 import os
 
 import jax
@@ -308,11 +309,12 @@ def test_resume_mid_ensemble_gives_the_same_result(ensemble_run, data_dir, digit
     )
 
 
-def test_find_wl_stops_cleanly_when_no_candidate_meets_the_condition(data_dir, digits_teacher, tmp_path, capsys):
+def test_find_wl_stops_cleanly_when_no_candidate_meets_the_condition(data_dir, digits_teacher, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     cfg = ensemble_config(data_dir, digits_teacher, rounds=1, gamma=0.999, variants=("bdistil", "resched"))
     out = experiment.run_experiment(cfg, str(tmp_path))
     assert not out["preempted"]
-    printed = capsys.readouterr().out
+    printed = caplog.text
     assert "no candidate met the weak-learning condition" in printed and "skipped" in printed
     with open(tmp_path / "bdistil" / "state.json") as f:
         state = json.load(f)

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -238,9 +239,10 @@ def test_missing_dataset_names_prepare_command(tmp_path):
         train.train_and_evaluate(c, str(tmp_path / "run"))
 
 
-def test_pipeline_runs_stages_and_skips_finished(data_dir, tmp_path, capsys):
+def test_pipeline_runs_stages_and_skips_finished(data_dir, tmp_path, caplog):
     from titans import experiment
 
+    caplog.set_level(logging.INFO)
     c = ml_collections.ConfigDict()
     c.stage_order = ("teacher", "student")
     c.stages = ml_collections.ConfigDict()
@@ -252,7 +254,7 @@ def test_pipeline_runs_stages_and_skips_finished(data_dir, tmp_path, capsys):
     table = open(tmp_path / "summary.md").read()
     assert "| teacher |" in table and "| student |" in table
     out2 = experiment.run_experiment(c, str(tmp_path))
-    assert "already finished" in capsys.readouterr().out
+    assert "already finished" in caplog.text
     assert out2["stages"]["student"]["accuracy"] == out["stages"]["student"]["accuracy"]
 
 

@@ -1,3 +1,13 @@
-"""Titans: teacher/student distillation and cascades for efficient inference, in JAX."""
+"""Titans: teacher/student distillation, cascades and anytime ensembles for efficient inference, in JAX.
 
-__version__ = "0.1.0"
+The package is laid out in layers (docs/architecture.md): data and models, checkpoints, model loading
+(`titans.runs`), soft-label sources (`titans.teachers`), training (`titans.train`), the methods
+(`titans.cascade`, `titans.ensemble`, `titans.active`), experiments and analysis.
+"""
+
+from importlib import metadata
+
+try:
+    __version__ = metadata.version("titans")
+except metadata.PackageNotFoundError:  # run from a source tree that was not pip-installed
+    __version__ = "0.2.0+source"

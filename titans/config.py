@@ -32,16 +32,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.name = "run"
     c.seed = 0
 
-    c.dataset = ml_collections.ConfigDict()
-    c.dataset.name = "fashion_mnist"
-    c.dataset.data_dir = ""  # "" -> $TFDS_DATA_DIR or ~/tensorflow_datasets
-    c.dataset.train_split = "train"
-    c.dataset.eval_split = "test"
-    c.dataset.augment = True  # only where the dataset calls for it (CIFAR, ImageNet)
+    c.dataset = _dataset_section()
 
-    c.model = ml_collections.ConfigDict()
-    c.model.name = "cnn"
-    c.model.kwargs = ml_collections.ConfigDict()
+    c.model = _model_section()
 
     # Compute dtype. Parameters and optimizer state are always float32.
     # "auto": bfloat16 on GPU/TPU, float32 on CPU.
@@ -53,82 +46,153 @@ def base_config() -> ml_collections.ConfigDict:
     c.total_steps = 0
     c.total_epochs = 0.0
 
-    c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.name = "sgd"  # sgd | adamw | adam
-    c.optimizer.learning_rate = 0.05
-    c.optimizer.momentum = 0.9  # sgd
-    c.optimizer.nesterov = True  # sgd
-    c.optimizer.b1 = 0.9  # adam(w)
-    c.optimizer.b2 = 0.999  # adam(w)
-    c.optimizer.weight_decay = 5e-4  # decoupled for adamw, L2-as-gradient for sgd
-    c.optimizer.grad_clip_norm = 0.0  # 0 = off
-
-    c.schedule = ml_collections.ConfigDict()
-    c.schedule.name = "cosine"  # cosine | constant | step
-    c.schedule.warmup_steps = 0
-    c.schedule.warmup_epochs = 0.0
-    c.schedule.step_boundaries = (0.5, 0.75)  # fractions of training, for "step"
-    c.schedule.step_factor = 0.1
-
+    c.optimizer = _optimizer_section()
+    c.schedule = _schedule_section()
     # Distillation. Empty teacher_workdir = plain supervised training (a teacher run).
-    c.distill = ml_collections.ConfigDict()
-    c.distill.teacher_workdir = ""
-    c.distill.teacher_step = -1  # -1 = latest checkpoint of the teacher run
-    c.distill.loss = "kd"  # kd (Hinton) | hard (CE on teacher argmax)
-    c.distill.alpha = 0.9  # weight of the distillation term; (1 - alpha) on labelled CE
-    c.distill.temperature = 4.0
-    # Student objective (cascades, METHODS.md §1): standard | easy_weighted | defer.
-    c.distill.objective = "standard"
-    c.distill.easy = ml_collections.ConfigDict()
-    c.distill.easy.rule = "confidence"  # confidence | margin | correctness | agreement
-    c.distill.easy.sharpness = 2.0  # weight = floor + (1 - floor) * easiness ** sharpness
-    c.distill.easy.floor = 0.1
-    c.distill.easy.warmup_steps = 0  # "agreement" uses weight 1 before this step
-    c.distill.defer_weight = 1.0  # scales the "defer" term of the learning-to-defer surrogate
-    # Where the soft labels come from (titans/teachers, docs/teachers.md): online (the teacher's forward
-    # inside the student step) | cache (outputs written beforehand by `python -m titans.teachers.cache`)
-    # | service (an elastic pool of teacher actors on Ray).
-    c.distill.teacher_mode = "online"
-    c.distill.cache = ml_collections.ConfigDict()
-    c.distill.cache.dir = ""  # the cache directory (manifest.json + shards)
-    c.distill.cache.topk = 0  # 0 = full logits; k = the cache holds the teacher's top-k values + classes
-    c.distill.cache.dtype = "float32"  # float32 | bfloat16 | float16 (storage)
-    c.distill.service = ml_collections.ConfigDict()
-    c.distill.service.address = ""  # "" = start a local Ray on 127.0.0.1; else "HOST:6379", "auto", "ray://..."
-    c.distill.service.min_workers = 1
-    c.distill.service.max_workers = 2
-    c.distill.service.kinds = ("cpu",)  # worker kinds tried in order: cpu | gpu
-    c.distill.service.cpus_per_worker = 1.0
-    c.distill.service.gpus_per_worker = 1.0  # for "gpu" workers
-    c.distill.service.local_cpus = 0  # CPUs of a local Ray (0 = max_workers * cpus_per_worker)
-    c.distill.service.max_in_flight = 8  # batches submitted ahead of the student step
-    c.distill.service.batch_timeout_s = 120.0  # a worker silent this long on a batch is replaced
-    c.distill.service.start_timeout_s = 300.0  # wait this long for min_workers (at least 1) to be ready
-    c.distill.service.scale_interval_s = 2.0  # how often the pool looks for free resources / replaces workers
+    c.distill = _distill_section()
 
     c.label_smoothing = 0.0
 
-    c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.every_steps = 500
-    c.checkpoint.keep = 3
-    c.checkpoint.async_save = True
-    c.checkpoint.restore_step = -1  # -1 = latest
+    c.checkpoint = _checkpoint_section()
 
     c.log_every_steps = 50
     c.eval_every_steps = 0  # 0 = only at the end
     c.ece_bins = 15
 
     # Profiler trace written to WORKDIR/profile for `num_steps` steps from `start_step` (-1 = off).
-    c.profile = ml_collections.ConfigDict()
-    c.profile.start_step = -1
-    c.profile.num_steps = 5
+    c.profile = _profile_section()
 
     # Multi-process start-up; empty = single process (or auto-detected on Cloud TPU).
-    c.distributed = ml_collections.ConfigDict()
-    c.distributed.coordinator_address = ""
-    c.distributed.num_processes = 0
-    c.distributed.process_id = -1
+    c.distributed = _distributed_section()
     return c
+
+
+def _dataset_section() -> ml_collections.ConfigDict:
+    """`dataset`: which TFDS dataset and splits a run trains and evaluates on."""
+    d = ml_collections.ConfigDict()
+    d.name = "fashion_mnist"
+    d.data_dir = ""  # "" -> $TFDS_DATA_DIR or ~/tensorflow_datasets
+    d.train_split = "train"
+    d.eval_split = "test"
+    d.augment = True  # only where the dataset calls for it (CIFAR, ImageNet)
+    return d
+
+
+def _model_section() -> ml_collections.ConfigDict:
+    """`model`: the registered model name and its constructor's keyword arguments (free-form)."""
+    m = ml_collections.ConfigDict()
+    m.name = "cnn"
+    m.kwargs = ml_collections.ConfigDict()
+    return m
+
+
+def _optimizer_section() -> ml_collections.ConfigDict:
+    """`optimizer`: the optimizer and its hyperparameters (fields unused by the chosen one are ignored)."""
+    o = ml_collections.ConfigDict()
+    o.name = "sgd"  # sgd | adamw | adam
+    o.learning_rate = 0.05
+    o.momentum = 0.9  # sgd
+    o.nesterov = True  # sgd
+    o.b1 = 0.9  # adam(w)
+    o.b2 = 0.999  # adam(w)
+    o.weight_decay = 5e-4  # decoupled for adamw, L2-as-gradient for sgd
+    o.grad_clip_norm = 0.0  # 0 = off
+    return o
+
+
+def _schedule_section() -> ml_collections.ConfigDict:
+    """`schedule`: the learning-rate schedule and its warmup."""
+    s = ml_collections.ConfigDict()
+    s.name = "cosine"  # cosine | constant | step
+    s.warmup_steps = 0
+    s.warmup_epochs = 0.0
+    s.step_boundaries = (0.5, 0.75)  # fractions of training, for "step"
+    s.step_factor = 0.1
+    return s
+
+
+def _distill_section() -> ml_collections.ConfigDict:
+    """`distill`: the teacher, the distillation loss, the student objective and where soft labels come from."""
+    d = ml_collections.ConfigDict()
+    d.teacher_workdir = ""
+    d.teacher_step = -1  # -1 = latest checkpoint of the teacher run
+    d.loss = "kd"  # kd (Hinton) | hard (CE on teacher argmax)
+    d.alpha = 0.9  # weight of the distillation term; (1 - alpha) on labelled CE
+    d.temperature = 4.0
+    # Student objective (cascades, METHODS.md §1): standard | easy_weighted | defer.
+    d.objective = "standard"
+    d.easy = _distill_easy_section()
+    d.defer_weight = 1.0  # scales the "defer" term of the learning-to-defer surrogate
+    # Where the soft labels come from (titans/teachers, docs/teachers.md): online (the teacher's forward
+    # inside the student step) | cache (outputs written beforehand by `python -m titans.teachers.cache`)
+    # | service (an elastic pool of teacher actors on Ray).
+    d.teacher_mode = "online"
+    d.cache = _distill_cache_section()
+    d.service = _distill_service_section()
+    return d
+
+
+def _distill_easy_section() -> ml_collections.ConfigDict:
+    """`distill.easy`: how the "easy_weighted" objective weights each example by its easiness."""
+    e = ml_collections.ConfigDict()
+    e.rule = "confidence"  # confidence | margin | correctness | agreement
+    e.sharpness = 2.0  # weight = floor + (1 - floor) * easiness ** sharpness
+    e.floor = 0.1
+    e.warmup_steps = 0  # "agreement" uses weight 1 before this step
+    return e
+
+
+def _distill_cache_section() -> ml_collections.ConfigDict:
+    """`distill.cache`: the offline teacher cache read in teacher_mode="cache"."""
+    c = ml_collections.ConfigDict()
+    c.dir = ""  # the cache directory (manifest.json + shards)
+    c.topk = 0  # 0 = full logits; k = the cache holds the teacher's top-k values + classes
+    c.dtype = "float32"  # float32 | bfloat16 | float16 (storage)
+    return c
+
+
+def _distill_service_section() -> ml_collections.ConfigDict:
+    """`distill.service`: the Ray pool of teacher actors used in teacher_mode="service"."""
+    s = ml_collections.ConfigDict()
+    s.address = ""  # "" = start a local Ray on 127.0.0.1; else "HOST:6379", "auto", "ray://..."
+    s.min_workers = 1
+    s.max_workers = 2
+    s.kinds = ("cpu",)  # worker kinds tried in order: cpu | gpu
+    s.cpus_per_worker = 1.0
+    s.gpus_per_worker = 1.0  # for "gpu" workers
+    s.local_cpus = 0  # CPUs of a local Ray (0 = max_workers * cpus_per_worker)
+    s.max_in_flight = 8  # batches submitted ahead of the student step
+    s.batch_timeout_s = 120.0  # a worker silent this long on a batch is replaced
+    s.start_timeout_s = 300.0  # wait this long for min_workers (at least 1) to be ready
+    s.scale_interval_s = 2.0  # how often the pool looks for free resources / replaces workers
+    return s
+
+
+def _checkpoint_section() -> ml_collections.ConfigDict:
+    """`checkpoint`: how often checkpoints are saved, how many are kept, which one a run restores."""
+    c = ml_collections.ConfigDict()
+    c.every_steps = 500
+    c.keep = 3
+    c.async_save = True
+    c.restore_step = -1  # -1 = latest
+    return c
+
+
+def _profile_section() -> ml_collections.ConfigDict:
+    """`profile`: which steps the profiler traces (off by default)."""
+    p = ml_collections.ConfigDict()
+    p.start_step = -1
+    p.num_steps = 5
+    return p
+
+
+def _distributed_section() -> ml_collections.ConfigDict:
+    """`distributed`: how the processes of a multi-process run find each other."""
+    d = ml_collections.ConfigDict()
+    d.coordinator_address = ""
+    d.num_processes = 0
+    d.process_id = -1
+    return d
 
 
 def _flat_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:

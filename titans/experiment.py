@@ -11,7 +11,6 @@ resumes from its checkpoint, so rerunning a pipeline command continues where it 
 
 from __future__ import annotations
 
-import logging
 import os
 
 import ml_collections
@@ -21,7 +20,7 @@ from titans import logs, runs
 from titans.cascade import evaluate as cascade_evaluate
 from titans.ensemble import config as ensemble_config
 from titans.ensemble import runner as ensemble_runner
-from titans.train import train_and_evaluate
+from titans.train import ensure_trained, train_and_evaluate
 
 
 def run_experiment(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -48,17 +47,10 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     f"(stage_order: {list(config.stage_order)})."
                 )
             stage.distill.teacher_workdir = os.path.join(workdir, ref[1:])
-        finished = runs.RunDir(stage_dir).results()
-        if finished is not None:
-            results[name] = finished
-            logging.info("[%s] already finished: %s", name, stage_dir)
-            continue
-        results[name] = train_and_evaluate(stage, stage_dir)
+        results[name] = ensure_trained(stage, stage_dir)
         if results[name].get("preempted"):
             return {"preempted": True, "stage": name, "stages": results}
     table = summary_table(results)
-    if results:
-        print("\n" + table, flush=True)
     if logs.is_writer():
         runs.write_json(os.path.join(workdir, "summary.json"), results)
         runs.write_text(os.path.join(workdir, "summary.md"), table + "\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -99,6 +100,13 @@ class Progress:
             file=sys.stdout,
             flush=True,
         )
+
+
+def setup_cli_logging() -> None:
+    """What a command-line tool shows: Titans' INFO messages (resumed, finished, skipped ...) on
+    stderr; orbax's and absl's own INFO chatter hidden."""
+    logging.getLogger().setLevel(logging.INFO)
+    logging.getLogger("absl").setLevel(logging.WARNING)
 
 
 def is_writer() -> bool:

@@ -22,11 +22,6 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
     return -jnp.sum(target * logp, axis=-1)
 
 
-def soft_cross_entropy(logits: jax.Array, target_probs: jax.Array) -> jax.Array:
-    """Per-example cross-entropy against a probability vector."""
-    return -jnp.sum(target_probs * jax.nn.log_softmax(logits.astype(jnp.float32)), axis=-1)
-
-
 def kd_divergence(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float) -> jax.Array:
     """Hinton et al. (2015): T^2 * KL(softmax(teacher/T) || softmax(student/T)), per example.
 

@@ -5,14 +5,13 @@ Only parses flags; everything else is `titans.experiment.run_experiment(config, 
 
 from __future__ import annotations
 
-import logging
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
 from titans import config as config_lib
-from titans import experiment
+from titans import experiment, logs
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/quickstart.py[:ARG].", lock_config=True
@@ -40,12 +39,16 @@ def _precheck_overrides(argv: list[str]) -> None:
 
 def main(argv):
     del argv
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax is chatty at INFO
+    logs.setup_cli_logging()
     try:
         config = config_lib.validate(_CONFIG.value)
     except config_lib.ConfigError as e:
         sys.exit(f"error: {e}")
-    experiment.run_experiment(config, _WORKDIR.value)
+    out = experiment.run_experiment(config, _WORKDIR.value)
+    if out.get("preempted") or not logs.is_writer():
+        return
+    stages = out.get("stages", {config.name: out})
+    print("\n" + experiment.summary_table(stages), flush=True)
 
 
 def cli():

@@ -173,25 +173,8 @@ def _check_resume(meta: dict, strategy: str, fields: dict, workdir: str) -> None
         )
 
 
-def run_strategy(
-    strategy: str,
-    config,
-    data: Data,
-    teacher_predict,
-    trainer: StudentTrainer,
-    workdir: str,
-    *,
-    stop_after_round: int | None = None,
-    log: Callable[[str], None] = logging.info,
-) -> dict:
-    """Runs (or resumes) one strategy's rounds in `workdir`; returns its history.
-
-    `stop_after_round` ends the call after that round is checkpointed (for tests of resuming).
-    """
-    a = config.active
-    rounds, b, k = a.rounds, a.budget_per_round, data.info.num_classes
-    cap = rounds * b
-    n_lab = len(data.labelled[1])
+def _open_workdir(strategy: str, config, workdir: str) -> None:
+    """Creates `workdir`, records which strategy and config its rounds belong to, or checks a resumed one."""
     os.makedirs(workdir, exist_ok=True)
     meta_path = os.path.join(workdir, "meta.json")
     fields = _resume_fields(config)
@@ -201,9 +184,12 @@ def run_strategy(
     else:
         runs.write_text(meta_path, json.dumps({"strategy": strategy, "config": fields}, indent=1))
 
-    pure_params, pure_rest, params_like, rest_like = trainer.abstract_variables()
+
+def _fresh_state(config, data: Data, pure_params, pure_rest) -> dict:
+    """The round state before round 0, sized for the whole budget; also the template checkpoints restore into."""
+    rounds, cap, k = config.active.rounds, config.active.rounds * config.active.budget_per_round, data.info.num_classes
     nan = np.full(rounds + 1, np.nan, np.float32)
-    state = {
+    return {
         "bought": np.full(cap, -1, np.int32),
         "soft": np.zeros((cap, k), np.float32),
         "num_bought": np.zeros((), np.int32),
@@ -221,84 +207,124 @@ def run_strategy(
         },
         "student": ckpt_lib.to_savable({"params": pure_params, "rest": pure_rest}),
     }
-    ckpt = ckpt_lib.TreeCheckpoints(os.path.join(workdir, "rounds"))
-    teacher = CountingTeacher(teacher_predict, data.pool_images, budget=cap)
-    done = ckpt.latest()
-    start = 0
-    if done is not None:
-        state = ckpt.restore(done, state)
-        state = jax.tree.map(np.asarray, state)
-        nb = int(state["num_bought"])
-        teacher.restore(state["bought"][:nb], int(state["validation_queries"]))
-        start = done + 1
-        log(f"[{strategy}] resumed after round {done} ({nb} queries bought)")
 
-    def student_vars():
+
+def _resume(ckpt, state: dict, teacher: CountingTeacher, strategy: str, log) -> tuple[dict, int]:
+    """Restores the last finished round, if any, into `state` and `teacher`; returns the state and the next round."""
+    done = ckpt.latest()
+    if done is None:
+        return state, 0
+    state = jax.tree.map(np.asarray, ckpt.restore(done, state))
+    nb = int(state["num_bought"])
+    teacher.restore(state["bought"][:nb], int(state["validation_queries"]))
+    log(f"[{strategy}] resumed after round {done} ({nb} queries bought)")
+    return state, done + 1
+
+
+@dataclasses.dataclass
+class _Rounds:
+    """One strategy's rounds: the fixed inputs, the counted teacher, and the round state that is checkpointed.
+
+    `abstract` is `trainer.abstract_variables()`: pure params and rest (the checkpoint layout) and the
+    nnx params and rest that the student's variables are put back into.
+    """
+
+    strategy: str
+    config: ml_collections.ConfigDict
+    data: Data
+    trainer: StudentTrainer
+    teacher: CountingTeacher
+    abstract: tuple
+    state: dict
+
+    def student_variables(self):
+        """The previous round's student (as checkpointed in `state`) as nnx params and rest."""
+        pure_params, pure_rest, params_like, rest_like = self.abstract
         p = jax.tree.map(lambda x: x, params_like)
         r = jax.tree.map(lambda x: x, rest_like)
-        student = ckpt_lib.from_savable(state["student"], {"params": pure_params, "rest": pure_rest})
+        student = ckpt_lib.from_savable(self.state["student"], {"params": pure_params, "rest": pure_rest})
         nnx.replace_by_pure_dict(p, student["params"])
         nnx.replace_by_pure_dict(r, student["rest"])
         return p, r
 
-    lab_images, lab_labels = data.labelled
-    for rnd in range(start, rounds + 1):
-        h = state["history"]
+    def estimate_mistakes(self, params, rest) -> float:
+        """The robust strategy's m: how many of the b points to buy the teacher may get wrong.
+
+        The validation split is run through the teacher once per strategy (its predictions are kept in `state`).
+        """
+        a, state = self.config.active, self.state
+        if state["teacher_val_pred"][0] < 0:
+            val_logits = self.teacher.query_validation(self.data.validation[0])
+            state["teacher_val_pred"] = np.argmax(val_logits, -1).astype(np.int32)
+            state["validation_queries"] = np.asarray(self.teacher.validation_queries, np.int32)
+        val_gain = None
+        if a.m_estimate == "informative":
+            val_probs, _ = self.trainer.predict(params, rest, self.data.validation[0], a.predict_batch_size)
+            val_gain = np.asarray(selection.informativeness(jnp.asarray(val_probs), a.informativeness))
+        return selection.estimate_mistakes(
+            state["teacher_val_pred"],
+            self.data.validation[1],
+            a.budget_per_round,
+            student_gain=val_gain,
+            kind=a.m_estimate,
+            informative_fraction=a.informative_fraction,
+        )
+
+    def select(self, rnd: int) -> tuple[np.ndarray, float]:
+        """Round `rnd`'s batch of pool points not bought yet, picked with the previous student, and m (0 unless robust).
+
+        Records the time taken in the history's `select_time_s`.
+        """
+        a, data, state = self.config.active, self.data, self.state
+        t0 = time.perf_counter()
         nb = int(state["num_bought"])
-        if rnd > 0:
-            t0 = time.perf_counter()
-            params, rest = student_vars()
-            probs, emb = trainer.predict(params, rest, data.pool_images, a.predict_batch_size)
-            available = np.ones(len(data.pool_images), bool)
-            available[state["bought"][:nb]] = False
-            key = jax.random.fold_in(jax.random.key(config.seed), rnd)
-            m = 0.0
-            if strategy == "robust":
-                if state["teacher_val_pred"][0] < 0:  # the validation split is run through the teacher once
-                    state["teacher_val_pred"] = np.argmax(teacher.query_validation(data.validation[0]), -1).astype(
-                        np.int32
-                    )
-                    state["validation_queries"] = np.asarray(teacher.validation_queries, np.int32)
-                val_gain = None
-                if a.m_estimate == "informative":
-                    val_probs, _ = trainer.predict(params, rest, data.validation[0], a.predict_batch_size)
-                    val_gain = np.asarray(selection.informativeness(jnp.asarray(val_probs), a.informativeness))
-                m = selection.estimate_mistakes(
-                    state["teacher_val_pred"],
-                    data.validation[1],
-                    b,
-                    student_gain=val_gain,
-                    kind=a.m_estimate,
-                    informative_fraction=a.informative_fraction,
-                )
-            centres = None
-            if strategy == "kcenter":
-                _, lab_emb = trainer.predict(params, rest, lab_images, a.predict_batch_size)
-                centres = np.concatenate([lab_emb, emb[state["bought"][:nb]]])
-            idx, _ = selection.select(
-                strategy,
-                key=key,
-                probs=jnp.asarray(probs),
-                available=jnp.asarray(available),
-                b=b,
-                embeddings=jnp.asarray(emb),
-                centres=centres,
-                m=m,
-                informativeness_kind=a.informativeness,
-                kcenter_chunk=a.kcenter_chunk,
-            )
-            idx = np.asarray(jax.device_get(idx), np.int64)
-            h["select_time_s"][rnd] = time.perf_counter() - t0
-            logits = teacher.query_pool(idx)
-            state["bought"][nb : nb + b] = idx
-            state["soft"][nb : nb + b] = logits
-            nb += b
-            state["num_bought"] = np.asarray(nb, np.int32)
-            h["m"][rnd] = m
-            bought = state["bought"][:nb]
-            h["teacher_error_bought"][rnd] = float(
-                np.mean(np.argmax(state["soft"][:nb], -1) != data.pool_labels[bought])
-            )
+        params, rest = self.student_variables()
+        probs, emb = self.trainer.predict(params, rest, data.pool_images, a.predict_batch_size)
+        available = np.ones(len(data.pool_images), bool)
+        available[state["bought"][:nb]] = False
+        key = jax.random.fold_in(jax.random.key(self.config.seed), rnd)
+        m = self.estimate_mistakes(params, rest) if self.strategy == "robust" else 0.0
+        centres = None
+        if self.strategy == "kcenter":
+            _, lab_emb = self.trainer.predict(params, rest, data.labelled[0], a.predict_batch_size)
+            centres = np.concatenate([lab_emb, emb[state["bought"][:nb]]])
+        idx, _ = selection.select(
+            self.strategy,
+            key=key,
+            probs=jnp.asarray(probs),
+            available=jnp.asarray(available),
+            b=a.budget_per_round,
+            embeddings=jnp.asarray(emb),
+            centres=centres,
+            m=m,
+            informativeness_kind=a.informativeness,
+            kcenter_chunk=a.kcenter_chunk,
+        )
+        idx = np.asarray(jax.device_get(idx), np.int64)
+        state["history"]["select_time_s"][rnd] = time.perf_counter() - t0
+        return idx, m
+
+    def buy(self, rnd: int, idx: np.ndarray, m: float) -> None:
+        """Buys the teacher's soft labels for `idx`; records them, m, and the teacher's error rate on all bought."""
+        state, h, b = self.state, self.state["history"], self.config.active.budget_per_round
+        nb = int(state["num_bought"])
+        logits = self.teacher.query_pool(idx)
+        state["bought"][nb : nb + b] = idx
+        state["soft"][nb : nb + b] = logits
+        nb += b
+        state["num_bought"] = np.asarray(nb, np.int32)
+        h["m"][rnd] = m
+        bought = state["bought"][:nb]
+        h["teacher_error_bought"][rnd] = float(
+            np.mean(np.argmax(state["soft"][:nb], -1) != self.data.pool_labels[bought])
+        )
+
+    def train_and_evaluate(self, rnd: int) -> dict:
+        """Trains a fresh student on the labelled set plus everything bought, tests it, and keeps it in `state`."""
+        state, h, data = self.state, self.state["history"], self.data
+        nb = int(state["num_bought"])
+        lab_images, lab_labels = data.labelled
+        n_lab, k = len(lab_labels), data.info.num_classes
         bought = state["bought"][:nb]
         soft = state["soft"][:nb]
         images = np.concatenate([lab_images, data.pool_images[bought]])
@@ -307,33 +333,73 @@ def run_strategy(
         has_label = np.concatenate([np.ones(n_lab, bool), np.zeros(nb, bool)])
         soft_all = np.concatenate([np.zeros((n_lab, k), np.float32), soft])
         t0 = time.perf_counter()
-        params, rest = trainer.train(images, labels, has_label, soft_all, seed=config.seed * 1000 + rnd)
+        params, rest = self.trainer.train(images, labels, has_label, soft_all, seed=self.config.seed * 1000 + rnd)
         h["train_time_s"][rnd] = time.perf_counter() - t0
-        ev = trainer.evaluate(params, rest, data.test_src)
+        ev = self.trainer.evaluate(params, rest, data.test_src)
         h["queries"][rnd], h["accuracy"][rnd], h["loss"][rnd], h["ece"][rnd] = nb, ev["accuracy"], ev["loss"], ev["ece"]
         state["student"] = ckpt_lib.to_savable({"params": nnx.to_pure_dict(params), "rest": nnx.to_pure_dict(rest)})
-        ckpt.save(rnd, state)
-        extra = f", m={h['m'][rnd]:.1f}" if strategy == "robust" and rnd else ""
+        return ev
+
+    def round_message(self, rnd: int, ev: dict) -> str:
+        """The log line for a finished round."""
+        h = self.state["history"]
+        extra = f", m={h['m'][rnd]:.1f}" if self.strategy == "robust" and rnd else ""
         terr = f", teacher wrong on {h['teacher_error_bought'][rnd]:.1%} of bought" if rnd else ""
-        log(f"[{strategy}] round {rnd}: {nb} queries, test accuracy {ev['accuracy']:.4f}{terr}{extra}")
+        nb = int(self.state["num_bought"])
+        return f"[{self.strategy}] round {rnd}: {nb} queries, test accuracy {ev['accuracy']:.4f}{terr}{extra}"
+
+    def history(self) -> dict:
+        """The strategy's result: the per-round history as JSON values (None where a round has none), query counts."""
+        h = self.state["history"]
+        return {
+            "queries": [int(q) for q in h["queries"]],
+            "accuracy": [float(x) for x in h["accuracy"]],
+            "loss": [float(x) for x in h["loss"]],
+            "ece": [float(x) for x in h["ece"]],
+            "teacher_error_bought": [None if np.isnan(x) else float(x) for x in h["teacher_error_bought"]],
+            "m": [None if np.isnan(x) else float(x) for x in h["m"]],
+            "select_time_s": [None if np.isnan(x) else float(x) for x in h["select_time_s"]],
+            "train_time_s": [float(x) for x in h["train_time_s"]],
+            "pool_queries": self.teacher.pool_queries,
+            "validation_queries": self.teacher.validation_queries,
+            "teacher_rows_run_this_call": self.teacher.rows_run,
+        }
+
+
+def run_strategy(
+    strategy: str,
+    config,
+    data: Data,
+    teacher_predict,
+    trainer: StudentTrainer,
+    workdir: str,
+    *,
+    stop_after_round: int | None = None,
+    log: Callable[[str], None] = logging.info,
+) -> dict:
+    """Runs (or resumes) one strategy's rounds in `workdir`; returns its history.
+
+    `stop_after_round` ends the call after that round is checkpointed (for tests of resuming).
+    """
+    rounds = config.active.rounds
+    _open_workdir(strategy, config, workdir)
+    abstract = trainer.abstract_variables()
+    state = _fresh_state(config, data, *abstract[:2])
+    ckpt = ckpt_lib.TreeCheckpoints(os.path.join(workdir, "rounds"))
+    teacher = CountingTeacher(teacher_predict, data.pool_images, budget=rounds * config.active.budget_per_round)
+    state, start = _resume(ckpt, state, teacher, strategy, log)
+    run = _Rounds(strategy, config, data, trainer, teacher, abstract, state)
+    for rnd in range(start, rounds + 1):
+        if rnd > 0:
+            run.buy(rnd, *run.select(rnd))
+        ev = run.train_and_evaluate(rnd)
+        ckpt.save(rnd, run.state)
+        log(run.round_message(rnd, ev))
         if stop_after_round is not None and rnd >= stop_after_round and rnd < rounds:
             ckpt.close()
             return {"stopped_after_round": rnd}
     ckpt.close()
-    h = state["history"]
-    return {
-        "queries": [int(q) for q in h["queries"]],
-        "accuracy": [float(x) for x in h["accuracy"]],
-        "loss": [float(x) for x in h["loss"]],
-        "ece": [float(x) for x in h["ece"]],
-        "teacher_error_bought": [None if np.isnan(x) else float(x) for x in h["teacher_error_bought"]],
-        "m": [None if np.isnan(x) else float(x) for x in h["m"]],
-        "select_time_s": [None if np.isnan(x) else float(x) for x in h["select_time_s"]],
-        "train_time_s": [float(x) for x in h["train_time_s"]],
-        "pool_queries": teacher.pool_queries,
-        "validation_queries": teacher.validation_queries,
-        "teacher_rows_run_this_call": teacher.rows_run,
-    }
+    return run.history()
 
 
 def _resolve_teacher(config, workdir: str, log) -> tuple[str, dict]:

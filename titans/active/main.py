@@ -6,13 +6,13 @@ WORKDIR/active.json and WORKDIR/active.png. `--config.FIELD=V` overrides fields.
 
 from __future__ import annotations
 
-import logging
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
 from titans import config as config_lib
+from titans import logs
 from titans.active import config as active_config
 from titans.active import loop
 
@@ -25,7 +25,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    logs.setup_cli_logging()
     try:
         config = active_config.validate(_CONFIG.value)
     except config_lib.ConfigError as e:

@@ -16,7 +16,7 @@ import numpy as np
 
 from titans import data as data_lib
 from titans import losses, runs
-from titans.train import Method, train_and_evaluate
+from titans.train import Method, ensure_trained, train_and_evaluate
 
 
 def noisy_labels(labels: np.ndarray, noise: float, num_classes: int, seed: int) -> np.ndarray:
@@ -52,11 +52,8 @@ def train_teacher(run_config, workdir: str, *, label_noise: float = 0.0) -> dict
     Writes WORKDIR/label_noise.json (the noise and how many labels it changed). Returns the
     trainer's results.
     """
-    done = runs.RunDir(workdir).results()
-    if done is not None:
-        return done
-    if not label_noise:
-        return train_and_evaluate(run_config, workdir)
+    if runs.RunDir(workdir).finished or not label_noise:
+        return ensure_trained(run_config, workdir)
     info = data_lib.dataset_info(run_config.dataset.name)
     src = data_lib.get_source(
         run_config.dataset.name, run_config.dataset.train_split, data_dir=run_config.dataset.data_dir or None

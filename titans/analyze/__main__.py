@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 
 from titans import checkpoint as ckpt_lib
 from titans import data as data_lib
+from titans import logs
 from titans.analyze import AnalysisError, analyze_path, compare_runs, diff_checkpoints, inspect_checkpoint
 
 
@@ -30,10 +30,10 @@ def main(argv=None):
     p.add_argument("--diff_with", default="", help="with --inspect: another run of the same model to diff against")
     a = p.parse_args(argv)
 
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    logs.setup_cli_logging()
     try:
         if a.compare:
-            compare_runs(a.workdirs, a.out or "analysis_compare")
+            print(compare_runs(a.workdirs, a.out or "analysis_compare")["markdown"])
         elif a.inspect:
             out = {}
             for w in a.workdirs:

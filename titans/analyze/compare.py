@@ -100,8 +100,7 @@ def compare_runs(workdirs: list[str], out: str) -> dict:
                 [row["setting"], row["runs"], *(row[m][s] if m in row else "" for m in metrics for s in ("mean", "sd"))]
             )
     _overlay(rows, os.path.join(out, "curves.png"))
-    print("\n".join(lines))
-    return {"differing": differing, "groups": rows}
+    return {"differing": differing, "groups": rows, "markdown": "\n".join(lines)}
 
 
 def _overlay(rows, path):

@@ -98,18 +98,7 @@ def analyze_run(
         raise AnalysisError("the analysis runs in a single process")
     model, cfg, info, used_step = runs.load_model(workdir, step=step)
     split = split or cfg.dataset.eval_split
-    try:
-        src = data_lib.get_source(info.name, split, data_dir=cfg.dataset.data_dir or None)
-        if len(src) == 0:
-            raise ValueError("the split is empty")
-    except data_lib.DatasetNotFoundError:
-        raise
-    except Exception as e:  # TFDS raises several types for a bad split name
-        known = ", ".join(info.splits)
-        raise AnalysisError(
-            f"split {split!r} of {info.name} cannot be read ({type(e).__name__}: {e}); "
-            f"its splits are {known} (slices like 'train[90%:]' work too)"
-        ) from None
+    src = _read_split(info, split, cfg.dataset.data_dir or None)
     images, labels = runs.split_arrays(src, info)
     mesh = parallel.make_mesh()
     C = info.num_classes
@@ -127,28 +116,65 @@ def analyze_run(
     }
     teacher_logits = None
     if cfg.distill.teacher_workdir:
-        teacher, _ = runs.load_teacher(cfg.distill.teacher_workdir, info, dtype=jnp.float32)
-        teacher_logits = runs.predict(
-            runs.logits_fn, teacher, images, mesh=mesh, batch_size=batch_size, progress="[analyze] teacher"
+        teacher_logits, metrics["teacher"] = _teacher_metrics(
+            cfg.distill.teacher_workdir, info, images, labels, logits, mesh, batch_size
         )
-        t_pred, s_pred = teacher_logits.argmax(-1), logits[:, :C].argmax(-1)
-        agree = t_pred == s_pred
-        metrics["teacher"] = {
-            "workdir": cfg.distill.teacher_workdir,
-            **{
-                k: v
-                for k, v in evaluate_logits(teacher_logits, labels, C).items()
-                if k in ("accuracy", "loss", "ece", "per_class_accuracy")
-            },
-            "agreement": float(agree.mean()),
-            "agreement_by_class": [
-                float(agree[labels == c].mean()) if np.any(labels == c) else float("nan") for c in range(C)
-            ],
-        }
 
     out = out or os.path.join(workdir, "analysis")
+    _write_analysis(out, workdir, metrics, images, labels, logits, teacher_logits, hardest, info)
+    print(f"[analyze] {cfg.name}: accuracy {metrics['accuracy']:.4f} on {split} -> {out}/report.html", flush=True)
+    return metrics
+
+
+def _read_split(info, split: str, data_dir: str | None):
+    """The data source of `split`; an AnalysisError naming the dataset's splits if it cannot be read or is empty."""
+    try:
+        src = data_lib.get_source(info.name, split, data_dir=data_dir)
+        if len(src) == 0:
+            raise ValueError("the split is empty")
+    except data_lib.DatasetNotFoundError:
+        raise
+    except Exception as e:  # TFDS raises several types for a bad split name
+        known = ", ".join(info.splits)
+        raise AnalysisError(
+            f"split {split!r} of {info.name} cannot be read ({type(e).__name__}: {e}); "
+            f"its splits are {known} (slices like 'train[90%:]' work too)"
+        ) from None
+    return src
+
+
+def _teacher_metrics(teacher_workdir: str, info, images, labels, logits, mesh, batch_size: int):
+    """A student's teacher on the same examples: its logits, and the `teacher` entry of metrics.json.
+
+    The entry holds the teacher's accuracy, loss, ECE and per-class accuracy, and how often the
+    student's prediction agrees with the teacher's, overall and by true class.
+    """
+    C = info.num_classes
+    teacher, _ = runs.load_teacher(teacher_workdir, info, dtype=jnp.float32)
+    teacher_logits = runs.predict(
+        runs.logits_fn, teacher, images, mesh=mesh, batch_size=batch_size, progress="[analyze] teacher"
+    )
+    t_pred, s_pred = teacher_logits.argmax(-1), logits[:, :C].argmax(-1)
+    agree = t_pred == s_pred
+    entry = {
+        "workdir": teacher_workdir,
+        **{
+            k: v
+            for k, v in evaluate_logits(teacher_logits, labels, C).items()
+            if k in ("accuracy", "loss", "ece", "per_class_accuracy")
+        },
+        "agreement": float(agree.mean()),
+        "agreement_by_class": [
+            float(agree[labels == c].mean()) if np.any(labels == c) else float("nan") for c in range(C)
+        ],
+    }
+    return teacher_logits, entry
+
+
+def _write_analysis(out, workdir, metrics, images, labels, logits, teacher_logits, hardest, info) -> None:
+    """Writes the analysis into `out`: examples.csv, the PNGs, metrics.json and report.html."""
     os.makedirs(out, exist_ok=True)
-    examples = _examples(logits, teacher_logits, labels, C)
+    examples = _examples(logits, teacher_logits, labels, info.num_classes)
     with open(os.path.join(out, "examples.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(examples[0]))
         writer.writeheader()
@@ -158,8 +184,6 @@ def analyze_run(
         json.dump(metrics, f, indent=1)
     sections = _sections(workdir)
     html.write_report(os.path.join(out, "report.html"), _title(metrics), _summary_rows(metrics), pngs, sections)
-    print(f"[analyze] {cfg.name}: accuracy {metrics['accuracy']:.4f} on {split} -> {out}/report.html", flush=True)
-    return metrics
 
 
 def _examples(logits, teacher_logits, labels, C) -> list[dict]:

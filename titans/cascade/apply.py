@@ -18,7 +18,6 @@ per example against the last stage run on everything. ``--out FILE`` writes the 
 from __future__ import annotations
 
 import json
-import logging
 import time
 
 import jax
@@ -27,7 +26,7 @@ import numpy as np
 from absl import app, flags
 
 from titans import data as data_lib
-from titans import parallel, runs
+from titans import logs, parallel, runs
 from titans.cascade import curves, evaluate, gates
 from titans.cascade.runner import CascadeRunner
 
@@ -115,7 +114,7 @@ def run_cascade(stage_dirs, gate_name: str, rates, val_split: str, split: str, b
 
 def main(argv):
     del argv
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    logs.setup_cli_logging()
     try:
         out = run_cascade(_STAGES.value, _GATE.value, _RATES.value, _VAL_SPLIT.value, _SPLIT.value, _BATCH.value)
     except (ValueError, FileNotFoundError) as e:

@@ -17,6 +17,7 @@ Writes WORKDIR/cascade.json and WORKDIR/cascade_*.png.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -85,23 +86,14 @@ def evaluate_cascades(config, workdir: str) -> dict:
     test_x, y_test = runs.split_arrays(data_lib.get_source(info.name, cc.test_split, data_dir=data_dir), info)
     teacher = NormalizedModel.of(teacher, info)
     logits_of = functools.partial(runs.predict, stage_logits, mesh=mesh, batch_size=batch_size)
-    t_val, t_test = logits_of(teacher, val_x), logits_of(teacher, test_x)
-    c_teacher = flops_of(teacher.model, info)
     timing_images = test_x[:batch_size]
-    t_time_teacher = _time_per_example(teacher, timing_images)
-    teacher_val_acc = float(np.mean(t_val.argmax(-1) == y_val))
-    teacher_test_acc = float(np.mean(t_test.argmax(-1) == y_test))
-    C = info.num_classes
+    t_val, t_test, t_entry = _evaluate_teacher(
+        teacher, teacher_dir, info, (val_x, y_val), (test_x, y_test), logits_of, timing_images
+    )
     data = {"val": (val_x, y_val, t_val), "test": (test_x, y_test, t_test)}
 
     out = {
-        "teacher": {
-            "workdir": teacher_dir,
-            "val_accuracy": teacher_val_acc,
-            "test_accuracy": teacher_test_acc,
-            "flops_per_example": c_teacher,
-            "time_per_example_s": t_time_teacher,
-        },
+        "teacher": t_entry,
         "val_split": cc.val_split,
         "test_split": cc.test_split,
         "val_examples": int(len(y_val)),
@@ -112,36 +104,11 @@ def evaluate_cascades(config, workdir: str) -> dict:
         "students": {},
     }
     for name in cc.students:
-        s_dir = os.path.join(workdir, name)
-        student, s_cfg, _, _ = runs.load_model(s_dir)
-        student = NormalizedModel.of(student, info)
-        s_val, s_test = logits_of(student, val_x), logits_of(student, test_x)
-        c_student = flops_of(student.model, info)
-        entry = {
-            "objective": s_cfg.distill.get("objective", "standard"),
-            "model_kwargs": s_cfg.model.kwargs.to_dict(),
-            "flops_per_example": c_student,
-            "time_per_example_s": _time_per_example(student, timing_images),
-            "val_accuracy": float(np.mean(s_val[:, :C].argmax(-1) == y_val)),
-            "test_accuracy": float(np.mean(s_test[:, :C].argmax(-1) == y_test)),
-            "gates": {},
-        }
-        for gate_name in cc.gates:
-            if gate_name == "defer_output" and s_val.shape[-1] == C:
-                continue  # only students trained with the defer objective have that output
-            entry["gates"][gate_name] = _evaluate_gate(
-                gate_name, student, teacher, s_val, s_test, data, C, entry, out["teacher"], cc, mesh, batch_size
-            )
-        out["students"][name] = entry
-        print(
-            f"[cascade] {name}: student {entry['test_accuracy']:.4f}; test accuracy at 25% of the teacher's "
-            "FLOPs: "
-            + ", ".join(
-                f"{g} {e['at_cost_fraction']['0.25'].get('test_accuracy', float('nan')):.4f}"
-                for g, e in entry["gates"].items()
-            ),
-            flush=True,
+        entry = _evaluate_student(
+            os.path.join(workdir, name), teacher, info, data, t_entry, cc, logits_of, timing_images, mesh, batch_size
         )
+        out["students"][name] = entry
+        _print_student_summary(name, entry)
     out["eval_time_s"] = time.perf_counter() - t0
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "cascade.json"), "w") as f:
@@ -150,13 +117,138 @@ def evaluate_cascades(config, workdir: str) -> dict:
     return out
 
 
+def _evaluate_teacher(teacher: NormalizedModel, teacher_dir: str, info, val, test, logits_of, timing_images):
+    """The teacher's logits on the validation and test splits, and its entry of cascade.json.
+
+    `val` and `test` are (images, labels); returns (validation logits, test logits, entry), the entry
+    holding the teacher's accuracies, FLOPs and measured time per example.
+    """
+    (val_x, y_val), (test_x, y_test) = val, test
+    t_val, t_test = logits_of(teacher, val_x), logits_of(teacher, test_x)
+    c_teacher = flops_of(teacher.model, info)
+    t_time_teacher = _time_per_example(teacher, timing_images)
+    teacher_val_acc = float(np.mean(t_val.argmax(-1) == y_val))
+    teacher_test_acc = float(np.mean(t_test.argmax(-1) == y_test))
+    entry = {
+        "workdir": teacher_dir,
+        "val_accuracy": teacher_val_acc,
+        "test_accuracy": teacher_test_acc,
+        "flops_per_example": c_teacher,
+        "time_per_example_s": t_time_teacher,
+    }
+    return t_val, t_test, entry
+
+
+def _evaluate_student(s_dir, teacher, info, data, t_entry, cc, logits_of, timing_images, mesh, batch_size) -> dict:
+    """One student's entry of cascade.json: its own accuracies and costs, and every gate it supports."""
+    (val_x, y_val, _), (test_x, y_test, _) = data["val"], data["test"]
+    C = info.num_classes
+    student, s_cfg, _, _ = runs.load_model(s_dir)
+    student = NormalizedModel.of(student, info)
+    s_val, s_test = logits_of(student, val_x), logits_of(student, test_x)
+    c_student = flops_of(student.model, info)
+    entry = {
+        "objective": s_cfg.distill.get("objective", "standard"),
+        "model_kwargs": s_cfg.model.kwargs.to_dict(),
+        "flops_per_example": c_student,
+        "time_per_example_s": _time_per_example(student, timing_images),
+        "val_accuracy": float(np.mean(s_val[:, :C].argmax(-1) == y_val)),
+        "test_accuracy": float(np.mean(s_test[:, :C].argmax(-1) == y_test)),
+        "gates": {},
+    }
+    for gate_name in cc.gates:
+        if gate_name == "defer_output" and s_val.shape[-1] == C:
+            continue  # only students trained with the defer objective have that output
+        entry["gates"][gate_name] = _evaluate_gate(
+            gate_name, student, teacher, s_val, s_test, data, C, entry, t_entry, cc, mesh, batch_size
+        )
+    return entry
+
+
+def _print_student_summary(name: str, entry: dict) -> None:
+    """One progress line per student: its test accuracy, and each gate's at 25% of the teacher's FLOPs."""
+    print(
+        f"[cascade] {name}: student {entry['test_accuracy']:.4f}; test accuracy at 25% of the teacher's "
+        "FLOPs: "
+        + ", ".join(
+            f"{g} {e['at_cost_fraction']['0.25'].get('test_accuracy', float('nan')):.4f}"
+            for g, e in entry["gates"].items()
+        ),
+        flush=True,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sweep:
+    """One gate's offline sweep: per threshold, the validation and test curves and the amortized test costs."""
+
+    rates: np.ndarray  # the validation deferral rate each threshold was chosen for
+    thresholds: np.ndarray
+    val_curve: dict
+    test_curve: dict
+    test_rate: np.ndarray  # the test deferral rate of each threshold
+    flops: np.ndarray  # amortized FLOPs per test example of each threshold
+    seconds: np.ndarray  # amortized seconds per test example of each threshold
+    c_teacher: float
+
+    def point(self, idx: int) -> dict:
+        """The operating point at threshold `idx`, as written to cascade.json."""
+        return {
+            "threshold": float(self.thresholds[idx]),
+            "val_deferral_rate": float(self.val_curve["deferral_rate"][idx]),
+            "val_accuracy": float(self.val_curve["accuracy"][idx]),
+            "test_deferral_rate": float(self.test_rate[idx]),
+            "test_accuracy": float(self.test_curve["accuracy"][idx]),
+            "amortized_flops": float(self.flops[idx]),
+            "amortized_time_s": float(self.seconds[idx]),
+            "flops_fraction_of_teacher": float(self.flops[idx] / self.c_teacher),
+        }
+
+    def curve(self) -> dict:
+        """The whole curve as lists, for cascade.json and the plots."""
+        return {
+            "val_deferral_rate": np.asarray(self.val_curve["deferral_rate"]).tolist(),
+            "test_deferral_rate": self.test_rate.tolist(),
+            "test_accuracy": np.asarray(self.test_curve["accuracy"]).tolist(),
+            "amortized_flops": np.asarray(self.flops).tolist(),
+            "amortized_time_s": np.asarray(self.seconds).tolist(),
+        }
+
+
 def _evaluate_gate(gate_name, student, teacher, s_val, s_test, data, C, s_entry, t_entry, cc, mesh, batch_size):
-    val_x, y_val, t_val = data["val"]
-    test_x, y_test, t_test = data["test"]
-    c_student, c_teacher = s_entry["flops_per_example"], t_entry["flops_per_example"]
-    t_student, t_teacher = s_entry["time_per_example_s"], t_entry["time_per_example_s"]
-    # Thresholds are chosen on validation examples the gate was not fitted on: the learned gate is
-    # fitted on the even-indexed validation examples and thresholded on the odd ones.
+    """One gate of one student: its curves, its operating points, and the real runner at the target rates."""
+    _, y_val, t_val = data["val"]
+    _, y_test, t_test = data["test"]
+    # Thresholds are chosen on validation examples the gate was not fitted on (see `_fit_gate`).
+    score_fn, c_gate, sel = _fit_gate(gate_name, s_val, t_val, y_val, C)
+    s_val, t_val, y_val = s_val[sel], t_val[sel], y_val[sel]
+    batched = jax.jit(jax.vmap(score_fn))
+    v_scores = np.asarray(batched(jnp.asarray(s_val)))
+    x_scores = np.asarray(batched(jnp.asarray(s_test)))
+    rates, thresholds = _thresholds(v_scores, cc.num_thresholds)
+    s_test_pred = s_test[:, :C].argmax(-1)
+    val_curve = curves_lib.sweep(v_scores, s_val[:, :C].argmax(-1), t_val.argmax(-1), y_val, thresholds, C)
+    test_curve = curves_lib.sweep(x_scores, s_test_pred, t_test.argmax(-1), y_test, thresholds, C)
+    sweep = _with_costs(rates, thresholds, val_curve, test_curve, c_gate, s_entry, t_entry)
+    return {
+        "gate_flops_per_example": float(c_gate),
+        "threshold_val_examples": int(len(sel)),
+        "auroc_teacher_better_test": gates_lib.auroc(x_scores, gates_lib.deferral_targets(s_test, t_test, y_test)),
+        "curve": sweep.curve(),
+        "reach_teacher": _reach_teacher(sweep, t_entry["val_accuracy"]),
+        "at_cost_fraction": _at_cost_fractions(sweep, s_entry["flops_per_example"], c_gate),
+        "at_deferral_rate": _runner_at_target_rates(
+            gate_name, [student, teacher], score_fn, sweep, x_scores, s_test_pred, data["test"], cc, mesh, batch_size
+        ),
+    }
+
+
+def _fit_gate(gate_name, s_val, t_val, y_val, C):
+    """The gate's score function, its FLOPs per example, and the validation indices to threshold it on.
+
+    The learned gate is fitted on the even-indexed validation examples and thresholded on the odd ones;
+    the other gates have nothing to fit and are thresholded on the whole validation split.
+    """
     sel = np.arange(len(y_val))
     if gate_name == "learned":
         fit, sel = sel[0::2], sel[1::2]
@@ -165,72 +257,69 @@ def _evaluate_gate(gate_name, student, teacher, s_val, s_test, data, C, s_entry,
     else:
         score_fn = gates_lib.get_gate(gate_name, num_classes=C)
         c_gate = gates_lib.gate_flops(score_fn, s_val.shape[-1])
-    s_val, t_val, y_val = s_val[sel], t_val[sel], y_val[sel]
-    batched = jax.jit(jax.vmap(score_fn))
-    v_scores = np.asarray(batched(jnp.asarray(s_val)))
-    x_scores = np.asarray(batched(jnp.asarray(s_test)))
-    rates = np.linspace(0.0, 1.0, cc.num_thresholds)
+    return score_fn, c_gate, sel
+
+
+def _thresholds(v_scores, num_thresholds: int):
+    """`num_thresholds` validation deferral rates evenly spaced in [0, 1], and the score threshold of each."""
+    rates = np.linspace(0.0, 1.0, num_thresholds)
     thresholds = np.array([curves_lib.threshold_for_rate(v_scores, r) for r in rates])
     # The ends of the curve are the student alone and the teacher alone, on any split.
     thresholds[0], thresholds[-1] = np.finfo(np.float32).max, np.finfo(np.float32).min
-    s_test_pred = s_test[:, :C].argmax(-1)
-    val_curve = curves_lib.sweep(v_scores, s_val[:, :C].argmax(-1), t_val.argmax(-1), y_val, thresholds, C)
-    test_curve = curves_lib.sweep(x_scores, s_test_pred, t_test.argmax(-1), y_test, thresholds, C)
+    return rates, thresholds
+
+
+def _with_costs(rates, thresholds, val_curve, test_curve, c_gate, s_entry, t_entry) -> _Sweep:
+    """The sweep with its amortized cost per test example, in FLOPs and in measured seconds."""
+    c_student, c_teacher = s_entry["flops_per_example"], t_entry["flops_per_example"]
+    t_student, t_teacher = s_entry["time_per_example_s"], t_entry["time_per_example_s"]
     test_rate = np.asarray(test_curve["deferral_rate"])
     flops = cost_lib.amortized_cost(c_student, c_gate, c_teacher, test_rate)
     seconds = cost_lib.amortized_cost(t_student, 0.0, t_teacher, test_rate)
+    return _Sweep(rates, thresholds, val_curve, test_curve, test_rate, flops, seconds, c_teacher)
 
-    def point(idx):
-        return {
-            "threshold": float(thresholds[idx]),
-            "val_deferral_rate": float(val_curve["deferral_rate"][idx]),
-            "val_accuracy": float(val_curve["accuracy"][idx]),
-            "test_deferral_rate": float(test_rate[idx]),
-            "test_accuracy": float(test_curve["accuracy"][idx]),
-            "amortized_flops": float(flops[idx]),
-            "amortized_time_s": float(seconds[idx]),
-            "flops_fraction_of_teacher": float(flops[idx] / c_teacher),
-        }
 
-    val_acc = np.asarray(val_curve["accuracy"])
-    reach = np.nonzero(val_acc >= t_entry["val_accuracy"])[0]
-    result = {
-        "gate_flops_per_example": float(c_gate),
-        "threshold_val_examples": int(len(sel)),
-        "auroc_teacher_better_test": gates_lib.auroc(x_scores, gates_lib.deferral_targets(s_test, t_test, y_test)),
-        "curve": {
-            "val_deferral_rate": np.asarray(val_curve["deferral_rate"]).tolist(),
-            "test_deferral_rate": test_rate.tolist(),
-            "test_accuracy": np.asarray(test_curve["accuracy"]).tolist(),
-            "amortized_flops": np.asarray(flops).tolist(),
-            "amortized_time_s": np.asarray(seconds).tolist(),
-        },
-        # Cheapest validation-chosen threshold whose validation accuracy reaches the teacher's.
-        "reach_teacher": point(int(reach[0])) if len(reach) else None,
-        "at_cost_fraction": {},
-        "at_deferral_rate": {},
-    }
+def _reach_teacher(sweep: _Sweep, teacher_val_accuracy: float) -> dict | None:
+    """Cheapest validation-chosen threshold whose validation accuracy reaches the teacher's (None if none)."""
+    val_acc = np.asarray(sweep.val_curve["accuracy"])
+    reach = np.nonzero(val_acc >= teacher_val_accuracy)[0]
+    return sweep.point(int(reach[0])) if len(reach) else None
+
+
+def _at_cost_fractions(sweep: _Sweep, c_student: float, c_gate: float) -> dict:
+    """The operating points at 25% and 50% of the teacher's FLOPs, keyed "0.25" and "0.5"."""
+    out = {}
     for frac in (0.25, 0.5):
         # The largest validation deferral rate on the grid whose FLOPs stay within the budget.
-        target_rate = (frac * c_teacher - c_student - c_gate) / c_teacher
+        target_rate = (frac * sweep.c_teacher - c_student - c_gate) / sweep.c_teacher
         if target_rate < 0:
-            result["at_cost_fraction"][str(frac)] = {
+            out[str(frac)] = {
                 "test_accuracy": float("nan"),
                 "note": "student + gate alone cost more than this budget",
             }
         else:
-            result["at_cost_fraction"][str(frac)] = point(int(np.searchsorted(rates, target_rate, side="right") - 1))
+            out[str(frac)] = sweep.point(int(np.searchsorted(sweep.rates, target_rate, side="right") - 1))
+    return out
 
-    # The real runner at the target rates: one runner (compiled once), thresholds changed in place.
-    runner = CascadeRunner([student, teacher], [score_fn], [0.0], mesh=mesh)
+
+def _runner_at_target_rates(gate_name, stages, score_fn, sweep, x_scores, s_test_pred, test, cc, mesh, batch_size):
+    """The operating points at `cc.target_deferral_rates`, each checked against the real cascade runner.
+
+    One runner (compiled once) runs the test split at every rate, its threshold changed in place; its
+    accuracy, deferral rate and time per example are added to the point, with the number of examples
+    where it disagrees with the offline sweep (an AssertionError if more than float noise explains).
+    """
+    test_x, y_test, t_test = test
+    runner = CascadeRunner(stages, [score_fn], [0.0], mesh=mesh)
     runner.warmup(test_x[:batch_size])
+    out = {}
     for r in cc.target_deferral_rates:
-        idx = int(np.argmin(np.abs(rates - r)))
-        p = point(idx)
-        p["per_class_test_deferral_rate"] = np.asarray(test_curve["per_class_deferral_rate"][idx]).tolist()
-        runner.thresholds = [thresholds[idx]]
+        idx = int(np.argmin(np.abs(sweep.rates - r)))
+        p = sweep.point(idx)
+        p["per_class_test_deferral_rate"] = np.asarray(sweep.test_curve["per_class_deferral_rate"][idx]).tolist()
+        runner.thresholds = [sweep.thresholds[idx]]
         preds, answered_by, sec = run_runner(runner, test_x, batch_size)
-        want = np.where(x_scores > thresholds[idx], t_test.argmax(-1), s_test_pred)
+        want = np.where(x_scores > sweep.thresholds[idx], t_test.argmax(-1), s_test_pred)
         p.update(
             runner_test_accuracy=float(np.mean(preds == y_test)),
             runner_test_deferral_rate=float(np.mean(answered_by == 1)),
@@ -244,8 +333,8 @@ def _evaluate_gate(gate_name, student, teacher, s_val, s_test, data, C, s_entry,
                 f"cascade runner disagrees with the offline sweep on "
                 f"{p['runner_disagreements_with_sweep']} test examples (gate {gate_name}, rate {r})"
             )
-        result["at_deferral_rate"][str(r)] = p
-    return result
+        out[str(r)] = p
+    return out
 
 
 def run_runner(runner: CascadeRunner, images, batch_size):

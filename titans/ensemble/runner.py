@@ -34,7 +34,7 @@ from titans.ensemble import config as ens_config
 from titans.ensemble import members as mem
 from titans.ensemble import weights as wp
 from titans.runs import read_json, write_json
-from titans.train import Method, train_and_evaluate
+from titans.train import Method, ensure_trained
 
 
 class Context:
@@ -139,14 +139,6 @@ def _member_method(build_only: bool, spec: dict, frozen_members, weights: np.nda
     )
 
 
-def _train(config, workdir: str, method: Method) -> dict:
-    done = runs.RunDir(workdir).results()
-    if done is not None:
-        logging.info("[%s] already finished: %s", config.name, workdir)
-        return done
-    return train_and_evaluate(config, workdir, method=method)
-
-
 def residual_loss(ensemble_logits, teacher_logits, labels, weights, ctx: Context) -> np.ndarray:
     """Per-example residual loss of F, as the member's loss counts it (pair weights inside)."""
     d = ctx.member.distill
@@ -189,74 +181,17 @@ def run_bdistil(ctx: Context, variant: str, connect: bool) -> dict:
     state = read_json(state_path, {"members": [], "log": [], "stopped": None})
     layer = e.connect.layer if connect else ""
     g = ctx.teacher_logits("train")
-    labels = ctx.labels["train"]
-    n, k = g.shape
     candidates = ordered_candidates(ctx)
     for w in range(len(state["members"]) + 1, e.rounds + 1):
         if state["stopped"]:
             break
-        wpath = os.path.join(vdir, f"weights_round{w}.npy")
-        weights = np.load(wpath) if os.path.exists(wpath) else wp.initial_weights(n, k, e.weights)
-        if w == 1:
-            np.save(wpath, weights)
-        frozen, prev_dim, before_logits = None, 0, np.zeros_like(g)
-        if state["members"]:
-            ens = mem.load_ensemble(state["members"], ctx.info, layer=layer)
-            frozen = ens.frozen()
-            if layer:
-                prev_dim = mem.activation_dim(frozen, ctx.info.image_shape)
+        weights = _round_weights(vdir, w, g.shape, e.weights)
         state["log"] = [r for r in state["log"] if r["round"] != w]
-        accepted, best = None, None
-        for j, (cname, cand) in enumerate(candidates):
-            spec = {
-                "round": w,
-                "candidate": cname,
-                "model": cand.to_dict(),
-                "connected": bool(layer and frozen),
-                "prev_dim": prev_dim,
-                "join": e.connect.join,
-                "width": int(e.connect.width),
-                "workdir": os.path.join(vdir, f"round{w}", cname),
-            }
-            cfg = ctx.member_config(f"{variant}_r{w}_{cname}", cand, ctx.member.seed + 1000 * w + j)
-            result = _train(cfg, spec["workdir"], _member_method(False, spec, frozen, weights, ctx))
-            if result.get("preempted"):
-                write_json(state_path, state)
-                return {"preempted": True}
-            own, _ = mem.member_logits(
-                mem.load_ensemble(state["members"] + [spec], ctx.info, layer=layer).frozen(),
-                ctx.sources["train"],
-                ctx.info,
-                batch_size=ctx.bs,
-                mesh=ctx.mesh,
-            )
-            after_logits = own.sum(axis=1)
-            before_logits = own[:, :-1].sum(axis=1)
-            edge = weighted_edge(
-                residual_loss(before_logits, g, labels, weights, ctx),
-                residual_loss(after_logits, g, labels, weights, ctx),
-                weights,
-            )
-            meets = edge >= e.gamma
-            entry = {
-                "round": w,
-                "candidate": cname,
-                "edge": edge,
-                "gamma": float(e.gamma),
-                "accepted": meets,
-                "reason": (
-                    f"edge {edge:.4f} >= gamma {e.gamma}: weak-learning condition met"
-                    if meets
-                    else f"edge {edge:.4f} < gamma {e.gamma}: condition not met, trying the next size"
-                ),
-                "test_accuracy": result.get("accuracy"),
-            }
-            state["log"].append(entry)
-            logging.info("[FIND-WL %s] round %d, candidate %s: %s", variant, w, cname, entry["reason"])
-            best = max(best or (edge, cname), (edge, cname))
-            if meets:
-                accepted = dict(spec, edge=edge)
-                break
+        found = _find_weak_learner(ctx, variant, vdir, w, state, candidates, weights, layer)
+        if found is None:
+            write_json(state_path, state)
+            return {"preempted": True}
+        accepted, best, after_logits = found
         if accepted is None:
             state["stopped"] = (
                 f"round {w}: no candidate met the weak-learning condition (best edge "
@@ -275,6 +210,100 @@ def run_bdistil(ctx: Context, variant: str, connect: bool) -> dict:
     return state
 
 
+def _round_weights(vdir: str, w: int, shape: tuple[int, int], weights_cfg) -> np.ndarray:
+    """The weight player's weights for round `w`: saved by round w - 1, or the initial ones (saved in round 1)."""
+    wpath = os.path.join(vdir, f"weights_round{w}.npy")
+    n, k = shape
+    weights = np.load(wpath) if os.path.exists(wpath) else wp.initial_weights(n, k, weights_cfg)
+    if w == 1:
+        np.save(wpath, weights)
+    return weights
+
+
+def _frozen_members(ctx: Context, members: list, layer: str):
+    """(frozen ensemble or None, width of its connection activation or 0) of the members accepted so far."""
+    frozen, prev_dim = None, 0
+    if members:
+        frozen = mem.load_ensemble(members, ctx.info, layer=layer).frozen()
+        if layer:
+            prev_dim = mem.activation_dim(frozen, ctx.info.image_shape)
+    return frozen, prev_dim
+
+
+def _find_weak_learner(
+    ctx: Context, variant: str, vdir: str, w: int, state: dict, candidates: list, weights: np.ndarray, layer: str
+):
+    """FIND-WL for round `w`: trains the candidates, smallest first, until one meets the weak-learning condition.
+
+    Appends each candidate's entry to state["log"]. Returns (accepted spec or None, (best edge, its candidate),
+    the ensemble logits with the last candidate tried), or None if a member run was preempted.
+    """
+    e = ctx.e
+    g, labels = ctx.teacher_logits("train"), ctx.labels["train"]
+    frozen, prev_dim = _frozen_members(ctx, state["members"], layer)
+    best, after_logits = None, None
+    for j, (cname, cand) in enumerate(candidates):
+        spec = {
+            "round": w,
+            "candidate": cname,
+            "model": cand.to_dict(),
+            "connected": bool(layer and frozen),
+            "prev_dim": prev_dim,
+            "join": e.connect.join,
+            "width": int(e.connect.width),
+            "workdir": os.path.join(vdir, f"round{w}", cname),
+        }
+        cfg = ctx.member_config(f"{variant}_r{w}_{cname}", cand, ctx.member.seed + 1000 * w + j)
+        result = ensure_trained(cfg, spec["workdir"], method=_member_method(False, spec, frozen, weights, ctx))
+        if result.get("preempted"):
+            return None
+        edge, after_logits = _candidate_edge(ctx, state["members"] + [spec], layer, g, labels, weights)
+        entry = _find_wl_entry(w, cname, edge, e.gamma, result)
+        state["log"].append(entry)
+        logging.info("[FIND-WL %s] round %d, candidate %s: %s", variant, w, cname, entry["reason"])
+        best = max(best or (edge, cname), (edge, cname))
+        if entry["accepted"]:
+            return dict(spec, edge=edge), best, after_logits
+    return None, best, after_logits
+
+
+def _candidate_edge(ctx: Context, specs: list, layer: str, g, labels, weights) -> tuple[float, np.ndarray]:
+    """(weighted edge of the last member of `specs` over the ones before it, the ensemble's summed logits)."""
+    own, _ = mem.member_logits(
+        mem.load_ensemble(specs, ctx.info, layer=layer).frozen(),
+        ctx.sources["train"],
+        ctx.info,
+        batch_size=ctx.bs,
+        mesh=ctx.mesh,
+    )
+    after_logits = own.sum(axis=1)
+    before_logits = own[:, :-1].sum(axis=1)
+    edge = weighted_edge(
+        residual_loss(before_logits, g, labels, weights, ctx),
+        residual_loss(after_logits, g, labels, weights, ctx),
+        weights,
+    )
+    return edge, after_logits
+
+
+def _find_wl_entry(w: int, cname: str, edge: float, gamma, result: dict) -> dict:
+    """The FIND-WL log entry of one candidate: its edge, whether it is accepted, and why."""
+    meets = edge >= gamma
+    return {
+        "round": w,
+        "candidate": cname,
+        "edge": edge,
+        "gamma": float(gamma),
+        "accepted": meets,
+        "reason": (
+            f"edge {edge:.4f} >= gamma {gamma}: weak-learning condition met"
+            if meets
+            else f"edge {edge:.4f} < gamma {gamma}: condition not met, trying the next size"
+        ),
+        "test_accuracy": result.get("accuracy"),
+    }
+
+
 def run_resched(ctx: Context, sizes: list[dict]) -> dict:
     """Independently distilled members of the given sizes (plain KD from the teacher)."""
     vdir = os.path.join(ctx.workdir, "resched")
@@ -289,7 +318,7 @@ def run_resched(ctx: Context, sizes: list[dict]) -> dict:
             "workdir": os.path.join(vdir, f"member{i}"),
         }
         cfg = ctx.member_config(f"resched_member{i}", entry, ctx.member.seed + 5000 + i)
-        result = _train(cfg, spec["workdir"], _member_method(True, spec, None, np.zeros(0), ctx))
+        result = ensure_trained(cfg, spec["workdir"], method=_member_method(True, spec, None, np.zeros(0), ctx))
         if result.get("preempted"):
             return {"preempted": True}
         specs.append(spec)
@@ -311,10 +340,10 @@ def run_no_resched(ctx: Context, target_flops: float) -> dict:
         "connected": False,
         "workdir": os.path.join(ctx.workdir, "no_resched", name),
     }
-    result = _train(
+    result = ensure_trained(
         ctx.member_config(f"no_resched_{name}", entry, ctx.member.seed + 9000),
         spec["workdir"],
-        _member_method(True, spec, None, np.zeros(0), ctx),
+        method=_member_method(True, spec, None, np.zeros(0), ctx),
     )
     if result.get("preempted"):
         return {"preempted": True}
@@ -411,7 +440,7 @@ def run_ensemble(config, workdir: str) -> dict:
         write_json(os.path.join(ctx.workdir, "ensemble.json"), result)
         table = summary_table(result)
         runs.write_text(os.path.join(ctx.workdir, "ensemble.md"), table + "\n")
-        print("\n" + table, flush=True)
+        logging.info("B-DISTIL results:\n%s", table)
     return {"preempted": False, **result}
 
 

@@ -267,6 +267,46 @@ def write_cache(
     log=print,
 ) -> dict:
     """Writes (or finishes) the cache; returns its manifest. See the module docstring."""
+    info = _checked_job_info(dataset, topk=topk, dtype=dtype, shard_size=shard_size, batch_size=batch_size)
+    src = data_lib.get_source(dataset, split, data_dir=data_dir or None)
+    teacher, _, identity = load_teacher_with_identity(teacher_workdir, teacher_step, info)
+    n = len(src)
+    manifest = _new_manifest(
+        identity, dataset, split, n, info, dtype=dtype, topk=topk, shard_size=shard_size, command=command
+    )
+    num_shards = manifest["num_shards"]
+    os.makedirs(out, exist_ok=True)
+    mpath = os.path.join(out, "manifest.json")
+    if os.path.exists(mpath):
+        old = _read_own_manifest(mpath, out, manifest)
+        if old.get("complete"):
+            log(f"[cache] {out} is already complete ({n} examples, {num_shards} shards); nothing to do.")
+            return old
+    else:
+        _write_json(mpath, manifest)
+    done = _finished_shards(out, num_shards, log)
+
+    shards = _ShardWriter(src, info, teacher, topk=topk, dtype=dtype, batch_size=batch_size)
+    t0 = time.perf_counter()
+    written = 0
+    for s in range(num_shards):
+        if s in done:
+            continue
+        written += shards.write(
+            os.path.join(out, shard_name(s, num_shards)), s * shard_size, min(n, (s + 1) * shard_size)
+        )
+        log(f"[cache] shard {s + 1}/{num_shards} written ({written} examples in {time.perf_counter() - t0:.1f} s)")
+        if delay_per_shard_s:
+            time.sleep(delay_per_shard_s)
+    manifest["complete"] = True
+    manifest["seconds"] = round(time.perf_counter() - t0, 3)
+    _write_json(mpath, manifest)
+    log(f"[cache] complete: {n} examples of {dataset}/{split} in {out}")
+    return manifest
+
+
+def _checked_job_info(dataset: str, *, topk: int, dtype: str, shard_size: int, batch_size: int):
+    """Refuses a bad dtype, size or k (ValueError) before anything is loaded; returns the dataset's info."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype={dtype!r} is not one of {list(DTYPES)}.")
     if shard_size < 1 or batch_size < 1 or topk < 0:
@@ -276,11 +316,15 @@ def write_cache(
         raise ValueError(
             f"--topk={topk} is not below the {info.num_classes} classes of {dataset}; use --topk=0 for full logits."
         )
-    src = data_lib.get_source(dataset, split, data_dir=data_dir or None)
-    teacher, _, identity = load_teacher_with_identity(teacher_workdir, teacher_step, info)
-    n = len(src)
+    return info
+
+
+def _new_manifest(
+    identity: dict, dataset: str, split: str, n: int, info, *, dtype: str, topk: int, shard_size: int, command: str
+) -> dict:
+    """The manifest of a cache being written (`complete` False until its last shard is in place)."""
     num_shards = max(1, -(-n // shard_size))
-    manifest = {
+    return {
         "format": FORMAT,
         "version": VERSION,
         "teacher": identity,
@@ -298,71 +342,72 @@ def write_cache(
         "command": command,
         "complete": False,
     }
-    os.makedirs(out, exist_ok=True)
-    mpath = os.path.join(out, "manifest.json")
-    if os.path.exists(mpath):
-        with open(mpath) as f:
-            old = json.load(f)
-        diffs = [
-            f"{k}: directory has {old.get(k)!r}, this job {manifest[k]!r}"
-            for k in _JOB_FIELDS
-            if old.get(k) != manifest[k]
-        ]
-        if old.get("teacher", {}).get("variables_sha256") != identity["variables_sha256"]:
-            diffs.append(f"teacher: directory has {old.get('teacher')}, this job {identity}")
-        if diffs:
-            raise StaleCacheError(
-                f"{out} already holds a cache of another job:\n  "
-                + "\n  ".join(diffs)
-                + "\nUse another --out, or delete that directory first."
-            )
-        if old.get("complete"):
-            log(f"[cache] {out} is already complete ({n} examples, {num_shards} shards); nothing to do.")
-            return old
-    else:
-        _write_json(mpath, manifest)
+
+
+def _read_own_manifest(mpath: str, out: str, manifest: dict) -> dict:
+    """The manifest already in `out`, which must be of this job (same fields and teacher): else StaleCacheError."""
+    with open(mpath) as f:
+        old = json.load(f)
+    identity = manifest["teacher"]
+    diffs = [
+        f"{k}: directory has {old.get(k)!r}, this job {manifest[k]!r}" for k in _JOB_FIELDS if old.get(k) != manifest[k]
+    ]
+    if old.get("teacher", {}).get("variables_sha256") != identity["variables_sha256"]:
+        diffs.append(f"teacher: directory has {old.get('teacher')}, this job {identity}")
+    if diffs:
+        raise StaleCacheError(
+            f"{out} already holds a cache of another job:\n  "
+            + "\n  ".join(diffs)
+            + "\nUse another --out, or delete that directory first."
+        )
+    return old
+
+
+def _finished_shards(out: str, num_shards: int, log) -> list[int]:
+    """Removes the leftovers of a killed writer (*.tmp) and returns the shards already complete in `out`."""
     for stale in glob.glob(os.path.join(out, "*.tmp")):
         os.remove(stale)  # a shard (or manifest) whose writer was killed before it finished
     done = [s for s in range(num_shards) if os.path.exists(os.path.join(out, shard_name(s, num_shards)))]
     if done:
         log(f"[cache] resuming: kept {len(done)} finished shard(s) {done}, writing {num_shards - len(done)}.")
+    return done
 
-    rec_dtype = record_dtype(info.num_classes, topk, dtype)
-    store = _np_dtype(dtype)
 
-    fn, mesh = _topk_fn(topk), parallel.make_mesh()
-    t0 = time.perf_counter()
-    written = 0
-    for s in range(num_shards):
-        if s in done:
-            continue
-        final = os.path.join(out, shard_name(s, num_shards))
+class _ShardWriter:
+    """Writes the shards of one cache job: the teacher's outputs for a range of the split's examples."""
+
+    def __init__(self, src, info, teacher, *, topk: int, dtype: str, batch_size: int):
+        self.src, self.info, self.teacher = src, info, teacher
+        self.topk, self.batch_size = topk, batch_size
+        self.rec_dtype = record_dtype(info.num_classes, topk, dtype)
+        self.store = _np_dtype(dtype)
+        self.fn, self.mesh = _topk_fn(topk), parallel.make_mesh()
+
+    def write(self, final: str, start: int, stop: int) -> int:
+        """Writes examples [start, stop) to `final` (as `final`.tmp, renamed once complete); returns their number."""
         tmp = final + ".tmp"
         writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
-        for start in range(s * shard_size, min(n, (s + 1) * shard_size), batch_size):
-            stop = min(start + batch_size, (s + 1) * shard_size, n)
-            images, _ = data_lib.eval_images(src.__getitems__(range(start, stop)), info)
-            m = stop - start
-            out_arrays = runs.predict(fn, teacher, images, batch_size=batch_size, mesh=mesh)
-            rows = np.zeros((m,), rec_dtype)
-            if topk:
-                rows["values"] = out_arrays[0].astype(store)
-                rows["indices"] = out_arrays[1].astype(np.int32)
-            else:
-                rows["logits"] = out_arrays.astype(store)
-            for r in range(m):
+        written = 0
+        for lo in range(start, stop, self.batch_size):
+            rows = self.records(lo, min(lo + self.batch_size, stop))
+            for r in range(len(rows)):
                 writer.write(rows[r : r + 1].tobytes())
-            written += m
+            written += len(rows)
         writer.close()
         os.replace(tmp, final)
-        log(f"[cache] shard {s + 1}/{num_shards} written ({written} examples in {time.perf_counter() - t0:.1f} s)")
-        if delay_per_shard_s:
-            time.sleep(delay_per_shard_s)
-    manifest["complete"] = True
-    manifest["seconds"] = round(time.perf_counter() - t0, 3)
-    _write_json(mpath, manifest)
-    log(f"[cache] complete: {n} examples of {dataset}/{split} in {out}")
-    return manifest
+        return written
+
+    def records(self, start: int, stop: int) -> np.ndarray:
+        """The records of examples [start, stop): full logits, or top-k values and classes, in the storage dtype."""
+        images, _ = data_lib.eval_images(self.src.__getitems__(range(start, stop)), self.info)
+        out_arrays = runs.predict(self.fn, self.teacher, images, batch_size=self.batch_size, mesh=self.mesh)
+        rows = np.zeros((stop - start,), self.rec_dtype)
+        if self.topk:
+            rows["values"] = out_arrays[0].astype(self.store)
+            rows["indices"] = out_arrays[1].astype(np.int32)
+        else:
+            rows["logits"] = out_arrays.astype(self.store)
+        return rows
 
 
 def _parse(argv):

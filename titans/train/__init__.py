@@ -16,7 +16,7 @@ from titans.train.method import Method, objective_loss, objective_method, resolv
 from titans.train.optim import make_optimizer
 from titans.train.state import TrainState
 from titans.train.steps import evaluate, make_eval_step, make_train_step
-from titans.train.trainer import train_and_evaluate
+from titans.train.trainer import ensure_trained, train_and_evaluate
 
 __all__ = [
     "Checkpointing",
@@ -26,6 +26,7 @@ __all__ = [
     "PreemptionGuard",
     "TrainState",
     "check_finite",
+    "ensure_trained",
     "evaluate",
     "fit",
     "make_eval_step",

@@ -53,7 +53,7 @@ def make_train_step(graphdef, tx, method: Method, info, dtype, schedule):
         (loss, (logits, model_state)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (state.nonfinite_step < 0)
         new_state = state.replace(
             step=state.step + 1,

@@ -210,3 +210,12 @@ def train_and_evaluate(
     if writer_proc:
         s.run.write_results(result)
     return result
+
+
+def ensure_trained(config: ml_collections.ConfigDict, workdir: str, *, method: method_lib.Method | None = None) -> dict:
+    """The results of the run in `workdir`: read back if it finished, else trained (or resumed) now."""
+    done = runs.RunDir(workdir).results()
+    if done is not None:
+        logging.info("[%s] already finished: %s", config.name, workdir)
+        return done
+    return train_and_evaluate(config, workdir, method=method)
