@@ -419,3 +419,22 @@ def test_fashion_mnist_without_raw_files_or_data(tmp_path, monkeypatch):
         data.get_source("fashion_mnist", "train", data_dir=str(tmp_path / "tfds"))
     msg = str(e.value)
     assert "python -m titans.data.prepare fashion_mnist" in msg and "TITANS_FMNIST_DIR" in msg
+
+
+def test_augmentation_override_reaches_the_loader(digits_train):
+    """dataset.augmentation='crop_flip' augments a dataset whose own transform is 'none' (digits):
+    the loader's images then differ from the stored ones for the same example indices; without the
+    override they are the stored images exactly."""
+    info = data.dataset_info("digits")
+    assert info.augment == "none"
+    stored = np.stack([e["image"] for e in digits_train.__getitems__(range(len(digits_train)))])
+    plain = data.TrainLoader(digits_train, info, global_batch_size=64, seed=3, with_index=True)
+    flipped = data.TrainLoader(
+        digits_train, info, global_batch_size=64, seed=3, with_index=True, augmentation="crop_flip"
+    )
+    a, b = next(plain), next(flipped)
+    np.testing.assert_array_equal(a["index"], b["index"])
+    np.testing.assert_array_equal(a["image"], stored[a["index"]])
+    assert np.mean(np.any(b["image"] != stored[b["index"]], axis=(1, 2, 3))) > 0.5
+    plain.close()
+    flipped.close()

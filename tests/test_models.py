@@ -25,7 +25,7 @@ FMNIST = (28, 28, 1)
 STUDENT = {"channels": (8, 16), "dense": 32}  # the tiny Fashion-MNIST student
 
 ALIASES = (
-    ["mlp", "cnn", "cifar_resnet", "wide_resnet", "mobilenet_v2"]
+    ["mlp", "cnn", "conv1d", "cifar_resnet", "wide_resnet", "mobilenet_v2"]
     + [f"resnet{d}" for d in (8, 14, 20, 32, 44, 56, 110)]
     + ["resnet8x4", "resnet32x4"]
     + ["wrn_16_1", "wrn_16_2", "wrn_16_4", "wrn_28_10", "wrn_40_1", "wrn_40_2", "wrn_40_4"]
@@ -36,6 +36,7 @@ ALIASES = (
 STAGES = {
     "mlp": ["hidden1", "hidden2"],
     "cnn": ["stage1", "stage2"],
+    "conv1d": ["stage1", "stage2"],
     "mobilenet_v2": [f"stage{i}" for i in range(1, 8)],
 }
 for _n in ("resnet18", "resnet34", "resnet50"):

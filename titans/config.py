@@ -74,7 +74,10 @@ def _dataset_section() -> ml_collections.ConfigDict:
     d.data_dir = ""  # "" -> $TFDS_DATA_DIR or ~/tensorflow_datasets
     d.train_split = "train"
     d.eval_split = "test"
-    d.augment = True  # only where the dataset calls for it (CIFAR, ImageNet)
+    d.augment = True  # only where the dataset calls for it (CIFAR, ImageNet), or where `augmentation` asks
+    # "" = the dataset's own training transform (crop_flip for CIFAR, imagenet for ImageNet, none for
+    # the others); "crop_flip" (pad 4, random crop, horizontal flip) or "none" override it.
+    d.augmentation = ""
     return d
 
 
@@ -268,6 +271,7 @@ def _check_values(c: ml_collections.ConfigDict, where: str) -> None:
     choice("optimizer.name", c.optimizer.name, ("sgd", "adamw", "adam"))
     choice("schedule.name", c.schedule.name, ("cosine", "constant", "step"))
     choice("distill.loss", c.distill.loss, ("kd", "hard"))
+    choice("dataset.augmentation", c.dataset.augmentation, ("", "none", "crop_flip"))
     choice("dtype", c.dtype, ("auto", "float32", "bfloat16"))
     choice("distill.objective", c.distill.objective, ("standard", "easy_weighted", "defer"))
     choice("distill.easy.rule", c.distill.easy.rule, ("confidence", "margin", "correctness", "agreement"))

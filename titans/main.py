@@ -47,7 +47,7 @@ def main(argv):
     out = experiment.run_experiment(config, _WORKDIR.value)
     if out.get("preempted") or not logs.is_writer():
         return
-    stages = out.get("stages", {config.name: out})
+    stages = out["stages"] if "stages" in out else {config.name: out}
     print("\n" + experiment.summary_table(stages), flush=True)
 
 

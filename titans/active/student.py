@@ -96,6 +96,7 @@ class StudentTrainer:
             global_batch_size=self.cfg.batch_size,
             seed=seed,
             augment=self.cfg.dataset.augment,
+            augmentation=self.cfg.dataset.augmentation or None,
             with_index=True,
         ) as loader:
             fitted = fit(

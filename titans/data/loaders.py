@@ -127,6 +127,7 @@ class TrainLoader:
         prefetch: int = 2,
         num_threads: int = 1,
         with_index: bool = False,
+        augmentation: str | None = None,
     ):
         self.local_batch_size = _check_layout(global_batch_size, process_index, process_count)
         self.src, self.info = src, info
@@ -136,7 +137,9 @@ class TrainLoader:
         self.steps_per_epoch = self.num_examples // global_batch_size
         if self.steps_per_epoch < 1:
             raise ValueError(f"global_batch_size {global_batch_size} > {self.num_examples} examples")
-        self.augment = augment and info.augment != "none"
+        # The training transform: the dataset's own unless `augmentation` names another.
+        self.kind = augmentation or info.augment
+        self.augment = augment and self.kind != "none"
         # Each row's example index into `src` as batch["index"] (int32), for per-example state
         # kept outside the batch, such as a boosting weight player's weights.
         self.with_index = bool(with_index)
@@ -174,7 +177,7 @@ class TrainLoader:
         row0 = self.process_index * lbs
         rows = slice(row0, row0 + lbs)
         examples = self.src.__getitems__(self._indices(order, step, row0, lbs).tolist())
-        kind = self.info.augment
+        kind = self.kind
         if not self.augment:
             images, labels = eval_images(examples, self.info)
             return {"image": images, "label": labels}

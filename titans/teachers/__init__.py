@@ -46,10 +46,11 @@ def open_soft_labels(config, info, train_src) -> SoftLabelSource | None:
     if not d.teacher_workdir or mode == "online":
         return None
     if mode == "cache":
-        if config.dataset.augment and info.augment != "none":
+        kind = config.dataset.augmentation or info.augment
+        if config.dataset.augment and kind != "none":
             raise config_lib.ConfigError(
                 f"distill.teacher_mode='cache' with dataset.augment=True on '{info.name}' (augmentation "
-                f"'{info.augment}'): the cache holds one soft label per example, computed on the "
+                f"'{kind}'): the cache holds one soft label per example, computed on the "
                 f"un-augmented image, so it cannot label augmented views. Set dataset.augment=False, or use "
                 f"teacher_mode='online' or 'service' (both label the augmented images the student sees)."
             )

@@ -87,6 +87,7 @@ def _loader(s: Setup, method: method_lib.Method):
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         augment=s.config.dataset.augment,
+        augmentation=s.config.dataset.augmentation or None,
         with_index=needs_index,
     )
     return s.soft_labels.wrap(loader) if s.soft_labels is not None else loader
