@@ -42,11 +42,18 @@ done
 need nodes "$NODES"; need gpus_per_node "$GPUS"; need config "$CONFIG"; need workdir "$WORKDIR"
 [[ "$NODES" =~ ^[1-9][0-9]*$ ]] || die_usage "--nodes must be a positive integer (got '$NODES')"
 [[ "$GPUS" =~ ^[1-9][0-9]*$ ]] || die_usage "--gpus_per_node must be a positive integer (got '$GPUS')"
-[[ "$PORT" =~ ^[0-9]+$ ]] || die_usage "--port must be a number"
+if ! [[ "$PORT" =~ ^[0-9]{1,5}$ ]] || [ "$PORT" -lt 1024 ] || [ "$PORT" -gt 65535 ]; then
+  die_usage "--port must be a number in 1024-65535 (got '$PORT')"
+fi
 [[ "$TIME" =~ ^([0-9]+-)?[0-9]{1,2}:[0-9]{2}:[0-9]{2}$ ]] || die_usage "--time must be [D-]HH:MM:SS (got '$TIME')"
-[[ "$CONFIG" =~ ^configs/[A-Za-z0-9_]+\.py(:.*)?$ ]] || die_usage "--config must be configs/NAME.py[:ARG] (got '$CONFIG')"
-[[ "$WORKDIR" == /* ]] || die_usage "--workdir must be an absolute path on a shared filesystem (got '$WORKDIR')"
-[[ "$JOB_NAME" =~ ^[A-Za-z0-9_.-]+$ ]] || die_usage "--job_name may only hold letters, digits, _ . -"
+check_pattern config "$CONFIG" '^configs/[A-Za-z0-9_]+\.py(:[A-Za-z0-9_.,=/:@%+-]*)?$' \
+  "configs/NAME.py[:ARG] with letters, digits and _ . , = / : @ % + - in ARG"
+check_pattern workdir "$WORKDIR" '^/[A-Za-z0-9._/=@+-]*$' "an absolute path on a shared filesystem, of letters, digits and _ . / = @ + -"
+check_pattern venv "$VENV" '^/[A-Za-z0-9._/=@+-]*$' "an absolute path of letters, digits and _ . / = @ + -"
+check_pattern job_name "$JOB_NAME" '^[A-Za-z0-9_.-]+$' "letters, digits, _ . -"
+[ -z "$PARTITION" ] || check_pattern partition "$PARTITION" '^[A-Za-z0-9_.-]+$' "letters, digits, _ . -"
+[ -z "$ACCOUNT" ] || check_pattern account "$ACCOUNT" '^[A-Za-z0-9_.-]+$' "letters, digits, _ . -"
+check_overrides "${EXTRA[@]}"
 
 MAIN="$(quote python -m titans.main --config="$CONFIG" --workdir="$WORKDIR" "${EXTRA[@]}")"
 SCRIPT="$WORKDIR/slurm/$JOB_NAME.sbatch"
@@ -60,7 +67,7 @@ sbatch_script() {
   echo "#SBATCH --time=$TIME"
   [ -n "$PARTITION" ] && echo "#SBATCH --partition=$PARTITION"
   [ -n "$ACCOUNT" ] && echo "#SBATCH --account=$ACCOUNT"
-  echo "#SBATCH --output=$WORKDIR/slurm/%x-%j.out"
+  echo "#SBATCH --output=$WORKDIR/slurm/%x-%j.out"  # validated above: no spaces, quotes or newlines
   echo "#SBATCH --requeue"
   echo "#SBATCH --signal=TERM@120"
   echo "set -euo pipefail"

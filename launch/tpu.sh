@@ -66,7 +66,20 @@ done
 
 need name "$NAME"; check_name name "$NAME"
 need zone "$ZONE"
-[[ "$ZONE" =~ ^[a-z]+-[a-z]+[0-9]+-[a-z]$ ]] || die_usage "--zone looks wrong: '$ZONE' (e.g. us-central2-b)"
+check_pattern zone "$ZONE" '^[a-z]+-[a-z]+[0-9]+-[a-z]$' "a zone like us-central2-b"
+[ -z "$PROJECT" ] || check_pattern project "$PROJECT" '^[a-z][a-z0-9.:-]{1,62}$' "a Google Cloud project id"
+[ -z "$VERSION" ] || check_pattern version "$VERSION" '^[A-Za-z0-9._-]+$' "a TPU runtime version"
+[ -z "$REPO" ] || check_pattern repo "$REPO" '^(https://|ssh://|git@)[A-Za-z0-9._~:/@+-]+$' "a git URL (https://, ssh:// or git@)"
+check_pattern branch "$BRANCH" '^[A-Za-z0-9][A-Za-z0-9._/-]{0,99}$' "a branch name"
+[[ "$BRANCH" != *..* ]] || die_usage "--branch must not contain '..' (got '$BRANCH')"
+[ -z "$CONFIG" ] || check_pattern config "$CONFIG" '^configs/[A-Za-z0-9_]+\.py(:[A-Za-z0-9_.,=/:@%+-]*)?$' \
+  "configs/NAME.py[:ARG] with letters, digits and _ . , = / : @ % + - in ARG"
+[ -z "$WORKDIR" ] || check_pattern workdir "$WORKDIR" '^gs://[a-z0-9][a-z0-9._-]*(/[A-Za-z0-9._=@+-]+)*/?$' \
+  "a gs:// path, gs://BUCKET/PATH (every worker writes its checkpoint shards there)"
+[ -z "$TFDS_DATA_DIR" ] || check_pattern tfds_data_dir "$TFDS_DATA_DIR" '^(gs://|/)[A-Za-z0-9._/=@+-]*$' \
+  "a gs:// or absolute path"
+check_pattern worker "$WORKER" '^([0-9]+|all)$' "a worker number"
+check_overrides "${EXTRA[@]}"
 GLOBAL=(--zone="$ZONE")
 [ -n "$PROJECT" ] && GLOBAL+=(--project="$PROJECT")
 SSH=(gcloud compute tpus tpu-vm ssh "$NAME" "${GLOBAL[@]}")
@@ -94,16 +107,15 @@ case "$CMD" in
       FETCH="true"
     else
       [ -n "$REPO" ] || die_usage "setup needs --repo=GIT_URL (cloned on every worker) or --copy (this checkout is copied)"
-      FETCH="if [ -d ~/titans/.git ]; then git -C ~/titans fetch -q origin $BRANCH && git -C ~/titans checkout -q $BRANCH && git -C ~/titans pull -q --ff-only; else git clone -q -b $BRANCH $REPO ~/titans; fi"
+      B="$(quote_one "$BRANCH")"
+      FETCH="if [ -d ~/titans/.git ]; then git -C ~/titans fetch -q origin $B && git -C ~/titans checkout -q $B && git -C ~/titans pull -q --ff-only; else git clone -q -b $B -- $(quote_one "$REPO") ~/titans; fi"
     fi
     REMOTE="set -e; $FETCH; cd ~/titans; [ -d .venv ] || python3 -m venv .venv; . .venv/bin/activate; pip install -q -r requirements.txt 'jax[tpu]==$JAX_VERSION'; python -c 'import jax; print(jax.device_count(), jax.devices()[0].device_kind)'"
     run "${SSH[@]}" --worker=all --command="$REMOTE"
     ;;
   run)
     need config "$CONFIG"; need workdir "$WORKDIR"
-    [[ "$CONFIG" =~ ^configs/[A-Za-z0-9_]+\.py(:.*)?$ ]] || die_usage "--config must be configs/NAME.py[:ARG] (got '$CONFIG')"
-    [[ "$WORKDIR" == gs://* ]] || die_usage "--workdir must be a gs:// path (every worker writes its checkpoint shards there)"
-    ENVS="TFDS_DATA_DIR=${TFDS_DATA_DIR:-\$HOME/tensorflow_datasets}"
+    if [ -n "$TFDS_DATA_DIR" ]; then ENVS="TFDS_DATA_DIR=$(quote_one "$TFDS_DATA_DIR")"; else ENVS="TFDS_DATA_DIR=\$HOME/tensorflow_datasets"; fi
     MAIN="$(quote python -m titans.main --config="$CONFIG" --workdir="$WORKDIR" "${EXTRA[@]}")"
     REMOTE="cd ~/titans && . .venv/bin/activate && mkdir -p ~/titans_logs && $ENVS nohup $MAIN > ~/titans_logs/$RUN_NAME.log 2>&1 &"
     run "${SSH[@]}" --worker=all --command="$REMOTE"

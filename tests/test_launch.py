@@ -97,7 +97,7 @@ def test_tpu_run_and_setup_dry_run():
     )
     (line,) = _dry(TPU, "setup", "--name=pod", Z, "--repo=https://example.org/titans.git", "--branch=dev")
     assert line.startswith("gcloud compute tpus tpu-vm ssh pod --zone=us-central2-b --worker=all '--command=set -e; ")
-    assert "git clone -q -b dev https://example.org/titans.git ~/titans" in line  # first time
+    assert "git clone -q -b dev -- https://example.org/titans.git ~/titans" in line  # first time
     assert "git -C ~/titans pull -q --ff-only" in line  # re-run: update in place (idempotent)
     assert "[ -d .venv ] || python3 -m venv .venv" in line and "jax[tpu]==0.10.2" in line
     lines = _dry(TPU, "setup", "--name=pod", Z, "--copy")
@@ -120,7 +120,7 @@ def test_tpu_run_and_setup_dry_run():
         (["create", Z, "--type=v4-8"], "missing --name"),
         (["create", "--name=t"], "missing --zone"),
         (["create", "--name=Bad_Name", Z, "--type=v4-8"], "--name must be lowercase"),
-        (["create", "--name=t", "--zone=central", "--type=v4-8"], "--zone looks wrong"),
+        (["create", "--name=t", "--zone=central", "--type=v4-8"], "--zone must be a zone like us-central2-b"),
         (["create", "--name=t", Z], "missing --type"),
         (["create", "--name=t", Z, "--type=v9x-8"], "unsupported --type"),
         (["create", "--name=t", Z, "--type=v4-8", "--spto"], "unknown option '--spto'"),
@@ -200,3 +200,45 @@ def test_shellcheck_clean():
     ] + [os.path.join(REPO, ".ci", "run")]
     proc = subprocess.run([shellcheck, "-x", *scripts], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stdout
+
+
+PAYLOADS = ["x;touch /tmp/pwned", "$(touch /tmp/pwned)", "`touch /tmp/pwned`", "x\ntouch /tmp/pwned", "a b'c"]
+TPU_RUN = ["run", "--name=pod", Z, "--config=configs/a.py:seed=0", "--workdir=gs://b/w", "--tfds_data_dir=gs://b/t"]
+TPU_SETUP = ["setup", "--name=pod", Z, "--repo=https://example.org/t.git", "--branch=main", "--project=my-proj"]
+SLURM_ARGS = [
+    "--nodes=1",
+    "--gpus_per_node=8",
+    "--config=configs/a.py:seed=0",
+    "--workdir=/shared/w",
+    "--partition=gpu",
+    "--account=lab",
+    "--job_name=titans",
+    "--venv=/shared/venv",
+    "--port=12355",
+    "--time=01:00:00",
+]
+
+
+def _injected(base, index, payload):
+    """`base` with the value of argument `index` replaced by one that carries a payload."""
+    args = list(base)
+    key = args[index].split("=", 1)[0]
+    args[index] = f"{key}={payload}" if key.startswith("--") and "=" in args[index] else payload
+    return args
+
+
+@pytest.mark.parametrize("payload", PAYLOADS)
+@pytest.mark.parametrize("script, base", [(TPU, TPU_RUN), (TPU, TPU_SETUP), (SLURM, SLURM_ARGS)])
+def test_every_argument_refuses_shell_metacharacters(script, base, payload):
+    """A `;`, `$(...)`, backticks, a newline or a quote in any argument value is refused (exit 2,
+    nothing printed), so nothing can reach a remote command or a batch script as a second command."""
+    assert _run(script, *_with_dry_run(base)).returncode == 0  # the base arguments are fine
+    indices = [i for i, a in enumerate(base) if a.startswith("--") and "=" in a]
+    for i in indices:
+        proc = _run(script, *_with_dry_run(_injected(base, i, payload)))
+        assert proc.returncode == 2, (base[i], payload, proc.stdout)
+        assert proc.stdout == "" and "error:" in proc.stderr
+    # and in a config override after `--`
+    proc = _run(script, *_with_dry_run([*base, "--", f"--config.batch_size=1{payload}"]))
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert not os.path.exists("/tmp/pwned")

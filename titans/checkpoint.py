@@ -2,11 +2,15 @@
 
 A step directory holds four items:
   model   the model's variables (parameters and batch statistics) as plain nested dicts,
-  train   the optimizer state, the step counter and the RNG key,
+  train   the optimizer state, the step counter and the non-finite marker,
   loader  the input pipeline's position (JSON), so that a resumed run sees the same examples,
   meta    the fields that fix the checkpoint's structure (model, classes, input shape, optimizer)
-          and a fingerprint of them (JSON).
+          and a fingerprint of them; the run's config, its teacher (step and SHA-256 of its
+          variables) and its progress (training time so far) (JSON).
 A teacher is never saved in a student's checkpoint; loading a teacher reads only its `model` item.
+
+Every file of a finished step is checksummed (SHA-256, WORKDIR/checkpoints_sha256/STEP.json) and
+checked before the step is read, so a flipped byte is a named error, not a different model.
 
 Nothing here deletes or rewrites a checkpoint it cannot use: a mismatched or unreadable one raises
 an error naming what was expected, and stays on disk as it was.
@@ -14,7 +18,11 @@ an error naming what was expected, and stays on disk as it was.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
+import time
 from typing import Any
 
 import jax
@@ -35,7 +43,30 @@ class IncompatibleCheckpointError(CheckpointError):
 
 
 class CorruptCheckpointError(CheckpointError):
-    """A checkpoint step exists but could not be read."""
+    """A checkpoint step exists but could not be read, or its files do not match their checksums."""
+
+
+class ResumeMismatchError(CheckpointError):
+    """Resuming would silently change what the run computes (its config, or its teacher)."""
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def step_checksums(step_dir: str) -> dict[str, str]:
+    """SHA-256 of every file under a step directory, by path relative to it."""
+    out = {}
+    for root, dirs, files in os.walk(step_dir):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            out[os.path.relpath(path, step_dir)] = _sha256(path)
+    return out
 
 
 def _is_key(x) -> bool:
@@ -66,15 +97,19 @@ class Checkpointer:
     """Saves and restores one run's state under WORKDIR/checkpoints."""
 
     def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False):
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-        options = ocp.CheckpointManagerOptions(
+        self.workdir = os.path.abspath(workdir)
+        self.directory = os.path.join(self.workdir, "checkpoints")
+        self.sums_directory = os.path.join(self.workdir, "checkpoints_sha256")
+        self.read_only = read_only
+        self._options = ocp.CheckpointManagerOptions(
             max_to_keep=keep if keep > 0 and not read_only else None,
             save_interval_steps=0 if read_only else 1,
             enable_async_checkpointing=async_save,
             create=not read_only,
             read_only=read_only,
         )
-        self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
+        self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=self._options)
+        self._unhashed: list[int] = []
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -83,6 +118,7 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, *, model: Any, train: Any, loader: dict, meta: dict) -> None:
+        self.wait()  # the previous save is complete and checksummed before the next one starts
         args = ocp.args.Composite(
             model=ocp.args.StandardSave(to_savable(model)),
             train=ocp.args.StandardSave(to_savable(train)),
@@ -90,13 +126,77 @@ class Checkpointer:
             meta=ocp.args.JsonSave(meta),
         )
         self.manager.save(step, args=args, force=True)
+        self._unhashed.append(step)
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Blocks until every save is on disk, then records the checksums of the new steps."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            pending, self._unhashed = self._unhashed, []
+            raise CheckpointError(
+                f"Saving checkpoint step(s) {pending} to {self.directory} failed ({type(e).__name__}: {e}). "
+                f"Saved steps: {self.all_steps()}. Free space or fix the permissions, then rerun to resume."
+            ) from e
+        self._record_checksums()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
+
+    # ------------------------------------------------------------------------------- checksums
+
+    def _sums_path(self, step: int) -> str:
+        return os.path.join(self.sums_directory, f"{step}.json")
+
+    def _record_checksums(self) -> None:
+        if self.read_only or jax.process_index() != 0 or "://" in self.directory:
+            self._unhashed.clear()  # other processes' files, or remote storage: not hashed here
+            return
+        steps = set(self.all_steps())
+        os.makedirs(self.sums_directory, exist_ok=True)
+        for step in self._unhashed:
+            if step in steps:
+                sums = step_checksums(os.path.join(self.directory, str(step)))
+                tmp = self._sums_path(step) + ".tmp"
+                with open(tmp, "w") as f:
+                    json.dump({"step": step, "sha256": sums}, f, indent=1)
+                os.replace(tmp, self._sums_path(step))
+        self._unhashed.clear()
+        for name in os.listdir(self.sums_directory):  # records of steps the keep policy deleted
+            stem = name.split(".")[0]
+            if stem.isdigit() and int(stem) not in steps:
+                os.remove(os.path.join(self.sums_directory, name))
+
+    def verify(self, step: int) -> None:
+        """Raises CorruptCheckpointError naming the first file of `step` whose SHA-256 differs from the
+        one recorded when it was saved. A step saved by a process killed before it could record its
+        checksums (or by an older Titans) is read unverified, with a warning."""
+        path = self._sums_path(step)
+        if "://" in self.directory:
+            return
+        if not os.path.exists(path):
+            logging.warning(
+                "Checkpoint step %d in %s has no recorded checksums; reading it unverified.", step, self.directory
+            )
+            return
+        with open(path) as f:
+            recorded = json.load(f)["sha256"]
+        step_dir = os.path.join(self.directory, str(step))
+        for rel, want in sorted(recorded.items()):
+            file = os.path.join(step_dir, rel)
+            got = _sha256(file) if os.path.exists(file) else "missing"
+            if got != want:
+                raise CorruptCheckpointError(
+                    f"Checkpoint step {step} in {self.directory} fails its checksum: {rel} "
+                    f"({'missing' if got == 'missing' else 'SHA-256 ' + got[:12] + '..., recorded ' + want[:12] + '...'}"
+                    f"). It was left as it is. Saved steps: {self.all_steps()}; pick another with "
+                    f"--config.checkpoint.restore_step=N, or use a fresh workdir."
+                )
+
+    # ------------------------------------------------------------------------------- restoring
 
     def read_meta(self, step: int) -> dict:
         try:
@@ -127,8 +227,9 @@ class Checkpointer:
         return found
 
     def restore(self, step: int, *, model_like: Any, train_like: Any, expected_meta: dict):
-        """Restores (model, train, loader_state) of `step` after checking its meta."""
+        """Restores (model, train, loader_state) of `step` after checking its meta and checksums."""
         self.check_meta(step, expected_meta)
+        self.verify(step)
         try:
             out = self.manager.restore(
                 step,
@@ -147,7 +248,8 @@ class Checkpointer:
         return (from_savable(out["model"], model_like), from_savable(out["train"], train_like), dict(out["loader"]))
 
     def restore_model(self, step: int, model_like: Any):
-        """Restores only the `model` item (how a teacher is loaded)."""
+        """Restores only the `model` item (how a teacher is loaded), after checking its checksums."""
+        self.verify(step)
         try:
             out = self.manager.restore(
                 step, args=ocp.args.Composite(model=ocp.args.StandardRestore(_abstract(model_like)))
@@ -157,6 +259,24 @@ class Checkpointer:
                 f"Model variables of step {step} in {self.directory} could not be restored ({type(e).__name__}: {e})."
             ) from e
         return from_savable(out["model"], model_like)
+
+    def supersede_after(self, step: int) -> list[int]:
+        """Moves the steps saved after `step` to WORKDIR/checkpoints_superseded/<time>/ (kept, not
+        deleted), so that a run restarted from `step` can save those steps again. Returns them."""
+        later = [s for s in self.all_steps() if s > step]
+        if not later:
+            return []
+        self.wait()
+        target = os.path.join(self.workdir, "checkpoints_superseded", time.strftime("%Y%m%d-%H%M%S"))
+        os.makedirs(target, exist_ok=True)
+        for s in later:
+            os.rename(os.path.join(self.directory, str(s)), os.path.join(target, str(s)))
+            if os.path.exists(self._sums_path(s)):
+                os.rename(self._sums_path(s), os.path.join(target, f"{s}.sha256.json"))
+        self.manager.close()
+        self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=self._options)
+        logging.warning("Restarting from step %d: the later steps %s were moved to %s.", step, later, target)
+        return later
 
 
 def meta_for(config, info, num_outputs: int | None = None) -> dict:

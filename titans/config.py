@@ -12,10 +12,13 @@ import difflib
 import hashlib
 import importlib.util
 import json
+import math
 from collections.abc import Iterable
 from typing import Any
 
 import ml_collections
+
+from titans import models
 
 
 class ConfigError(ValueError):
@@ -118,7 +121,8 @@ def _distill_section() -> ml_collections.ConfigDict:
     """`distill`: the teacher, the distillation loss, the student objective and where soft labels come from."""
     d = ml_collections.ConfigDict()
     d.teacher_workdir = ""
-    d.teacher_step = -1  # -1 = latest checkpoint of the teacher run
+    d.teacher_step = -1  # -1 = latest checkpoint of the teacher run (pinned in the student's checkpoint)
+    d.allow_unfinished_teacher = False  # distil from a teacher run that has no results.json yet
     d.loss = "kd"  # kd (Hinton) | hard (CE on teacher argmax)
     d.alpha = 0.9  # weight of the distillation term; (1 - alpha) on labelled CE
     d.temperature = 4.0
@@ -177,7 +181,10 @@ def _checkpoint_section() -> ml_collections.ConfigDict:
     c.every_steps = 500
     c.keep = 3
     c.async_save = True
-    c.restore_step = -1  # -1 = latest
+    c.restore_step = -1  # -1 = latest; an earlier step moves the later ones to checkpoints_superseded/
+    # Comma-separated fields that may differ from the checkpoint's config on resume ("teacher": the
+    # teacher's variables; "*": any); each allowed change is recorded in WORKDIR/config_changes.jsonl.
+    c.allow_changes = ""
     return c
 
 
@@ -291,6 +298,46 @@ def _check_values(c: ml_collections.ConfigDict, where: str) -> None:
         raise ConfigError(f"{where}: distill.temperature must be positive.")
     if c.batch_size <= 0 or c.eval_batch_size <= 0:
         raise ConfigError(f"{where}: batch sizes must be positive.")
+    _check_numbers(c, where)
+    _check_model_kwargs(c, where)
+
+
+def _check_numbers(c: ml_collections.ConfigDict, where: str) -> None:
+    """Intervals and rates that would fail (or silently misbehave) only after compilation."""
+    for field, value in (("checkpoint.every_steps", c.checkpoint.every_steps), ("log_every_steps", c.log_every_steps)):
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{where}: {field}={value!r} must be a positive number of steps.")
+    if c.eval_every_steps < 0:
+        raise ConfigError(f"{where}: eval_every_steps={c.eval_every_steps} must be >= 0 (0 = only at the end).")
+    o = c.optimizer
+    for field, value in (
+        ("optimizer.learning_rate", o.learning_rate),
+        ("optimizer.weight_decay", o.weight_decay),
+        ("optimizer.grad_clip_norm", o.grad_clip_norm),
+    ):
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"{where}: {field}={value!r} must be a finite number >= 0.")
+    if o.learning_rate == 0:
+        raise ConfigError(f"{where}: optimizer.learning_rate=0 would train nothing.")
+
+
+def _check_model_kwargs(c: ml_collections.ConfigDict, where: str) -> None:
+    """model.kwargs against the model's constructor: a misspelt argument names its close matches."""
+    if c.model.name not in models.MODEL_NAMES:
+        close = difflib.get_close_matches(str(c.model.name), models.MODEL_NAMES, n=4, cutoff=0.5)
+        raise ConfigError(
+            f"{where}: model.name={c.model.name!r} is not a Titans model."
+            + (f" Did you mean: {', '.join(close)}?" if close else "")
+        )
+    accepted = models.model_kwargs(c.model.name)
+    for key in c.model.kwargs:
+        if key not in accepted:
+            close = difflib.get_close_matches(key, list(accepted), n=3, cutoff=0.5)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise ConfigError(
+                f"{where}: model.kwargs.{key} is not an argument of model {c.model.name!r} "
+                f"(it takes: {', '.join(accepted) or 'none'}).{hint}"
+            )
 
 
 def _check_teacher_mode(c: ml_collections.ConfigDict, where: str, choice) -> None:
@@ -372,6 +419,14 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
 
 def to_json(config: ml_collections.ConfigDict) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+def flat_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """{dotted field: value} with values as JSON would give them back (tuples as lists)."""
+    flat = _flat_keys(config)
+    return json.loads(
+        json.dumps({k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in flat.items()}, default=list)
+    )
 
 
 def fingerprint(obj: Any) -> str:

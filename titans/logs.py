@@ -8,6 +8,7 @@ import math
 import os
 import sys
 import time
+import traceback
 
 import jax
 from tensorboardX import SummaryWriter
@@ -16,13 +17,15 @@ from tensorboardX import SummaryWriter
 class MetricWriter:
     """Appends one JSON line per logged step to WORKDIR/metrics.jsonl and mirrors it to TensorBoard."""
 
-    def __init__(self, workdir: str, enabled: bool = True):
+    def __init__(self, workdir: str, enabled: bool = True, keep_through_step: int | None = None):
         self.enabled = enabled
         self._tb = None
         self._file = None
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
+        if keep_through_step is not None:
+            _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), keep_through_step)
         self._file = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)  # noqa: SIM115  (closed in close())
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
@@ -33,7 +36,7 @@ class MetricWriter:
         self._file.write(json.dumps(row) + "\n")
         if self._tb is not None:
             for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                if k != "step" and isinstance(v, int | float) and math.isfinite(v):
                     self._tb.add_scalar(k, v, step)
 
     def close(self) -> None:
@@ -44,8 +47,44 @@ class MetricWriter:
 
 
 def _plain(v):
-    """numpy/jax scalars -> Python numbers, so that json can write them."""
-    return v.item() if hasattr(v, "item") else v
+    """numpy/jax scalars -> Python numbers, non-finite ones -> None: metrics.jsonl is strict JSON."""
+    v = v.item() if hasattr(v, "item") else v
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """The rows of a JSON-lines file; a line cut off by a killed writer is skipped with a warning
+    naming the file and the line."""
+    rows = []
+    if not os.path.exists(path):
+        return rows
+    with open(path) as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                logging.warning("%s: line %d is not valid JSON (cut off by a killed run?); skipped.", path, number)
+    return rows
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """Keeps the rows up to `step` (where a resumed run restarts), so no step is logged twice."""
+    if not os.path.exists(path):
+        return
+    kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+    os.replace(tmp, path)
+
+
+def progress_note(name: str, text: str, enabled: bool = True) -> None:
+    """A line of the progress output (stdout, process 0): `[name] text`; also logged."""
+    logging.info("[%s] %s", name, text)
+    if enabled:
+        print(f"[{name}] {text}", flush=True)
 
 
 def progress_bar(label: str, done: int, total: int, t0: float) -> None:
@@ -107,6 +146,33 @@ def setup_cli_logging() -> None:
     stderr; orbax's and absl's own INFO chatter hidden."""
     logging.getLogger().setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+def run_cli(entry) -> None:
+    """Runs a CLI's `entry()` (e.g. `lambda: app.run(main)`) and ends the process with its exit code.
+
+    A failure ends the process at once (os._exit after flushing), so that threads a library left
+    behind (orbax's background save threads after a failed write wait forever for a signal) cannot
+    keep a failed job alive until its scheduler's time limit. A success exits normally.
+    """
+    try:
+        entry()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    code = int(code or 0)
+    if code == 0:
+        sys.exit(0)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 def is_writer() -> bool:

@@ -47,13 +47,13 @@ def main(argv):
     out = experiment.run_experiment(config, _WORKDIR.value)
     if out.get("preempted") or not logs.is_writer():
         return
-    stages = out["stages"] if "stages" in out else {config.name: out}
+    stages = out.get("stages") or {config.get("name", "run"): out}
     print("\n" + experiment.summary_table(stages), flush=True)
 
 
 def cli():
     _precheck_overrides(sys.argv[1:])
-    app.run(main)
+    logs.run_cli(lambda: app.run(main))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -41,6 +42,10 @@ class TeacherMismatchError(ValueError):
 
 class NotARunError(FileNotFoundError):
     """A directory that holds no Titans run (no config.json) or no checkpoint yet."""
+
+
+class UnfinishedTeacherError(RuntimeError):
+    """A student asked for a teacher run that has not finished training."""
 
 
 def compute_dtype(name: str):
@@ -279,10 +284,26 @@ def read_json(path: str, default: Any = None):
 def write_text(path: str, text: str) -> None:
     """Atomic: a process killed mid-write leaves the previous file (temp file + rename)."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _strict(obj):
+    """NaN and infinities (not JSON) become null, so every file a run writes is strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_strict(v) for v in obj]
+    return obj
 
 
 def write_json(path: str, obj) -> None:
-    write_text(path, json.dumps(obj, indent=2))
+    """Atomic, strict JSON (non-finite numbers written as null)."""
+    write_text(path, json.dumps(_strict(obj), indent=2, allow_nan=False))

@@ -36,6 +36,8 @@ import numpy as np
 from absl import app, flags
 
 from titans import config as config_lib
+from titans import locks
+from titans import runs as titans_runs
 
 _CONFIG = flags.DEFINE_string("config", None, "Config file with get_sweep(arg), e.g. configs/digits.py[:ARG].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Root directory: one sub-directory per run.")
@@ -145,7 +147,9 @@ def plan(config_spec: str, root: str, sets: dict) -> list[dict]:
     for overrides in expand(sweep):
         for field in list(overrides) + list(sets):
             config_lib.check_override(base, field)  # a typo names the field and its close matches
-        name = run_name(overrides, seed_field)
+        # --set values are part of a run's identity: a rerun with other --set values is another run,
+        # never "already finished" because a run with the old values finished.
+        name = run_name({**overrides, **sets}, seed_field)
         workdir = os.path.join(root, name)
         cmd = [
             sys.executable,
@@ -162,7 +166,7 @@ def plan(config_spec: str, root: str, sets: dict) -> list[dict]:
                 "workdir": workdir,
                 "overrides": overrides,
                 "command": cmd,
-                "group": run_name({k: v for k, v in overrides.items() if k != seed_field}, seed_field),
+                "group": run_name({k: v for k, v in {**overrides, **sets}.items() if k != seed_field}, seed_field),
             }
         )
     names = [r["name"] for r in runs]
@@ -271,14 +275,15 @@ def main(argv):
             print(("[finished] " if _finished(run) else "") + join(run["command"]))
         return
     os.makedirs(_WORKDIR.value, exist_ok=True)
-    status = run_local(runs, _PARALLEL.value)
-    table, rows = summarize(runs)
-    with open(os.path.join(_WORKDIR.value, "sweep_summary.md"), "w") as f:
-        f.write(table + "\n")
-    with open(os.path.join(_WORKDIR.value, "sweep.json"), "w") as f:
-        json.dump(
-            {"runs": [{**r, "status": status[r["name"]]} for r in runs], "summary": rows}, f, indent=1, default=str
-        )
+    try:
+        with locks.WorkdirLock(_WORKDIR.value, "sweep"):
+            status = run_local(runs, _PARALLEL.value)
+            table, rows = summarize(runs)
+            titans_runs.write_text(os.path.join(_WORKDIR.value, "sweep_summary.md"), table + "\n")
+            records = json.loads(json.dumps([{**r, "status": status[r["name"]]} for r in runs], default=str))
+            titans_runs.write_json(os.path.join(_WORKDIR.value, "sweep.json"), {"runs": records, "summary": rows})
+    except locks.WorkdirLockedError as e:
+        raise SystemExit(f"error: {e}") from None
     print("\n" + table)
     failed = [n for n, s in status.items() if s.startswith("failed")]
     if failed:

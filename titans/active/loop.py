@@ -148,12 +148,10 @@ def teacher_predict_fn(teacher: runs.FrozenModel, batch: int) -> Callable[[np.nd
 
 def _resume_fields(config) -> dict:
     """The config fields a strategy's rounds depend on, flat and JSON-normalised (tuples -> lists)."""
-    flat = config_lib._flat_keys(config)
+    flat = config_lib.flat_json(config)
     for k in ("active.strategies", "active.predict_batch_size"):
         flat.pop(k, None)
-    return json.loads(
-        json.dumps({k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in flat.items()}, default=list)
-    )
+    return flat
 
 
 def _check_resume(meta: dict, strategy: str, fields: dict, workdir: str) -> None:

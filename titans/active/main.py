@@ -36,7 +36,7 @@ def main(argv):
 
 
 def cli():
-    app.run(main)
+    logs.run_cli(lambda: app.run(main))
 
 
 if __name__ == "__main__":

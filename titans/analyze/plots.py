@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 
-from titans import figures
+from titans import figures, logs
 
 
 def read_metrics_jsonl(workdir: str) -> list[dict]:
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return logs.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
 
 
 def learning_curves(rows: list[dict], path: str, label: str = "") -> str | None:

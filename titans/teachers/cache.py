@@ -34,6 +34,7 @@ import functools
 import glob
 import hashlib
 import json
+import logging
 import os
 import shlex
 import sys
@@ -49,7 +50,7 @@ from flax import nnx
 from titans import checkpoint as ckpt_lib
 from titans import config as config_lib
 from titans import data as data_lib
-from titans import parallel, runs
+from titans import locks, parallel, runs
 from titans.teachers.soft_labels import topk_to_logits
 
 FORMAT = "titans-teacher-cache"
@@ -122,6 +123,14 @@ def teacher_identity(teacher_workdir: str, step: int, info) -> dict:
 # ----------------------------------------------------------------------------------- reading
 
 
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 class TeacherCache:
     """A complete cache opened for random access: `logits(indices)`, `topk(indices)`."""
 
@@ -149,6 +158,7 @@ class TeacherCache:
                 f"missing: the writing job was interrupted). Rerun its command to finish it (finished shards are "
                 f"kept):\n  {m.get('command', 'python -m titans.teachers.cache ...')}"
             )
+        self._verify_shards()
         self.num_classes, self.topk = int(m["num_classes"]), int(m["topk"])
         self.dtype = record_dtype(self.num_classes, self.topk, m["dtype"])
         paths = [os.path.join(self.directory, name) for name in m["shards"]]
@@ -158,6 +168,26 @@ class TeacherCache:
                 f"The teacher cache in {self.directory} holds {len(self._source)} records, "
                 f"its manifest says {m['num_examples']}: rewrite it."
             )
+
+    def _verify_shards(self) -> None:
+        """Each shard's SHA-256 against the manifest: a swapped, foreign, truncated or altered shard is
+        a named error, not wrong soft labels."""
+        recorded = self.manifest.get("shard_sha256")
+        if recorded is None:
+            logging.warning(
+                "The teacher cache in %s records no shard checksums (written by an older Titans); "
+                "its shards are read unverified.",
+                self.directory,
+            )
+            return
+        for name in self.manifest["shards"]:
+            got = _file_sha256(os.path.join(self.directory, name))
+            if got != recorded.get(name):
+                raise CacheError(
+                    f"Shard {name} of the teacher cache in {self.directory} fails its checksum (SHA-256 {got[:12]}..., "
+                    f"manifest {str(recorded.get(name))[:12]}...): it was altered, truncated or swapped with "
+                    f"another cache's. Rewrite the cache into a fresh directory."
+                )
 
     def __len__(self) -> int:
         return len(self._source)
@@ -250,7 +280,15 @@ def _topk_fn(topk: int):
     return functools.partial(_topk_logits, k=topk) if topk else _full_logits
 
 
-def write_cache(
+def write_cache(*, out: str, **kwargs) -> dict:
+    """Writes (or finishes) the cache; returns its manifest. See the module docstring. One writer at a
+    time: a second job on the same `out` fails at once (titans.locks)."""
+    os.makedirs(out, exist_ok=True)
+    with locks.WorkdirLock(out, "teacher cache"):
+        return _write_cache(out=out, **kwargs)
+
+
+def _write_cache(
     *,
     teacher_workdir: str,
     dataset: str,
@@ -266,7 +304,7 @@ def write_cache(
     command: str = "",
     log=print,
 ) -> dict:
-    """Writes (or finishes) the cache; returns its manifest. See the module docstring."""
+    """Writes (or finishes) the cache in `out`, which the caller holds locked."""
     info = _checked_job_info(dataset, topk=topk, dtype=dtype, shard_size=shard_size, batch_size=batch_size)
     src = data_lib.get_source(dataset, split, data_dir=data_dir or None)
     teacher, _, identity = load_teacher_with_identity(teacher_workdir, teacher_step, info)
@@ -300,6 +338,7 @@ def write_cache(
             time.sleep(delay_per_shard_s)
     manifest["complete"] = True
     manifest["seconds"] = round(time.perf_counter() - t0, 3)
+    manifest["shard_sha256"] = {name: _file_sha256(os.path.join(out, name)) for name in manifest["shards"]}
     _write_json(mpath, manifest)
     log(f"[cache] complete: {n} examples of {dataset}/{split} in {out}")
     return manifest

@@ -81,15 +81,22 @@ class Checkpointing:
     ckpt: ckpt_lib.Checkpointer
     meta: dict
     every_steps: int
+    prior_time_s: float = 0.0  # training time of earlier segments of this run (from the checkpoint)
     last_saved: int = -1
+    started: float = dataclasses.field(default_factory=time.perf_counter)
 
     def save(self, step: int, state: TrainState, loader) -> None:
         if step == self.last_saved:  # a SIGTERM right after a periodic save: that save is the one
             return
         check_finite(state, self.ckpt)
         self.last_saved = step
+        progress = {"step": step, "train_time_s": self.prior_time_s + time.perf_counter() - self.started}
         self.ckpt.save(
-            step, model=state.model_vars(), train=state.train_vars(), loader=loader.get_state(), meta=self.meta
+            step,
+            model=state.model_vars(),
+            train=state.train_vars(),
+            loader=loader.get_state(),
+            meta={**self.meta, "progress": progress},
         )
 
 

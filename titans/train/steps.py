@@ -54,7 +54,10 @@ def make_train_step(graphdef, tx, method: Method, info, dtype, schedule):
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (state.nonfinite_step < 0)
+        # The update itself must be finite too: a finite loss and gradient can still overflow the
+        # parameters (a huge learning rate), and such a state must never reach a checkpoint.
+        new_norm = optax.tree.norm(params) + optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), model_state))
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(new_norm) & (state.nonfinite_step < 0)
         new_state = state.replace(
             step=state.step + 1,
             params=_keep_if_finite(finite, params, state.params),

@@ -1,6 +1,10 @@
 """`train_and_evaluate(config, workdir, method=None)`: one model (a teacher, or a student of a
 teacher, or a method's model) trained with `fit` and evaluated; the run's files written through
 `titans.runs.RunDir`.
+
+A run holds its workdir's lock while it works (`titans.locks`), resumes only the run it was
+(`titans.train.resume`), reads back instead of retraining when it already finished, and always
+closes its checkpointer, so that no exit path (error, SIGTERM, a failed save) leaves it hanging.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ from flax import nnx
 from titans import checkpoint as ckpt_lib
 from titans import config as config_lib
 from titans import data as data_lib
-from titans import logs, models, parallel, runs, teachers
+from titans import locks, logs, models, parallel, runs, teachers
 from titans.train import method as method_lib
+from titans.train import resume as resume_lib
 from titans.train.loop import Checkpointing, FitResult, fit
 from titans.train.optim import make_optimizer
 from titans.train.state import TrainState
@@ -39,7 +44,23 @@ class Setup:
     eval_src: Any
     total_steps: int
     teacher: runs.FrozenModel | None = None
+    teacher_identity: dict | None = None
     soft_labels: teachers.SoftLabelSource | None = None
+
+
+def _source(config, split: str):
+    try:
+        src = data_lib.get_source(config.dataset.name, split, data_dir=config.dataset.data_dir or None)
+    except data_lib.DatasetNotFoundError:
+        raise
+    except Exception as e:  # TFDS and array_record raise several types for a bad or empty split
+        raise ValueError(
+            f"The split {split!r} of {config.dataset.name} cannot be read ({type(e).__name__}: {e}); is it "
+            f"empty? Check dataset.train_split / dataset.eval_split."
+        ) from e
+    if len(src) == 0:
+        raise ValueError(f"The split {split!r} of {config.dataset.name} is empty; check dataset.*_split.")
+    return src
 
 
 def _start(config, workdir: str) -> Setup:
@@ -50,31 +71,29 @@ def _start(config, workdir: str) -> Setup:
     run = runs.RunDir(workdir)
     os.makedirs(run.path, exist_ok=True)
     mesh = parallel.make_mesh()
-    info = data_lib.dataset_info(config.dataset.name)
-    data_dir = config.dataset.data_dir or None
-    train_src = data_lib.get_source(config.dataset.name, config.dataset.train_split, data_dir=data_dir)
-    eval_src = data_lib.get_source(config.dataset.name, config.dataset.eval_split, data_dir=data_dir)
+    train_src = _source(config, config.dataset.train_split)
+    eval_src = _source(config, config.dataset.eval_split)
     parallel.check_batch_size(config.batch_size, mesh)
     parallel.check_batch_size(config.eval_batch_size, mesh)
-    setup = Setup(
-        config,
-        run,
-        mesh,
-        runs.compute_dtype(config.dtype),
-        info,
-        train_src,
-        eval_src,
-        config_lib.steps(config, len(train_src)),
-    )
+    info = data_lib.dataset_info(config.dataset.name)
+    total = config_lib.steps(config, len(train_src))
+    return Setup(config, run, mesh, runs.compute_dtype(config.dtype), info, train_src, eval_src, total)
+
+
+def _open_teacher(s: Setup, pinned: dict | None) -> None:
+    """The teacher (online) or the soft-label source (cache/service) at the resolved teacher step."""
+    config = s.config
+    if not config.distill.teacher_workdir:
+        return
+    step, s.teacher_identity = resume_lib.resolve_teacher(config, s.info, pinned)
+    at_step = ml_collections.ConfigDict(config.to_dict())
+    at_step.distill.teacher_step = step
     # distill.teacher_mode cache/service: the soft labels arrive with the batches (titans.teachers);
     # the cache's manifest and the service's workers are checked here, before the first step.
-    setup.soft_labels = teachers.open_soft_labels(config, info, train_src)
-    if config.distill.teacher_workdir and setup.soft_labels is None:
-        teacher, _ = runs.load_teacher(
-            config.distill.teacher_workdir, info, dtype=setup.dtype, step=config.distill.teacher_step
-        )
-        setup.teacher = parallel.replicate(teacher, mesh)
-    return setup
+    s.soft_labels = teachers.open_soft_labels(at_step, s.info, s.train_src)
+    if s.soft_labels is None:
+        teacher, _ = runs.load_teacher(config.distill.teacher_workdir, s.info, dtype=s.dtype, step=step)
+        s.teacher = parallel.replicate(teacher, s.mesh)
 
 
 def _loader(s: Setup, method: method_lib.Method):
@@ -93,25 +112,34 @@ def _loader(s: Setup, method: method_lib.Method):
     return s.soft_labels.wrap(loader) if s.soft_labels is not None else loader
 
 
-def _resume(s: Setup, state: TrainState, loader, ckpt: ckpt_lib.Checkpointer, meta: dict) -> TrainState:
+def _resume_step(s: Setup, ckpt: ckpt_lib.Checkpointer, meta: dict) -> tuple[int | None, dict]:
+    """(step to resume from or None, its meta), after every check that it is this run's checkpoint."""
     saved = ckpt.all_steps()
     if not saved:
-        return state
+        return None, {}
     step = saved[-1] if s.config.checkpoint.restore_step < 0 else s.config.checkpoint.restore_step
     if step not in saved:
         raise ckpt_lib.CheckpointError(
             f"checkpoint.restore_step={step} is not saved in {ckpt.directory}; saved steps: {saved}."
         )
+    found = ckpt.check_meta(step, meta)
+    changes = resume_lib.config_changes(found.get("config"), s.config)
+    resume_lib.check_changes(changes, s.config, step, s.run.path)
+    return step, found
+
+
+def _restore(s: Setup, state: TrainState, loader, ckpt, meta: dict, step: int) -> TrainState:
+    if step != ckpt.all_steps()[-1]:
+        ckpt.supersede_after(step)  # restarting from an earlier step: later ones are kept aside
     model_vars, train_vars, loader_state = ckpt.restore(
         step, model_like=state.model_vars(), train_like=state.train_vars(), expected_meta=meta
     )
-    state = parallel.replicate(state.with_vars(model_vars, train_vars), s.mesh)
     loader.set_state(loader_state)
-    logging.info("[%s] resumed from checkpoint step %d of %s", s.config.name, step, ckpt.directory)
-    return state
+    logs.progress_note(s.config.name, f"resumed from checkpoint step {step}", logs.is_writer())
+    return parallel.replicate(state.with_vars(model_vars, train_vars), s.mesh)
 
 
-def _report(s: Setup, fitted: FitResult, model, eval_fn) -> dict:
+def _report(s: Setup, fitted: FitResult, model, eval_fn, train_time_s: float) -> dict:
     config, state = s.config, fitted.state
     result = eval_fn(state)
     result.update(
@@ -121,20 +149,32 @@ def _report(s: Setup, fitted: FitResult, model, eval_fn) -> dict:
             "dataset": config.dataset.name,
             "split": config.dataset.eval_split,
             "steps": s.total_steps,
-            "train_time_s": fitted.train_time_s,
+            "train_time_s": train_time_s,
             "train_examples_per_s": fitted.examples_per_s,
             "flops_per_example": models.flops_per_example(model, tuple(s.info.image_shape)),
             "param_count": models.param_count(model),
             "preempted": False,
         }
     )
-    if s.soft_labels is not None or s.teacher is not None:
+    if s.teacher_identity is not None:
         result["teacher_workdir"] = config.distill.teacher_workdir
+        result["teacher_step"] = s.teacher_identity["step"]
         result["objective"] = config.distill.objective
         result["teacher_mode"] = config.distill.teacher_mode if s.teacher is None else "online"
     if s.teacher is not None:
         result["teacher_flops_per_example"] = s.teacher.flops_per_example(s.info.image_shape)
     return result
+
+
+def _finished(s: Setup) -> dict | None:
+    """results.json of a run that already reached its last step (and is not asked to restart)."""
+    done = s.run.results()
+    if done is None or s.config.checkpoint.restore_step >= 0:
+        return None
+    if (s.run.checkpoint_steps() or [None])[-1] != s.total_steps or done.get("steps") != s.total_steps:
+        return None
+    logs.progress_note(s.config.name, f"already finished: {s.run.path} (results.json kept)", logs.is_writer())
+    return done
 
 
 def train_and_evaluate(
@@ -144,25 +184,45 @@ def train_and_evaluate(
 
     `method` (optional, see titans.train.method) changes the model, its forward pass and loss, and
     passes frozen arrays into the step; everything else is this trainer's. Resumes from the newest
-    checkpoint in `workdir` when there is one. Returns the final evaluation, also written to
-    WORKDIR/results.json. A SIGTERM saves a checkpoint and returns early with
-    `{"preempted": True, ...}`; rerunning the same command continues from there.
+    checkpoint in `workdir` when there is one (refusing one of another config or teacher). Returns
+    the final evaluation, also written to WORKDIR/results.json; a finished run's results are read
+    back. A SIGTERM saves a checkpoint and returns early with `{"preempted": True, ...}`; rerunning
+    the same command continues from there.
     """
     config = config_lib.validate(config)
     s = _start(config, workdir)
+    with locks.WorkdirLock(s.run.path, "training", enabled=logs.is_writer()):
+        done = _finished(s)
+        if done is not None:
+            return done
+        ckpt = ckpt_lib.Checkpointer(s.run.path, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+        try:
+            return _train(s, method, ckpt)
+        finally:
+            with contextlib.suppress(Exception):  # the error that stopped the run is the one reported
+                ckpt.close()
+
+
+def _train(s: Setup, method: method_lib.Method | None, ckpt: ckpt_lib.Checkpointer) -> dict:
+    config = s.config
     method = method_lib.resolve(method, config)
     model = method_lib.build(method, config, s.info, s.dtype)
     tx, schedule = make_optimizer(config, s.total_steps, len(s.train_src))
     graphdef, state = TrainState.create(model, tx)
-    state = parallel.replicate(state, s.mesh)
-    frozen = parallel.replicate(method.frozen, s.mesh) if method.frozen is not None else None
-    loader = _loader(s, method)
-    ckpt = ckpt_lib.Checkpointer(s.run.path, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     meta = ckpt_lib.meta_for(config, s.info, runs.num_outputs(config, s.info))
-    state = _resume(s, state, loader, ckpt, meta)
+    step, found = _resume_step(s, ckpt, meta)
+    _open_teacher(s, found.get("teacher"))
+    if step is not None:
+        resume_lib.record_changes(s.run.path, step, resume_lib.config_changes(found.get("config"), config))
+    loader = _loader(s, method)
+    state = parallel.replicate(state, s.mesh)
+    if step is not None:
+        state = _restore(s, state, loader, ckpt, meta, step)
     writer_proc = logs.is_writer()
     if writer_proc:
         s.run.write_config(config)
+    meta = {**meta, "config": config.to_dict(), "teacher": s.teacher_identity}
+    frozen = parallel.replicate(method.frozen, s.mesh) if method.frozen is not None else None
     train_step = jax.jit(make_train_step(graphdef, tx, method, s.info, s.dtype, schedule), donate_argnums=(0,))
     eval_step = jax.jit(make_eval_step(graphdef, s.info, s.dtype, config.ece_bins, method))
 
@@ -179,35 +239,37 @@ def train_and_evaluate(
             frozen=frozen,
         )
 
-    writer = logs.MetricWriter(s.run.path, enabled=writer_proc)
-    with s.soft_labels or contextlib.nullcontext():
-        fitted = fit(
-            state,
-            train_step,
-            loader,
-            config,
-            total_steps=s.total_steps,
-            mesh=s.mesh,
-            step_args=(s.teacher, frozen),
-            checkpointing=Checkpointing(ckpt, meta, config.checkpoint.every_steps),
-            writer=writer,
-            evaluate=eval_fn,
-            workdir=s.run.path,
-            verbose=writer_proc,
-        )
-    if fitted.preempted:
-        ckpt.close()
+    prior_time = float((found.get("progress") or {}).get("train_time_s", 0.0))
+    checkpointing = Checkpointing(ckpt, meta, config.checkpoint.every_steps, prior_time_s=prior_time)
+    writer = logs.MetricWriter(s.run.path, enabled=writer_proc, keep_through_step=step or 0)
+    try:
+        with s.soft_labels or contextlib.nullcontext():
+            fitted = fit(
+                state,
+                train_step,
+                loader,
+                config,
+                total_steps=s.total_steps,
+                mesh=s.mesh,
+                step_args=(s.teacher, frozen),
+                checkpointing=checkpointing,
+                writer=writer,
+                evaluate=eval_fn,
+                workdir=s.run.path,
+                verbose=writer_proc,
+            )
+        if fitted.preempted:
+            logs.progress_note(
+                config.name,
+                f"stopped by SIGTERM at step {fitted.step}; checkpoint saved. Rerun the same command to resume.",
+                writer_proc,
+            )
+            return {"preempted": True, "step": fitted.step}
+        module = nnx.merge(graphdef, fitted.state.params, fitted.state.model_state)
+        result = _report(s, fitted, module, eval_fn, prior_time + fitted.train_time_s)
+        writer.write(s.total_steps, {k: v for k, v in result.items() if isinstance(v, int | float)}, prefix="final/")
+    finally:
         writer.close()
-        logging.warning(
-            "[%s] stopped by SIGTERM at step %d; checkpoint saved. Rerun the same command to resume.",
-            config.name,
-            fitted.step,
-        )
-        return {"preempted": True, "step": fitted.step}
-    result = _report(s, fitted, nnx.merge(graphdef, fitted.state.params, fitted.state.model_state), eval_fn)
-    writer.write(s.total_steps, {k: v for k, v in result.items() if isinstance(v, (int, float))}, prefix="final/")
-    writer.close()
-    ckpt.close()
     if writer_proc:
         s.run.write_results(result)
     return result
