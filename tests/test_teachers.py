@@ -5,6 +5,7 @@ loses a worker and gains one mid-epoch without losing or repeating an example.""
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -65,7 +66,7 @@ def ray_cluster():
     owns = service.connect(num_cpus=4)
     yield ray
     if owns:
-        ray.shutdown()
+        service.shutdown_local()
 
 
 def _loader(data_dir, **kw):
@@ -373,3 +374,72 @@ def test_service_worker_killed_and_added_mid_epoch(ray_cluster, teacher_dir, onl
         loader.close()
     finally:
         pool.close()
+
+
+# ------------------------------------------------------------------------------ local Ray exposure
+
+
+def test_local_ray_is_loopback_only_private_and_leaves_nothing(ray_cluster):
+    """Every socket the local cluster listens on is on 127.0.0.1 (none on 0.0.0.0, :: or an external
+    interface), its session directory and the auth token are owner-only, and shutting it down leaves
+    no Ray process and no temporary directory behind."""
+    import psutil
+
+    temp_dir = service._LOCAL["temp_dir"]
+    assert temp_dir and os.path.isdir(temp_dir)
+    ours = {p.pid for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])}
+    ours.add(os.getpid())
+    listening = [c for c in psutil.net_connections(kind="inet") if c.status == "LISTEN" and c.pid in ours]
+    assert listening, "found no listening socket of the local cluster (the check would prove nothing)"
+    exposed = [
+        (c.laddr.ip, c.laddr.port) for c in listening if c.laddr.ip not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")
+    ]
+    assert exposed == []
+    assert os.stat(temp_dir).st_mode & 0o077 == 0
+    if os.path.exists(service._TOKEN):
+        assert os.stat(service._TOKEN).st_mode & 0o077 == 0
+
+
+def test_shutdown_local_reaps_agents_and_removes_the_temp_dir():
+    """A separate, short-lived local cluster: after shutdown_local nothing of it is left."""
+    import psutil
+
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from titans.teachers import service; "
+        "service.connect(num_cpus=1); print(service._LOCAL['temp_dir'], flush=True); service.shutdown_local()"
+    )
+    out = subprocess.run([sys.executable, "-c", code, REPO], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    temp_dir = out.stdout.strip().splitlines()[-1]
+    assert temp_dir.startswith("/tmp/titans-ray-") and not os.path.exists(temp_dir)
+    left = [p.pid for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
+    assert left == []
+
+
+# ----------------------------------------------------------------------------- cache checksums
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "swap"])
+def test_damaged_cache_shards_are_named_errors(full_cache, tmp_path, damage):
+    """One flipped byte, a truncated shard, or two shards swapped: each a CacheError naming the shard
+    (it used to train with rc=0 on wrong soft labels, or fail with a RuntimeError and no message)."""
+    copy = str(tmp_path / "cache")
+    shutil.copytree(full_cache, copy)
+    names = sorted(n for n in os.listdir(copy) if n.endswith(".array_record"))
+    victim = os.path.join(copy, names[0])
+    if damage == "flip":
+        with open(victim, "r+b") as f:
+            f.seek(os.path.getsize(victim) // 2)
+            b = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([b[0] ^ 0x10]))
+    elif damage == "truncate":
+        with open(victim, "r+b") as f:
+            f.truncate(os.path.getsize(victim) - 7)
+    else:
+        other = os.path.join(copy, names[1])
+        os.rename(victim, victim + ".x")
+        os.rename(other, victim)
+        os.rename(victim + ".x", other)
+    with pytest.raises(cache_lib.CacheError, match="fails its checksum"):
+        cache_lib.TeacherCache(copy)

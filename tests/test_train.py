@@ -151,7 +151,15 @@ def test_sigterm_saves_and_resume_equals_uninterrupted(data_dir, tmp_path):
     outputs = {}
     for workdir in (interrupted, straight):
         r = subprocess.run(
-            [sys.executable, "-m", "titans.main", f"--workdir={workdir}", *common, f"--config.total_steps={total}"],
+            [
+                sys.executable,
+                "-m",
+                "titans.main",
+                f"--workdir={workdir}",
+                *common,
+                f"--config.total_steps={total}",
+                "--config.checkpoint.allow_changes=total_steps",  # the interrupted run ran "forever"
+            ],
             cwd=REPO,
             env=env,
             capture_output=True,
@@ -220,6 +228,7 @@ def test_corrupt_checkpoint_refused_and_untouched(data_dir, tmp_path):
             f.write(b"\x00garbage\xff" * 8)
     before = _tree_digest(os.path.join(str(tmp_path), "checkpoints"))
     c.total_steps = 40
+    c.checkpoint.allow_changes = "total_steps"
     with pytest.raises(ckpt_lib.CorruptCheckpointError, match="step 20"):
         train.train_and_evaluate(c, str(tmp_path))
     assert _tree_digest(os.path.join(str(tmp_path), "checkpoints")) == before

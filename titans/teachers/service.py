@@ -37,6 +37,7 @@ import logging
 import math
 import os
 import queue
+import shutil
 import tempfile
 import threading
 import time
@@ -46,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import psutil
 from flax import nnx
 
 from titans import checkpoint as ckpt_lib
@@ -113,6 +115,7 @@ def connect(address: str = "", *, num_cpus: int | None = None, num_gpus: int | N
     that cluster. Empty: start a local one on this machine, bound to 127.0.0.1.
     """
     import ray  # noqa: PLC0415  (deferred: ray is the optional `ray` extra)
+    from ray._private import ray_constants  # noqa: PLC0415  (deferred: ray is the optional `ray` extra)
 
     if ray.is_initialized():
         return False
@@ -120,6 +123,14 @@ def connect(address: str = "", *, num_cpus: int | None = None, num_gpus: int | N
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=False)
         return False
+    # A local cluster is reachable from this machine only: with this switch Ray takes the loopback
+    # address as its node address (as it does on macOS and Windows), so the GCS, the raylet, the
+    # runtime-env agent and the workers all bind 127.0.0.1 (tests/test_teachers.py checks every
+    # listening socket). Remote workers need `distill.service.address`, a cluster the user started.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # read by the processes Ray starts
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read at import in this process, which may have imported Ray
+    # Ray makes its own temporary directory world-writable; it lives inside an owner-only one.
+    temp_dir = tempfile.mkdtemp(prefix="titans-ray-", dir="/tmp")
     # address="local": always a new cluster. Without it, ray.init() joins any Ray already running on the
     # machine (it looks for a GCS process), and dies with it when that cluster's owner exits.
     ray.init(
@@ -131,9 +142,42 @@ def connect(address: str = "", *, num_cpus: int | None = None, num_gpus: int | N
         runtime_env=env,
         log_to_driver=False,
         configure_logging=False,
-        _temp_dir=tempfile.mkdtemp(prefix="titans-ray-", dir="/tmp"),
+        _temp_dir=os.path.join(temp_dir, "r"),
     )
+    _LOCAL["temp_dir"] = temp_dir
+    _restrict(temp_dir)
     return True
+
+
+_LOCAL: dict = {"temp_dir": None}
+_TOKEN = os.path.expanduser("~/.ray/auth_token")
+
+
+def _restrict(temp_dir: str) -> None:
+    """Owner-only permissions on what a local cluster wrote: its directory and the token."""
+    os.chmod(temp_dir, 0o700)
+    if os.path.exists(_TOKEN):
+        os.chmod(_TOKEN, 0o600)
+
+
+def shutdown_local(timeout_s: float = 10.0) -> None:
+    """Shuts down the local cluster this process started: Ray first, then any of its processes still
+    alive (agents outlive the driver otherwise), then its temporary directory."""
+    import ray  # noqa: PLC0415  (deferred: ray is the optional `ray` extra)
+
+    ray.shutdown()
+    temp_dir, _LOCAL["temp_dir"] = _LOCAL["temp_dir"], None
+    if not temp_dir:
+        return
+    left = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
+    for p in left:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(left, timeout=timeout_s)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 class _Worker:
@@ -338,7 +382,7 @@ class TeacherPool:
         workers = w = None
         gc.collect()
         if self._owns_ray:
-            self._ray.shutdown()
+            shutdown_local()
 
     # --------------------------------------------------------------------------- internals
 
