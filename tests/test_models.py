@@ -425,3 +425,21 @@ def test_jitted_grad_through_split_merge():
     assert not np.allclose(jax.tree.leaves(rest1)[0], jax.tree.leaves(rest)[0])
     loss1, *_ = step(params1, rest1, x, y)
     assert loss1 < loss0
+
+
+@pytest.mark.parametrize("shape", [(4, 28, 28, 8), (3, 7, 9, 5), (2, 2, 2, 1)])
+def test_max_pool_2x2_equals_the_reduce_window_form(shape):
+    """The reshape-and-max pool gives nnx.max_pool's values, and the same gradient after a ReLU (where
+    the only ties, zeros, get no gradient either way)."""
+    from titans.models import layers
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal(shape).astype(np.float32))
+
+    def reference(v):
+        return nnx.max_pool(v, (2, 2), strides=(2, 2), padding="VALID")
+
+    np.testing.assert_array_equal(np.asarray(layers.max_pool_2x2(x)), np.asarray(reference(x)))
+    weights = jnp.asarray(np.random.default_rng(1).standard_normal(reference(x).shape).astype(np.float32))
+    g_new = jax.grad(lambda v: jnp.sum(layers.max_pool_2x2(jax.nn.relu(v)) * weights))(x)
+    g_ref = jax.grad(lambda v: jnp.sum(reference(jax.nn.relu(v)) * weights))(x)
+    np.testing.assert_array_equal(np.asarray(g_new), np.asarray(g_ref))

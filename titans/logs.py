@@ -11,7 +11,6 @@ import time
 import traceback
 
 import jax
-from tensorboardX import SummaryWriter
 
 
 class MetricWriter:
@@ -27,6 +26,10 @@ class MetricWriter:
         if keep_through_step is not None:
             _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), keep_through_step)
         self._file = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)  # noqa: SIM115  (closed in close())
+        # Imported here: tensorboardX imports torch whenever it is installed (seconds), and only a run
+        # that writes metrics needs it.
+        from tensorboardX import SummaryWriter  # noqa: PLC0415
+
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, metrics: dict, prefix: str = "") -> None:

@@ -137,6 +137,20 @@ def head(in_f: int, num_classes: int, *, rngs: nnx.Rngs) -> nnx.Linear:
     return nnx.Linear(in_f, num_classes, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
 
 
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """2x2 max-pool, stride 2, VALID (an odd last row/column is dropped), as a reshape and a max.
+
+    Same values as `nnx.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")`. Its backward is an
+    elementwise select instead of XLA:CPU's select-and-scatter, which took about half of the CNN
+    teacher's step (benchmarks/pool_speed.py). Gradients differ only where two inputs of a window tie
+    for the maximum (split evenly here, all to the first there); after a ReLU such ties are zeros,
+    whose gradient the ReLU stops anyway.
+    """
+    b, h, w, c = x.shape
+    x = x[:, : h - h % 2, : w - w % 2]
+    return jnp.max(x.reshape(b, h // 2, 2, w // 2, 2, c), axis=(2, 4))
+
+
 def global_avg_pool(x: jax.Array) -> jax.Array:
     # Reduce in float32: a bf16 sum over a 56x56 map loses most of its mantissa.
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))

@@ -95,7 +95,7 @@ class CNN(L.Classifier):
                 x = self.norms[i](x, use_running_average=not train)
             x = jax.nn.relu(x)
             if pool:
-                x = nnx.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+                x = L.max_pool_2x2(x)
             acts[f"stage{i + 1}"] = x
         x = jax.nn.relu(self.dense(x.reshape(x.shape[0], -1)))
         acts["features"] = x
