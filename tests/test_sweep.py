@@ -96,6 +96,10 @@ def test_local_sweep_skips_finished_and_summarizes(data_dir, tmp_path):
     again = _sweep_cmd(str(config), str(root))
     assert again.returncode == 0 and "4 runs: 4 already finished, 0 to run" in again.stdout
     assert "[finished]" in _sweep_cmd(str(config), str(root), "--dry_run").stdout
+    # Other --set values make other runs: never reported as finished because the old ones were.
+    other = _sweep_cmd(str(config), str(root), "--set=batch_size=32", "--dry_run")
+    assert other.returncode == 0 and "[finished]" not in other.stdout
+    assert all("batch_size=32" in line.split("--workdir=")[1].split()[0] for line in other.stdout.splitlines())
 
 
 def test_sweep_cli_errors_and_tpu_commands(tmp_path):
