@@ -42,12 +42,11 @@ _OUT = flags.DEFINE_string("out", "", "Write the results as JSON to this file.")
 flags.mark_flags_as_required(["stages"])
 
 
-def run_cascade(stage_dirs, gate_name: str, rates, val_split: str, split: str, batch_size: int) -> dict:
-    """The library form of this command; returns what it prints."""
+def load_stages(stage_dirs, rates):
+    """(loaded runs [(model, config, info, step)], dataset info) of a cascade's stages, checked."""
     k = len(stage_dirs)
     if k < 2:
         raise ValueError("a cascade needs at least two --stages")
-    rates = [float(r) for r in rates]
     if len(rates) != k - 1:
         raise ValueError(f"{k} stages need {k - 1} --rates (one per non-final stage), got {len(rates)}")
     loaded = [runs.load_model(d) for d in stage_dirs]
@@ -58,24 +57,36 @@ def run_cascade(stage_dirs, gate_name: str, rates, val_split: str, split: str, b
                 f"stage {d} was trained on {inf.name} ({inf.num_classes} classes); the last stage on "
                 f"{info.name} ({info.num_classes})"
             )
-    C = info.num_classes
-    data_dir = loaded[-1][1].dataset.data_dir or None
-    stages = [evaluate.NormalizedModel.of(m, info) for m, *_ in loaded]
-    gate = gates.get_gate(gate_name, num_classes=C)
-    mesh = parallel.make_mesh()
-    batch_size = runs.round_up(batch_size, mesh.devices.size)
+    return loaded, info
 
-    # Thresholds on validation: stage i sees the examples every earlier stage deferred.
-    val_x, _ = runs.split_arrays(data_lib.get_source(info.name, val_split, data_dir=data_dir), info)
+
+def choose_thresholds(stages, gate, rates, val_x, *, mesh, batch_size) -> list[float]:
+    """Per non-final stage, the threshold that defers `rates[i]` of the validation examples reaching it
+    (stage i sees the examples every earlier stage deferred)."""
     reach = np.arange(len(val_x))
     thresholds = []
-    for i in range(k - 1):
+    for i in range(len(stages) - 1):
         if len(reach) == 0:
             raise ValueError(f"no validation example reaches stage {i}; lower the earlier --rates")
         logits = runs.predict(evaluate.stage_logits, stages[i], val_x[reach], mesh=mesh, batch_size=batch_size)
         scores = np.asarray(jax.jit(jax.vmap(gate))(jnp.asarray(logits)))
         thresholds.append(curves.threshold_for_rate(scores, rates[i]))
         reach = reach[scores > thresholds[-1]]
+    return thresholds
+
+
+def run_cascade(stage_dirs, gate_name: str, rates, val_split: str, split: str, batch_size: int) -> dict:
+    """The library form of this command; returns what it prints."""
+    rates = [float(r) for r in rates]
+    loaded, info = load_stages(stage_dirs, rates)
+    k, C = len(stage_dirs), info.num_classes
+    data_dir = loaded[-1][1].dataset.data_dir or None
+    stages = [evaluate.NormalizedModel.of(m, info) for m, *_ in loaded]
+    gate = gates.get_gate(gate_name, num_classes=C)
+    mesh = parallel.make_mesh()
+    batch_size = runs.round_up(batch_size, mesh.devices.size)
+    val_x, _ = runs.split_arrays(data_lib.get_source(info.name, val_split, data_dir=data_dir), info)
+    thresholds = choose_thresholds(stages, gate, rates, val_x, mesh=mesh, batch_size=batch_size)
 
     x, y = runs.split_arrays(data_lib.get_source(info.name, split, data_dir=data_dir), info)
     runner = CascadeRunner(stages, [gate] * (k - 1), thresholds, mesh=mesh)

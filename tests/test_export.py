@@ -1,0 +1,163 @@
+"""Exported cascades: predictions equal the in-process ones (every stage, 2 and 3 stages), the
+standalone loader runs where titans cannot be imported, and an artifact from another JAX version or
+for another platform is refused with a clear message."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from helpers import digits_config
+
+from titans import data, export, parallel, runs, train
+from titans.cascade import apply as cascade_apply
+from titans.cascade import evaluate, gates
+from titans.cascade.runner import CascadeRunner
+from titans.export import standalone
+
+
+@pytest.fixture(scope="module")
+def stage_dirs(data_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    dirs = []
+    for name, hidden, steps in (("tiny", (8,), 40), ("small", (16,), 40), ("teacher", (64,), 80)):
+        c = digits_config(data_dir, total_steps=steps)
+        c.model.kwargs.hidden = hidden
+        train.train_and_evaluate(c, str(root / name))
+        dirs.append(str(root / name))
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def test_images(data_dir):
+    info = data.dataset_info("digits")
+    return runs.split_arrays(data.get_source("digits", "test", data_dir=data_dir), info)
+
+
+def _export(stage_dirs, out, rates):
+    return export.export_cascade(stage_dirs, "msp", rates, "train[80%:]", str(out), batch_size=64)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_exported_stages_and_cascade_equal_in_process(stage_dirs, test_images, tmp_path, k):
+    dirs = stage_dirs[-k:] if k == 2 else stage_dirs
+    rates = [0.3] * (k - 1)
+    manifest = _export(dirs, tmp_path, rates)
+    cascade = standalone.load(str(tmp_path))
+    x, _ = test_images
+    loaded, info = cascade_apply.load_stages(dirs, rates)
+    stages = [evaluate.NormalizedModel.of(m, info) for m, *_ in loaded]
+    gate = gates.get_gate("msp", num_classes=info.num_classes)
+    mesh = parallel.make_mesh()
+    for i, stage in enumerate(stages):  # every stage: logits, and the gate score of non-final stages
+        want = runs.predict(evaluate.stage_logits, stage, x, mesh=mesh, batch_size=64)
+        got, scores = cascade.stage_outputs(i, x)
+        np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+        np.testing.assert_allclose(_softmax(got), _softmax(want), atol=1e-5, rtol=0)
+        if i < k - 1:
+            np.testing.assert_allclose(scores, np.asarray([float(gate(row)) for row in want]), atol=1e-5)
+    # The whole cascade against the in-process runner at the same thresholds.
+    runner = CascadeRunner(stages, [gate] * (k - 1), manifest["thresholds"], mesh=mesh)
+    preds, answered_by, _ = evaluate.run_runner(runner, x, 64)
+    out = cascade.predict(x)
+    np.testing.assert_array_equal(out["classes"], preds)
+    np.testing.assert_array_equal(out["answered_by"], answered_by)
+    assert 0 < np.mean(answered_by == 0) < 1  # both the student and a later stage answered something
+    assert manifest["stages"][0]["flops_per_example"] < manifest["stages"][-1]["flops_per_example"]
+
+
+def _softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    return np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+
+
+LOADER = """
+import sys
+sys.modules["titans"] = None  # any attempt to import titans now fails
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+import titans_cascade
+cascade = titans_cascade.load(sys.argv[1])
+out = cascade.predict(np.load(sys.argv[2]))
+np.save(sys.argv[3], np.stack([out["classes"], out["answered_by"]]))
+"""
+
+
+def test_loader_runs_without_titans(stage_dirs, test_images, tmp_path):
+    _export(stage_dirs[-2:], tmp_path / "exp", [0.3])
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(tmp_path / "exp", moved)
+    x, _ = test_images
+    np.save(tmp_path / "x.npy", x)
+    proc = subprocess.run(
+        [sys.executable, "-c", LOADER, str(moved), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
+        cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    classes, answered_by = np.load(tmp_path / "y.npy")
+    out = standalone.load(str(moved)).predict(x)
+    np.testing.assert_array_equal(classes, out["classes"])
+    np.testing.assert_array_equal(answered_by, out["answered_by"])
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [("jax_version", "0.0.1", "exported with jax 0.0.1"), ("platforms", ["tpu"], r"exported for \['tpu'\]")],
+)
+def test_artifact_of_another_jax_or_platform_is_refused(stage_dirs, tmp_path, field, value, message):
+    _export(stage_dirs[-2:], tmp_path, [0.3])
+    path = tmp_path / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest[field] = value
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(standalone.ExportError, match=message):
+        standalone.load(str(tmp_path))
+
+
+def test_bad_input_is_refused(stage_dirs, tmp_path):
+    _export(stage_dirs[-2:], tmp_path, [0.3])
+    cascade = standalone.load(str(tmp_path))
+    with pytest.raises(ValueError, match="uint8 images of shape"):
+        cascade.predict(np.zeros((2, 8, 8, 1), np.float32))
+    with pytest.raises(ValueError, match="uint8 images of shape"):
+        cascade.predict(np.zeros((2, 28, 28, 1), np.uint8))
+
+
+def test_export_cli(stage_dirs, tmp_path):
+    from helpers import REPO
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "titans.export",
+            f"--stages={','.join(stage_dirs[-2:])}",
+            "--rates=0.25",
+            "--val_split=train[80%:]",
+            "--batch_size=64",
+            f"--out={tmp_path / 'cli'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    printed = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(printed["thresholds"]) == 1 and 0.0 < printed["val_answered_fraction"][0] < 1.0
+    assert os.path.exists(tmp_path / "cli" / "titans_cascade.py")
+    bad = subprocess.run(
+        [sys.executable, "-m", "titans.export", "--stages=/nonexistent,/nope", f"--out={tmp_path}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode != 0 and "error:" in bad.stderr

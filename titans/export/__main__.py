@@ -1,0 +1,46 @@
+"""`titans-export` / `python -m titans.export`: a cascade at an operating point -> an export directory.
+
+    titans-export --stages=W/tiny_standard,W/teacher --gate=msp --rates=0.3 --val_split='train[90%:]' --out=DIR
+
+See titans/export/__init__.py for what the directory holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from titans import logs
+from titans.export import export_cascade
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="titans-export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--stages", required=True, help="run directories, cheapest first, comma-separated")
+    p.add_argument("--gate", default="msp", help="gate of every non-final stage: msp, margin, entropy, defer_output")
+    p.add_argument(
+        "--rates",
+        default="0.3",
+        help="per non-final stage, the fraction of the validation examples "
+        "reaching it to defer (the operating point), comma-separated",
+    )
+    p.add_argument("--val_split", default="train[90%%:]", help="split on which the thresholds are chosen")
+    p.add_argument("--out", required=True, help="the export directory")
+    p.add_argument("--batch_size", type=int, default=512)
+    a = p.parse_args(sys.argv[1:] if argv is None else argv)
+    logs.setup_cli_logging()
+    try:
+        m = export_cascade(a.stages.split(","), a.gate, a.rates.split(","), a.val_split, a.out, a.batch_size)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(json.dumps({k: m[k] for k in ("thresholds", "val_accuracy", "val_answered_fraction", "platforms")}))
+    return 0
+
+
+def cli():
+    logs.run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,108 @@
+"""Load and run an exported Titans cascade with jax and numpy only (no titans package needed).
+
+This file is copied into every export directory as `titans_cascade.py`:
+
+    import titans_cascade                       # from inside the export directory, or put it on sys.path
+    cascade = titans_cascade.load("exports/fmnist_cascade")
+    out = cascade.predict(images)               # uint8 (N, H, W, C)
+    out["classes"], out["probabilities"], out["answered_by"]   # (N,), (N, K), (N,) stage index
+
+The cascade runs its first stage on every image and each later stage only on the images every
+earlier stage deferred (gate score > threshold), so the teacher really is skipped where the
+students are confident. Each stage is a `jax.export` artifact (StableHLO with a symbolic batch
+dimension) that normalises raw uint8 images itself. An artifact made with another JAX version, or
+for platforms this machine does not have, is refused with a message naming both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+from jax import export as jax_export
+
+FORMAT = "titans-cascade-export"
+VERSION = 1
+
+
+class ExportError(RuntimeError):
+    """An export directory that cannot be used here (format, JAX version, platform, files)."""
+
+
+def _check(manifest: dict, directory: str) -> None:
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise ExportError(f"{directory} is not a Titans cascade export of version {VERSION}.")
+    if manifest["jax_version"] != jax.__version__:
+        raise ExportError(
+            f"{directory} was exported with jax {manifest['jax_version']}; this machine has jax {jax.__version__}. "
+            f"Serialized StableHLO is only promised to load in the JAX version that wrote it: install "
+            f"jax=={manifest['jax_version']}, or export again with this one."
+        )
+    here = jax.default_backend()
+    platform = {"gpu": "cuda"}.get(here, here)
+    if platform not in manifest["platforms"]:
+        raise ExportError(
+            f"{directory} was exported for {manifest['platforms']}, but this machine runs {platform}. Export "
+            f"again on (or for) this platform."
+        )
+
+
+class Cascade:
+    """An exported cascade, loaded: `predict(images)`."""
+
+    def __init__(self, directory: str):
+        self.directory = os.path.abspath(directory)
+        path = os.path.join(self.directory, "manifest.json")
+        if not os.path.exists(path):
+            raise ExportError(f"{self.directory} holds no manifest.json: not a Titans cascade export.")
+        with open(path) as f:
+            self.manifest = json.load(f)
+        _check(self.manifest, self.directory)
+        self.thresholds = [float(t) for t in self.manifest["thresholds"]]
+        self.input_shape = tuple(self.manifest["input_shape"])
+        self._stages = []
+        for stage in self.manifest["stages"]:
+            with open(os.path.join(self.directory, stage["file"]), "rb") as f:
+                self._stages.append(jax_export.deserialize(bytearray(f.read())))
+
+    @property
+    def num_stages(self) -> int:
+        return len(self._stages)
+
+    def stage_outputs(self, i: int, images: np.ndarray):
+        """Stage i on `images`: (float32 logits (n, K), gate scores (n,) or None for the last stage)."""
+        out = self._stages[i].call(np.asarray(images, np.uint8))
+        if i < self.num_stages - 1:
+            logits, scores = out
+            return np.asarray(logits, np.float32), np.asarray(scores, np.float32)
+        return np.asarray(out, np.float32), None
+
+    def predict(self, images) -> dict:
+        """classes (N,), probabilities (N, K), answered_by (N,): the stage that answered each image."""
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != self.input_shape:
+            raise ValueError(
+                f"expected uint8 images of shape (N, {', '.join(map(str, self.input_shape))}), got "
+                f"{images.dtype} {images.shape}"
+            )
+        n = len(images)
+        logits = np.zeros((n, self.manifest["num_classes"]), np.float32)
+        answered_by = np.full(n, -1, np.int32)
+        reach = np.arange(n)
+        for i in range(self.num_stages):
+            if len(reach) == 0:
+                break
+            stage_logits, scores = self.stage_outputs(i, images[reach])
+            keep = np.ones(len(reach), bool) if scores is None else scores <= self.thresholds[i]
+            logits[reach[keep]] = stage_logits[keep]
+            answered_by[reach[keep]] = i
+            reach = reach[~keep]
+        z = logits - logits.max(axis=-1, keepdims=True)
+        probs = np.exp(z) / np.exp(z).sum(axis=-1, keepdims=True)
+        return {"classes": logits.argmax(-1), "probabilities": probs, "answered_by": answered_by}
+
+
+def load(directory: str) -> Cascade:
+    return Cascade(directory)
