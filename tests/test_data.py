@@ -438,3 +438,21 @@ def test_augmentation_override_reaches_the_loader(digits_train):
     assert np.mean(np.any(b["image"] != stored[b["index"]], axis=(1, 2, 3))) > 0.5
     plain.close()
     flipped.close()
+
+
+@pytest.mark.parametrize(
+    "a, b, shared",
+    [
+        ("train", "train[90%:]", 144),
+        ("train[:90%]", "train[90%:]", 0),
+        ("train[:80%]", "train[60%:]", 288),
+        ("train", "test", 0),
+        ("train[:100]+test", "test[:10]", 10),
+        ("train[10:20]", "train[15:40]", 5),
+    ],
+)
+def test_split_overlap_known_answers(a, b, shared):
+    """Shared examples of two split specs, worked out by hand for digits (1437 train, 360 test; TFDS
+    rounds percent boundaries to the closest example: 90% -> 1293, 80% -> 1150, 60% -> 862)."""
+    info = data.dataset_info("digits")
+    assert data.overlap(info, a, b) == shared == data.overlap(info, b, a)

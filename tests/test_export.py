@@ -24,7 +24,7 @@ def stage_dirs(data_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     dirs = []
     for name, hidden, steps in (("tiny", (8,), 40), ("small", (16,), 40), ("teacher", (64,), 80)):
-        c = digits_config(data_dir, total_steps=steps)
+        c = digits_config(data_dir, total_steps=steps, **{"dataset.train_split": "train[:80%]"})
         c.model.kwargs.hidden = hidden
         train.train_and_evaluate(c, str(root / name))
         dirs.append(str(root / name))
@@ -161,3 +161,10 @@ def test_export_cli(stage_dirs, tmp_path):
         timeout=300,
     )
     assert bad.returncode != 0 and "error:" in bad.stderr
+
+
+def test_threshold_split_overlapping_a_training_split_is_refused(stage_dirs, data_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"shares 288 examples with the training split 'train\[:80%\]'"):
+        _export(stage_dirs[-2:], tmp_path, [0.3]) if False else export.export_cascade(
+            stage_dirs[-2:], "msp", [0.3], "train[60%:]", str(tmp_path), batch_size=64
+        )

@@ -114,18 +114,37 @@ def test_easy_weights_sharpness_zero_is_standard(batch):
     np.testing.assert_allclose(losses.easy_weights(t, y, s, rule="margin", sharpness=0.0, floor=0.0), 1.0)
 
 
-def test_defer_surrogate(batch):
+def _np_defer(s1, t, y, alpha, defer_weight, temperature, cost):
+    """The defer objective in numpy, from its definition (float64)."""
+    logp = np_log_softmax(s1.astype(np.float64))
+    pt = np_softmax(t.astype(np.float64))
+    t_y = pt[np.arange(len(y)), y]
+    ce = -logp[np.arange(len(y)), y]
+    pt_T = np_softmax(t.astype(np.float64) / temperature)
+    logq_T = np_log_softmax(s1[:, :10].astype(np.float64) / temperature)
+    kl = (pt_T * (np.log(pt_T) - logq_T)).sum(-1) * temperature**2
+    return (1 - alpha) * ce + alpha * kl - defer_weight * np.maximum(t_y - cost, 0) * logp[:, 10]
+
+
+@pytest.mark.parametrize("temperature, cost", [(1.0, 0.0), (4.0, 0.0), (4.0, 0.3)])
+def test_defer_surrogate(batch, temperature, cost):
+    """Against the numpy definition; the temperature and the deferral cost both reach the loss
+    (each changes it), and the teacher gets no gradient."""
     s, t, y = batch
     rng = np.random.default_rng(1)
     s1 = np.concatenate([s, rng.normal(size=(16, 1)).astype(np.float32)], -1)  # C + 1 outputs
+    got = losses.defer_surrogate(s1, t, y, alpha=0.8, defer_weight=0.5, temperature=temperature, defer_cost=cost)
+    np.testing.assert_allclose(got, _np_defer(s1, t, y, 0.8, 0.5, temperature, cost), rtol=1e-5, atol=1e-6)
+    other_t = losses.defer_surrogate(
+        s1, t, y, alpha=0.8, defer_weight=0.5, temperature=temperature + 1.0, defer_cost=cost
+    )
+    other_c = losses.defer_surrogate(
+        s1, t, y, alpha=0.8, defer_weight=0.5, temperature=temperature, defer_cost=0.0 if cost else 0.05
+    )
+    assert not np.allclose(got, other_t) and not np.allclose(got, other_c)
+    # d loss / d defer-logit at alpha = 0 (pure CE + defer term), c = 0: p_defer * (1 + t_y) - t_y.
+    g = jax.grad(lambda z: losses.defer_surrogate(z, t, y, alpha=0.0).sum())(jnp.asarray(s1))
     logp = np_log_softmax(s1.astype(np.float64))
-    pt = np_softmax(t.astype(np.float64))
-    q = 0.8 * pt + 0.2 * np.eye(10)[y]
-    ref = -(q * logp[:, :10]).sum(-1) - 0.5 * pt[np.arange(16), y] * logp[:, 10]
-    np.testing.assert_allclose(losses.defer_surrogate(s1, t, y, alpha=0.8, defer_weight=0.5), ref, rtol=1e-5)
-    # d loss / d defer-logit = p_defer * (1 + t_y) - t_y: descent raises "defer" where the teacher is
-    # likely right (t_y > p_defer / (1 - p_defer)) and lowers it elsewhere.
-    g = jax.grad(lambda z: losses.defer_surrogate(z, t, y).sum())(jnp.asarray(s1))
-    p_defer, t_y = np.exp(logp[:, 10]), pt[np.arange(16), y]
+    p_defer, t_y = np.exp(logp[:, 10]), np_softmax(t.astype(np.float64))[np.arange(16), y]
     np.testing.assert_allclose(g[:, 10], p_defer * (1 + t_y) - t_y, rtol=1e-4, atol=1e-6)
     assert float(jnp.abs(jax.grad(lambda tt: losses.defer_surrogate(s1, tt, y).sum())(jnp.asarray(t))).max()) == 0.0

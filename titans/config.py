@@ -130,6 +130,7 @@ def _distill_section() -> ml_collections.ConfigDict:
     d.objective = "standard"
     d.easy = _distill_easy_section()
     d.defer_weight = 1.0  # scales the "defer" term of the learning-to-defer surrogate
+    d.defer_cost = 0.0  # cost of one deferral in [0, 1]: deferring pays only the teacher's advantage above it
     # Where the soft labels come from (titans/teachers, docs/teachers.md): online (the teacher's forward
     # inside the student step) | cache (outputs written beforehand by `python -m titans.teachers.cache`)
     # | service (an elastic pool of teacher actors on Ray).
@@ -294,6 +295,8 @@ def _check_values(c: ml_collections.ConfigDict, where: str) -> None:
         )
     if not 0.0 <= c.distill.alpha <= 1.0:
         raise ConfigError(f"{where}: distill.alpha={c.distill.alpha} must be in [0, 1].")
+    if not 0.0 <= c.distill.defer_cost <= 1.0:
+        raise ConfigError(f"{where}: distill.defer_cost={c.distill.defer_cost} must be in [0, 1].")
     if c.distill.temperature <= 0:
         raise ConfigError(f"{where}: distill.temperature must be positive.")
     if c.batch_size <= 0 or c.eval_batch_size <= 0:

@@ -118,24 +118,39 @@ def easy_weights(
     return floor + (1.0 - floor) * jnp.power(s, sharpness)
 
 
-def defer_surrogate(logits, teacher_logits, labels, *, alpha: float = 0.9, defer_weight: float = 1.0) -> jax.Array:
+def defer_surrogate(
+    logits,
+    teacher_logits,
+    labels,
+    *,
+    alpha: float = 0.9,
+    defer_weight: float = 1.0,
+    temperature: float = 1.0,
+    defer_cost: float = 0.0,
+) -> jax.Array:
     """Learning-to-defer loss for a student with C + 1 outputs, the last one meaning "defer".
 
     The consistent cross-entropy surrogate of Mozannar & Sontag (ICML 2020),
         L = -log p_y - 1[expert correct] * log p_defer,
-    with the teacher as the expert and its soft labels as targets (our reading, METHODS.md §1):
-        L = -sum_k q_k log p_k - defer_weight * t_y * log p_defer,
-    where p = softmax over all C + 1 outputs, q = alpha * softmax(teacher) + (1 - alpha) * onehot(y),
-    and t_y is the teacher's probability of the true label (a soft "the expert is right").
-    The rule this surrogate is consistent for is "defer iff p_defer > max_k p_k"; the cascade's
-    ``defer_output`` gate scores exactly that margin.
+    with the teacher as the expert (our reading, METHODS.md §1), distilled like the standard student:
+        L = (1 - alpha) * (-log p_y) + alpha * T^2 * KL(softmax(g / T) || softmax(s_{1..C} / T))
+            - defer_weight * max(t_y - c, 0) * log p_defer,
+    where p = softmax over all C + 1 outputs (temperature 1: the deferral rule "defer iff
+    p_defer > max_k p_k" reads it), the KL term is the standard student's Hinton term on the C class
+    outputs at the same temperature T (with T^2, so the two objectives are compared on equal terms),
+    t_y is the teacher's probability of the true label (a soft "the expert is right"), and c
+    (`defer_cost`, in [0, 1]) is what one deferral costs: deferring is rewarded only by the teacher's
+    advantage net of that cost (c = 0: the cost-free surrogate).
     """
     num_classes = logits.shape[-1] - 1
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+    logits = logits.astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits)
     t = jax.nn.softmax(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32))
-    q = alpha * t + (1.0 - alpha) * jax.nn.one_hot(labels, num_classes)
     t_y = jnp.take_along_axis(t, labels[:, None], axis=-1)[:, 0]
-    return -jnp.sum(q * logp[:, :num_classes], axis=-1) - defer_weight * t_y * logp[:, num_classes]
+    ce = -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
+    kd = kd_divergence(logits[:, :num_classes], teacher_logits, temperature)
+    defer = jnp.maximum(t_y - defer_cost, 0.0) * logp[:, num_classes]
+    return (1.0 - alpha) * ce + alpha * kd - defer_weight * defer
 
 
 # --- Progressive ensemble distillation (B-DISTIL, METHODS.md §2): a member fits what the ensemble misses. ---

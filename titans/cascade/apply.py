@@ -81,6 +81,7 @@ def run_cascade(stage_dirs, gate_name: str, rates, val_split: str, split: str, b
     loaded, info = load_stages(stage_dirs, rates)
     k, C = len(stage_dirs), info.num_classes
     data_dir = loaded[-1][1].dataset.data_dir or None
+    evaluate.check_threshold_split([cfg for _, cfg, _, _ in loaded], info, val_split)
     stages = [evaluate.NormalizedModel.of(m, info) for m, *_ in loaded]
     gate = gates.get_gate(gate_name, num_classes=C)
     mesh = parallel.make_mesh()

@@ -68,6 +68,20 @@ def _time_per_example(model: NormalizedModel, images, repeats: int = 5) -> float
     return cost_lib.measure_time_per_example(model.apply, jnp.asarray(images), repeats=repeats)
 
 
+def check_threshold_split(stage_configs, info, val_split: str) -> None:
+    """Refuses a threshold split that shares examples with any stage's training split: thresholds
+    chosen on data a stage trained on make its gate look surer than it is on new data."""
+    for cfg in stage_configs:
+        workdir = cfg.get("name", "?")
+        shared = data_lib.overlap(info, val_split, cfg.dataset.train_split)
+        if shared:
+            raise ValueError(
+                f"The threshold split {val_split!r} shares {shared} examples with the training split "
+                f"{cfg.dataset.train_split!r} of stage {workdir!r}: thresholds would be chosen on data that stage "
+                f"trained on. Hold out a split no stage trains on (e.g. train[:90%] to train, train[90%:] here)."
+            )
+
+
 def evaluate_cascades(config, workdir: str) -> dict:
     """Evaluates `config.cascade` (see configs/titans_fmnist.py) on the stages in `workdir`."""
     if jax.process_count() > 1:
@@ -80,6 +94,8 @@ def evaluate_cascades(config, workdir: str) -> dict:
     teacher_dir = os.path.join(workdir, cc.teacher)
     teacher, t_cfg, info, _ = runs.load_model(teacher_dir)
     data_dir = t_cfg.dataset.data_dir or None
+    stage_configs = [runs.RunDir(os.path.join(workdir, name)).config for name in (cc.teacher, *cc.students)]
+    check_threshold_split(stage_configs, info, cc.val_split)
     mesh = parallel.make_mesh()
     batch_size = runs.round_up(cc.batch_size, mesh.devices.size)
     val_x, y_val = runs.split_arrays(data_lib.get_source(info.name, cc.val_split, data_dir=data_dir), info)

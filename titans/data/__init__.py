@@ -22,6 +22,8 @@ from titans.data.sources import (
     default_data_dir,
     get_source,
     load_in_memory,
+    overlap,
+    split_ranges,
 )
 
 __all__ = [
@@ -39,4 +41,6 @@ __all__ = [
     "load_in_memory",
     "normalize",
     "num_eval_batches",
+    "overlap",
+    "split_ranges",
 ]

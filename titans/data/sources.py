@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import types
 from collections.abc import Sequence
 
 import numpy as np
@@ -222,3 +223,25 @@ def _fashion_mnist(split: str, data_dir: str):
         builder = _auto_prepared_builder(builders.FashionMnistOffline, data_dir, manual_dir=builders.fmnist_raw_dir())
         return builder.as_data_source(split=split)
     return _tfds_data_source("fashion_mnist", "fashion_mnist", split, data_dir)
+
+
+def split_ranges(info, spec: str) -> dict[str, tuple[int, int]]:
+    """The example index range [start, stop) that a TFDS split spec (e.g. 'train[90%:]',
+    'train[:54000]+test') takes from each named split of `info`, from the split sizes alone."""
+    sizes = {
+        name: types.SimpleNamespace(num_examples=n, num_shards=1, shard_lengths=[n]) for name, n in info.splits.items()
+    }
+    out: dict[str, tuple[int, int]] = {}
+    for part in tfds.core.ReadInstruction.from_spec(spec).to_absolute(sizes):
+        n = info.splits[part.splitname]
+        start = 0 if part.from_ is None else part.from_
+        stop = n if part.to is None else part.to
+        lo, hi = out.get(part.splitname, (start, stop))
+        out[part.splitname] = (min(lo, start), max(hi, stop))
+    return out
+
+
+def overlap(info, a: str, b: str) -> int:
+    """How many examples the split specs `a` and `b` share (0: disjoint)."""
+    ra, rb = split_ranges(info, a), split_ranges(info, b)
+    return sum(max(0, min(ra[k][1], rb[k][1]) - max(ra[k][0], rb[k][0])) for k in ra.keys() & rb.keys())

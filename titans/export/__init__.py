@@ -103,6 +103,7 @@ def export_cascade(stage_dirs, gate_name: str, rates, val_split: str, out: str, 
     """Writes the export directory `out` (see the module docstring); returns its manifest."""
     rates = [float(r) for r in rates]
     loaded, info = cascade_apply.load_stages(stage_dirs, rates)
+    evaluate.check_threshold_split([cfg for _, cfg, _, _ in loaded], info, val_split)
     stages = [evaluate.NormalizedModel.of(m, info) for m, *_ in loaded]
     gate = gates.get_gate(gate_name, num_classes=info.num_classes)
     mesh = parallel.make_mesh()

@@ -61,7 +61,13 @@ def objective_loss(config) -> Callable:
             return losses.cross_entropy(logits, labels, config.label_smoothing), ones
         if d.objective == "defer":
             return losses.defer_surrogate(
-                logits, teacher_logits, labels, alpha=d.alpha, defer_weight=d.defer_weight
+                logits,
+                teacher_logits,
+                labels,
+                alpha=d.alpha,
+                defer_weight=d.defer_weight,
+                temperature=d.temperature,
+                defer_cost=d.defer_cost,
             ), ones
         per_example = losses.distillation_loss(
             logits,
