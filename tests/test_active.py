@@ -388,3 +388,20 @@ def test_active_fmnist_config_loads_for_both_teachers():
         config_lib.load_config_file(path + ":seeds=1")
     with pytest.raises(ValueError, match="teacher='best'"):
         config_lib.load_config_file(path + ":teacher=best")
+
+
+def test_loop_records_selection_statistics_and_the_m_the_game_used(data_dir, tmp_path):
+    """Per round: the m the robust game was played with (> 0 with a teacher that errs on the
+    validation split; forcing m = 0 in the loop fails this), the support and max inclusion probability
+    of the game's solution, and the overlap with margin's top-b (1 for margin itself)."""
+    cfg = _active_config(data_dir)
+    cfg.active.strategies = "robust,margin"
+    out = loop.run_active(cfg, str(tmp_path / "run"), teacher_predict=_FakeTeacher(), log=lambda s: None)
+    robust, margin = out["strategies"]["robust"], out["strategies"]["margin"]
+    b = cfg.active.budget_per_round
+    for r in range(1, cfg.active.rounds + 1):
+        assert robust["m"][r] > 0
+        assert b <= robust["support"][r] and 0 < robust["max_p"][r] <= 1.0
+        assert 0.0 <= robust["overlap_margin"][r] <= 1.0
+        assert margin["overlap_margin"][r] == 1.0 and margin["support"][r] is None
+    assert robust["m"][0] is None and robust["overlap_margin"][0] is None

@@ -200,6 +200,9 @@ def _fresh_state(config, data: Data, pure_params, pure_rest) -> dict:
             "ece": nan.copy(),
             "teacher_error_bought": nan.copy(),
             "m": nan.copy(),
+            "support": nan.copy(),
+            "max_p": nan.copy(),
+            "overlap_margin": nan.copy(),
             "select_time_s": nan.copy(),
             "train_time_s": nan.copy(),
         },
@@ -286,7 +289,7 @@ class _Rounds:
         if self.strategy == "kcenter":
             _, lab_emb = self.trainer.predict(params, rest, data.labelled[0], a.predict_batch_size)
             centres = np.concatenate([lab_emb, emb[state["bought"][:nb]]])
-        idx, _ = selection.select(
+        idx, extra = selection.select(
             self.strategy,
             key=key,
             probs=jnp.asarray(probs),
@@ -299,8 +302,17 @@ class _Rounds:
             kcenter_chunk=a.kcenter_chunk,
         )
         idx = np.asarray(jax.device_get(idx), np.int64)
-        state["history"]["select_time_s"][rnd] = time.perf_counter() - t0
-        return idx, m
+        h = state["history"]
+        h["select_time_s"][rnd] = time.perf_counter() - t0
+        # Selection statistics: the m the game was played with, the support and largest inclusion
+        # probability of its solution, and how much of the batch margin's top-b would have picked too.
+        margin_idx, _ = selection.select(
+            "margin", key=key, probs=jnp.asarray(probs), available=jnp.asarray(available), b=a.budget_per_round
+        )
+        h["overlap_margin"][rnd] = len(set(idx.tolist()) & set(np.asarray(margin_idx).tolist())) / len(idx)
+        h["support"][rnd] = extra.get("support", np.nan)
+        h["max_p"][rnd] = extra.get("max_p", np.nan)
+        return idx, float(extra.get("m", m))
 
     def buy(self, rnd: int, idx: np.ndarray, m: float) -> None:
         """Buys the teacher's soft labels for `idx`; records them, m, and the teacher's error rate on all bought."""
@@ -341,7 +353,12 @@ class _Rounds:
     def round_message(self, rnd: int, ev: dict) -> str:
         """The log line for a finished round."""
         h = self.state["history"]
-        extra = f", m={h['m'][rnd]:.1f}" if self.strategy == "robust" and rnd else ""
+        extra = ""
+        if self.strategy == "robust" and rnd:
+            extra = (
+                f", m={h['m'][rnd]:.1f}, support {h['support'][rnd]:.0f}, max p {h['max_p'][rnd]:.3f}, "
+                f"{h['overlap_margin'][rnd]:.0%} shared with margin's top-b"
+            )
         terr = f", teacher wrong on {h['teacher_error_bought'][rnd]:.1%} of bought" if rnd else ""
         nb = int(self.state["num_bought"])
         return f"[{self.strategy}] round {rnd}: {nb} queries, test accuracy {ev['accuracy']:.4f}{terr}{extra}"
@@ -356,6 +373,7 @@ class _Rounds:
             "ece": [float(x) for x in h["ece"]],
             "teacher_error_bought": [None if np.isnan(x) else float(x) for x in h["teacher_error_bought"]],
             "m": [None if np.isnan(x) else float(x) for x in h["m"]],
+            **{k: [None if np.isnan(x) else float(x) for x in h[k]] for k in ("support", "max_p", "overlap_margin")},
             "select_time_s": [None if np.isnan(x) else float(x) for x in h["select_time_s"]],
             "train_time_s": [float(x) for x in h["train_time_s"]],
             "pool_queries": self.teacher.pool_queries,
