@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 from helpers import REPO, digits_config
 
-from titans import data, models, runs, train
+from titans import data, losses, models, runs, train
 
 
 def _doc_example() -> dict:
@@ -84,3 +84,22 @@ def test_method_frozen_and_forward_reach_the_step(data_dir, tmp_path):
     c = digits_config(data_dir, total_steps=10)
     result = train.train_and_evaluate(c, str(tmp_path), method=train.Method(frozen={"bias": bias}, forward=forward))
     assert result["accuracy"] == pytest.approx(0.1, abs=0.03)  # digits test classes are balanced
+
+
+@pytest.mark.parametrize("rule", ["confidence", "margin", "correctness", "agreement"])
+def test_easy_weights_reach_the_objective(rule):
+    """The easy-weighted objective hands the trainer the easy weights of losses.easy_weights (not
+    ones): with the loss-weights test above, they reach the update. Replacing them by ones fails here."""
+    c = digits_config("unused")
+    c.distill.teacher_workdir = "t"
+    c.distill.objective = "easy_weighted"
+    c.distill.easy.rule = rule
+    rng = np.random.default_rng(0)
+    logits, teacher = (jnp.asarray(rng.normal(size=(32, 10)).astype(np.float32) * 3) for _ in range(2))
+    labels = jnp.asarray(rng.integers(0, 10, 32))
+    per, weights = train.objective_loss(c)(logits, None, teacher, {"label": labels}, None, 10)
+    want = losses.easy_weights(
+        teacher, labels, logits, rule=rule, sharpness=c.distill.easy.sharpness, floor=c.distill.easy.floor
+    )
+    np.testing.assert_allclose(np.asarray(weights), np.asarray(want), rtol=1e-6)
+    assert float(jnp.std(weights)) > 0.01 and per.shape == (32,)
