@@ -78,6 +78,64 @@ def test_log_barrier_extension_matches_numpy_and_is_smooth():
     np.testing.assert_allclose(grad, [t, t], rtol=1e-2)
 
 
+def _np_barrier(z, t):
+    edge = -1.0 / t**2
+    return -np.log(-min(z, edge)) / t if z <= edge else t * z - np.log(1.0 / t**2) / t + 1.0 / t
+
+
+@pytest.mark.parametrize("scale", [0.3, 1.0, 1.5])
+def test_weak_learning_barrier_is_on_the_weighted_aggregate(scale):
+    """The barrier sees the batch's weighted condition sum w l(F_w) <= (1 - gamma) sum w l(F_{w-1}),
+    not each row's: every row carries the same barrier value, equal to the numpy closed form; a
+    batch that meets the condition pays less than one that breaks it; the example weights matter."""
+    rng = np.random.default_rng(2)
+    g = jnp.asarray(rng.normal(size=(8, 5)) * 2, jnp.float32)
+    y = jnp.asarray(rng.integers(0, 5, 8))
+    f_prev = jnp.asarray(rng.normal(size=(8, 5)), jnp.float32)
+    f_w = f_prev + scale * (g - f_prev)  # scale < 1: moves toward the teacher; > 1 overshoots
+    w = jnp.asarray(rng.uniform(0.2, 3.0, size=8), jnp.float32)
+    per = losses.weak_learner_loss(f_w, f_prev, g, y, example_weights=w, gamma=0.1, barrier_weight=0.5, barrier_t=5.0)
+    loss = np.asarray(losses.distillation_loss(f_w, g, y), np.float64)
+    before = np.asarray(losses.distillation_loss(f_prev, g, y), np.float64)
+    wn = np.asarray(w, np.float64)
+    z = ((wn * loss).sum() - 0.9 * (wn * before).sum()) / (wn * before).sum()
+    np.testing.assert_allclose(np.asarray(per) - loss, 0.5 * _np_barrier(z, 5.0), rtol=1e-4, atol=1e-5)
+    other = losses.weak_learner_loss(f_w, f_prev, g, y, example_weights=w[::-1], gamma=0.1, barrier_weight=0.5)
+    assert not np.allclose(np.asarray(other), np.asarray(per))  # the weights reach the condition
+
+
+def test_member_method_passes_the_weight_players_weights():
+    """In example mode the member's Method returns the weight player's weights for the batch's rows
+    (the trainer weights the rows by them); in example-class mode they weight the residual inside."""
+    from titans.ensemble import runner
+
+    class Ctx:
+        class e:
+            gamma, barrier_weight, barrier_t = 0.1, 0.0, 5.0
+
+        class member:
+            class distill:
+                loss, alpha, temperature = "kd", 0.9, 4.0
+
+    table = np.linspace(0.5, 2.0, 20).astype(np.float32)
+    spec = {"model": {"name": "mlp", "kwargs": {}}, "connected": False}
+    method = runner._member_method(False, spec, None, table, Ctx)
+    rng = np.random.default_rng(0)
+    logits, g = (jnp.asarray(rng.normal(size=(4, 10)), jnp.float32) for _ in range(2))
+    batch = {"index": jnp.asarray([3, 7, 11, 19]), "label": jnp.asarray([1, 2, 3, 4])}
+    frozen = method.frozen
+    per, weights = method.loss(logits, {"base": jnp.zeros_like(logits)}, g, batch, frozen, 0)
+    np.testing.assert_array_equal(np.asarray(weights), table[[3, 7, 11, 19]])
+    pair_table = np.asarray(rng.uniform(0.1, 3.0, size=(20, 10)), np.float32)
+    pair = runner._member_method(False, spec, None, pair_table, Ctx)
+    per2, ones = pair.loss(logits, {"base": jnp.zeros_like(logits)}, g, batch, pair.frozen, 0)
+    np.testing.assert_array_equal(np.asarray(ones), 1.0)
+    want = losses.boosting_residual_loss(
+        logits, g, batch["label"], pair_weights=jnp.asarray(pair_table[[3, 7, 11, 19]])
+    )
+    np.testing.assert_allclose(np.asarray(per2), np.asarray(want), rtol=1e-6)
+
+
 def test_weak_learner_loss():
     rng = np.random.default_rng(1)
     f_prev, f_new, g = (jnp.asarray(rng.normal(size=(6, 5)), jnp.float32) for _ in range(3))

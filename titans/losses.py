@@ -208,6 +208,7 @@ def weak_learner_loss(
     labels,
     *,
     pair_weights=None,
+    example_weights=None,
     gamma: float = 0.05,
     barrier_weight: float = 0.1,
     barrier_t: float = 5.0,
@@ -216,14 +217,18 @@ def weak_learner_loss(
     temperature: float = 4.0,
 ) -> jax.Array:
     """A new member's per-example objective: the residual loss of F_w = F_{w-1} + f_w, plus a
-    log-barrier relaxation of the weak-learning condition.
+    log-barrier relaxation of the weak-learning condition on the batch as a whole.
 
-    The condition asks the member to remove at least a fraction `gamma` of the residual loss that
-    F_{w-1} leaves (`previous_logits`, frozen): l(F_w) <= (1 - gamma) l(F_{w-1}). Written per
-    example as z = (l(F_w) - (1 - gamma) l(F_{w-1})) / mean(l(F_{w-1})) <= 0 (the batch mean
-    makes z scale-free without letting already well-fitted examples, whose l(F_{w-1}) is tiny,
-    dominate), it enters the loss through `log_barrier_extension(z, barrier_t)` scaled by
-    `barrier_weight` (0 turns it off).
+    The condition asks the member to remove at least a fraction `gamma` of the (weighted) residual
+    loss that F_{w-1} leaves (`previous_logits`, frozen), in aggregate, as the acceptance test of
+    FIND-WL does:  sum_i w_i l_i(F_w) <= (1 - gamma) sum_i w_i l_i(F_{w-1}). Written scale-free as
+        z = (sum_i w_i l_i(F_w) - (1 - gamma) sum_i w_i l_i(F_{w-1})) / sum_i w_i l_i(F_{w-1}) <= 0,
+    it enters through `log_barrier_extension(z, barrier_t)` scaled by `barrier_weight` (0 turns it
+    off), added to every row: the trainer's weighted mean of the rows is then the weighted residual
+    loss plus the barrier of the batch's condition. `example_weights` are the weight player's weights
+    over examples (the trainer applies them to the rows too); in example-class mode they are ones and
+    `pair_weights` weight the residual inside l_i. Under data parallelism the sums run over the global
+    batch.
     """
     loss = boosting_residual_loss(
         ensemble_logits,
@@ -247,5 +252,7 @@ def weak_learner_loss(
             temperature=temperature,
         )
     )
-    z = (loss - (1.0 - gamma) * before) / jnp.maximum(jnp.mean(before), 1e-6)
+    w = jnp.ones_like(loss) if example_weights is None else jnp.asarray(example_weights, jnp.float32)
+    total_before = jnp.maximum(jnp.sum(w * before), 1e-6)
+    z = (jnp.sum(w * loss) - (1.0 - gamma) * jnp.sum(w * before)) / total_before
     return loss + barrier_weight * log_barrier_extension(z, barrier_t)

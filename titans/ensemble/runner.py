@@ -121,6 +121,7 @@ def _member_method(build_only: bool, spec: dict, frozen_members, weights: np.nda
             teacher_logits,
             batch["label"],
             pair_weights=w if pair else None,
+            example_weights=None if pair else w,
             gamma=e.gamma,
             barrier_weight=e.barrier_weight,
             barrier_t=e.barrier_t,
