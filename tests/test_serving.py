@@ -1,0 +1,111 @@
+"""Serving an exported cascade on Ray Serve: the answers equal the exported cascade's, malformed
+requests get a 400 and leave the service up, a killed teacher replica costs latency and not answers,
+and the HTTP proxy listens on loopback only."""
+
+import json
+import socket
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from helpers import digits_config
+
+from titans import data, export, runs, train
+from titans.export import standalone
+
+serve_main = pytest.importorskip("titans.serve.__main__", reason="needs ray[serve] (the `serve` extra)")
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(data_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("serving")
+    dirs = []
+    for name, hidden, steps in (("student", (8,), 60), ("teacher", (64,), 150)):
+        c = digits_config(data_dir, total_steps=steps, **{"dataset.train_split": "train[:80%]"})
+        c.model.kwargs.hidden = hidden
+        train.train_and_evaluate(c, str(root / name))
+        dirs.append(str(root / name))
+    export.export_cascade(dirs, "msp", [0.3], "train[80%:]", str(root / "export"), batch_size=64)
+    port = _free_port()
+    serve_main.start(str(root / "export"), port=port, num_cpus=2)
+    yield f"http://127.0.0.1:{port}/", str(root / "export"), port
+    serve_main.stop()
+
+
+def _post(url, body: bytes, timeout=120):
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.fixture(scope="module")
+def images(data_dir):
+    x, _ = runs.split_arrays(data.get_source("digits", "test", data_dir=data_dir), data.dataset_info("digits"))
+    return x[:40]
+
+
+def test_served_answers_equal_the_exported_cascade(served, images):
+    url, export_dir, _ = served
+    status, out = _post(url, json.dumps({"images": images.tolist()}).encode())
+    assert status == 200, out
+    want = standalone.load(export_dir).predict(images)
+    np.testing.assert_array_equal(out["classes"], want["classes"])
+    np.testing.assert_array_equal(out["answered_by"], want["answered_by"])
+    np.testing.assert_allclose(out["probabilities"], want["probabilities"], atol=2e-6)
+    assert set(out["answered_by"]) == {0, 1}  # the student answered some, the teacher the rest
+    assert out["class_names"][3] == "3"
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (b"not json", "not JSON"),
+        (json.dumps({"pixels": []}).encode(), '"images" field'),
+        (json.dumps({"images": [[1, 2, 3]]}).encode(), "must have shape"),
+        (json.dumps({"images": np.full((1, 8, 8, 1), 300).tolist()}).encode(), "integers in [0, 255]"),
+        (json.dumps({"images": np.full((1, 8, 8, 1), 0.5).tolist()}).encode(), "integers in [0, 255]"),
+        (json.dumps({"images": np.zeros((300, 8, 8, 1), int).tolist()}).encode(), "1 to 256 images"),
+    ],
+)
+def test_malformed_requests_get_a_400_and_the_service_stays_up(served, images, body, message):
+    url, _, _ = served
+    status, out = _post(url, body)
+    assert status == 400 and message in out["error"]
+    status, _ = _post(url, json.dumps({"images": images[:2].tolist()}).encode())
+    assert status == 200
+
+
+def test_a_killed_teacher_replica_costs_latency_not_answers(served, images):
+    import ray
+
+    url, export_dir, _ = served
+    names = [a for a in ray.util.list_named_actors(all_namespaces=True) if "Teacher" in a["name"]]
+    assert names, "no teacher replica found"
+    for a in names:
+        ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]), no_restart=True)
+    noise = np.random.default_rng(0).integers(0, 17, size=(8, 8, 8, 1), dtype=np.uint8)  # all deferred
+    status, out = _post(url, json.dumps({"images": noise.tolist()}).encode(), timeout=300)
+    assert status == 200, out
+    want = standalone.load(export_dir).predict(noise)
+    assert 1 in out["answered_by"]
+    np.testing.assert_array_equal(out["classes"], want["classes"])
+
+
+def test_http_proxy_listens_on_loopback_only(served):
+    import psutil
+
+    _, _, port = served
+    listening = [c for c in psutil.net_connections(kind="inet") if c.status == "LISTEN" and c.laddr.port == port]
+    assert listening and all(c.laddr.ip in ("127.0.0.1", "::ffff:127.0.0.1") for c in listening)

@@ -1,0 +1,150 @@
+"""Serve an exported cascade on Ray Serve: the student answers, the teacher is summoned only when in doubt.
+
+    titans-serve --export=exports/fmnist_cascade [--host=127.0.0.1] [--port=8000]
+    curl -s -X POST http://127.0.0.1:8000/ -H 'Content-Type: application/json' \
+        -d '{"images": [[[[0], [0], ...]]]}'           # uint8 values, shape (N, H, W, C)
+
+Two deployments (one Ray Serve application):
+  CascadeIngress  the HTTP ingress: validates each request (JSON, shape, dtype, size; a bad one gets a
+                  400 with the reason and never takes the replica down), batches requests across
+                  callers (`serve.batch`), runs every stage but the last with their gates, and sends
+                  only the rows they defer to the teacher;
+  Teacher         the export's last stage, in its own deployment whose replicas autoscale on their own
+                  load (`autoscaling_config`); a call that fails because a replica died is retried, so a
+                  lost replica costs latency, not answers.
+Answers: {"classes": [...], "probabilities": [[...]], "answered_by": [...], "class_names": [...]}.
+The HTTP proxy binds 127.0.0.1 unless --host says otherwise; the local Ray cluster binds loopback only
+(titans.teachers.service.connect).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import numpy as np
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from titans.export import standalone
+
+MAX_IMAGES = 256  # per request
+TEACHER_RETRIES = 3
+
+
+class BadRequest(ValueError):
+    """A request the service answers with 400 and a reason."""
+
+
+def parse_images(body: bytes, input_shape, max_images: int) -> np.ndarray:
+    """The request's images as uint8 (N, H, W, C), or BadRequest saying what is wrong."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest('the body is not JSON; send {"images": [...]} with uint8 values') from None
+    if not isinstance(payload, dict) or "images" not in payload:
+        raise BadRequest('expected a JSON object with an "images" field')
+    try:
+        x = np.asarray(payload["images"], dtype=np.float64)
+    except (ValueError, TypeError):
+        raise BadRequest('"images" must be a rectangular array of numbers') from None
+    want = tuple(input_shape)
+    if x.ndim != 1 + len(want) or tuple(x.shape[1:]) != want:
+        raise BadRequest(f'"images" must have shape (N, {", ".join(map(str, want))}); got {x.shape}')
+    if not 1 <= len(x) <= max_images:
+        raise BadRequest(f"a request holds 1 to {max_images} images; got {len(x)}")
+    if not np.all(np.isfinite(x)) or np.any(x != np.round(x)) or x.min() < 0 or x.max() > 255:
+        raise BadRequest('"images" must hold integers in [0, 255] (uint8 pixels)')
+    return x.astype(np.uint8)
+
+
+@serve.deployment(
+    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4},
+    ray_actor_options={"num_cpus": 0.5},
+)
+class Teacher:
+    """The export's last stage; called with the deferred rows only."""
+
+    def __init__(self, export_dir: str):
+        self.cascade = standalone.load(export_dir)
+        self.stage = self.cascade.num_stages - 1
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
+    async def __call__(self, row_sets: list[np.ndarray]) -> list[np.ndarray]:
+        sizes = [len(r) for r in row_sets]
+        logits, _ = self.cascade.stage_outputs(self.stage, np.concatenate(row_sets))
+        return np.split(logits, np.cumsum(sizes)[:-1])
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5})
+class CascadeIngress:
+    """HTTP ingress: validation, the cheap stages, and the teacher for the deferred rows."""
+
+    def __init__(self, export_dir: str, teacher, max_images: int = MAX_IMAGES):
+        self.cascade = standalone.load(export_dir)
+        self.teacher = teacher
+        self.max_images = int(max_images)
+        self.shape = self.cascade.input_shape
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def _cheap_stages(self, image_sets: list[np.ndarray]) -> list[tuple]:
+        """Every stage but the last over a batch of requests: (logits, answered_by, deferred) per request."""
+        sizes = [len(x) for x in image_sets]
+        x = np.concatenate(image_sets)
+        n, k = len(x), self.cascade.num_stages
+        logits = np.zeros((n, self.cascade.manifest["num_classes"]), np.float32)
+        answered = np.full(n, -1, np.int32)
+        reach = np.arange(n)
+        for i in range(k - 1):
+            if not len(reach):
+                break
+            stage_logits, scores = self.cascade.stage_outputs(i, x[reach])
+            keep = scores <= self.cascade.thresholds[i]
+            logits[reach[keep]], answered[reach[keep]] = stage_logits[keep], i
+            reach = reach[~keep]
+        out, start = [], 0
+        for size in sizes:
+            rows = reach[(reach >= start) & (reach < start + size)] - start
+            out.append((logits[start : start + size], answered[start : start + size], rows))
+            start += size
+        return out
+
+    async def _teacher(self, rows: np.ndarray) -> np.ndarray:
+        for attempt in range(TEACHER_RETRIES):
+            try:
+                return await self.teacher.remote(rows)
+            except Exception as e:
+                if attempt == TEACHER_RETRIES - 1:
+                    raise
+                logging.warning("teacher call failed (%s: %s); retrying", type(e).__name__, e)
+                await asyncio.sleep(0.2 * (attempt + 1))
+
+    async def __call__(self, request: Request):
+        try:
+            images = parse_images(await request.body(), self.shape, self.max_images)
+        except BadRequest as e:
+            return JSONResponse({"error": str(e)}, status_code=400)
+        logits, answered, deferred = await self._cheap_stages(images)
+        logits, answered = logits.copy(), answered.copy()
+        if len(deferred):
+            logits[deferred] = await self._teacher(images[deferred])
+            answered[deferred] = self.cascade.num_stages - 1
+        z = logits - logits.max(-1, keepdims=True)
+        probs = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+        return JSONResponse(
+            {
+                "classes": logits.argmax(-1).tolist(),
+                "probabilities": probs.round(6).tolist(),
+                "answered_by": answered.tolist(),
+                "class_names": self.cascade.manifest["class_names"],
+            }
+        )
+
+
+def build_app(export_dir: str, *, max_images: int = MAX_IMAGES, teacher_max_replicas: int = 2):
+    teacher = Teacher.options(
+        autoscaling_config={"min_replicas": 1, "max_replicas": int(teacher_max_replicas), "target_ongoing_requests": 4}
+    ).bind(export_dir)
+    return CascadeIngress.bind(export_dir, teacher, max_images)
