@@ -31,6 +31,7 @@ from starlette.responses import JSONResponse
 from titans.export import standalone
 
 MAX_IMAGES = 256  # per request
+MODES = ("cascade", "student", "teacher")
 TEACHER_RETRIES = 3
 
 
@@ -82,11 +83,16 @@ class Teacher:
 class CascadeIngress:
     """HTTP ingress: validation, the cheap stages, and the teacher for the deferred rows."""
 
-    def __init__(self, export_dir: str, teacher, max_images: int = MAX_IMAGES):
+    def __init__(self, export_dir: str, teacher, max_images: int = MAX_IMAGES, mode: str = "cascade"):
         self.cascade = standalone.load(export_dir)
         self.teacher = teacher
         self.max_images = int(max_images)
         self.shape = self.cascade.input_shape
+        # "cascade"; or, served the same way for benchmarks: "student" (the first stage answers every
+        # row) and "teacher" (every row goes to the teacher deployment).
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r} is not one of {MODES}")
+        self.mode = mode
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def _cheap_stages(self, image_sets: list[np.ndarray]) -> list[tuple]:
@@ -126,8 +132,15 @@ class CascadeIngress:
             images = parse_images(await request.body(), self.shape, self.max_images)
         except BadRequest as e:
             return JSONResponse({"error": str(e)}, status_code=400)
-        logits, answered, deferred = await self._cheap_stages(images)
-        logits, answered = logits.copy(), answered.copy()
+        if self.mode == "teacher":
+            logits = np.zeros((len(images), self.cascade.manifest["num_classes"]), np.float32)
+            answered, deferred = np.full(len(images), -1, np.int32), np.arange(len(images))
+        elif self.mode == "student":
+            logits, _ = self.cascade.stage_outputs(0, images)
+            answered, deferred = np.zeros(len(images), np.int32), np.arange(0)
+        else:
+            logits, answered, deferred = await self._cheap_stages(images)
+            logits, answered = logits.copy(), answered.copy()
         if len(deferred):
             logits[deferred] = await self._teacher(images[deferred])
             answered[deferred] = self.cascade.num_stages - 1
@@ -143,8 +156,17 @@ class CascadeIngress:
         )
 
 
-def build_app(export_dir: str, *, max_images: int = MAX_IMAGES, teacher_max_replicas: int = 2):
+def build_app(
+    export_dir: str,
+    *,
+    max_images: int = MAX_IMAGES,
+    teacher_max_replicas: int = 2,
+    mode: str = "cascade",
+    name: str = "",
+):
+    """The application: an ingress (in `mode`) and its teacher deployment (`name` keeps several apps apart)."""
     teacher = Teacher.options(
-        autoscaling_config={"min_replicas": 1, "max_replicas": int(teacher_max_replicas), "target_ongoing_requests": 4}
+        name=f"Teacher{name}",
+        autoscaling_config={"min_replicas": 1, "max_replicas": int(teacher_max_replicas), "target_ongoing_requests": 4},
     ).bind(export_dir)
-    return CascadeIngress.bind(export_dir, teacher, max_images)
+    return CascadeIngress.options(name=f"CascadeIngress{name}").bind(export_dir, teacher, max_images, mode)

@@ -1,0 +1,237 @@
+"""Served cascade vs served teacher vs served student: throughput and latency under load, side by side.
+
+    python benchmarks/serving.py --stages=STUDENT_RUN,TEACHER_RUN --val_split='train[90%:]' \
+        [--batch 8 --concurrency 4 --requests 120 --open_rate 10 --duration 15 --repeats 2] [--out FILE]
+
+1. The operating point: on the validation split, the smallest deferral rate (grid of 0.05) whose
+   cascade accuracy reaches the teacher's; the cascade is exported there (titans-export).
+2. Three Ray Serve applications on one local (loopback) cluster, served the same way (the same
+   ingress, the same teacher deployment code): /teacher (every row to the teacher deployment),
+   /student (the first stage answers everything), /cascade.
+3. Per repeat, for each application in turn (interleaved): a closed loop (`--concurrency` clients
+   sending `--requests` requests of `--batch` test images back to back) and an open loop (Poisson
+   arrivals at `--open_rate` requests/s for `--duration` s, at most rate*duration requests; latency
+   counted from the scheduled send time). Both are bounded in count and time, loopback only.
+4. Reports images/s, p50/p95/p99 latency, accuracy of the served answers on the test images, the
+   cascade's throughput against the ideal 1 / (t_student + r * t_teacher) (t from the served
+   student and teacher throughputs), and the other processes' CPU load during the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import psutil
+from ray import serve
+
+from titans import data, export, parallel, runs
+from titans.cascade import apply as cascade_apply
+from titans.cascade import evaluate, gates
+from titans.serve import build_app
+from titans.teachers import service
+
+MODES = ("teacher", "student", "cascade")
+
+
+def operating_rate(stage_dirs, val_split) -> tuple[float, dict]:
+    """The smallest rate on a 0.05 grid whose validation accuracy reaches the teacher's."""
+    loaded, info = cascade_apply.load_stages(stage_dirs, [0.0])
+    src = data.get_source(info.name, val_split, data_dir=loaded[-1][1].dataset.data_dir or None)
+    x, y = runs.split_arrays(src, info)
+    mesh = parallel.make_mesh()
+    s, t = (
+        runs.predict(evaluate.stage_logits, evaluate.NormalizedModel.of(m, info), x, mesh=mesh, batch_size=512)
+        for m, *_ in loaded
+    )
+    scores = np.asarray(jax.jit(jax.vmap(gates.get_gate("msp", num_classes=info.num_classes)))(jnp.asarray(s)))
+    t_acc = float(np.mean(t.argmax(-1) == y))
+    order = np.argsort(-scores)  # most doubtful first
+    for rate in np.round(np.arange(0.0, 1.0001, 0.05), 2):
+        deferred = np.zeros(len(y), bool)
+        deferred[order[: int(rate * len(y))]] = True
+        acc = float(np.mean(np.where(deferred, t.argmax(-1), s.argmax(-1)) == y))
+        if acc >= t_acc:
+            return float(rate), {"teacher_val_accuracy": t_acc, "cascade_val_accuracy": acc}
+    return 1.0, {"teacher_val_accuracy": t_acc, "cascade_val_accuracy": t_acc}
+
+
+def _post(url, images):
+    body = json.dumps({"images": images.tolist()}).encode()
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as r:
+        return json.loads(r.read())
+
+
+def closed_loop(url, batches, concurrency):
+    """(images/s, latencies s, answers in request order)."""
+    answers = [None] * len(batches)
+    latencies = []
+    lock = threading.Lock()
+
+    def one(i):
+        t0 = time.perf_counter()
+        answers[i] = _post(url, batches[i])
+        with lock:
+            latencies.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, range(len(batches))))
+    wall = time.perf_counter() - t0
+    return sum(len(b) for b in batches) / wall, latencies, answers
+
+
+def open_loop(url, batches, rate, duration, seed=0):
+    """Poisson arrivals; latency from each request's scheduled time. (images/s answered, latencies s)."""
+    rng = np.random.default_rng(seed)
+    times = np.cumsum(rng.exponential(1.0 / rate, size=int(rate * duration) + 1))
+    times = times[times < duration]
+    latencies, lock = [], threading.Lock()
+    start = time.perf_counter() + 0.05
+
+    def one(i):
+        time.sleep(max(0.0, start + times[i] - time.perf_counter()))
+        _post(url, batches[i % len(batches)])
+        with lock:
+            latencies.append(time.perf_counter() - (start + times[i]))
+
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+        list(pool.map(one, range(len(times))))
+    wall = time.perf_counter() - start
+    return sum(len(batches[i % len(batches)]) for i in range(len(times))) / wall, latencies
+
+
+def pct(values, q):
+    return float(np.percentile(np.asarray(values) * 1e3, q)) if values else float("nan")
+
+
+def other_load() -> float:
+    me = {psutil.Process().pid, *(c.pid for c in psutil.Process().children(recursive=True))}
+    procs = [p for p in psutil.process_iter() if p.pid not in me]
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.cpu_percent(None)
+    time.sleep(1.0)
+    total = 0.0
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            total += p.cpu_percent(None)
+    return round(total / 100, 2)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--stages", required=True)
+    p.add_argument("--val_split", default="train[90%:]")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--requests", type=int, default=120)
+    p.add_argument("--open_rate", type=float, default=10.0)
+    p.add_argument("--duration", type=float, default=15.0)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--out", default="")
+    a = p.parse_args()
+    stage_dirs = a.stages.split(",")
+    rate, val = operating_rate(stage_dirs, a.val_split)
+    export_dir = tempfile.mkdtemp(prefix="titans-serving-bench-")
+    manifest = export.export_cascade(stage_dirs, "msp", [rate], a.val_split, export_dir)
+    info = data.dataset_info(manifest["dataset"])
+    x, y = runs.split_arrays(data.get_source(info.name, "test"), info)
+    n = a.requests * a.batch
+    batches = [x[i : i + a.batch] for i in range(0, n, a.batch)]
+    labels = y[:n]
+    load_before = other_load()
+    service.connect("", num_cpus=2)
+    serve.start(http_options={"host": "127.0.0.1", "port": a.port})
+    for mode in MODES:
+        serve.run(build_app(export_dir, mode=mode, name=mode), name=mode, route_prefix=f"/{mode}")
+    url = {m: f"http://127.0.0.1:{a.port}/{m}" for m in MODES}
+    for m in MODES:  # warm up: compile, start replicas
+        _post(url[m], batches[0])
+    res = {m: {"closed_ips": [], "closed_lat": [], "open_ips": [], "open_lat": [], "answers": None} for m in MODES}
+    for rep in range(a.repeats):
+        for m in MODES:
+            ips, lat, answers = closed_loop(url[m], batches, a.concurrency)
+            res[m]["closed_ips"].append(ips)
+            res[m]["closed_lat"] += lat
+            res[m]["answers"] = answers
+            oips, olat = open_loop(url[m], batches, a.open_rate, a.duration, seed=rep)
+            res[m]["open_ips"].append(oips)
+            res[m]["open_lat"] += olat
+    load_after = other_load()
+    serve.shutdown()
+    service.shutdown_local()
+    report(a, rate, val, manifest, res, labels, load_before, load_after)
+
+
+def report(a, rate, val, manifest, res, labels, load_before, load_after):
+    out = {
+        "args": vars(a),
+        "rate": rate,
+        **val,
+        "thresholds": manifest["thresholds"],
+        "other_load_cores": [load_before, load_after],
+        "modes": {},
+    }
+    for m, r in res.items():
+        classes = np.concatenate([ans["classes"] for ans in r["answers"]])
+        answered = np.concatenate([ans["answered_by"] for ans in r["answers"]])
+        out["modes"][m] = {
+            "closed_images_per_s": statistics.median(r["closed_ips"]),
+            "closed_p50_ms": pct(r["closed_lat"], 50),
+            "closed_p95_ms": pct(r["closed_lat"], 95),
+            "closed_p99_ms": pct(r["closed_lat"], 99),
+            "open_images_per_s": statistics.median(r["open_ips"]),
+            "open_p50_ms": pct(r["open_lat"], 50),
+            "open_p95_ms": pct(r["open_lat"], 95),
+            "open_p99_ms": pct(r["open_lat"], 99),
+            "test_accuracy": float(np.mean(classes == labels)),
+            "teacher_fraction": float(np.mean(answered == 1)),
+        }
+    t_s = 1.0 / out["modes"]["student"]["closed_images_per_s"]
+    t_t = 1.0 / out["modes"]["teacher"]["closed_images_per_s"]
+    r_served = out["modes"]["cascade"]["teacher_fraction"]
+    ideal = 1.0 / (t_s + r_served * t_t)
+    out["cascade_over_ideal"] = out["modes"]["cascade"]["closed_images_per_s"] / ideal
+    print(
+        f"operating point: defer {rate:.2f} of validation (teacher val acc {val['teacher_val_accuracy']:.4f}, "
+        f"cascade {val['cascade_val_accuracy']:.4f}); other processes' CPU load {load_before} / {load_after} cores"
+    )
+    print(
+        "| served | closed-loop images/s | p50 / p95 / p99 ms | open-loop images/s | p50 / p95 / p99 ms | "
+        "test accuracy | teacher rows |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for m, v in out["modes"].items():
+        print(
+            f"| {m} | {v['closed_images_per_s']:.0f} | {v['closed_p50_ms']:.0f} / {v['closed_p95_ms']:.0f} / "
+            f"{v['closed_p99_ms']:.0f} | {v['open_images_per_s']:.0f} | {v['open_p50_ms']:.0f} / "
+            f"{v['open_p95_ms']:.0f} / {v['open_p99_ms']:.0f} | {v['test_accuracy']:.4f} | {v['teacher_fraction']:.3f} |"
+        )
+    print(
+        f"cascade closed-loop throughput / ideal 1/(t_s + r t_t) = {out['cascade_over_ideal']:.2f} (r = {r_served:.3f})"
+    )
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
