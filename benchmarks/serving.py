@@ -158,7 +158,8 @@ def main():
     batches = [x[i : i + a.batch] for i in range(0, n, a.batch)]
     labels = y[:n]
     load_before = other_load()
-    service.connect("", num_cpus=2)
+    # Logical CPUs for Ray's scheduler: three applications of two deployments at 0.5 CPU each.
+    service.connect("", num_cpus=4)
     serve.start(http_options={"host": "127.0.0.1", "port": a.port})
     for mode in MODES:
         serve.run(build_app(export_dir, mode=mode, name=mode), name=mode, route_prefix=f"/{mode}")
