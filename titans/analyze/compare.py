@@ -11,6 +11,7 @@ import numpy as np
 from titans import figures, runs
 from titans.analyze import plots
 from titans.analyze.errors import AnalysisError
+from titans.runs import write_text
 
 # Fields that differ between seeds of one setting without defining a different setting.
 IGNORED = ("seed", "name", "dataset.data_dir", "distill.teacher_workdir")
@@ -85,8 +86,7 @@ def compare_runs(workdirs: list[str], out: str) -> dict:
     for row in rows:
         cells = [f"{row[m]['mean']:.4f} ± {row[m]['sd']:.4f}" if m in row else "-" for m in metrics]
         lines.append(f"| {row['setting']} | {row['runs']} | " + " | ".join(cells) + " |")
-    with open(os.path.join(out, "comparison.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_text(os.path.join(out, "comparison.md"), "\n".join(lines) + "\n")
     with open(os.path.join(out, "runs.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["workdir", *differing, *metrics])

@@ -23,6 +23,7 @@ from titans import losses, parallel, runs
 from titans.analyze import html, plots
 from titans.analyze.errors import AnalysisError
 from titans.analyze.sections import SECTIONS
+from titans.runs import write_text
 
 
 def is_run(workdir: str) -> bool:
@@ -180,8 +181,7 @@ def _write_analysis(out, workdir, metrics, images, labels, logits, teacher_logit
         writer.writeheader()
         writer.writerows(examples)
     pngs = plots.run_plots(workdir, out, metrics, images, labels, examples, hardest, info)
-    with open(os.path.join(out, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=1)
+    write_text(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=1))
     sections = _sections(workdir)
     html.write_report(os.path.join(out, "report.html"), _title(metrics), _summary_rows(metrics), pngs, sections)
 
@@ -270,8 +270,7 @@ def _pipeline_page(workdir, stage_metrics):
                 rel,
             ]
         )
-    with open(os.path.join(out, "metrics.json"), "w") as f:
-        json.dump({"stages": stage_metrics}, f, indent=1)
+    write_text(os.path.join(out, "metrics.json"), json.dumps({"stages": stage_metrics}, indent=1))
     html.write_report(
         os.path.join(out, "report.html"), f"Titans analysis: pipeline {workdir}", rows, [], _sections(workdir)
     )

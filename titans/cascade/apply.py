@@ -145,8 +145,7 @@ def main(argv):
         f"{1e6 * out['last_stage_time_per_example_s']:.1f} for the last stage alone"
     )
     if _OUT.value:
-        with open(_OUT.value, "w") as f:
-            json.dump(out, f, indent=1)
+        runs.write_text(_OUT.value, json.dumps(out, indent=1))
 
 
 def cli():

@@ -127,8 +127,7 @@ def evaluate_cascades(config, workdir: str) -> dict:
         _print_student_summary(name, entry)
     out["eval_time_s"] = time.perf_counter() - t0
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "cascade.json"), "w") as f:
-            json.dump(out, f, indent=1)
+        runs.write_text(os.path.join(workdir, "cascade.json"), json.dumps(out, indent=1))
         plot(out, workdir)
     return out
 
