@@ -231,14 +231,15 @@ class Checkpointer:
         self.check_meta(step, expected_meta)
         self.verify(step)
         try:
-            out = self.manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    model=ocp.args.StandardRestore(_abstract(model_like)),
-                    train=ocp.args.StandardRestore(_abstract(train_like)),
-                    loader=ocp.args.JsonRestore(),
-                ),
-            )
+            try:
+                out = self._restore_items(step, model_like, train_like)
+            except ValueError as e:
+                # Checkpoints written before 2026-12-03 also hold an unused RNG key in `train`.
+                if "rng" in train_like or "do not match" not in str(e):
+                    raise
+                legacy = {**train_like, "rng": jax.ShapeDtypeStruct((2,), np.uint32)}
+                out = self._restore_items(step, model_like, legacy)
+                out["train"] = {k: v for k, v in out["train"].items() if k != "rng"}
         except Exception as e:
             raise CorruptCheckpointError(
                 f"Checkpoint step {step} in {self.directory} could not be restored "
@@ -246,6 +247,14 @@ class Checkpointer:
                 f"another with --config.checkpoint.restore_step=N."
             ) from e
         return (from_savable(out["model"], model_like), from_savable(out["train"], train_like), dict(out["loader"]))
+
+    def _restore_items(self, step: int, model_like: Any, train_like: Any) -> dict:
+        args = ocp.args.Composite(
+            model=ocp.args.StandardRestore(_abstract(model_like)),
+            train=ocp.args.StandardRestore(_abstract(train_like)),
+            loader=ocp.args.JsonRestore(),
+        )
+        return dict(self.manager.restore(step, args=args))
 
     def restore_model(self, step: int, model_like: Any):
         """Restores only the `model` item (how a teacher is loaded), after checking its checksums."""
