@@ -32,12 +32,11 @@ import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import contextlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import psutil
+from machine_load import other_cpu_load
 from ray import serve
 
 from titans import data, export, parallel, runs
@@ -121,20 +120,6 @@ def pct(values, q):
     return float(np.percentile(np.asarray(values) * 1e3, q)) if values else float("nan")
 
 
-def other_load() -> float:
-    me = {psutil.Process().pid, *(c.pid for c in psutil.Process().children(recursive=True))}
-    procs = [p for p in psutil.process_iter() if p.pid not in me]
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            p.cpu_percent(None)
-    time.sleep(1.0)
-    total = 0.0
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            total += p.cpu_percent(None)
-    return round(total / 100, 2)
-
-
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--stages", required=True)
@@ -157,7 +142,7 @@ def main():
     n = a.requests * a.batch
     batches = [x[i : i + a.batch] for i in range(0, n, a.batch)]
     labels = y[:n]
-    load_before = other_load()
+    load_before = other_cpu_load()
     # Logical CPUs for Ray's scheduler: three applications of two deployments at 0.5 CPU each.
     service.connect("", num_cpus=4)
     serve.start(http_options={"host": "127.0.0.1", "port": a.port})
@@ -176,7 +161,7 @@ def main():
             oips, olat = open_loop(url[m], batches, a.open_rate, a.duration, seed=rep)
             res[m]["open_ips"].append(oips)
             res[m]["open_lat"] += olat
-    load_after = other_load()
+    load_after = other_cpu_load()
     serve.shutdown()
     service.shutdown_local()
     report(a, rate, val, manifest, res, labels, load_before, load_after)

@@ -42,9 +42,9 @@ import time
 # Runnable as a script from anywhere in the repository.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import contextlib
 
 import numpy as np
+from machine_load import other_cpu_load
 
 PAIRS = {
     # name: dataset, (teacher model, kwargs), (student model, kwargs)
@@ -214,17 +214,11 @@ class TitansSide:
 
     def make(self, kind: str):
         """(jitted step, initial TrainState, teacher or None) for kind in teacher|student|kd."""
-        jax, jnp, train = self.jax, self.jnp, self.train
+        jax, train = self.jax, self.train
         role = "teacher" if kind == "teacher" else "student"
         graphdef, params, rest = self.split(role)
         tx, schedule = self.optimizer(role)
-        state = train.TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            model_state=rest,
-            opt_state=tx.init(params),
-            nonfinite_step=jnp.full((), -1, jnp.int32),
-        )
+        _, state = train.TrainState.create(self.nnx.merge(graphdef, params, rest), tx)
         state = self.parallel.replicate(state, self.mesh)
         step = jax.jit(
             train.make_train_step(
@@ -737,24 +731,6 @@ def main(argv=None):
             json.dump(result, f, indent=2)
         print(f"\nwrote {args.out}")
     return result
-
-
-def other_cpu_load(interval_s: float = 1.0) -> float:
-    """Cores kept busy by processes other than this one (and its children), measured over an interval."""
-    import psutil
-
-    me = psutil.Process()
-    skip = {me.pid, *(c.pid for c in me.children(recursive=True))}
-    procs = [p for p in psutil.process_iter() if p.pid not in skip]
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            p.cpu_percent(None)
-    time.sleep(interval_s)
-    total = 0.0
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            total += p.cpu_percent(None)
-    return round(total / 100.0, 2)
 
 
 def print_report(r, args):

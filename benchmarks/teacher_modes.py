@@ -146,13 +146,7 @@ def main(argv=None):
     def fresh_state():
         copy = lambda t: jax.tree.map(lambda a: jnp.array(a, copy=True), t)
         p, r = copy(params0), copy(rest0)
-        st = train.TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=p,
-            model_state=r,
-            opt_state=tx.init(p),
-            nonfinite_step=jnp.full((), -1, jnp.int32),
-        )
+        _, st = train.TrainState.create(nnx.merge(graphdef, p, r), tx)
         return parallel.replicate(st, mesh)
 
     def base_loader(with_index):

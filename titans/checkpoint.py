@@ -50,7 +50,7 @@ class ResumeMismatchError(CheckpointError):
     """Resuming would silently change what the run computes (its config, or its teacher)."""
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -65,7 +65,7 @@ def step_checksums(step_dir: str) -> dict[str, str]:
         dirs.sort()
         for name in sorted(files):
             path = os.path.join(root, name)
-            out[os.path.relpath(path, step_dir)] = _sha256(path)
+            out[os.path.relpath(path, step_dir)] = file_sha256(path)
     return out
 
 
@@ -187,7 +187,7 @@ class Checkpointer:
         step_dir = os.path.join(self.directory, str(step))
         for rel, want in sorted(recorded.items()):
             file = os.path.join(step_dir, rel)
-            got = _sha256(file) if os.path.exists(file) else "missing"
+            got = file_sha256(file) if os.path.exists(file) else "missing"
             if got != want:
                 raise CorruptCheckpointError(
                     f"Checkpoint step {step} in {self.directory} fails its checksum: {rel} "

@@ -85,12 +85,15 @@ class FrozenModel:
     def apply(self, images):
         return jax.lax.stop_gradient(self.module()(images, train=False))
 
-    def logits(self, images):
-        """float32 logits of raw (uint8-valued) images: normalised with the run's dataset statistics."""
+    def normalize(self, images):
+        """Raw (uint8-valued) images normalised with the run's dataset statistics, float32."""
         mean = np.asarray(self.mean, np.float32)
         inv_std = 1.0 / np.asarray(self.std, np.float32)
-        x = (jnp.asarray(images).astype(jnp.float32) - mean) * inv_std
-        return self.apply(x).astype(jnp.float32)
+        return (jnp.asarray(images).astype(jnp.float32) - mean) * inv_std
+
+    def logits(self, images):
+        """float32 logits of raw (uint8-valued) images."""
+        return self.apply(self.normalize(images)).astype(jnp.float32)
 
     def flops_per_example(self, input_shape) -> float:
         return models.flops_per_example(self.module(), tuple(input_shape))

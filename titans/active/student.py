@@ -20,10 +20,7 @@ from titans.train import Method, TrainState, evaluate, fit, make_eval_step, make
 
 def _probs_and_features(model: runs.FrozenModel, images):
     """(softmax probabilities, `features` embeddings) of raw images: what the selections read."""
-    x = (jnp.asarray(images).astype(jnp.float32) - np.asarray(model.mean, np.float32)) / np.asarray(
-        model.std, np.float32
-    )
-    logits, acts = model.module()(x, train=False, capture=True)
+    logits, acts = model.module()(model.normalize(images), train=False, capture=True)
     return jax.nn.softmax(logits.astype(jnp.float32)), acts["features"].astype(jnp.float32)
 
 

@@ -123,14 +123,6 @@ def teacher_identity(teacher_workdir: str, step: int, info) -> dict:
 # ----------------------------------------------------------------------------------- reading
 
 
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class TeacherCache:
     """A complete cache opened for random access: `logits(indices)`, `topk(indices)`."""
 
@@ -181,7 +173,7 @@ class TeacherCache:
             )
             return
         for name in self.manifest["shards"]:
-            got = _file_sha256(os.path.join(self.directory, name))
+            got = ckpt_lib.file_sha256(os.path.join(self.directory, name))
             if got != recorded.get(name):
                 raise CacheError(
                     f"Shard {name} of the teacher cache in {self.directory} fails its checksum (SHA-256 {got[:12]}..., "
@@ -338,7 +330,7 @@ def _write_cache(
             time.sleep(delay_per_shard_s)
     manifest["complete"] = True
     manifest["seconds"] = round(time.perf_counter() - t0, 3)
-    manifest["shard_sha256"] = {name: _file_sha256(os.path.join(out, name)) for name in manifest["shards"]}
+    manifest["shard_sha256"] = {name: ckpt_lib.file_sha256(os.path.join(out, name)) for name in manifest["shards"]}
     _write_json(mpath, manifest)
     log(f"[cache] complete: {n} examples of {dataset}/{split} in {out}")
     return manifest
