@@ -126,6 +126,24 @@ def test_member_method_passes_the_weight_players_weights():
     frozen = method.frozen
     per, weights = method.loss(logits, {"base": jnp.zeros_like(logits)}, g, batch, frozen, 0)
     np.testing.assert_array_equal(np.asarray(weights), table[[3, 7, 11, 19]])
+    # With the barrier on, the weights also reach the batch's weak-learning condition.
+    Ctx.e.barrier_weight = 0.5
+    try:
+        barred = runner._member_method(False, spec, None, table, Ctx)
+        per_b, _ = barred.loss(logits, {"base": jnp.zeros_like(logits)}, g, batch, barred.frozen, 0)
+    finally:
+        Ctx.e.barrier_weight = 0.0
+    want_b = losses.weak_learner_loss(
+        logits,
+        jnp.zeros_like(logits),
+        g,
+        batch["label"],
+        gamma=0.1,
+        barrier_weight=0.5,
+        barrier_t=5.0,
+        example_weights=jnp.asarray(table[[3, 7, 11, 19]]),
+    )
+    np.testing.assert_allclose(np.asarray(per_b), np.asarray(want_b), rtol=1e-6)
     pair_table = np.asarray(rng.uniform(0.1, 3.0, size=(20, 10)), np.float32)
     pair = runner._member_method(False, spec, None, pair_table, Ctx)
     per2, ones = pair.loss(logits, {"base": jnp.zeros_like(logits)}, g, batch, pair.frozen, 0)

@@ -103,3 +103,25 @@ def test_easy_weights_reach_the_objective(rule):
     )
     np.testing.assert_allclose(np.asarray(weights), np.asarray(want), rtol=1e-6)
     assert float(jnp.std(weights)) > 0.01 and per.shape == (32,)
+
+
+def test_defer_objective_takes_temperature_and_cost_from_the_config():
+    c = digits_config("unused")
+    c.distill.teacher_workdir = "t"
+    c.distill.objective = "defer"
+    c.distill.temperature, c.distill.defer_cost = 3.0, 0.05
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(16, 11)).astype(np.float32))
+    teacher = jnp.asarray(rng.normal(size=(16, 10)).astype(np.float32) * 3)
+    labels = jnp.asarray(rng.integers(0, 10, 16))
+    per, _ = train.objective_loss(c)(logits, None, teacher, {"label": labels}, None, 0)
+    want = losses.defer_surrogate(
+        logits,
+        teacher,
+        labels,
+        alpha=c.distill.alpha,
+        defer_weight=c.distill.defer_weight,
+        temperature=3.0,
+        defer_cost=0.05,
+    )
+    np.testing.assert_allclose(np.asarray(per), np.asarray(want), rtol=1e-6)
