@@ -4,18 +4,25 @@
 
 Stages (each in WORKDIR/<stage>): the teacher (conv 32-64, dense 128; 3 epochs), then for each student
 size (tiny: conv 4-8, dense 16; small: conv 8-16, dense 32) and each objective
-  standard  Hinton KD (T=4, alpha=0.9), the baseline,
-  easy      easy-weighted KD: weight = 0.1 + 0.9 * teacher_confidence**2,
+  standard    Hinton KD (T=4, alpha=0.9), the baseline,
+  easy        easy-weighted KD: weight = 0.1 + 0.9 * teacher_confidence**2,
+  flatten     KD towards targets flattened to uniform by the hardness 1 - p_teacher(label), with the
+              label term scaled by 1 - hardness: the student learns to be unsure where the teacher is,
+  defer       a student with an extra "defer" output, learning-to-defer surrogate with the teacher as
+              expert, its KD term at the same T=4 (with T^2) as standard KD,
+  defer_cost  the same with a deferral cost c = 0.1 (a deferral pays only the teacher's advantage above c),
   (ablations, not in the default list: easy_correct, weight 0.1 + 0.9 * p_teacher(label)**4;
    easy_agree, weight 0.1 + 0.9 * p_student(teacher's class)**2 after 200 steps of plain KD)
-  defer     a student with an extra "defer" output, learning-to-defer surrogate with the teacher as expert,
-a distilled student (2 epochs). Students and teacher train on train[:90%]; the cascade section then
-picks gate thresholds on the held-out train[90%:] (6,000 images) and reports on the 10,000 test images:
-WORKDIR/cascade.json and WORKDIR/cascade_*.png.
+a distilled student (2 epochs); and the equal-cost baseline, a `medium` student (conv 16-32, dense 64;
+about a quarter of the teacher's FLOPs) distilled with standard KD. Students and teacher train on
+train[:90%]; the cascade section then picks gate thresholds on the held-out train[90%:] (6,000 images;
+an overlap with any stage's training split is refused) and reports on the 10,000 test images:
+WORKDIR/cascade.json, WORKDIR/cascade_logits.npz (every stage's logits, float16) and WORKDIR/cascade_*.png.
 
 arg: comma-separated key=value: seed (0), epochs (students, 2), teacher_epochs (3), sizes (tiny+small),
-objectives (standard+easy+defer).
-Runtime on 2 CPU cores: about 12 minutes a seed. Results over seeds 0,1,2: docs/results/titans_fmnist.md.
+objectives (standard+easy+flatten+defer+defer_cost), baseline (medium; '' for none).
+Runtime on 2 CPU cores: about 25 minutes a seed. Results over seeds 0,1,2: docs/results/titans_fmnist.md
+(`titans-results rebuild` regenerates it from results/titans_fmnist/).
 """
 
 import os
@@ -37,7 +44,14 @@ STUDENT_SIZES = {
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     a = parse_config_arg(
         arg,
-        dict(seed="0", epochs="2", teacher_epochs="3", sizes="tiny+small", objectives="standard+easy+defer"),
+        dict(
+            seed="0",
+            epochs="2",
+            teacher_epochs="3",
+            sizes="tiny+small",
+            objectives="standard+easy+flatten+defer+defer_cost",
+            baseline="medium",
+        ),
         "titans_fmnist.py",
     )
     seed = int(a["seed"])
@@ -51,7 +65,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             c.model.kwargs = ml_collections.ConfigDict(model_kwargs)
         return c
 
-    students = {size: (lambda size=size: run(a["epochs"], **STUDENT_SIZES[size])) for size in a["sizes"].split("+")}
+    baselines = tuple(filter(None, a["baseline"].split("+")))
+    sizes = [*a["sizes"].split("+"), *(b for b in baselines if b not in a["sizes"].split("+"))]
+    students = {size: (lambda size=size: run(a["epochs"], **STUDENT_SIZES[size])) for size in sizes}
     return cascade_pipeline(
         run(a["teacher_epochs"]),
         students,
@@ -59,4 +75,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         temperature=4.0,
         alpha=0.9,
         cascade=dict(val_split="train[90%:]", test_split="test", batch_size=500),
+        baselines=baselines,
     )

@@ -126,7 +126,8 @@ def _distill_section() -> ml_collections.ConfigDict:
     d.loss = "kd"  # kd (Hinton) | hard (CE on teacher argmax)
     d.alpha = 0.9  # weight of the distillation term; (1 - alpha) on labelled CE
     d.temperature = 4.0
-    # Student objective (cascades, METHODS.md §1): standard | easy_weighted | defer.
+    # Student objective (cascades, METHODS.md §1): standard | easy_weighted | flatten | defer.
+    # easy_weighted and flatten read their per-example easiness from `easy` (flatten: hardness = 1 - easiness).
     d.objective = "standard"
     d.easy = _distill_easy_section()
     d.defer_weight = 1.0  # scales the "defer" term of the learning-to-defer surrogate
@@ -281,12 +282,14 @@ def _check_values(c: ml_collections.ConfigDict, where: str) -> None:
     choice("distill.loss", c.distill.loss, ("kd", "hard"))
     choice("dataset.augmentation", c.dataset.augmentation, ("", "none", "crop_flip"))
     choice("dtype", c.dtype, ("auto", "float32", "bfloat16"))
-    choice("distill.objective", c.distill.objective, ("standard", "easy_weighted", "defer"))
+    choice("distill.objective", c.distill.objective, ("standard", "easy_weighted", "flatten", "defer"))
     choice("distill.easy.rule", c.distill.easy.rule, ("confidence", "margin", "correctness", "agreement"))
     if c.distill.objective != "standard" and not c.distill.teacher_workdir:
         raise ConfigError(
             f"{where}: distill.objective={c.distill.objective!r} needs a teacher (set distill.teacher_workdir)."
         )
+    if c.distill.objective == "flatten" and c.distill.loss != "kd":
+        raise ConfigError(f"{where}: distill.objective='flatten' flattens soft targets; it needs distill.loss='kd'.")
     _check_teacher_mode(c, where, choice)
     if (c.total_steps > 0) == (c.total_epochs > 0):
         raise ConfigError(

@@ -9,14 +9,19 @@ from collections.abc import Callable
 
 import ml_collections
 
-# Student objectives of the cascade configs: name -> (distill.objective, distill.easy fields).
+# Student objectives of the cascade configs: name -> (distill.objective, distill.easy fields, other distill fields).
 STUDENT_OBJECTIVES = {
-    "standard": ("standard", {}),
-    "easy": ("easy_weighted", dict(rule="confidence", sharpness=2.0, floor=0.1)),
-    "easy_correct": ("easy_weighted", dict(rule="correctness", sharpness=4.0, floor=0.1)),
+    "standard": ("standard", {}, {}),
+    "easy": ("easy_weighted", dict(rule="confidence", sharpness=2.0, floor=0.1), {}),
+    "easy_correct": ("easy_weighted", dict(rule="correctness", sharpness=4.0, floor=0.1), {}),
     # The student's own probability of the teacher's class, after 200 steps of plain KD.
-    "easy_agree": ("easy_weighted", dict(rule="agreement", sharpness=2.0, floor=0.1, warmup_steps=200)),
-    "defer": ("defer", {}),
+    "easy_agree": ("easy_weighted", dict(rule="agreement", sharpness=2.0, floor=0.1, warmup_steps=200), {}),
+    # Soft targets flattened towards uniform by the hardness 1 - p_teacher(label): the student learns to be
+    # unsure where the teacher is wrong or unsure, which a confidence gate can read.
+    "flatten": ("flatten", dict(rule="correctness", sharpness=1.0, floor=0.0), {}),
+    "defer": ("defer", {}, {}),
+    # The cost-sensitive surrogate: a deferral pays only the teacher's advantage above c = 0.1.
+    "defer_cost": ("defer", {}, dict(defer_cost=0.1)),
 }
 
 
@@ -39,18 +44,21 @@ def cascade_pipeline(
     temperature: float,
     alpha: float,
     cascade: dict,
+    baselines: tuple[str, ...] = (),
 ) -> ml_collections.ConfigDict:
     """A pipeline: the teacher stage, then every student size x objective distilled from it, then `cascade`.
 
     `students` maps a size name to a function returning that student's run config (model, data,
-    schedule); this adds the distillation fields. Stages are named `<size>_<objective>`.
+    schedule); this adds the distillation fields. Stages are named `<size>_<objective>`. Sizes named in
+    `baselines` are trained with the standard objective only: the equal-cost single students a cascade
+    has to beat (the cascade report compares them).
     """
     c = ml_collections.ConfigDict()
     c.stages = ml_collections.ConfigDict()
     c.stages.teacher = teacher
     order = ["teacher"]
     for size, make in students.items():
-        for objective in objectives:
+        for objective in ("standard",) if size in baselines else objectives:
             if objective not in STUDENT_OBJECTIVES:
                 raise ValueError(f"Unknown objective '{objective}'; expected {sorted(STUDENT_OBJECTIVES)}.")
             s = make()
@@ -59,11 +67,15 @@ def cascade_pipeline(
             s.distill.loss = "kd"
             s.distill.temperature = temperature
             s.distill.alpha = alpha
-            kind, easy = STUDENT_OBJECTIVES[objective]
+            kind, easy, extra = STUDENT_OBJECTIVES[objective]
             s.distill.objective = kind
             s.distill.easy.update(easy)
+            s.distill.update(extra)
             c.stages[s.name] = s
             order.append(s.name)
+    unknown = set(baselines) - set(students)
+    if unknown:
+        raise ValueError(f"Baseline sizes {sorted(unknown)} are not student sizes {sorted(students)}.")
     c.stage_order = tuple(order)
     c.cascade = ml_collections.ConfigDict(
         dict(
@@ -72,6 +84,7 @@ def cascade_pipeline(
             gates=("msp", "margin", "entropy", "defer_output", "learned"),
             num_thresholds=201,
             target_deferral_rates=(0.1, 0.2, 0.3, 0.5),
+            baselines=tuple(f"{size}_standard" for size in baselines),
             **cascade,
         )
     )

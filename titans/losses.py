@@ -153,6 +153,30 @@ def defer_surrogate(
     return (1.0 - alpha) * ce + alpha * kd - defer_weight * defer
 
 
+
+def flattened_distillation(
+    logits, teacher_logits, labels, hardness, *, alpha: float = 0.9, temperature: float = 4.0
+) -> jax.Array:
+    """Distillation that teaches the student to be *unsure* where the teacher finds an example hard.
+
+    With h in [0, 1] the per-example hardness (no gradient), the soft target is the teacher's
+    distribution flattened towards uniform, q = (1 - h) * softmax(g / T) + h / C, and the label term
+    is switched off in proportion:
+        L = alpha * T^2 * KL(q || softmax(s / T)) + (1 - alpha) * (1 - h) * (-log p_y).
+    h = 0 is standard Hinton KD; h = 1 makes the uniform distribution the optimum, so a confidence
+    gate (msp, margin, entropy) reads the student's low confidence there and defers. Down-weighting
+    hard examples alone cannot do that: it only removes their signal.
+    """
+    num_classes = logits.shape[-1]
+    h = jax.lax.stop_gradient(hardness).astype(jnp.float32)[:, None]
+    t = jax.nn.softmax(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / temperature)
+    q = (1.0 - h) * t + h / num_classes
+    log_s = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature)
+    kl = jnp.sum(jnp.where(q > 0, q * (jnp.log(jnp.where(q > 0, q, 1.0)) - log_s), 0.0), axis=-1)
+    ce = -jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), labels[:, None], axis=-1)[:, 0]
+    return alpha * temperature**2 * kl + (1.0 - alpha) * (1.0 - h[:, 0]) * ce
+
+
 # --- Progressive ensemble distillation (B-DISTIL, METHODS.md §2): a member fits what the ensemble misses. ---
 
 

@@ -107,6 +107,7 @@ def evaluate_cascades(config, workdir: str) -> dict:
         teacher, teacher_dir, info, (val_x, y_val), (test_x, y_test), logits_of, timing_images
     )
     data = {"val": (val_x, y_val, t_val), "test": (test_x, y_test, t_test)}
+    raw = {"val/label": y_val, "test/label": y_test, "val/teacher": t_val, "test/teacher": t_test}
 
     out = {
         "teacher": t_entry,
@@ -117,19 +118,36 @@ def evaluate_cascades(config, workdir: str) -> dict:
         "batch_size": batch_size,
         "num_devices": int(mesh.devices.size),
         "backend": jax.default_backend(),
+        "baselines": list(cc.get("baselines", ())),
         "students": {},
     }
     for name in cc.students:
-        entry = _evaluate_student(
+        entry, s_val, s_test = _evaluate_student(
             os.path.join(workdir, name), teacher, info, data, t_entry, cc, logits_of, timing_images, mesh, batch_size
         )
+        raw[f"val/{name}"], raw[f"test/{name}"] = s_val, s_test
         out["students"][name] = entry
         _print_student_summary(name, entry)
     out["eval_time_s"] = time.perf_counter() - t0
     if jax.process_index() == 0:
         runs.write_text(os.path.join(workdir, "cascade.json"), json.dumps(out, indent=1))
+        write_logits(os.path.join(workdir, LOGITS_FILE), raw)
         plot(out, workdir)
     return out
+
+
+LOGITS_FILE = "cascade_logits.npz"
+
+
+def write_logits(path: str, arrays: dict) -> None:
+    """Every stage's logits on the threshold and test splits (float16) and the labels (int16), compressed:
+    the compact raw output from which the offline curves are recomputed (titans/results)."""
+    compact = {
+        k: np.asarray(v, np.int16 if k.endswith("/label") else np.float16) for k, v in sorted(arrays.items())
+    }
+    tmp = path + ".tmp.npz"
+    np.savez_compressed(tmp, **compact)
+    os.replace(tmp, path)
 
 
 def _evaluate_teacher(teacher: NormalizedModel, teacher_dir: str, info, val, test, logits_of, timing_images):
@@ -155,7 +173,8 @@ def _evaluate_teacher(teacher: NormalizedModel, teacher_dir: str, info, val, tes
 
 
 def _evaluate_student(s_dir, teacher, info, data, t_entry, cc, logits_of, timing_images, mesh, batch_size) -> dict:
-    """One student's entry of cascade.json: its own accuracies and costs, and every gate it supports."""
+    """One student's entry of cascade.json (its own accuracies and costs, and every gate it supports) and
+    its validation and test logits."""
     (val_x, y_val, _), (test_x, y_test, _) = data["val"], data["test"]
     C = info.num_classes
     student, s_cfg, _, _ = runs.load_model(s_dir)
@@ -177,7 +196,7 @@ def _evaluate_student(s_dir, teacher, info, data, t_entry, cc, logits_of, timing
         entry["gates"][gate_name] = _evaluate_gate(
             gate_name, student, teacher, s_val, s_test, data, C, entry, t_entry, cc, mesh, batch_size
         )
-    return entry
+    return entry, s_val, s_test
 
 
 def _print_student_summary(name: str, entry: dict) -> None:

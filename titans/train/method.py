@@ -3,8 +3,8 @@
 A `Method` is the whole contract between the trainer and a method. The trainer owns the loop, the
 state, the optimizer, the data order, checkpoints, logging and evaluation; a method supplies only the
 parts that differ. Every field has a default, and `objective_method(config)` is the method that
-teachers (cross-entropy) and plain students (Hinton KD, hard KD, easy-weighted KD, learning to
-defer) use, built from the run config's `distill` section:
+teachers (cross-entropy) and plain students (Hinton KD, hard KD, easy-weighted KD, flattened KD,
+learning to defer) use, built from the run config's `distill` section:
 
     build_model  (config, info, seed, dtype, outputs) -> the nnx.Module to train
                  (default: the config's `model` section);
@@ -68,6 +68,13 @@ def objective_loss(config) -> Callable:
                 defer_weight=d.defer_weight,
                 temperature=d.temperature,
                 defer_cost=d.defer_cost,
+            ), ones
+        if d.objective == "flatten":
+            easiness = losses.easy_weights(
+                teacher_logits, labels, logits, rule=d.easy.rule, sharpness=d.easy.sharpness, floor=0.0
+            )
+            return losses.flattened_distillation(
+                logits, teacher_logits, labels, 1.0 - easiness, alpha=d.alpha, temperature=d.temperature
             ), ones
         per_example = losses.distillation_loss(
             logits,
