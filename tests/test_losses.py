@@ -148,3 +148,30 @@ def test_defer_surrogate(batch, temperature, cost):
     p_defer, t_y = np.exp(logp[:, 10]), np_softmax(t.astype(np.float64))[np.arange(16), y]
     np.testing.assert_allclose(g[:, 10], p_defer * (1 + t_y) - t_y, rtol=1e-4, atol=1e-6)
     assert float(jnp.abs(jax.grad(lambda tt: losses.defer_surrogate(s1, tt, y).sum())(jnp.asarray(t))).max()) == 0.0
+
+
+def _np_flatten(s, t, y, h, alpha, temperature):
+    """The flattened-KD loss written out in numpy: target (1 - h) * softmax(t / T) + h / C."""
+    C = s.shape[-1]
+    q = (1 - h[:, None]) * np_softmax(t.astype(np.float64) / temperature) + h[:, None] / C
+    log_s = np_log_softmax(s.astype(np.float64) / temperature)
+    kl = (q * (np.log(q) - log_s)).sum(-1) * temperature**2
+    ce = -np_log_softmax(s.astype(np.float64))[np.arange(len(y)), y]
+    return alpha * kl + (1 - alpha) * (1 - h) * ce
+
+
+def test_flattened_distillation(batch):
+    """Against numpy; h = 0 is standard Hinton KD; at h = 1 the uniform student is the optimum (zero
+    gradient there) while standard KD still pulls it towards the teacher; the teacher and h get no gradient."""
+    s, t, y = batch
+    h = np.linspace(0.0, 1.0, 16).astype(np.float32)
+    got = losses.flattened_distillation(s, t, y, h, alpha=0.7, temperature=3.0)
+    np.testing.assert_allclose(got, _np_flatten(s, t, y, h, 0.7, 3.0), rtol=1e-5, atol=1e-5)
+    zero = losses.flattened_distillation(s, t, y, np.zeros(16, np.float32), alpha=0.7, temperature=3.0)
+    np.testing.assert_allclose(zero, losses.distillation_loss(s, t, y, alpha=0.7, temperature=3.0), rtol=1e-5)
+    uniform = jnp.zeros((16, 10))
+    g_flat = jax.grad(lambda z: losses.flattened_distillation(z, t, y, jnp.ones(16), temperature=3.0).sum())(uniform)
+    g_std = jax.grad(lambda z: losses.distillation_loss(z, t, y, temperature=3.0).sum())(uniform)
+    assert float(jnp.abs(g_flat).max()) < 1e-6 and float(jnp.abs(g_std).max()) > 0.01
+    g_t = jax.grad(lambda tt: losses.flattened_distillation(s, tt, y, jnp.asarray(h)).sum())(jnp.asarray(t))
+    assert float(jnp.abs(g_t).max()) == 0.0

@@ -125,3 +125,28 @@ def test_defer_objective_takes_temperature_and_cost_from_the_config():
         defer_cost=0.05,
     )
     np.testing.assert_allclose(np.asarray(per), np.asarray(want), rtol=1e-6)
+
+
+def test_flatten_objective_flattens_where_the_teacher_is_wrong():
+    """The flatten objective's hardness is 1 - p_teacher(label) from the config's easiness rule: on rows
+    where the teacher puts no mass on the label the target is uniform (zero gradient at a uniform
+    student), on rows where it is sure of the label it is standard KD. Dropping the hardness fails here."""
+    c = digits_config("unused")
+    c.distill.teacher_workdir = "t"
+    c.distill.objective = "flatten"
+    c.distill.easy.update(rule="correctness", sharpness=1.0)
+    labels = jnp.arange(8) % 10
+    teacher = 40.0 * jax.nn.one_hot((labels + jnp.array([0, 0, 0, 0, 1, 1, 1, 1])) % 10, 10)  # rows 4-7 wrong
+    loss = train.objective_loss(c)
+    grad = jax.grad(lambda z: loss(z, None, teacher, {"label": labels}, None, 0)[0].sum())(jnp.zeros((8, 10)))
+    assert float(jnp.abs(grad[4:]).max()) < 1e-5  # teacher wrong and sure: uniform target
+    assert float(jnp.abs(grad[:4]).max()) > 0.1  # teacher right: pulled towards the label
+    want = losses.flattened_distillation(
+        jnp.zeros((8, 10)),
+        teacher,
+        labels,
+        jnp.array([0.0] * 4 + [1.0] * 4),
+        alpha=c.distill.alpha,
+        temperature=c.distill.temperature,
+    )
+    np.testing.assert_allclose(loss(jnp.zeros((8, 10)), None, teacher, {"label": labels}, None, 0)[0], want, atol=1e-5)
