@@ -19,7 +19,9 @@ Teachers (arg `teacher`):
              as on random ones (teacher_error_bought in active.json).
 
 arg: comma-separated key=value: teacher (good | imperfect), seed (0), strategies separated by '+'
-(default all five), rounds (4), budget (250), noise (0.3), teacher_dir (for teacher=good).
+(default all five), rounds (4), budget (250), noise (0.3), teacher_dir (the good teacher's run; for
+teacher=imperfect, where its teacher lives or is trained), m (how the
+robust selection estimates the teacher's mistakes: overall, informative, or zero for the m = 0 ablation).
 Output: WORKDIR/active.json (accuracy vs queries per strategy), WORKDIR/active.png; rerunning the
 command resumes after the last finished round.
 Runtime: about 3 minutes a seed on the 2-core CPU alone, about 8 minutes when it is shared with other
@@ -44,6 +46,7 @@ _ARGS = dict(
     budget="250",
     noise="0.3",
     teacher_dir="",
+    m="overall",
 )
 
 
@@ -73,6 +76,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.active.rounds = int(a["rounds"])
     c.active.budget_per_round = int(a["budget"])
     c.active.predict_batch_size = 1000
+    c.active.m_estimate = a["m"]
 
     c.student.model.name = "mlp"
     c.student.model.kwargs = ml_collections.ConfigDict(dict(hidden=(256,)))
@@ -95,7 +99,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         t.total_steps = 300
         t.schedule.warmup_steps = 30
         t.checkpoint.every_steps = 300
-        c.teacher.workdir = "{workdir}/teacher"
+        # teacher_dir: share one imperfect teacher between runs (e.g. the m ablation reuses the main run's).
+        c.teacher.workdir = a["teacher_dir"] or "{workdir}/teacher"
         c.teacher.train = t
         c.teacher.label_noise = float(a["noise"])
     else:

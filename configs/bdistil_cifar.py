@@ -13,7 +13,7 @@ Members: FIND-WL among resnet8 < resnet14 < resnet20 (by FLOPs), up to `rounds` 
 `epochs` (60) against the teacher (KD, T=4, alpha=0.9) on F_{w-1} + f_w under the weight player's
 weights; member w >= 2 reads member w-1's pooled `features` (64 wide; concat after a 32-wide
 projection). Baselines: resched (same sizes, independently distilled, val-accuracy-weighted average)
-and no-resched (the one of resnet14..56 whose FLOPs are closest to the full ensemble's).
+and the no-resched curve (per B-DISTIL prefix, the one of resnet14..56 whose FLOPs are closest).
 
 arg: comma-separated key=value: dataset (cifar100 | cifar10), seed (0), teacher ("" = train one),
 teacher_model (resnet56), teacher_epochs (240), epochs (60), rounds (4), weights (example |

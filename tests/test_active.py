@@ -139,6 +139,7 @@ def test_estimate_mistakes():
     assert selection.estimate_mistakes(
         pred, labels, 100, student_gain=gain, kind="informative", informative_fraction=0.2
     ) == pytest.approx(100.0)
+    assert selection.estimate_mistakes(pred, labels, 100, kind="zero") == 0.0  # the m = 0 ablation
     with pytest.raises(selection.SelectionError, match="empty"):
         selection.estimate_mistakes(pred[:0], labels[:0], 10)
 
@@ -384,6 +385,10 @@ def test_active_fmnist_config_loads_for_both_teachers():
     bad = active_config.validate(config_lib.load_config_file(path + ":teacher=imperfect,noise=0.4"))
     assert bad.teacher.label_noise == 0.4 and bad.teacher.train.dataset.train_split == "train[:5%]"
     assert bad.teacher.workdir == "{workdir}/teacher"
+    ablation = active_config.validate(
+        config_lib.load_config_file(path + ":teacher=imperfect,m=zero,strategies=robust,teacher_dir=/t/teacher")
+    )
+    assert ablation.active.m_estimate == "zero" and ablation.teacher.workdir == "/t/teacher"
     with pytest.raises(ValueError, match="Unknown argument 'seeds'"):
         config_lib.load_config_file(path + ":seeds=1")
     with pytest.raises(ValueError, match="teacher='best'"):
@@ -405,3 +410,15 @@ def test_loop_records_selection_statistics_and_the_m_the_game_used(data_dir, tmp
         assert 0.0 <= robust["overlap_margin"][r] <= 1.0
         assert margin["overlap_margin"][r] == 1.0 and margin["support"][r] is None
     assert robust["m"][0] is None and robust["overlap_margin"][0] is None
+
+
+def test_m_zero_reaches_the_game_and_makes_robust_plain_top_b(data_dir, tmp_path):
+    """m_estimate='zero' plays the game with m = 0, whose solution is the b most informative points:
+    robust then buys exactly margin's top-b (overlap 1) each round."""
+    cfg = _active_config(data_dir)
+    cfg.active.strategies = "robust"
+    cfg.active.m_estimate = "zero"
+    out = loop.run_active(cfg, str(tmp_path / "run"), teacher_predict=_FakeTeacher(), log=lambda s: None)
+    robust = out["strategies"]["robust"]
+    for r in range(1, cfg.active.rounds + 1):
+        assert robust["m"][r] == 0.0 and robust["overlap_margin"][r] == 1.0

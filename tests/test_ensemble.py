@@ -302,7 +302,11 @@ def ensemble_config(data_dir, teacher, **fields):
         {"wide": ens_config.model_entry("mlp", hidden=(16,)), "narrow": ens_config.model_entry("mlp", hidden=(8,))}
     )
     e.no_resched = ml_collections.ConfigDict(
-        {"n16": ens_config.model_entry("mlp", hidden=(16,)), "n64": ens_config.model_entry("mlp", hidden=(64,))}
+        {
+            "n8": ens_config.model_entry("mlp", hidden=(8,)),
+            "n16": ens_config.model_entry("mlp", hidden=(16,)),
+            "n64": ens_config.model_entry("mlp", hidden=(64,)),
+        }
     )
     e.rounds = 2
     e.predict_batch_size = 64
@@ -346,9 +350,13 @@ def test_bdistil_run_outputs(ensemble_run):
         assert len(v["accuracy_by_members"]) == 2 and v["cumulative_flops"][0] < v["cumulative_flops"][1]
         curve = v["anytime"]["budget_1"]
         assert len(curve["accuracy"]) == 12 and curve["mean_members"][0] == 1.0
-    # resched matches B-DISTIL's sizes; no-resched is the candidate closest to the ensemble's FLOPs.
+    # resched matches B-DISTIL's sizes. No-resched is a curve: per prefix, the candidate closest in FLOPs:
+    # F_1 is one 8-wide MLP (n8 has exactly its FLOPs), F_2 two of them plus the connection (n16 is closest).
     assert [m["model"] for m in result["variants"]["resched"]["members"]] == [m["model"] for m in b["members"]]
-    assert result["variants"]["no_resched"]["members"][0]["candidate"] == "n16"
+    nr = result["variants"]["no_resched"]
+    assert nr["picks"] == ["n8", "n16"] and nr["budget_flops"] == b["cumulative_flops"]
+    assert nr["cumulative_flops"][0] == pytest.approx(b["cumulative_flops"][0])
+    assert len(nr["accuracy_by_members"]) == 2 and [m["candidate"] for m in nr["members"]] == ["n8", "n16"]
     assert result["teacher"]["flops_per_example"] > 0
     # The final member run's own evaluation is of F_2 = f_1 + f_2: its accuracy is the ensemble's.
     with open(os.path.join(b["members"][1]["workdir"], "results.json")) as f:
@@ -362,7 +370,9 @@ def test_bdistil_run_outputs(ensemble_run):
 
     runs = report.load([workdir])
     assert "| B-DISTIL (connected) | 2 |" in report.members_table(runs)
-    assert report.equal_cost_table(runs).count("\n") == 3  # header, rule, w = 1 and 2
+    assert report.paired_table(runs, "bdistil", "resched").count("\n") == 3  # header, rule, w = 1 and 2
+    page = report.render(runs)
+    assert "against the no-resched curve" in page and "unresolved" in page  # one seed: nothing is resolved
 
 
 def test_resume_mid_ensemble_gives_the_same_result(ensemble_run, data_dir, digits_teacher, tmp_path):
@@ -540,3 +550,12 @@ def test_speech_path_on_a_mock_archive(tmp_path, monkeypatch):
     v = out["ensemble"]["variants"]["bdistil"]
     assert len(v["accuracy_by_members"]) == 2 and v["members"][1]["connected"]
     assert v["members"][0]["model"]["name"] == "conv1d"
+
+
+def test_no_resched_matches_each_budget_in_log_ratio():
+    """A known answer: budgets between candidates go to the closer one in log ratio, not in difference."""
+    from titans.ensemble.runner import match_budgets
+
+    sized = [(1.0, "a"), (4.0, "b"), (16.0, "c")]
+    # 2.1 is nearer 1 in difference (1.1 vs 1.9) but nearer 4 in log ratio (0.74 vs 0.64): b.
+    assert match_budgets(sized, [1.0, 2.1, 3.0, 9.0, 100.0]) == ["a", "b", "b", "c", "c"]

@@ -41,7 +41,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.active.rounds = 4
     c.active.budget_per_round = 200  # b: teacher queries bought each round
     c.active.informativeness = "margin"  # robust: g = 1 - margin | normalised entropy
-    c.active.m_estimate = "overall"  # overall | informative (see selection.estimate_mistakes)
+    c.active.m_estimate = "overall"  # overall | informative | zero (the m = 0 ablation; selection.estimate_mistakes)
     c.active.informative_fraction = 0.2
     c.active.kcenter_chunk = 1024
     c.active.predict_batch_size = 2048
@@ -106,8 +106,10 @@ def validate(config) -> ml_collections.ConfigDict:
         raise config_lib.ConfigError(
             f"active.informativeness={a.informativeness!r} is not one of {list(INFORMATIVENESS)}."
         )
-    if a.m_estimate not in ("overall", "informative"):
-        raise config_lib.ConfigError(f"active.m_estimate={a.m_estimate!r} is not 'overall' or 'informative'.")
+    if a.m_estimate not in ("overall", "informative", "zero"):
+        raise config_lib.ConfigError(
+            f"active.m_estimate={a.m_estimate!r} is not 'overall', 'informative' or 'zero'."
+        )
     for field in (
         "rounds",
         "budget_per_round",

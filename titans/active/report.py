@@ -16,6 +16,7 @@ import os
 import numpy as np
 
 from titans import figures
+from titans.stats import mean_sd, paired_difference
 
 
 def load(pattern: str) -> list[dict]:
@@ -85,14 +86,77 @@ def markdown(label: str, runs: list[dict], agg: dict) -> str:
     return "\n".join(lines)
 
 
-def paired(agg: dict, a: str, b: str) -> str:
-    """Per-budget mean and sd of the seed-paired difference a - b (percentage points)."""
-    if a not in agg or b not in agg:
+def paired_table(agg: dict, pairs: list[tuple[str, str]], other: dict | None = None) -> str:
+    """Seed-paired differences a - b (percentage points) per budget, with 95% t-intervals and the verdict
+    at the largest budget. `b` is looked up in `other` (another setting's aggregate) when given."""
+    other = agg if other is None else other
+    rows = [(a, b) for a, b in pairs if a in agg and b in other]
+    if not rows:
         return ""
-    d = 100 * (np.array(agg[a]["accuracy"]) - np.array(agg[b]["accuracy"]))
-    cells = [f"{m:+.2f} ± {s:.2f}" for m, s in zip(d.mean(0), d.std(0, ddof=1) if len(d) > 1 else np.zeros(d.shape[1]))]
-    wins = (d[:, 1:] > 0).sum()
-    return f"| {a} − {b} | " + " | ".join(cells) + f" | {wins}/{d[:, 1:].size} |"
+    qs = agg[rows[0][0]]["queries"]
+    lines = [
+        "| pair | " + " | ".join(f"{q} queries" for q in qs[1:]) + f" | verdict @ {qs[-1]} |",
+        "|---|" + "---|" * len(qs),
+    ]
+    for a, b in rows:
+        acc_a, acc_b = np.array(agg[a]["accuracy"]), np.array(other[b]["accuracy"])
+        diffs = [paired_difference(100 * acc_a[:, j], 100 * acc_b[:, j]) for j in range(1, len(qs))]
+        lines.append(f"| {a} − {b} | " + " | ".join(d.format("{:+.2f}") for d in diffs) + f" | {diffs[-1].verdict} |")
+    return "\n".join(lines)
+
+
+def selection_table(runs: list[dict], strategy: str = "robust") -> str:
+    """The robust selection's statistics per round (mean over seeds): m, the support of the game's
+    distribution, its largest inclusion probability, the overlap with margin's top-b."""
+    if not runs or strategy not in runs[0]["strategies"]:
+        return ""
+    s0 = runs[0]["strategies"][strategy]
+    if "support" not in s0:
+        return ""
+    keys = ("m", "support", "max_p", "overlap_margin")
+    lines = ["| round | queries | m | support | max p | shared with margin's top-b |", "|---|---|---|---|---|---|"]
+    for rnd in range(1, len(s0["queries"])):
+        cells = [mean_sd([r["strategies"][strategy][k][rnd] for r in runs], "{:.2f}") for k in keys]
+        lines.append(f"| {rnd} | {s0['queries'][rnd]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+ABLATION_SUFFIX = "_m"  # a setting named <teacher>_m<estimate> runs robust with active.m_estimate=<estimate>
+
+
+def render(settings: dict[str, list[dict]]) -> str:
+    """The generated page: per main setting, accuracy vs queries, robust against every other strategy,
+    the selection statistics; then the m ablation (robust with m estimated vs robust with another m)."""
+    aggs = {label: aggregate(runs) for label, runs in settings.items() if runs}
+    parts = []
+    for label, runs in settings.items():
+        if ABLATION_SUFFIX in label or label not in aggs:
+            continue
+        agg = aggs[label]
+        parts += [
+            f"## Teacher: {label}",
+            markdown(label, runs, agg),
+            "Robust against each other strategy, paired by seed (percentage points, 95% CI):",
+            paired_table(agg, [("robust", o) for o in ("margin", "entropy", "random", "kcenter")]),
+            "The robust selection per round (mean ± sd over seeds):",
+            selection_table(runs),
+        ]
+    ablation = []
+    for label in settings:
+        base, sep, estimate = label.partition(ABLATION_SUFFIX)
+        if not sep or base not in aggs or label not in aggs:
+            continue
+        agg = {"robust": aggs[base]["robust"], f"robust (m={estimate})": aggs[label]["robust"]}
+        ablation += [
+            f"Teacher {base}: robust with m estimated from the teacher's validation error (m_estimate=overall) "
+            f"against robust with m_estimate={estimate}:",
+            paired_table(agg, [("robust", f"robust (m={estimate})")]),
+            f"Selection statistics with m_estimate={estimate}:",
+            selection_table(settings[label]),
+        ]
+    if ablation:
+        parts += ["## Does an informative m matter?", *ablation]
+    return "\n\n".join(p for p in parts if p) + "\n"
 
 
 def plot(settings: dict, path: str) -> None:
@@ -121,19 +185,7 @@ def main():
         label, _, pattern = spec.partition("=")
         runs = load(pattern)
         settings[label] = (runs, aggregate(runs))
-    for label, (runs, agg) in settings.items():
-        print(markdown(label, runs, agg))
-        print()
-        qs = next(iter(agg.values()))["queries"]
-        print("Seed-paired differences (percentage points, mean ± sd over seeds; last column: budgets×seeds won):")
-        print()
-        print("| pair | " + " | ".join(f"{q}" for q in qs) + " | wins |")
-        print("|---|" + "---|" * (len(qs) + 1))
-        for other in ("margin", "random", "entropy", "kcenter"):
-            row = paired(agg, "robust", other)
-            if row:
-                print(row)
-        print()
+    print(render({label: runs for label, (runs, _) in settings.items()}))
     if args.plot:
         plot(settings, args.plot)
     if args.json:

@@ -231,12 +231,15 @@ def estimate_mistakes(
 
     kind "overall": error over the whole split; "informative": error over the validation points
     with the largest student informativeness (`informative_fraction` of them), where the robust
-    selection puts its mass and where a teacher is usually wrong more often.
+    selection puts its mass and where a teacher is usually wrong more often; "zero": m = 0, the
+    ablation that assumes a perfect teacher (the game then has nothing to hedge against).
     """
     teacher_pred, labels = np.asarray(teacher_pred), np.asarray(labels)
     if len(labels) == 0:
         raise SelectionError("The teacher's mistakes are estimated on a labelled validation split; it is empty.")
     wrong = teacher_pred != labels
+    if kind == "zero":
+        return 0.0
     if kind == "overall":
         err = wrong.mean()
     elif kind == "informative":
@@ -247,7 +250,7 @@ def estimate_mistakes(
         k = max(1, int(round(informative_fraction * len(labels))))
         err = wrong[np.argsort(-np.asarray(student_gain), kind="stable")[:k]].mean()
     else:
-        raise SelectionError(f"Unknown m_estimate {kind!r}; expected 'overall' or 'informative'.")
+        raise SelectionError(f"Unknown m_estimate {kind!r}; expected 'overall', 'informative' or 'zero'.")
     return float(b * err)
 
 

@@ -1,10 +1,13 @@
-"""Aggregates cascade.json files of several seeds into a Markdown report with mean and spread.
+"""The cascade study's tables over seeds, from each seed's cascade.json (docs/results/titans_fmnist.md).
 
-    python -m titans.cascade.report workdirs/titans_fmnist/seed0 workdirs/titans_fmnist/seed1 \
-        workdirs/titans_fmnist/seed2 --out=docs/results/titans_fmnist.md --plots=docs/results
+    titans-results rebuild                                   # every docs/results page, from results/
+    python -m titans.cascade.report DIR_SEED0 DIR_SEED1 ...  # the tables of these run directories
 
-Each number is the mean ± standard deviation (ddof=1) over the seeds, from the test split, at
-operating points chosen on the validation split only.
+Every operating point is chosen on the validation split: at a budget of f x the teacher's FLOPs, the
+largest validation deferral rate r among the swept thresholds with c_student + c_gate + r * c_teacher
+<= f * c_teacher; its *test* accuracy is reported. Each number is
+mean ± sd (ddof=1) over seeds; each comparison is a paired difference over seeds with its 95%
+t-interval and a verdict (titans/stats.py): better, worse, or unresolved when the interval spans zero.
 """
 
 from __future__ import annotations
@@ -17,15 +20,10 @@ import warnings
 import numpy as np
 
 from titans import figures
+from titans.stats import mean_sd, paired_difference
 
-
-def _ms(values, fmt="{:.4f}") -> str:
-    v = np.array([x for x in values if x is not None and np.isfinite(x)], dtype=float)
-    if len(v) == 0:
-        return "n/a"
-    spread = v.std(ddof=1) if len(v) > 1 else 0.0
-    out = f"{fmt.format(v.mean())} ± {fmt.replace('+', '').format(spread)}"
-    return out if len(v) == len(values) else f"{out} ({len(v)}/{len(values)} seeds)"
+BUDGETS = (0.1, 0.25, 0.5)  # fractions of the teacher's FLOPs in the headline tables
+HEADLINE_GATE = "msp"
 
 
 def load(workdirs: list[str]) -> list[dict]:
@@ -39,172 +37,259 @@ def load(workdirs: list[str]) -> list[dict]:
     return runs
 
 
-def table(runs: list[dict]) -> str:
+def at_budget(run: dict, student: str, gate: str, fraction: float) -> float:
+    """Test accuracy of the validation-chosen operating point within `fraction` of the teacher's FLOPs
+    (NaN when the student and gate alone cost more)."""
+    s = run["students"][student]
+    g = s["gates"][gate]
+    c_t = run["teacher"]["flops_per_example"]
+    val_cost = s["flops_per_example"] + g["gate_flops_per_example"] + np.asarray(g["curve"]["val_deferral_rate"]) * c_t
+    ok = np.nonzero(val_cost <= fraction * c_t)[0]
+    return float(g["curve"]["test_accuracy"][ok.max()]) if len(ok) else float("nan")
+
+
+def reach_fraction(run: dict, student: str, gate: str) -> float | None:
+    """Test FLOPs (fraction of the teacher's) of the cheapest point whose validation accuracy reaches the teacher's."""
+    p = run["students"][student]["gates"][gate]["reach_teacher"]
+    return p["flops_fraction_of_teacher"] if p else None
+
+
+def _students(runs: list[dict]) -> list[str]:
+    return list(runs[0]["students"])
+
+
+def _baselines(runs: list[dict]) -> list[str]:
+    return [b for b in runs[0].get("baselines", []) if b in runs[0]["students"]]
+
+
+def _fraction(runs: list[dict], student: str) -> float:
+    return float(np.mean([r["students"][student]["flops_per_example"] / r["teacher"]["flops_per_example"] for r in runs]))
+
+
+def headline_table(runs: list[dict], gate: str = HEADLINE_GATE) -> str:
+    """Per student: its cost, its accuracy alone, the cascade's at 10/25/50% of the teacher's FLOPs, and
+    the FLOPs at which the validation-chosen cascade reaches the teacher's validation accuracy."""
     t = [r["teacher"] for r in runs]
     lines = [
-        f"Teacher: test accuracy {_ms([x['test_accuracy'] for x in t])}, "
-        f"{np.mean([x['flops_per_example'] for x in t]) / 1e6:.3f} MFLOPs/example, "
-        f"{np.mean([x['time_per_example_s'] for x in t]) * 1e6:.1f} µs/example (this machine). Seeds: {len(runs)}.",
+        f"Teacher: test accuracy {mean_sd([x['test_accuracy'] for x in t])}, "
+        f"{np.mean([x['flops_per_example'] for x in t]) / 1e6:.3f} MFLOPs/example. Seeds: {len(runs)}. "
+        f"Gate: {gate}.",
         "",
-        "| student | objective | gate | MFLOPs (student) | student alone | acc @ 25% teacher FLOPs | "
-        "acc @ 50% teacher FLOPs | FLOPs to reach teacher (val-chosen), % of teacher | test acc there | reached |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| student | objective | FLOPs, % of teacher | student alone | "
+        + " | ".join(f"cascade @ {b:.0%}" for b in BUDGETS)
+        + " | FLOPs to reach teacher, % | test acc there | reached |",
+        "|---|---|---|---|" + "---|" * len(BUDGETS) + "---|---|---|",
     ]
-    names = list(runs[0]["students"])
-    for name in names:
-        students = [r["students"][name] for r in runs]
-        for gate in students[0]["gates"]:
-            g = [s["gates"][gate] for s in students]
-            reach = [x["reach_teacher"] for x in g]
+    for name in _students(runs):
+        if gate not in runs[0]["students"][name]["gates"]:
+            continue
+        s = [r["students"][name] for r in runs]
+        reach = [r["students"][name]["gates"][gate]["reach_teacher"] for r in runs]
+        cells = [mean_sd([at_budget(r, name, gate, b) for r in runs]) for b in BUDGETS]
+        lines.append(
+            f"| {name} | {s[0]['objective']} | {100 * _fraction(runs, name):.1f} | "
+            f"{mean_sd([x['test_accuracy'] for x in s])} | " + " | ".join(cells) + " | "
+            f"{mean_sd([100 * p['flops_fraction_of_teacher'] if p else None for p in reach], '{:.1f}')} | "
+            f"{mean_sd([p['test_accuracy'] if p else None for p in reach])} | "
+            f"{sum(p is not None for p in reach)}/{len(reach)} |"
+        )
+    return "\n".join(lines)
+
+
+def baseline_table(runs: list[dict], gate: str = HEADLINE_GATE) -> str:
+    """Each cascade against the single student that costs as much: the cascade's test accuracy at the
+    baseline's own FLOPs minus the baseline alone, paired by seed."""
+    lines = []
+    for base in _baselines(runs):
+        f = _fraction(runs, base)
+        alone = [r["students"][base]["test_accuracy"] for r in runs]
+        lines += [
+            f"Equal-cost baseline `{base}` alone ({100 * f:.1f}% of the teacher's FLOPs): test accuracy "
+            f"{mean_sd(alone)}.",
+            "",
+            f"| cascade (gate {gate}) | cascade acc @ {100 * f:.1f}% | Δ vs {base} [95% CI] | verdict |",
+            "|---|---|---|---|",
+        ]
+        for name in _students(runs):
+            if name in _baselines(runs) or gate not in runs[0]["students"][name]["gates"]:
+                continue
+            acc = [at_budget(r, name, gate, f) for r in runs]
+            d = paired_difference(acc, alone)
+            lines.append(f"| {name} | {mean_sd(acc)} | {d.format()} | {d.verdict} |")
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def objective_table(runs: list[dict], reference: str = "standard", gate: str = HEADLINE_GATE) -> str:
+    """Each student objective minus standard KD of the same size at equal amortized FLOPs, paired by seed
+    (msp gate for both; defer students also with their own defer gate)."""
+    lines = [
+        "| size | objective (gate) | "
+        + " | ".join(f"Δ acc @ {b:.0%} [95% CI]" for b in BUDGETS)
+        + " | verdict @ 25% | Δ FLOPs to reach teacher, % |",
+        "|---|---|" + "---|" * len(BUDGETS) + "---|---|",
+    ]
+    for name in _students(runs):
+        size, _, objective = name.partition("_")
+        ref = f"{size}_{reference}"
+        if name == ref or ref not in runs[0]["students"]:
+            continue
+        own = [g for g in ("defer_output",) if g in runs[0]["students"][name]["gates"]]
+        for g in [gate, *own]:
+            diffs = [
+                paired_difference(
+                    [at_budget(r, name, g, b) for r in runs], [at_budget(r, ref, gate, b) for r in runs]
+                )
+                for b in BUDGETS
+            ]
+            dreach = paired_difference(
+                [_pct(reach_fraction(r, name, g)) for r in runs], [_pct(reach_fraction(r, ref, gate)) for r in runs]
+            )
             lines.append(
-                f"| {name} | {students[0]['objective']} | {gate} | {students[0]['flops_per_example'] / 1e6:.3f} | "
-                f"{_ms([s['test_accuracy'] for s in students])} | "
-                f"{_ms([x['at_cost_fraction']['0.25']['test_accuracy'] for x in g])} | "
-                f"{_ms([x['at_cost_fraction']['0.5']['test_accuracy'] for x in g])} | "
-                f"{_ms([100 * p['flops_fraction_of_teacher'] if p else None for p in reach], '{:.1f}')} | "
-                f"{_ms([p['test_accuracy'] if p else None for p in reach])} | "
-                f"{sum(p is not None for p in reach)}/{len(reach)} |"
+                f"| {size} | {objective} ({g}) | "
+                + " | ".join(d.format() for d in diffs)
+                + f" | {diffs[BUDGETS.index(0.25)].verdict} | {dreach.format('{:+.1f}')} |"
             )
     return "\n".join(lines)
 
 
-def deferral_table(runs: list[dict], rate: str = "0.3") -> str:
-    """Test accuracy at validation-chosen deferral rates, and the runner's agreement with the sweep."""
-    rates = list(next(iter(runs[0]["students"].values()))["gates"]["msp"]["at_deferral_rate"])
-    head = "| student | gate | " + " | ".join(f"acc @ r={r}" for r in rates) + " |"
-    lines = [head, "|---|---|" + "---|" * len(rates)]
-    for name in runs[0]["students"]:
-        for gate in runs[0]["students"][name]["gates"]:
-            cells = [
-                _ms([r["students"][name]["gates"][gate]["at_deferral_rate"][k]["test_accuracy"] for r in runs])
-                for k in rates
-            ]
-            lines.append(f"| {name} | {gate} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def _pct(x: float | None) -> float | None:
+    return None if x is None else 100 * x
 
 
-def _acc_on_cost_grid(gate_entry: dict, c_teacher: float, grid: np.ndarray) -> np.ndarray:
-    """Test accuracy of one curve interpolated at amortized-FLOPs fractions `grid` of the teacher's."""
-    c = gate_entry["curve"]
-    frac = np.asarray(c["amortized_flops"]) / c_teacher
-    order = np.argsort(frac, kind="stable")
-    return np.interp(grid, frac[order], np.asarray(c["test_accuracy"])[order], left=np.nan, right=np.nan)
-
-
-def comparison_table(
-    runs: list[dict], baseline: str = "standard", gate: str = "msp", cost_range: tuple[float, float] = (0.1, 0.6)
-) -> str:
-    """Each objective minus standard KD at equal cost, paired by seed (same teacher, same gate).
-
-    Columns: the difference of test accuracy at 25% and at 50% of the teacher's FLOPs (operating
-    points chosen on validation), the mean difference of the test accuracy/FLOPs curves over
-    `cost_range` (fractions of the teacher's FLOPs), and the difference of the FLOPs needed to reach
-    the teacher's accuracy (negative = cheaper). Mean ± sd over seeds, and how many seeds were better.
-    """
-    grid = np.linspace(*cost_range, 51)
-    names = list(runs[0]["students"])
-    sizes = list(dict.fromkeys(n.split("_", 1)[0] for n in names))
+def gate_table(runs: list[dict], fraction: float = 0.25) -> str:
+    """Every gate of every student at one budget, with the gate's test AUROC for "the teacher is right
+    and the student wrong"."""
+    gates = list(dict.fromkeys(g for s in runs[0]["students"].values() for g in s["gates"]))
     lines = [
-        f"| size | objective (gate) | Δ acc @ 25% | Δ acc @ 50% | mean Δ acc over {cost_range[0]:.0%}-"
-        f"{cost_range[1]:.0%} of teacher FLOPs | seeds better (curve) | Δ FLOPs to reach teacher, % of teacher |",
-        "|---|---|---|---|---|---|---|",
+        "| student | " + " | ".join(f"{g}: acc @ {fraction:.0%} / AUROC" for g in gates) + " |",
+        "|---|" + "---|" * len(gates),
     ]
-    for size in sizes:
-        base = f"{size}_{baseline}"
-        if base not in runs[0]["students"]:
-            continue
-        for name in names:
-            if not name.startswith(size + "_") or name == base:
+    for name in _students(runs):
+        cells = []
+        for g in gates:
+            if g not in runs[0]["students"][name]["gates"]:
+                cells.append("—")
                 continue
-            gates = [gate] + (["defer_output"] if "defer_output" in runs[0]["students"][name]["gates"] else [])
-            for g in gates:
-                d25, d50, dcurve, dreach = [], [], [], []
-                for r in runs:
-                    b, o = r["students"][base]["gates"][gate], r["students"][name]["gates"][g]
-                    ct = r["teacher"]["flops_per_example"]
-                    for frac, acc in (("0.25", d25), ("0.5", d50)):
-                        acc.append(
-                            o["at_cost_fraction"][frac]["test_accuracy"] - b["at_cost_fraction"][frac]["test_accuracy"]
-                        )
-                    dcurve.append(float(np.nanmean(_acc_on_cost_grid(o, ct, grid) - _acc_on_cost_grid(b, ct, grid))))
-                    if o["reach_teacher"] and b["reach_teacher"]:
-                        dreach.append(
-                            100
-                            * (
-                                o["reach_teacher"]["flops_fraction_of_teacher"]
-                                - b["reach_teacher"]["flops_fraction_of_teacher"]
-                            )
-                        )
-                    else:
-                        dreach.append(None)
-                better = sum(d > 0 for d in dcurve)
-                lines.append(
-                    f"| {size} | {name.split('_', 1)[1]} ({g}) | {_ms(d25, '{:+.4f}')} | "
-                    f"{_ms(d50, '{:+.4f}')} | {_ms(dcurve, '{:+.4f}')} | {better}/{len(runs)} | "
-                    f"{_ms(dreach, '{:+.1f}')} |"
-                )
+            acc = mean_sd([at_budget(r, name, g, fraction) for r in runs])
+            auc = mean_sd([r["students"][name]["gates"][g]["auroc_teacher_better_test"] for r in runs], "{:.3f}")
+            cells.append(f"{acc} / {auc}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot_mean_curves(runs: list[dict], out_dir: str, prefix: str = "titans_fmnist") -> list[str]:
-    """Accuracy vs amortized FLOPs (msp gate; defer students also with their defer gate), averaged over
-    seeds on a common FLOPs grid, one panel per student size."""
+def runner_table(runs: list[dict]) -> str:
+    """The real cascade runner against the offline sweep at the validation-chosen target rates."""
+    points = [
+        (float(target), p)
+        for r in runs
+        for s in r["students"].values()
+        for g in s["gates"].values()
+        for target, p in g["at_deferral_rate"].items()
+    ]
+    if not points:
+        return "(no runner measurements in these runs)"
+    differing = [p["runner_disagreements_with_sweep"] for _, p in points]
+    gap = max(abs(p["runner_test_deferral_rate"] - target) for target, p in points)
+    same_rate = max(abs(p["runner_test_deferral_rate"] - p["test_deferral_rate"]) for _, p in points)
+    return (
+        f"The runner (student on every row, teacher on the deferred rows only) at the validation-chosen target "
+        f"deferral rates: {len(points)} runs over the test split. Runs whose answers differ from the offline "
+        f"sweep's: {sum(d > 0 for d in differing)} (at most {max(differing)} examples); largest difference "
+        f"between the runner's and the sweep's test deferral rate: {same_rate:.4f}; largest |test deferral "
+        f"rate − validation target|: {gap:.4f}."
+    )
+
+
+def time_table(runs: list[dict]) -> str:
+    """Measured time per example of each model's jitted forward pass (this machine) against its FLOPs."""
+    t = [r["teacher"] for r in runs]
+    t_time = np.mean([x["time_per_example_s"] for x in t])
+    lines = [
+        "| model | FLOPs, % of teacher | µs/example | time, % of teacher |",
+        "|---|---|---|---|",
+        f"| teacher | 100.0 | {mean_sd([1e6 * x['time_per_example_s'] for x in t], '{:.1f}')} | 100.0 |",
+    ]
+    for name in _students(runs):
+        times = [r["students"][name]["time_per_example_s"] for r in runs]
+        lines.append(
+            f"| {name} | {100 * _fraction(runs, name):.1f} | {mean_sd([1e6 * x for x in times], '{:.1f}')} | "
+            f"{100 * np.mean(times) / t_time:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def render(runs: list[dict]) -> str:
+    """The generated part of the study's page: every table, in reading order."""
+    parts = [
+        "## Headline: accuracy at a FLOPs budget",
+        headline_table(runs),
+        "## Against a single student of the same cost",
+        baseline_table(runs) or "(no baseline student in these runs)",
+        "## Student objectives against standard KD at equal cost",
+        "Paired by seed; positive = the objective is more accurate than standard KD at the same amortized FLOPs.",
+        objective_table(runs),
+        "## Gates at 25% of the teacher's FLOPs",
+        gate_table(runs),
+        "## The real runner",
+        runner_table(runs),
+        "## Measured time per example",
+        "Each model's jitted forward pass on one batch, on the machine that ran the study (see the header).",
+        time_table(runs),
+    ]
+    return "\n\n".join(parts) + "\n"
+
+
+def plot_mean_curves(runs: list[dict], out_path: str, gate: str = HEADLINE_GATE) -> str:
+    """Accuracy vs amortized FLOPs (msp gate; defer students also with their defer gate), mean ± sd over
+    seeds on a common FLOPs grid, one panel per student size; baselines as points."""
     c_t = np.mean([r["teacher"]["flops_per_example"] for r in runs])
     acc_t = np.mean([r["teacher"]["test_accuracy"] for r in runs])
-    sizes = list(dict.fromkeys(n.split("_")[0] for n in runs[0]["students"]))
+    baselines = _baselines(runs)
+    sizes = list(dict.fromkeys(n.split("_")[0] for n in _students(runs) if n not in baselines))
     fig, axes = figures.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.5), squeeze=False)
+    grid = np.linspace(0, 1.0, 101)
     for ax, size in zip(axes[0], sizes):
-        for name in [n for n in runs[0]["students"] if n.startswith(size + "_")]:
-            for gate in ("msp", "defer_output"):
-                if gate not in runs[0]["students"][name]["gates"]:
+        for name in [n for n in _students(runs) if n.startswith(size + "_")]:
+            for g in (gate, "defer_output"):
+                if g not in runs[0]["students"][name]["gates"]:
                     continue
-                grid = np.linspace(0, 1.0, 101)
-                curves = []
-                for r in runs:
-                    c = r["students"][name]["gates"][gate]["curve"]
-                    frac = np.asarray(c["amortized_flops"]) / c_t
-                    order = np.argsort(frac)
-                    curves.append(
-                        np.interp(grid, frac[order], np.asarray(c["test_accuracy"])[order], left=np.nan, right=np.nan)
-                    )
-                curves = np.array(curves)
-                with warnings.catch_warnings():  # grid points below a student's own cost are NaN for every seed
+                curves = np.array([[at_budget(r, name, g, b) for b in grid] for r in runs])
+                with warnings.catch_warnings():  # budgets below a student's own cost are NaN for every seed
                     warnings.simplefilter("ignore", RuntimeWarning)
                     mean = np.nanmean(curves, 0)
                     std = np.nanstd(curves, 0, ddof=1) if len(runs) > 1 else 0 * grid
-                ax.plot(grid, mean, label=f"{name} / {gate}", lw=1.3)
+                ax.plot(grid, mean, label=f"{name} / {g}", lw=1.3)
                 ax.fill_between(grid, mean - std, mean + std, alpha=0.15)
+        for b in baselines:
+            ax.errorbar(
+                [_fraction(runs, b)],
+                [np.mean([r["students"][b]["test_accuracy"] for r in runs])],
+                yerr=[np.std([r["students"][b]["test_accuracy"] for r in runs], ddof=1) if len(runs) > 1 else 0],
+                fmt="ks",
+                label=f"{b} alone",
+            )
         ax.axhline(acc_t, color="k", ls="--", lw=0.8, label="teacher")
-        ax.set_xlabel("amortized FLOPs / teacher FLOPs")
+        ax.set_xlabel("budget: amortized FLOPs / teacher FLOPs (validation-chosen)")
         ax.set_ylabel("test accuracy")
         ax.set_title(f"{size} students (mean ± sd over {len(runs)} seeds)")
         ax.set_ylim(max(0.8, ax.get_ylim()[0]), None)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = os.path.join(out_dir, f"{prefix}_accuracy_vs_flops.png")
-    fig.savefig(path, dpi=120)
-    return [path]
+    fig.savefig(out_path, dpi=120)
+    return out_path
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("workdirs", nargs="+")
-    p.add_argument("--out", default="")
-    p.add_argument("--plots", default="")
+    p.add_argument("--plot", default="", help="also write the accuracy-vs-FLOPs figure here (.png)")
     a = p.parse_args(argv)
     runs = load(a.workdirs)
-    text = (
-        table(runs) + "\n\n" + deferral_table(runs) + "\n\nEach objective against standard KD (msp gate), "
-        "paired by seed:\n\n" + comparison_table(runs)
-    )
-    if a.plots:
-        os.makedirs(a.plots, exist_ok=True)
-        plot_mean_curves(runs, a.plots)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
-    print(text)
+    if a.plot:
+        plot_mean_curves(runs, a.plot)
+    print(render(runs))
 
 
 if __name__ == "__main__":

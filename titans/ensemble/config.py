@@ -16,8 +16,8 @@ or none when the teacher run exists) plus an `ensemble` section:
   connect.layer   "" (no connection) or the previous member's activation to feed forward
                   ("features", "stage2", ...); connect.join "concat" | "add"; connect.width;
   variants        which of bdistil, bdistil_noconn, resched, no_resched to run;
-  no_resched      candidate single students for "no-resched" (the one whose FLOPs are closest to
-                  the full B-DISTIL ensemble's is trained);
+  no_resched      candidate single students for the no-resched curve (for each B-DISTIL prefix, the
+                  one whose FLOPs are closest to the prefix's is trained);
   val_split, test_split, predict_batch_size, num_thresholds, budgets (fractions of the full
                   ensemble's FLOPs for the anytime budget curves).
 """

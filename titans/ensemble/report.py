@@ -11,20 +11,15 @@ import sys
 
 import numpy as np
 
+from titans.stats import mean_sd, paired_difference
+
 ORDER = ("bdistil", "bdistil_noconn", "resched", "no_resched")
 LABEL = {
     "bdistil": "B-DISTIL (connected)",
     "bdistil_noconn": "B-DISTIL, no connection",
     "resched": "resched (independent members, weighted average)",
-    "no_resched": "no-resched (one student)",
+    "no_resched": "no-resched (one student per budget)",
 }
-
-
-def _ms(values, fmt="{:.4f}") -> str:
-    v = np.asarray(values, np.float64)
-    if len(v) == 1:
-        return fmt.format(v[0])
-    return f"{fmt.format(v.mean())} ± {fmt.replace('+', '').format(v.std(ddof=1))}"
 
 
 def load(workdirs: list[str]) -> list[dict]:
@@ -58,7 +53,7 @@ def members_table(runs: list[dict]) -> str:
             acc = [v["accuracy_by_members"][w] for v in have]
             flops = [v["cumulative_flops"][w] for v in have]
             rows.append(
-                f"| {LABEL[name]} | {w + 1} | {_ms(acc)} | {_ms(np.divide(flops, 1e6), '{:.3f}')} | "
+                f"| {LABEL[name]} | {w + 1} | {mean_sd(acc)} | {mean_sd(np.divide(flops, 1e6), '{:.3f}')} | "
                 f"{np.mean(flops) / t_flops:.3f} | {len(have)} |"
             )
     return "\n".join(rows)
@@ -81,31 +76,44 @@ def anytime_table(runs: list[dict], name: str = "bdistil", thresholds=(0.5, 0.7,
             mem.append(curve["mean_members"][i])
             cost.append(curve["mean_cost"][i] / 1e6)
         if acc:
-            rows.append(f"| {thr} | {_ms(acc)} | {_ms(mem, '{:.2f}')} | {_ms(cost, '{:.3f}')} |")
+            rows.append(f"| {thr} | {mean_sd(acc)} | {mean_sd(mem, '{:.2f}')} | {mean_sd(cost, '{:.3f}')} |")
     return "\n".join(rows)
 
 
-def equal_cost_table(runs: list[dict], a: str = "bdistil", b: str = "resched") -> str:
-    """Per member count w that both variants reached: accuracy difference a - b, and their FLOPs."""
-    rows = [f"| members | {a} - {b} accuracy (points) | seeds | {a} MFLOPs | {b} MFLOPs |", "|---|---|---|---|---|"]
+def _at(r: dict, variant: str, key: str, w: int):
+    v = r["variants"].get(variant, {}).get(key, [])
+    return v[w] if len(v) > w else None
+
+
+def paired_table(runs: list[dict], a: str, b: str) -> str:
+    """Per member count w: accuracy of `a` minus `b` (percentage points), paired by seed, with the 95%
+    t-interval and the verdict, and both variants' MFLOPs (for no-resched: the student matched to
+    B-DISTIL's prefix w)."""
     depth = max((len(r["variants"].get(a, {}).get("accuracy_by_members", [])) for r in runs), default=0)
+    rows = [
+        f"| members w | {LABEL[a]} − {LABEL[b]}, points [95% CI] | verdict | seeds | {a} MFLOPs | {b} MFLOPs |",
+        "|---|---|---|---|---|---|",
+    ]
     for w in range(depth):
-        diff, fa, fb = [], [], []
-        for r in runs:
-            va, vb = r["variants"].get(a, {}), r["variants"].get(b, {})
-            if len(va.get("accuracy_by_members", [])) > w and len(vb.get("accuracy_by_members", [])) > w:
-                diff.append(100 * (va["accuracy_by_members"][w] - vb["accuracy_by_members"][w]))
-                fa.append(va["cumulative_flops"][w] / 1e6)
-                fb.append(vb["cumulative_flops"][w] / 1e6)
-        if diff:
-            rows.append(f"| {w + 1} | {_ms(diff, '{:+.2f}')} | {len(diff)} | {np.mean(fa):.3f} | {np.mean(fb):.3f} |")
+        acc_a = [_at(r, a, "accuracy_by_members", w) for r in runs]
+        acc_b = [_at(r, b, "accuracy_by_members", w) for r in runs]
+        d = paired_difference(
+            [None if x is None else 100 * x for x in acc_a], [None if x is None else 100 * x for x in acc_b]
+        )
+        if d.n == 0:
+            continue
+        fa = [x / 1e6 for r in runs if (x := _at(r, a, "cumulative_flops", w)) is not None]
+        fb = [x / 1e6 for r in runs if (x := _at(r, b, "cumulative_flops", w)) is not None]
+        rows.append(
+            f"| {w + 1} | {d.format('{:+.2f}')} | {d.verdict} | {d.n} | {np.mean(fa):.3f} | {np.mean(fb):.3f} |"
+        )
     return "\n".join(rows)
 
 
 def teacher_line(runs: list[dict]) -> str:
     acc = [r["teacher"]["accuracy"] for r in runs]
     flops = runs[0]["teacher"]["flops_per_example"]
-    return f"Teacher: test accuracy {_ms(acc)}, {flops / 1e6:.3f} MFLOPs/example."
+    return f"Teacher: test accuracy {mean_sd(acc)}, {flops / 1e6:.3f} MFLOPs/example."
 
 
 def find_wl_lines(runs: list[dict]) -> str:
@@ -125,19 +133,31 @@ def find_wl_lines(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def render(runs: list[dict]) -> str:
+    """The generated page of a B-DISTIL study over seeds."""
+    parts = [teacher_line(runs), "## Accuracy by members and FLOPs (mean ± sd over seeds)", members_table(runs)]
+    variants = set().union(*(r["variants"] for r in runs))
+    for b, what in (
+        ("no_resched", "the no-resched curve (one student per B-DISTIL prefix, matched in FLOPs)"),
+        ("resched", "resched with the same number of members (same member sizes)"),
+        ("bdistil_noconn", "B-DISTIL without the connection, same number of members"),
+    ):
+        if "bdistil" in variants and b in variants:
+            parts += [f"## B-DISTIL (connected) against {what}", paired_table(runs, "bdistil", b)]
+    parts += [
+        "## Anytime inference, B-DISTIL (connected), no budget cap",
+        anytime_table(runs),
+        "## FIND-WL, per seed",
+        find_wl_lines(runs),
+    ]
+    return "\n\n".join(parts) + "\n"
+
+
 def main(argv=None) -> None:
     dirs = argv if argv is not None else sys.argv[1:]
     if not dirs:
         raise SystemExit(__doc__)
-    runs = load(dirs)
-    print(teacher_line(runs) + "\n")
-    print(members_table(runs) + "\n")
-    print("B-DISTIL (connected) against resched with the same number of members (same member sizes):\n")
-    print(equal_cost_table(runs) + "\n")
-    print("Anytime inference, B-DISTIL (connected), no budget cap:\n")
-    print(anytime_table(runs) + "\n")
-    print("FIND-WL:\n")
-    print(find_wl_lines(runs))
+    print(render(load(dirs)))
 
 
 if __name__ == "__main__":

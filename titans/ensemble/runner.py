@@ -7,7 +7,7 @@ Layout under WORKDIR (after the pipeline's stages, e.g. WORKDIR/teacher):
                               (the weight player's weights for round w), round{w}/{candidate}/ (a
                               member run: an ordinary Titans run directory, orbax checkpoints)
   resched/member{i}/          independently distilled members of the B-DISTIL members' sizes
-  no_resched/{name}/          one student whose FLOPs are closest to the full ensemble's
+  no_resched/{name}/          the no-resched curve: per B-DISTIL prefix, the single student closest in FLOPs
   teacher_logits_*.npy        the teacher's logits per split (computed once)
   ensemble.json, ensemble.md  accuracy vs members and vs cumulative FLOPs, anytime curves
 Every member is trained by `titans.train.train_and_evaluate` (with a Method that adds the
@@ -326,29 +326,58 @@ def run_resched(ctx: Context, sizes: list[dict]) -> dict:
     return {"members": specs, "log": [], "stopped": None}
 
 
-def run_no_resched(ctx: Context, target_flops: float) -> dict:
-    """One student whose measured FLOPs are closest to `target_flops`."""
-    choices = []
-    for name, entry in ctx.e.no_resched.items():
-        spec = {"model": entry.to_dict(), "connected": False}
-        model = mem.build_member(spec, ctx.info, seed=0, dtype=jnp.float32)
-        choices.append((abs(np.log(models.flops_per_example(model, ctx.info.image_shape) / target_flops)), name, entry))
-    _, name, entry = min(choices, key=lambda c: c[0])
-    spec = {
-        "round": 1,
-        "candidate": name,
-        "model": entry.to_dict(),
-        "connected": False,
-        "workdir": os.path.join(ctx.workdir, "no_resched", name),
+def match_budgets(sized: list[tuple[float, str]], budgets: list[float]) -> list[str]:
+    """For each FLOPs budget, the name of the (flops, name) entry closest to it in log ratio."""
+    return [min(sized, key=lambda c: abs(np.log(c[0] / b)))[1] for b in budgets]
+
+
+def run_no_resched(ctx: Context, budgets: list[float]) -> dict:
+    """The no-resched curve: for each budget (the cumulative FLOPs of each B-DISTIL prefix), one student,
+    the `ensemble.no_resched` entry whose measured FLOPs are closest; a model picked for several budgets
+    is trained once."""
+    entries = dict(ctx.e.no_resched.items())
+    sized = []
+    for name, entry in entries.items():
+        model = mem.build_member({"model": entry.to_dict(), "connected": False}, ctx.info, seed=0, dtype=jnp.float32)
+        sized.append((models.flops_per_example(model, ctx.info.image_shape), name))
+    picks = match_budgets(sized, budgets)
+    specs = {}
+    for name in dict.fromkeys(picks):
+        spec = {
+            "round": len(specs) + 1,
+            "candidate": name,
+            "model": entries[name].to_dict(),
+            "connected": False,
+            "workdir": os.path.join(ctx.workdir, "no_resched", name),
+        }
+        result = ensure_trained(
+            ctx.member_config(f"no_resched_{name}", entries[name], ctx.member.seed + 9000),
+            spec["workdir"],
+            method=_member_method(True, spec, None, np.zeros(0), ctx),
+        )
+        if result.get("preempted"):
+            return {"preempted": True}
+        specs[name] = spec
+    return {"members": list(specs.values()), "picks": picks, "budgets": [float(b) for b in budgets]}
+
+
+def evaluate_no_resched(ctx: Context, state: dict) -> dict:
+    """Each budget's single student alone: its test accuracy and its own FLOPs (a curve, one point per budget)."""
+    specs = state["members"]
+    ens = mem.load_ensemble(specs, ctx.info, layer="")
+    own_test, labels = mem.member_logits(ens.frozen(), ctx.sources["test"], ctx.info, batch_size=ctx.bs, mesh=ctx.mesh)
+    names = [s["candidate"] for s in specs]
+    acc = {n: float(np.mean(np.argmax(own_test[:, i], -1) == labels)) for i, n in enumerate(names)}
+    flops = {n: float(models.flops_per_example(m, ctx.info.image_shape)) for n, m in zip(names, ens.members)}
+    return {
+        "members": specs,
+        "picks": state["picks"],
+        "budget_flops": state["budgets"],
+        "accuracy_by_members": [acc[n] for n in state["picks"]],
+        "cumulative_flops": [flops[n] for n in state["picks"]],
+        "log": [],
+        "stopped": None,
     }
-    result = ensure_trained(
-        ctx.member_config(f"no_resched_{name}", entry, ctx.member.seed + 9000),
-        spec["workdir"],
-        method=_member_method(True, spec, None, np.zeros(0), ctx),
-    )
-    if result.get("preempted"):
-        return {"preempted": True}
-    return {"members": [spec], "log": [], "stopped": None}
 
 
 def resched_prefix(own_val, labels_val, own_test) -> tuple[np.ndarray, list[float]]:
@@ -419,10 +448,10 @@ def run_ensemble(config, workdir: str) -> dict:
         if ref is None:
             logging.warning("[no_resched] skipped: no B-DISTIL ensemble to match in FLOPs")
         else:
-            s = run_no_resched(ctx, ref["cumulative_flops"][-1])
+            s = run_no_resched(ctx, ref["cumulative_flops"])
             if s.get("preempted"):
                 return {"preempted": True, "variant": "no_resched"}
-            evaluated["no_resched"] = evaluate_variant(ctx, "no_resched", s)
+            evaluated["no_resched"] = evaluate_no_resched(ctx, s)
     g_test = ctx.teacher_logits("test")
     teacher = {
         "accuracy": float(np.mean(np.argmax(g_test, -1) == ctx.labels["test"])),

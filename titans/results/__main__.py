@@ -1,0 +1,40 @@
+"""titans-results: collect a run's raw outputs into results/, regenerate docs/results from them."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from titans.results import studies
+
+
+def cli(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="titans-results", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("collect", help="copy one finished run's raw outputs into results/<study>/<dest>")
+    c.add_argument("study", choices=sorted(studies.STUDIES))
+    c.add_argument("run_dir")
+    c.add_argument("dest", help="e.g. seed0, or good/seed0 for a study with settings")
+    r = sub.add_parser("rebuild", help="regenerate docs/results/<study>.md from results/<study>/")
+    r.add_argument("--check", action="store_true", help="write nothing; exit 1 if a committed page is stale")
+    r.add_argument("--only", nargs="*", default=(), choices=sorted(studies.STUDIES))
+    r.add_argument("--plots", action="store_true", help="also redraw the figures next to the pages")
+    a = p.parse_args(argv)
+    if a.command == "collect":
+        for path in studies.collect(studies.STUDIES[a.study], a.run_dir, a.dest):
+            print(f"{path}: {os.path.getsize(path):,} bytes")
+        return 0
+    changed = studies.rebuild(check=a.check, only=tuple(a.only))
+    if a.plots:
+        for path in studies.plot_all(only=tuple(a.only)):
+            print(f"drew {path}")
+    if a.check and changed:
+        print("Stale result pages (run `titans-results rebuild` and commit):\n  " + "\n  ".join(changed))
+        return 1
+    print(("rewrote " if changed else "up to date: no page changed") + ", ".join(changed))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

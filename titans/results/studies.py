@@ -1,0 +1,130 @@
+"""The registry of studies: which raw files each keeps, and how its page is generated from them."""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable
+
+from titans.active import report as active_report
+from titans.cascade import report as cascade_report
+from titans.ensemble import report as ensemble_report
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+GENERATED_MARK = "<!-- Generated below by `titans-results rebuild` from results/{name}/: do not edit by hand. -->"
+
+
+def _run_dirs(study_dir: str) -> list[str]:
+    """Every run directory (one holding a seed's raw files) under a study, sorted."""
+    found = {os.path.dirname(p) for p in glob.glob(os.path.join(study_dir, "**", "*.json"), recursive=True)}
+    return sorted(d for d in found if os.path.basename(d).startswith("seed"))
+
+
+def _cascade_page(study_dir: str) -> str:
+    return cascade_report.render(cascade_report.load(_run_dirs(study_dir)))
+
+
+def _ensemble_page(study_dir: str) -> str:
+    return ensemble_report.render(ensemble_report.load(_run_dirs(study_dir)))
+
+
+def _active_page(study_dir: str) -> str:
+    settings = {}
+    for setting in sorted(os.listdir(study_dir)):
+        path = os.path.join(study_dir, setting)
+        if os.path.isdir(path):
+            settings[setting] = active_report.load(os.path.join(path, "seed*"))
+    return active_report.render(settings)
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+    """`files`: what `collect` copies from a run directory; `render`: results/<name> -> generated Markdown."""
+
+    name: str
+    files: tuple[str, ...]
+    render: Callable[[str], str]
+
+    def raw_dir(self, root: str = REPO) -> str:
+        return os.path.join(root, "results", self.name)
+
+    def doc_path(self, root: str = REPO) -> str:
+        return os.path.join(root, "docs", "results", f"{self.name}.md")
+
+
+_CASCADE = ("cascade.json", "cascade_logits.npz")
+STUDIES = {
+    s.name: s
+    for s in (
+        Study("titans_fmnist", _CASCADE, _cascade_page),
+        Study("bdistil_fmnist", ("ensemble.json",), _ensemble_page),
+        Study("active_fmnist", ("active.json",), _active_page),
+    )
+}
+
+
+def _compact(value, digits: int = 7):
+    """Floats rounded to `digits` significant digits (float32 precision), NaN/inf as null: small, strict JSON."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}") if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _compact(v, digits) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_compact(v, digits) for v in value]
+    return value
+
+
+def collect(study: Study, run_dir: str, dest: str, root: str = REPO) -> list[str]:
+    """Copies the raw files of one finished run into results/<study>/<dest>; JSON is written compactly."""
+    missing = [f for f in study.files if not os.path.exists(os.path.join(run_dir, f))]
+    if missing:
+        raise FileNotFoundError(f"{run_dir} lacks {missing}: the run has not finished (study {study.name}).")
+    if os.path.isabs(dest) or ".." in dest.split(os.sep) or not os.path.basename(dest).startswith("seed"):
+        raise ValueError(f"dest must be a relative path ending in a seed directory (e.g. seed0), got {dest!r}.")
+    out_dir = os.path.join(study.raw_dir(root), dest)
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for f in study.files:
+        src, dst = os.path.join(run_dir, f), os.path.join(out_dir, f)
+        if f.endswith(".json"):
+            with open(src) as fh:
+                data = _compact(json.load(fh))
+            with open(dst + ".tmp", "w") as fh:
+                json.dump(data, fh, separators=(",", ":"), allow_nan=False)
+                fh.write("\n")
+            os.replace(dst + ".tmp", dst)
+        else:
+            shutil.copyfile(src, dst)
+        written.append(dst)
+    return written
+
+
+def render_page(study: Study, root: str = REPO) -> str:
+    """The whole page: the study's hand-written head, the generated-part marker, the generated tables."""
+    raw = study.raw_dir(root)
+    with open(os.path.join(raw, "README.md")) as f:
+        head = f.read().rstrip() + "\n"
+    return head + "\n" + GENERATED_MARK.format(name=study.name) + "\n\n" + study.render(raw)
+
+
+def rebuild(root: str = REPO, check: bool = False, only: tuple[str, ...] = ()) -> list[str]:
+    """Regenerates docs/results/<study>.md for every study with raw outputs; returns the pages that
+    changed (with `check`, writes nothing and only reports them)."""
+    changed = []
+    for name, study in STUDIES.items():
+        if (only and name not in only) or not os.path.isdir(study.raw_dir(root)):
+            continue
+        page = render_page(study, root)
+        path = study.doc_path(root)
+        old = open(path).read() if os.path.exists(path) else None
+        if page != old:
+            changed.append(path)
+            if not check:
+                with open(path + ".tmp", "w") as f:
+                    f.write(page)
+                os.replace(path + ".tmp", path)
+    return changed
