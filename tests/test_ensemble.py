@@ -559,3 +559,32 @@ def test_no_resched_matches_each_budget_in_log_ratio():
     sized = [(1.0, "a"), (4.0, "b"), (16.0, "c")]
     # 2.1 is nearer 1 in difference (1.1 vs 1.9) but nearer 4 in log ratio (0.74 vs 0.64): b.
     assert match_budgets(sized, [1.0, 2.1, 3.0, 9.0, 100.0]) == ["a", "b", "b", "c", "c"]
+
+
+def test_pair_mode_member_follows_the_signed_residual_of_each_example_class_pair():
+    """In example-class mode the member fits the *signed* residual r = centred(g) - centred(F_{w-1}) of every
+    pair: the gradient of its loss at f = 0 is the closed form -(2/K) (W r - mean_k W r) (centring's
+    Jacobian), so a gradient step raises class k of example i where the ensemble under-predicts it and
+    lowers it where it over-predicts, in proportion to the weight player's W_ik."""
+    rng = np.random.default_rng(0)
+    B, K = 6, 5
+    g = rng.normal(size=(B, K)).astype(np.float32) * 3
+    f_prev = rng.normal(size=(B, K)).astype(np.float32)
+    W = rng.uniform(0.2, 3.0, size=(B, K)).astype(np.float32)
+    y = np.zeros(B, np.int32)
+
+    def loss(f):
+        return losses.boosting_residual_loss(f_prev + f, g, y, pair_weights=jnp.asarray(W)).sum()
+
+    grad = np.asarray(jax.grad(loss)(jnp.zeros((B, K))))
+    c = lambda z: z - z.mean(-1, keepdims=True)  # noqa: E731
+    r = c(g.astype(np.float64)) - c(f_prev.astype(np.float64))
+    wr = W * r
+    np.testing.assert_allclose(grad, -(2.0 / K) * (wr - wr.mean(-1, keepdims=True)), rtol=1e-4, atol=1e-5)
+    # With uniform weights the step -grad has the residual's sign on every pair.
+    g_uniform = np.asarray(
+        jax.grad(lambda f: losses.boosting_residual_loss(f_prev + f, g, y, pair_weights=jnp.ones((B, K))).sum())(
+            jnp.zeros((B, K))
+        )
+    )
+    assert np.all(np.sign(-g_uniform) == np.sign(r))

@@ -153,7 +153,6 @@ def defer_surrogate(
     return (1.0 - alpha) * ce + alpha * kd - defer_weight * defer
 
 
-
 def flattened_distillation(
     logits, teacher_logits, labels, hardness, *, alpha: float = 0.9, temperature: float = 4.0
 ) -> jax.Array:

@@ -70,3 +70,28 @@ def paired_difference(a, b, confidence: float = 0.95) -> PairedDifference:
         return PairedDifference(mean, math.nan, math.nan, 1)
     half = float(sp_stats.t.ppf(0.5 + confidence / 2, n - 1) * d.std(ddof=1) / math.sqrt(n))
     return PairedDifference(mean, mean - half, mean + half, n)
+
+
+def claim_verdict(d: PairedDifference) -> str:
+    """A claim "A beats B" given d = A - B: reproduced (interval above zero), not reproduced (below zero),
+    or unresolved (it spans zero, or too few seeds)."""
+    return {"better": "reproduced", "worse": "not reproduced"}.get(d.verdict, "unresolved")
+
+
+def not_worse_verdict(d: PairedDifference, margin: float) -> str:
+    """A claim "A is as good as B" given d = A - B and a tolerance `margin` fixed in advance: reproduced when
+    the whole interval lies above -margin, not reproduced when it lies below, else unresolved."""
+    if d.n < 2 or not math.isfinite(d.low):
+        return "unresolved"
+    if d.low > -margin:
+        return "reproduced"
+    if d.high < -margin:
+        return "not reproduced"
+    return "unresolved"
+
+
+def claims_table(rows: list[tuple[str, PairedDifference, str]], fmt: str = "{:+.4f}") -> str:
+    """Markdown rows of (claim, paired difference, verdict)."""
+    lines = ["| claim | paired difference [95% CI] | verdict |", "|---|---|---|"]
+    lines += [f"| {claim} | {d.format(fmt)} | {verdict} |" for claim, d, verdict in rows]
+    return "\n".join(lines)

@@ -107,9 +107,7 @@ def validate(config) -> ml_collections.ConfigDict:
             f"active.informativeness={a.informativeness!r} is not one of {list(INFORMATIVENESS)}."
         )
     if a.m_estimate not in ("overall", "informative", "zero"):
-        raise config_lib.ConfigError(
-            f"active.m_estimate={a.m_estimate!r} is not 'overall', 'informative' or 'zero'."
-        )
+        raise config_lib.ConfigError(f"active.m_estimate={a.m_estimate!r} is not 'overall', 'informative' or 'zero'.")
     for field in (
         "rounds",
         "budget_per_round",

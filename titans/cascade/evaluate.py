@@ -142,9 +142,7 @@ LOGITS_FILE = "cascade_logits.npz"
 def write_logits(path: str, arrays: dict) -> None:
     """Every stage's logits on the threshold and test splits (float16) and the labels (int16), compressed:
     the compact raw output from which the offline curves are recomputed (titans/results)."""
-    compact = {
-        k: np.asarray(v, np.int16 if k.endswith("/label") else np.float16) for k, v in sorted(arrays.items())
-    }
+    compact = {k: np.asarray(v, np.int16 if k.endswith("/label") else np.float16) for k, v in sorted(arrays.items())}
     tmp = path + ".tmp.npz"
     np.savez_compressed(tmp, **compact)
     os.replace(tmp, path)

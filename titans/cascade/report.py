@@ -20,7 +20,7 @@ import warnings
 import numpy as np
 
 from titans import figures
-from titans.stats import mean_sd, paired_difference
+from titans.stats import claim_verdict, claims_table, mean_sd, not_worse_verdict, paired_difference
 
 BUDGETS = (0.1, 0.25, 0.5)  # fractions of the teacher's FLOPs in the headline tables
 HEADLINE_GATE = "msp"
@@ -63,7 +63,9 @@ def _baselines(runs: list[dict]) -> list[str]:
 
 
 def _fraction(runs: list[dict], student: str) -> float:
-    return float(np.mean([r["students"][student]["flops_per_example"] / r["teacher"]["flops_per_example"] for r in runs]))
+    return float(
+        np.mean([r["students"][student]["flops_per_example"] / r["teacher"]["flops_per_example"] for r in runs])
+    )
 
 
 def headline_table(runs: list[dict], gate: str = HEADLINE_GATE) -> str:
@@ -137,9 +139,7 @@ def objective_table(runs: list[dict], reference: str = "standard", gate: str = H
         own = [g for g in ("defer_output",) if g in runs[0]["students"][name]["gates"]]
         for g in [gate, *own]:
             diffs = [
-                paired_difference(
-                    [at_budget(r, name, g, b) for r in runs], [at_budget(r, ref, gate, b) for r in runs]
-                )
+                paired_difference([at_budget(r, name, g, b) for r in runs], [at_budget(r, ref, gate, b) for r in runs])
                 for b in BUDGETS
             ]
             dreach = paired_difference(
@@ -219,9 +219,48 @@ def time_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+TEACHER_MARGIN = 0.002  # "reaches the teacher": the whole interval of (cascade - teacher) above -0.2 points
+
+
+def claims(runs: list[dict], gate: str = HEADLINE_GATE) -> str:
+    """The paper's claims this study can test, each with its paired difference and verdict."""
+    rows = []
+    teacher = [r["teacher"]["test_accuracy"] for r in runs]
+    names = _students(runs)
+    for name in [n for n in names if n.endswith("_standard") and n not in _baselines(runs)]:
+        d = paired_difference([at_budget(r, name, gate, 0.5) for r in runs], teacher)
+        rows.append(
+            (
+                f"The {name} cascade ({gate}) is as accurate as the teacher at 50% of its FLOPs "
+                f"(tolerance {TEACHER_MARGIN})",
+                d,
+                not_worse_verdict(d, TEACHER_MARGIN),
+            )
+        )
+        for base in _baselines(runs):
+            f = _fraction(runs, base)
+            d = paired_difference(
+                [at_budget(r, name, gate, f) for r in runs], [r["students"][base]["test_accuracy"] for r in runs]
+            )
+            rows.append((f"The {name} cascade beats the single {base} student at its cost", d, claim_verdict(d)))
+    for name in names:
+        size, _, objective = name.partition("_")
+        ref = f"{size}_standard"
+        if objective == "standard" or ref not in names:
+            continue
+        g = "defer_output" if "defer_output" in runs[0]["students"][name]["gates"] else gate
+        d = paired_difference(
+            [at_budget(r, name, g, 0.25) for r in runs], [at_budget(r, ref, gate, 0.25) for r in runs]
+        )
+        rows.append((f"{name} ({g}) beats {ref} ({gate}) at 25% of the teacher's FLOPs", d, claim_verdict(d)))
+    return claims_table(rows)
+
+
 def render(runs: list[dict]) -> str:
     """The generated part of the study's page: every table, in reading order."""
     parts = [
+        "## Claims and verdicts",
+        claims(runs),
         "## Headline: accuracy at a FLOPs budget",
         headline_table(runs),
         "## Against a single student of the same cost",
@@ -243,7 +282,6 @@ def render(runs: list[dict]) -> str:
 def plot_mean_curves(runs: list[dict], out_path: str, gate: str = HEADLINE_GATE) -> str:
     """Accuracy vs amortized FLOPs (msp gate; defer students also with their defer gate), mean ± sd over
     seeds on a common FLOPs grid, one panel per student size; baselines as points."""
-    c_t = np.mean([r["teacher"]["flops_per_example"] for r in runs])
     acc_t = np.mean([r["teacher"]["test_accuracy"] for r in runs])
     baselines = _baselines(runs)
     sizes = list(dict.fromkeys(n.split("_")[0] for n in _students(runs) if n not in baselines))

@@ -41,13 +41,30 @@ def _active_page(study_dir: str) -> str:
     return active_report.render(settings)
 
 
+def _cascade_plot(study_dir: str, out_path: str) -> None:
+    cascade_report.plot_mean_curves(cascade_report.load(_run_dirs(study_dir)), out_path)
+
+
+def _active_plot(study_dir: str, out_path: str) -> None:
+    settings = {}
+    for setting in sorted(os.listdir(study_dir)):
+        path = os.path.join(study_dir, setting)
+        if os.path.isdir(path) and active_report.ABLATION_SUFFIX not in setting:
+            runs = active_report.load(os.path.join(path, "seed*"))
+            settings[setting] = (runs, active_report.aggregate(runs))
+    active_report.plot(settings, out_path)
+
+
 @dataclasses.dataclass(frozen=True)
 class Study:
-    """`files`: what `collect` copies from a run directory; `render`: results/<name> -> generated Markdown."""
+    """`files`: what `collect` copies from a run directory; `render`: results/<name> -> generated Markdown;
+    `plot`: (results/<name>, path) -> draws the page's figure (not compared by --check: images differ
+    across matplotlib versions)."""
 
     name: str
     files: tuple[str, ...]
     render: Callable[[str], str]
+    plot: Callable[[str, str], None] | None = None
 
     def raw_dir(self, root: str = REPO) -> str:
         return os.path.join(root, "results", self.name)
@@ -55,14 +72,17 @@ class Study:
     def doc_path(self, root: str = REPO) -> str:
         return os.path.join(root, "docs", "results", f"{self.name}.md")
 
+    def plot_path(self, root: str = REPO) -> str:
+        return os.path.join(root, "docs", "results", f"{self.name}.png")
+
 
 _CASCADE = ("cascade.json", "cascade_logits.npz")
 STUDIES = {
     s.name: s
     for s in (
-        Study("titans_fmnist", _CASCADE, _cascade_page),
+        Study("titans_fmnist", _CASCADE, _cascade_page, _cascade_plot),
         Study("bdistil_fmnist", ("ensemble.json",), _ensemble_page),
-        Study("active_fmnist", ("active.json",), _active_page),
+        Study("active_fmnist", ("active.json",), _active_page, _active_plot),
     )
 }
 
@@ -120,7 +140,10 @@ def rebuild(root: str = REPO, check: bool = False, only: tuple[str, ...] = ()) -
             continue
         page = render_page(study, root)
         path = study.doc_path(root)
-        old = open(path).read() if os.path.exists(path) else None
+        old = None
+        if os.path.exists(path):
+            with open(path) as f:
+                old = f.read()
         if page != old:
             changed.append(path)
             if not check:
@@ -128,3 +151,14 @@ def rebuild(root: str = REPO, check: bool = False, only: tuple[str, ...] = ()) -
                     f.write(page)
                 os.replace(path + ".tmp", path)
     return changed
+
+
+def plot_all(root: str = REPO, only: tuple[str, ...] = ()) -> list[str]:
+    """Redraws every study's figure (docs/results/<study>.png) from its raw outputs."""
+    drawn = []
+    for name, study in STUDIES.items():
+        if (only and name not in only) or study.plot is None or not os.path.isdir(study.raw_dir(root)):
+            continue
+        study.plot(study.raw_dir(root), study.plot_path(root))
+        drawn.append(study.plot_path(root))
+    return drawn

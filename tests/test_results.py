@@ -1,0 +1,108 @@
+"""docs/results is recomputable: its pages equal what `titans-results rebuild` makes from results/, the raw
+outputs reproduce the curves they summarise, and the statistics behind every verdict are right."""
+
+import json
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+from helpers import REPO
+
+from titans.results import studies
+from titans.stats import claim_verdict, mean_sd, not_worse_verdict, paired_difference
+
+
+def test_committed_result_pages_equal_the_regenerated_ones():
+    """Every study with raw outputs in results/ regenerates to its committed docs/results page."""
+    present = [n for n, s in studies.STUDIES.items() if os.path.isdir(s.raw_dir(REPO))]
+    assert "titans_fmnist" in present  # the cascade study's raw outputs are part of the repo
+    assert studies.rebuild(REPO, check=True) == [], "run `titans-results rebuild` and commit docs/results"
+
+
+def test_rebuild_check_notices_a_changed_raw_output(tmp_path):
+    """The check is not vacuous: change one accuracy in a copied cascade.json and the page is stale."""
+    root = str(tmp_path)
+    shutil.copytree(os.path.join(REPO, "results", "titans_fmnist"), os.path.join(root, "results", "titans_fmnist"))
+    os.makedirs(os.path.join(root, "docs", "results"))
+    shutil.copy(studies.STUDIES["titans_fmnist"].doc_path(REPO), os.path.join(root, "docs", "results"))
+    assert studies.rebuild(root, check=True, only=("titans_fmnist",)) == []
+    path = os.path.join(root, "results", "titans_fmnist", "seed0", "cascade.json")
+    with open(path) as f:
+        data = json.load(f)
+    data["teacher"]["test_accuracy"] -= 0.01
+    with open(path, "w") as f:
+        json.dump(data, f)
+    assert studies.rebuild(root, check=True, only=("titans_fmnist",)) == [
+        studies.STUDIES["titans_fmnist"].doc_path(root)
+    ]
+
+
+def _msp_score(logits):
+    """The msp gate's deferral score written out in numpy: 1 - max softmax (defer when it is high)."""
+    z = logits.astype(np.float64)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    return 1.0 - (p / p.sum(-1, keepdims=True)).max(-1)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cascade_curves_are_recomputed_from_the_committed_logits(seed):
+    """From cascade_logits.npz alone (numpy, not the library's sweep): each stage's test accuracy, and the
+    msp gate's test accuracy at every swept validation deferral rate, match cascade.json (float16
+    logits move only the odd example at a threshold)."""
+    run = os.path.join(REPO, "results", "titans_fmnist", f"seed{seed}")
+    with open(os.path.join(run, "cascade.json")) as f:
+        result = json.load(f)
+    raw = np.load(os.path.join(run, "cascade_logits.npz"))
+    y_test, t_test = raw["test/label"], raw["test/teacher"]
+    C = t_test.shape[-1]
+    assert np.mean(t_test.argmax(-1) == y_test) == pytest.approx(result["teacher"]["test_accuracy"], abs=2e-4)
+    for name, entry in result["students"].items():
+        s_val, s_test = raw[f"val/{name}"][:, :C], raw[f"test/{name}"][:, :C]
+        assert np.mean(s_test.argmax(-1) == y_test) == pytest.approx(entry["test_accuracy"], abs=2e-4)
+        curve = entry["gates"]["msp"]["curve"]  # msp reads the C class outputs (of a defer student too)
+        v, x = _msp_score(s_val), _msp_score(s_test)
+        worst = 0.0
+        for rate, acc in zip(curve["val_deferral_rate"], curve["test_accuracy"]):
+            k = int(round(rate * len(v)))  # defer the k highest validation scores
+            thr = np.inf if k == 0 else (-np.inf if k == len(v) else np.sort(v)[::-1][k - 1 : k + 1].mean())
+            answer = np.where(x > thr, t_test.argmax(-1), s_test.argmax(-1))
+            worst = max(worst, abs(float(np.mean(answer == y_test)) - acc))
+        assert worst < 2e-3, (name, worst)
+
+
+def test_paired_difference_against_hand_computed_intervals():
+    # d = (1, 2, 3): mean 2, sd 1, t(0.975, 2) = 4.3027 -> half-width 2.4842.
+    d = paired_difference([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])
+    assert (d.mean, d.low, d.high, d.n) == pytest.approx((2.0, 2.0 - 2.48414, 2.0 + 2.48414, 3), abs=1e-4)
+    assert d.verdict == "unresolved" and claim_verdict(d) == "unresolved"
+    tight = paired_difference([1.1, 1.0, 0.9], [0.0, 0.0, 0.0])  # sd 0.1 -> [0.752, 1.248]
+    assert tight.verdict == "better" and claim_verdict(tight) == "reproduced"
+    assert paired_difference([0.0, 0.0, 0.0], [1.1, 1.0, 0.9]).verdict == "worse"
+    # Pairs with a missing side are dropped, not imputed; one pair cannot resolve anything.
+    one = paired_difference([1.0, None, float("nan")], [0.0, 1.0, 2.0])
+    assert one.n == 1 and one.verdict == "unresolved" and one.format() == "+1.0000 (1 seed)"
+    assert paired_difference([None], [1.0]).format() == "n/a"
+    assert mean_sd([1.0, 2.0, 3.0], "{:.1f}") == "2.0 ± 1.0"
+    assert mean_sd([1.0, None, 3.0], "{:.1f}") == "2.0 ± 1.4 (2/3 seeds)"
+
+
+def test_not_worse_verdict_uses_the_declared_margin():
+    d = paired_difference([-0.001, 0.0, 0.001], [0.0, 0.0, 0.0])  # interval about [-0.0025, 0.0025]
+    assert not_worse_verdict(d, 0.005) == "reproduced" and not_worse_verdict(d, 0.001) == "unresolved"
+    far = paired_difference([-0.011, -0.010, -0.009], [0.0, 0.0, 0.0])
+    assert not_worse_verdict(far, 0.005) == "not reproduced"
+    assert math.isnan(paired_difference([], []).mean)
+
+
+def test_collect_refuses_an_unfinished_run_and_a_path_outside_the_study(tmp_path):
+    study = studies.STUDIES["bdistil_fmnist"]
+    with pytest.raises(FileNotFoundError, match="ensemble.json"):
+        studies.collect(study, str(tmp_path), "seed0", root=str(tmp_path))
+    (tmp_path / "ensemble.json").write_text(json.dumps({"a": 0.1234567891, "b": [float("nan")]}))
+    with pytest.raises(ValueError, match="seed directory"):
+        studies.collect(study, str(tmp_path), "../../etc/seed0", root=str(tmp_path))
+    (out,) = studies.collect(study, str(tmp_path), "seed0", root=str(tmp_path))
+    with open(out) as f:
+        assert json.load(f) == {"a": 0.1234568, "b": [None]}  # compact: 7 significant digits, strict JSON
