@@ -483,6 +483,26 @@ def test_cascade_evaluation_outputs(digits_cascade):
     assert out["cascade"]["students"].keys() == res["students"].keys()
 
 
+def test_thresholds_come_from_the_validation_split_only(digits_cascade):
+    """Every operating point defers the target fraction of the *validation* split, recomputed here in numpy
+    from the logits the evaluation saved: a threshold chosen on the test scores would miss it by the
+    sampling noise between the splits (about 0.02 here, against a tolerance of one or two examples)."""
+    workdir, _ = digits_cascade
+    res = json.load(open(os.path.join(workdir, "cascade.json")))
+    raw = np.load(os.path.join(workdir, "cascade_logits.npz"))
+    checked = 0
+    for name, s in res["students"].items():
+        z = raw[f"val/{name}"][:, :10].astype(np.float64)
+        p_val = np.exp(z - z.max(-1, keepdims=True))
+        v = 1.0 - (p_val / p_val.sum(-1, keepdims=True)).max(-1)  # the msp gate's score, in numpy
+        n = len(v)
+        for r, p in s["gates"]["msp"]["at_deferral_rate"].items():
+            assert abs(p["val_deferral_rate"] - float(r)) <= 1 / n + 1e-9
+            assert abs(np.mean(v > p["threshold"]) - float(r)) <= 2 / n + 1e-9  # float16 logits: a tie may move
+            checked += 1
+    assert checked == 4
+
+
 def test_cascade_cli_three_stages(digits_cascade, tmp_path):
     workdir, _ = digits_cascade
     stages = ",".join(os.path.join(workdir, n) for n in ("tiny", "tiny_defer", "teacher"))

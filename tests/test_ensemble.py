@@ -577,7 +577,7 @@ def test_pair_mode_member_follows_the_signed_residual_of_each_example_class_pair
         return losses.boosting_residual_loss(f_prev + f, g, y, pair_weights=jnp.asarray(W)).sum()
 
     grad = np.asarray(jax.grad(loss)(jnp.zeros((B, K))))
-    c = lambda z: z - z.mean(-1, keepdims=True)  # noqa: E731
+    c = lambda z: z - z.mean(-1, keepdims=True)
     r = c(g.astype(np.float64)) - c(f_prev.astype(np.float64))
     wr = W * r
     np.testing.assert_allclose(grad, -(2.0 / K) * (wr - wr.mean(-1, keepdims=True)), rtol=1e-4, atol=1e-5)

@@ -150,3 +150,19 @@ def test_flatten_objective_flattens_where_the_teacher_is_wrong():
         temperature=c.distill.temperature,
     )
     np.testing.assert_allclose(loss(jnp.zeros((8, 10)), None, teacher, {"label": labels}, None, 0)[0], want, atol=1e-5)
+
+
+def test_standard_objective_takes_the_kd_temperature_from_the_config():
+    """The standard student's loss is Hinton KD at distill.temperature (with T^2): it equals the loss at that
+    temperature and differs from the loss at another one."""
+    c = digits_config("unused")
+    c.distill.teacher_workdir = "t"
+    c.distill.temperature = 3.0
+    rng = np.random.default_rng(0)
+    logits, teacher = (jnp.asarray(rng.normal(size=(16, 10)).astype(np.float32) * 3) for _ in range(2))
+    labels = jnp.asarray(rng.integers(0, 10, 16))
+    per, weights = train.objective_loss(c)(logits, None, teacher, {"label": labels}, None, 0)
+    at = lambda t: losses.distillation_loss(logits, teacher, labels, alpha=c.distill.alpha, temperature=t)
+    np.testing.assert_allclose(np.asarray(per), np.asarray(at(3.0)), rtol=1e-6)
+    assert not np.allclose(np.asarray(per), np.asarray(at(4.0)), rtol=1e-3)
+    np.testing.assert_array_equal(np.asarray(weights), np.ones(16))
