@@ -23,3 +23,20 @@ def other_cpu_load(interval_s: float = 1.0) -> float:
         with contextlib.suppress(psutil.Error):
             total += p.cpu_percent(None)
     return round(total / 100.0, 2)
+
+
+def is_contaminated(loads, cores: int) -> bool:
+    """True when other processes kept more than a quarter of the cores this benchmark uses busy."""
+    return max(loads) > 0.25 * max(1, cores)
+
+
+def banner(loads, cores: int) -> str:
+    """The loud header a contaminated run prints above its table ('' when the machine was quiet)."""
+    if not is_contaminated(loads, cores):
+        return ""
+    bar = "!" * 100
+    return (
+        f"{bar}\nNOT A RESULT: other processes kept {list(loads)} cores busy (before, after) while this ran on "
+        f"{cores} cores.\nStop them (or pause them: kill -STOP PID) and measure again. Do not publish the table "
+        f"below.\n{bar}"
+    )

@@ -11,13 +11,16 @@ All use the trainer's own pieces: `TrainLoader` over the split held in memory, t
 of `titans.teachers` for cache and service, `parallel.to_global`, and `train.make_train_step`
 jitted with the state donated. Every mode runs `--steps` steps per repeat, the modes interleaved in
 each repeat; the table gives medians over repeats and the ratios of the medians to the ceiling and
-to online KD. A service or cache segment starts with an empty pipeline (its fill time is counted).
+to online KD. A service or cache segment starts with an empty pipeline (its fill time is counted) and
+ends by draining what it labelled ahead (waited for, untimed), so no labelling work runs while the
+next mode is timed. Each service pool is started (untimed) just before its segment and shut down right
+after it: no idle Ray worker shares the cores with another mode's timing.
 The teacher and student are the Fashion-MNIST pair of `configs/teacher_modes_fmnist.py` (a
 cnn 32-64/128 teacher with 13x the student's FLOPs); the cache is written first into a temporary
 directory (or `--cache_dir`).
 
-    TFDS_DATA_DIR=/tmp/tfds_dev python benchmarks/teacher_modes.py --steps 40 --repeats 3
-    python benchmarks/teacher_modes.py --workers 1,2,4 --out /tmp/teacher_modes.json
+    python benchmarks/teacher_modes.py --teacher_workdir workdirs/titans_fmnist/seed0/teacher --steps 40 --repeats 3
+    python benchmarks/teacher_modes.py --teacher_workdir RUN --workers 1,2,4 --out /tmp/teacher_modes.json
 """
 
 from __future__ import annotations
@@ -32,11 +35,17 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import machine_load
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--teacher_workdir", default="/work/runs/titans_fmnist/seed0/teacher")
+    p.add_argument(
+        "--teacher_workdir",
+        required=True,
+        help="a finished teacher run, e.g. workdirs/titans_fmnist/seed0/teacher of configs/titans_fmnist.py",
+    )
     p.add_argument("--student_kwargs", default='{"channels": [8, 16], "dense": 32}')
     p.add_argument("--dataset", default="fashion_mnist")
     p.add_argument("--split", default="train[:20%]")
@@ -102,18 +111,20 @@ def main(argv=None):
     cache_seconds = time.perf_counter() - t0
     cache = cache_lib.TeacherCache(cache_dir)
 
-    # --- the service pools (one per size, all started before timing)
+    # --- the service pools: one per size, each started just before its segment and closed after it
     sizes = [int(x) for x in args.workers.split(",") if x]
     kinds = tuple(args.kinds.split("+"))
-    service.connect(args.ray_address, num_cpus=sum(sizes) + 1)
+    service.connect(args.ray_address, num_cpus=max(sizes) + 1)
     variables = {
         "params": jax.device_get(nnx.to_pure_dict(teacher.params)),
         "rest": jax.device_get(ckpt_lib.to_savable(nnx.to_pure_dict(teacher.model_state))),
     }
-    pools = {}
-    t0 = time.perf_counter()
-    for n in sizes:
-        pools[n] = service.TeacherPool(
+    pool_seconds = {n: [] for n in sizes}
+    pool_stats = {n: [] for n in sizes}
+
+    def start_pool(n):
+        t0 = time.perf_counter()
+        pool = service.TeacherPool(
             model_config=t_cfg.to_dict(),
             dataset=args.dataset,
             variables=variables,
@@ -125,9 +136,9 @@ def main(argv=None):
             wait=False,
             start_timeout_s=600,
         )
-    for n in sizes:
-        pools[n].wait_for_workers(n, timeout=600)
-    pool_seconds = time.perf_counter() - t0
+        pool.wait_for_workers(n, timeout=600)
+        pool_seconds[n].append(time.perf_counter() - t0)
+        return pool
 
     # --- one runner per mode: its own train state, loader and step
     tx, schedule = train.make_optimizer(cfg, cfg.total_steps, len(src))
@@ -164,40 +175,59 @@ def main(argv=None):
         m["loader"] = base_loader(with_index=(name == "cache"))
         m["times"] = []
 
-    def segment(name, steps):
-        m = modes[name]
-        if name == "cache":
-            labeler = teachers.CacheLabeler(cache, info.num_classes)
-            source = teachers.SoftLabelSource(labeler, in_flight=2, closer=labeler.close)
-        elif name.startswith("service"):
-            source = teachers.SoftLabelSource(service.PoolLabeler(pools[int(name[7:])]), in_flight=args.in_flight)
-        else:
-            source = None
-        loader = source.wrap(m["loader"]) if source is not None else m["loader"]
-        state = m["state"]
+    def run_steps(name, loader, steps):
+        state = modes[name]["state"]
         fn = ce_step if name == "ceiling" else step_fn
         teacher_arg = rep_teacher if name == "online" else None
         t0 = time.perf_counter()
         for _ in range(steps):
             state, metrics = fn(state, parallel.to_global(next(loader), mesh), teacher_arg)
         jax.block_until_ready((state, metrics))
-        dt = time.perf_counter() - t0
-        if source is not None:
-            loader._drop_queue()  # cancel what was labelled ahead: the next segment starts empty
-            m["loader"].set_state(loader.get_state())
-            if name == "cache":
-                source.close()
-        m["state"] = state
-        return dt
+        modes[name]["state"] = state
+        return time.perf_counter() - t0
+
+    def segment(name, steps, warmup=0):
+        """`warmup` untimed steps, then `steps` timed ones; the labelling pipeline of a cache or service
+        mode is built before and drained (untimed) after; a service pool lives only inside its segment."""
+        m = modes[name]
+        pool = None
+        if name == "cache":
+            labeler = teachers.CacheLabeler(cache, info.num_classes)
+            source = teachers.SoftLabelSource(labeler, in_flight=2, closer=labeler.close)
+        elif name.startswith("service"):
+            pool = start_pool(int(name[7:]))
+            source = teachers.SoftLabelSource(service.PoolLabeler(pool), in_flight=args.in_flight)
+        else:
+            source = None
+        loader = source.wrap(m["loader"]) if source is not None else m["loader"]
+        try:
+            if warmup:
+                run_steps(name, loader, warmup)
+            return run_steps(name, loader, steps) if steps else 0.0
+        finally:
+            if source is not None:
+                loader.drain()  # nothing labelled ahead keeps running into the next mode's timing
+                m["loader"].set_state(loader.get_state())
+                if name == "cache":
+                    source.close()
+            if pool is not None:
+                pool_stats[int(name[7:])].append(dict(pool.stats))
+                pool.close()
 
     load_before = os.getloadavg()
-    for name in modes:
-        segment(name, args.warmup)
+    other_before = machine_load.other_cpu_load()
+    for name in modes:  # compile every step function once
+        if not name.startswith("service"):
+            segment(name, 0, warmup=args.warmup)
     for _ in range(args.repeats):
         for name in modes:
-            modes[name]["times"].append(segment(name, args.steps))
+            # A service pool's workers are new each repeat: their warm-up steps are untimed.
+            modes[name]["times"].append(
+                segment(name, args.steps, warmup=args.warmup if name.startswith("service") else 0)
+            )
     load_after = os.getloadavg()
-    stats = {n: dict(pools[n].stats) for n in sizes}
+    other_after = machine_load.other_cpu_load()
+    stats = pool_stats
 
     n_ex = args.steps * args.batch_size
     result = {
@@ -205,13 +235,15 @@ def main(argv=None):
         "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} logical cores",
         "jax_version": jax.__version__,
         "load_average_before_after": [load_before, load_after],
+        "other_load_cores": [other_before, other_after],
+        "contaminated": machine_load.is_contaminated([other_before, other_after], os.cpu_count()),
         "flops_per_example": flops,
         "batch_size": args.batch_size,
         "steps": args.steps,
         "repeats": args.repeats,
         "split": args.split,
         "cache_write_s": cache_seconds,
-        "pool_start_s": pool_seconds,
+        "pool_start_s": pool_seconds,  # per size, one start per repeat (untimed)
         "pool_stats": stats,
         "modes": {},
     }
@@ -221,6 +253,9 @@ def main(argv=None):
     ceiling = result["modes"]["ceiling"]["median"]
     online = result["modes"]["online"]["median"]
 
+    warning = machine_load.banner([other_before, other_after], os.cpu_count())
+    if warning:
+        print("\n" + warning)
     print("\n## Teacher modes: student training throughput\n")
     print(f"- command: `{command}`")
     print(f"- device: {result['device']}; jax {jax.__version__}; float32; global batch {args.batch_size}")
@@ -235,8 +270,8 @@ def main(argv=None):
     )
     print(
         f"- load average (1/5/15 min) before {tuple(round(x, 1) for x in load_before)}, after "
-        f"{tuple(round(x, 1) for x in load_after)}; cache written in {cache_seconds:.1f} s; pools started in "
-        f"{pool_seconds:.1f} s\n"
+        f"{tuple(round(x, 1) for x in load_after)}; cache written in {cache_seconds:.1f} s; pool start (untimed, "
+        f"median s per size) { ({n: round(statistics.median(v), 1) for n, v in pool_seconds.items()}) }\n"
     )
     print("| mode | examples/s (median) | per repeat | / ceiling | / online KD |")
     print("|---|---:|---|---:|---:|")
@@ -249,8 +284,6 @@ def main(argv=None):
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
         print(f"\nwrote {args.out}", flush=True)
-    for pool in pools.values():
-        pool.close()
     import ray
 
     ray.shutdown()

@@ -107,6 +107,35 @@ def test_soft_label_loader_state_counts_handed_out_batches(full_cache, data_dir)
         assert not set(got["index"].tolist()) & set(np.concatenate([f["index"] for f in first]).tolist())
 
 
+class _SlowLabeler:
+    """A labeler whose results take a while: records what was waited for and what was cancelled."""
+
+    def __init__(self):
+        self.waited, self.cancelled = [], []
+
+    def submit(self, batch):
+        return len(self.waited) + len(self.cancelled) + 1000 * len(batch["label"])
+
+    def result(self, ticket):
+        time.sleep(0.01)
+        self.waited.append(ticket)
+        return np.zeros((64, 10), np.float32)
+
+    def cancel(self, ticket):
+        self.cancelled.append(ticket)
+
+
+def test_soft_label_loader_drain_waits_for_every_batch_in_flight(data_dir):
+    """drain() collects (not cancels) every batch labelled ahead, so no labelling work is left running."""
+    labeler = _SlowLabeler()
+    loader = teachers.SoftLabelLoader(_loader(data_dir), labeler, in_flight=4)
+    next(loader)
+    assert len(loader._queue) == 3 and len(labeler.waited) == 1
+    assert loader.drain() == 3
+    assert len(loader._queue) == 0 and len(labeler.waited) == 4 and labeler.cancelled == []
+    assert loader.drain() == 0
+
+
 def test_topk_round_trip(teacher_dir, online, data_dir, tmp_path):
     out = str(tmp_path / "top3")
     cache_lib.write_cache(

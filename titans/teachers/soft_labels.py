@@ -50,6 +50,15 @@ class SoftLabelLoader:
         self.step += 1
         return batch
 
+    def drain(self) -> int:
+        """Waits for every batch labelled ahead and discards it, so no labelling work is left running
+        (a benchmark drains before timing the next mode). Returns how many were drained."""
+        n = 0
+        while self._queue:
+            self.labeler.result(self._queue.popleft()[1])
+            n += 1
+        return n
+
     def _drop_queue(self):
         while self._queue:
             self.labeler.cancel(self._queue.popleft()[1])
