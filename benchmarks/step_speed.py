@@ -15,9 +15,11 @@ same learning-rate values, and the loss alpha*T^2*KL(p_t||p_s) + (1-alpha)*CE. B
 uint8 images inside the step. Images are random uint8 batches generated beforehand (a few, cycled),
 so data loading is not measured.
 
-The six measurements are interleaved within each repeat (JAX teacher, torch teacher, JAX student,
-torch student, JAX KD, torch KD), and the report gives medians over repeats; the ratio column is the
-median over repeats of the paired ratio (PyTorch time / Titans time, measured back to back).
+A tuned PyTorch side runs too (`--torch_tuned`, default `compile`): channels-last tensors and the models
+wrapped in `torch.compile` (channels-last only if compilation fails, with a note). The measurements are
+interleaved within each repeat (per step kind: JAX, eager torch, tuned torch), and the report gives
+medians over repeats; the ratio columns are medians over repeats of the paired ratio (PyTorch time /
+Titans time, measured back to back). Compile + warm-up times are printed for Titans and the tuned side.
 
 Before timing, a numerics check copies the JAX initial weights into the torch models and compares
 the losses of the first two steps of each kind on the same batch (the second step also checks that
@@ -104,6 +106,13 @@ def parse_args(argv=None):
     )
     p.add_argument("--out", default="", help="write the results as JSON here")
     p.add_argument("--skip_torch", action="store_true", help="time the Titans steps only")
+    p.add_argument(
+        "--torch_tuned",
+        choices=("none", "channels_last", "compile"),
+        default="compile",
+        help="also time a tuned PyTorch side: channels-last tensors, and with 'compile' the models wrapped in "
+        "torch.compile (falls back to channels-last, with a note, if compilation fails)",
+    )
     p.add_argument("--skip_numerics", action="store_true", help="skip the JAX-vs-torch loss check")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -430,11 +439,16 @@ def load_jax_weights(tmodel, params: dict, rest: dict) -> int:
 
 
 class TorchSide:
-    def __init__(self, args, titans: TitansSide, distill):
+    """The PyTorch steps. `tuned`: "" (eager, NCHW), "channels_last", or "compile" (channels-last and
+    every model wrapped in torch.compile)."""
+
+    def __init__(self, args, titans: TitansSide, distill, tuned: str = ""):
         import torch
         import torch.nn.functional as F
 
         self.torch, self.F = torch, F
+        self.tuned = tuned
+        self.memory_format = torch.channels_last if tuned else torch.contiguous_format
         self.device = torch.device("cuda" if args.device == "gpu" else "cpu")
         if args.device == "gpu":
             if not torch.cuda.is_available():
@@ -456,9 +470,12 @@ class TorchSide:
     def model(self, role, train: bool):
         m = build_torch_model(self.desc[role])
         load_jax_weights(m, *self.titans.pure(role))
-        m = m.to(self.device)
+        m = m.to(self.device, memory_format=self.memory_format)
         m.train(train)
         return m
+
+    def forward_fn(self, module):
+        return self.torch.compile(module) if self.tuned == "compile" else module
 
     def make(self, kind: str):
         """A closure step(batch) -> loss (a tensor; no host sync) for kind in teacher|student|kd."""
@@ -471,6 +488,9 @@ class TorchSide:
             for p in teacher.parameters():
                 p.requires_grad_(False)
         lrs = self.lrs[role]
+        model_fwd = self.forward_fn(model)
+        teacher_fwd = self.forward_fn(teacher) if teacher is not None else None
+        memory_format = self.memory_format
         opt = torch.optim.SGD(
             model.parameters(),
             lr=float(lrs[0]),
@@ -487,13 +507,13 @@ class TorchSide:
             for group in opt.param_groups:
                 group["lr"] = float(lrs[counter[0]])
             counter[0] += 1
-            x = (images.float() - mean) * inv_std
-            logits = model(x)
+            x = ((images.float() - mean) * inv_std).contiguous(memory_format=memory_format)
+            logits = model_fwd(x)
             if teacher is None:
                 loss = F.cross_entropy(logits, labels)
             else:
                 with torch.no_grad():
-                    t_logits = teacher(x)
+                    t_logits = teacher_fwd(x)
                 kl = F.kl_div(
                     F.log_softmax(logits / T, dim=1),
                     F.log_softmax(t_logits / T, dim=1),
@@ -560,6 +580,16 @@ def numerics_check(titans: TitansSide, torch_side: TorchSide, jax_batches, torch
     return results
 
 
+def warm_torch(side: TorchSide, kind: str, batches, args) -> dict:
+    """Builds one PyTorch step and runs its first (compiling, for torch.compile) and warm-up steps."""
+    t0 = time.perf_counter()
+    step = side.make(kind)
+    for i in range(1 + args.warmup):
+        loss = step(batches[i % args.num_batches])
+    side.sync()
+    return {"step": step, "i": 1 + args.warmup, "loss": loss, "warmup_s": time.perf_counter() - t0}
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.cpu_cores:
@@ -587,19 +617,22 @@ def main(argv=None):
     ]
     jax_batches = titans.batches(images, labels)
 
-    torch_side = None
+    torch_side = tuned_side = None
+    tuned_note = ""
     if not args.skip_torch:
         import torch
 
         torch_side = TorchSide(args, titans, titans.configs["student"].distill)
         torch_batches = torch_side.batches(images, labels)
+        if args.torch_tuned != "none":
+            tuned_side = TorchSide(args, titans, titans.configs["student"].distill, tuned=args.torch_tuned)
 
     numerics = None
     if torch_side is not None and not args.skip_numerics:
         numerics = numerics_check(titans, torch_side, jax_batches, torch_batches)
 
     # Build all six steps, compile and warm up.
-    jax_runs, torch_runs = {}, {}
+    jax_runs, torch_runs, tuned_runs = {}, {}, {}
     for kind in STEP_NAMES:
         step, state, teacher = titans.make(kind)
         t0 = time.perf_counter()
@@ -614,11 +647,18 @@ def main(argv=None):
             "warmup_s": time.perf_counter() - t0,
         }
         if torch_side is not None:
-            t_step = torch_side.make(kind)
-            for i in range(1 + args.warmup):
-                loss = t_step(torch_batches[i % args.num_batches])
-            torch_side.sync()
-            torch_runs[kind] = {"step": t_step, "i": 1 + args.warmup, "loss": loss}
+            torch_runs[kind] = warm_torch(torch_side, kind, torch_batches, args)
+        if tuned_side is not None:
+            try:
+                tuned_runs[kind] = warm_torch(tuned_side, kind, torch_batches, args)
+            except Exception as e:  # torch.compile needs a working C++ toolchain
+                if tuned_side.tuned != "compile":
+                    raise
+                tuned_note = f"torch.compile failed ({type(e).__name__}: {str(e)[:200]}); tuned = channels-last only"
+                tuned_side = TorchSide(args, titans, titans.configs["student"].distill, tuned="channels_last")
+                tuned_runs.clear()
+                for done in [*STEP_NAMES[: STEP_NAMES.index(kind)], kind]:
+                    tuned_runs[done] = warm_torch(tuned_side, done, torch_batches, args)
 
     def time_jax(kind):
         r = jax_runs[kind]
@@ -632,26 +672,29 @@ def main(argv=None):
         r.update(state=state, i=i, loss=metrics["loss"])
         return dt
 
-    def time_torch(kind):
-        r = torch_runs[kind]
+    def time_torch(side, runs, kind):
+        r = runs[kind]
         step, i = r["step"], r["i"]
-        torch_side.sync()
+        side.sync()
         t0 = time.perf_counter()
         for _ in range(args.steps):
             loss = step(torch_batches[i % args.num_batches])
             i += 1
-        torch_side.sync()
+        side.sync()
         dt = time.perf_counter() - t0
         r.update(i=i, loss=loss)
         return dt
 
     times = {("jax", k): [] for k in STEP_NAMES}
     times.update({("torch", k): [] for k in STEP_NAMES} if torch_side is not None else {})
+    times.update({("tuned", k): [] for k in STEP_NAMES} if tuned_side is not None else {})
     for _ in range(args.repeats):
         for kind in STEP_NAMES:
             times[("jax", kind)].append(time_jax(kind))
             if torch_side is not None:
-                times[("torch", kind)].append(time_torch(kind))
+                times[("torch", kind)].append(time_torch(torch_side, torch_runs, kind))
+            if tuned_side is not None:
+                times[("tuned", kind)].append(time_torch(tuned_side, tuned_runs, kind))
 
     # ------------------------------------------------------------------ report
     n = args.steps * args.batch_size
@@ -692,6 +735,8 @@ def main(argv=None):
         "warmup": args.warmup,
         "dtype": "float32",
         "numerics": numerics,
+        "torch_tuned": None if tuned_side is None else tuned_side.tuned,
+        "torch_tuned_note": tuned_note,
         "other_load_cores": {"before": load_before, "after": other_cpu_load()},
         "steps_results": {},
     }
@@ -720,6 +765,18 @@ def main(argv=None):
                     "torch_over_jax_time_per_repeat": ratios,
                     "torch_over_jax_time_median": statistics.median(ratios),
                     "torch_last_loss": float(torch_runs[kind]["loss"].cpu()),
+                }
+            )
+        if tuned_side is not None:
+            t = times[("tuned", kind)]
+            ratios = [tt / jj for tt, jj in zip(t, j)]
+            entry.update(
+                {
+                    "tuned_seconds": t,
+                    "tuned_median_examples_per_s": statistics.median(n / x for x in t),
+                    "tuned_compile_and_warmup_s": tuned_runs[kind]["warmup_s"],
+                    "tuned_over_jax_time_per_repeat": ratios,
+                    "tuned_over_jax_time_median": statistics.median(ratios),
                 }
             )
         result["steps_results"][kind] = entry
@@ -765,7 +822,7 @@ def print_report(r, args):
     )
     print(
         f"- timing: {r['repeats']} repeats x {r['steps']} steps each, after compilation + {r['warmup']} warm-up "
-        f"steps; the six runs interleaved in every repeat; medians over repeats"
+        f"steps; the runs interleaved in every repeat; medians over repeats"
     )
     if args.device == "cpu":
         j_thr = f"XLA CPU, {r['jax_cpu_threads']} threads"
@@ -773,24 +830,35 @@ def print_report(r, args):
     else:
         j_thr, t_thr = "GPU", "GPU"
     print()
+    tuned = r.get("torch_tuned")
+    head, rule = f"| step | Titans (JAX, {j_thr}) ex/s |", "|---|---:|"
     if r["torch_version"]:
-        print(f"| step | Titans (JAX, {j_thr}) ex/s | PyTorch ({t_thr}) ex/s | PyTorch time / Titans time |")
-        print("|---|---:|---:|---:|")
-    else:
-        print(f"| step | Titans (JAX, {j_thr}) ex/s |")
-        print("|---|---:|")
+        head += f" PyTorch eager ({t_thr}) ex/s | eager time / Titans time |"
+        rule += "---:|---:|"
+    if tuned:
+        head += (
+            f" PyTorch {tuned.replace('compile', 'channels-last + torch.compile')} ex/s | tuned time / Titans time |"
+        )
+        rule += "---:|---:|"
+    print(head + " Titans compile + warm-up, s |" + (" tuned compile + warm-up, s |" if tuned else ""))
+    print(rule + "---:|" + ("---:|" if tuned else ""))
     for kind in STEP_NAMES:
         e = r["steps_results"][kind]
         row = f"| {STEP_LABELS[kind]} | {e['jax_median_examples_per_s']:,.0f} |"
-        if r["torch_version"]:
-            rat = e["torch_over_jax_time_per_repeat"]
+        for side in ("torch", "tuned") if tuned else ("torch",) if r["torch_version"] else ():
+            rat = e[f"{side}_over_jax_time_per_repeat"]
             row += (
-                f" {e['torch_median_examples_per_s']:,.0f} | {e['torch_over_jax_time_median']:.2f} "
+                f" {e[f'{side}_median_examples_per_s']:,.0f} | {e[f'{side}_over_jax_time_median']:.2f} "
                 f"({min(rat):.2f}-{max(rat):.2f}) |"
             )
+        row += f" {e['jax_compile_and_warmup_s']:.1f} |"
+        if tuned:
+            row += f" {e['tuned_compile_and_warmup_s']:.1f} |"
         print(row)
     if r["torch_version"]:
-        print("\nRatio column: median (min-max) over repeats of the back-to-back ratio; > 1 means Titans is faster.")
+        print("\nRatio columns: median (min-max) over repeats of the back-to-back ratio; > 1 means Titans is faster.")
+    if r.get("torch_tuned_note"):
+        print(f"\nNote: {r['torch_tuned_note']}")
     if r["numerics"]:
         print(
             "\nNumerics check (same initial weights, same batches, float32 'highest' precision; "
