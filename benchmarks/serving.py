@@ -1,7 +1,8 @@
 """Served cascade vs served teacher vs served student: throughput and latency under load, side by side.
 
     python benchmarks/serving.py --stages=STUDENT_RUN,TEACHER_RUN --val_split='train[90%:]' \
-        [--batch 8 --concurrency 4 --requests 120 --open_rate 10 --duration 15 --repeats 2] [--out FILE]
+        [--batch 8 --concurrency 4 --requests 120 --open_rate 10 --duration 15 --repeats 2] [--body npy|json] \
+        [--out FILE]
 
 1. The operating point: on the validation split, the smallest deferral rate (grid of 0.05) whose
    cascade accuracy reaches the teacher's; the cascade is exported there (titans-export).
@@ -11,7 +12,8 @@
 3. Per repeat, for each application in turn (interleaved): a closed loop (`--concurrency` clients
    sending `--requests` requests of `--batch` test images back to back) and an open loop (Poisson
    arrivals at `--open_rate` requests/s for `--duration` s, at most rate*duration requests; latency
-   counted from the scheduled send time). Both are bounded in count and time, loopback only.
+   counted from the scheduled send time). Both are bounded in count and time, loopback only. Requests
+   carry the images as a binary .npy body (`--body npy`, the default) or as JSON (`--body json`).
 4. Reports images/s, p50/p95/p99 latency, accuracy of the served answers on the test images, the
    cascade's throughput against the ideal 1 / (t_student + r * t_teacher) (t from the served
    student and teacher throughputs), and the other processes' CPU load during the run.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import io
 import json
 import os
 import statistics
@@ -70,9 +73,17 @@ def operating_rate(stage_dirs, val_split) -> tuple[float, dict]:
     return 1.0, {"teacher_val_accuracy": t_acc, "cascade_val_accuracy": t_acc}
 
 
+TRANSPORT = {"body": "npy"}  # set from --body: "npy" (binary .npy request) or "json"
+
+
 def _post(url, images):
-    body = json.dumps({"images": images.tolist()}).encode()
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    if TRANSPORT["body"] == "npy":
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(images, np.uint8), allow_pickle=False)
+        body, kind = buf.getvalue(), "application/x-npy"
+    else:
+        body, kind = json.dumps({"images": images.tolist()}).encode(), "application/json"
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": kind})
     with urllib.request.urlopen(req, timeout=300) as r:
         return json.loads(r.read())
 
@@ -127,12 +138,14 @@ def main():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--requests", type=int, default=120)
+    p.add_argument("--body", choices=("npy", "json"), default="npy", help="request encoding: binary .npy or JSON")
     p.add_argument("--open_rate", type=float, default=10.0)
     p.add_argument("--duration", type=float, default=15.0)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--out", default="")
     a = p.parse_args()
+    TRANSPORT["body"] = a.body
     stage_dirs = a.stages.split(",")
     rate, val = operating_rate(stage_dirs, a.val_split)
     export_dir = tempfile.mkdtemp(prefix="titans-serving-bench-")

@@ -2,6 +2,7 @@
 requests get a 400 and leave the service up, a killed teacher replica costs latency and not answers,
 and the HTTP proxy listens on loopback only."""
 
+import io
 import json
 import socket
 import urllib.error
@@ -41,13 +42,19 @@ def served(data_dir, tmp_path_factory):
     serve_main.stop()
 
 
-def _post(url, body: bytes, timeout=120):
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+def _post(url, body: bytes, timeout=120, content_type="application/json"):
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": content_type})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+
+
+def _npy(array, allow_pickle=False) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=allow_pickle)
+    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +92,29 @@ def test_malformed_requests_get_a_400_and_the_service_stays_up(served, images, b
     assert status == 400 and message in out["error"]
     status, _ = _post(url, json.dumps({"images": images[:2].tolist()}).encode())
     assert status == 200
+
+
+def test_binary_npy_requests_get_the_same_answers(served, images):
+    url, _, _ = served
+    _, as_json = _post(url, json.dumps({"images": images.tolist()}).encode())
+    status, as_npy = _post(url, _npy(images), content_type="application/x-npy")
+    assert status == 200 and as_npy == as_json
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (b"\x93NUMPY garbage", "not a .npy array"),
+        (_npy(np.zeros((2, 8, 8, 1), np.float32)), "uint8 pixels"),
+        (_npy(np.zeros((2, 8, 8), np.uint8)), "must have shape"),
+        (_npy(np.zeros((300, 8, 8, 1), np.uint8)), "1 to 256 images"),
+        (_npy(np.array([{"a": 1}], dtype=object), allow_pickle=True), "not a .npy array"),  # no unpickling
+    ],
+)
+def test_malformed_npy_requests_get_a_400(served, images, body, message):
+    url, _, _ = served
+    status, out = _post(url, body, content_type="application/x-npy")
+    assert status == 400 and message in out["error"], out
 
 
 def test_a_killed_teacher_replica_costs_latency_not_answers(served, images):

@@ -16,7 +16,7 @@ import os
 import numpy as np
 
 from titans import figures
-from titans.stats import mean_sd, paired_difference
+from titans.stats import claim_verdict, claims_table, mean_sd, paired_difference
 
 
 def load(pattern: str) -> list[dict]:
@@ -121,6 +121,28 @@ def selection_table(runs: list[dict], strategy: str = "robust") -> str:
     return "\n".join(lines)
 
 
+def claims(aggs: dict) -> str:
+    """The paper's claims this study can test, at the largest budget, per teacher (percentage points)."""
+    rows = []
+    for label, agg in aggs.items():
+        if ABLATION_SUFFIX in label or "robust" not in agg:
+            continue
+        q = agg["robust"]["queries"][-1]
+        final = lambda a: [100 * x[-1] for x in a["accuracy"]]
+        for other in ("margin", "entropy", "random", "kcenter"):
+            if other in agg:
+                d = paired_difference(final(agg["robust"]), final(agg[other]))
+                rows.append((f"{label} teacher: robust beats {other} at {q} queries", d, claim_verdict(d)))
+        for ablation, a in aggs.items():
+            base, sep, estimate = ablation.partition(ABLATION_SUFFIX)
+            if sep and base == label and "robust" in a:
+                d = paired_difference(final(agg["robust"]), final(a["robust"]))
+                rows.append(
+                    (f"{label} teacher: an estimated m beats m_estimate={estimate} at {q} queries", d, claim_verdict(d))
+                )
+    return claims_table(rows, "{:+.2f}") if rows else ""
+
+
 ABLATION_SUFFIX = "_m"  # a setting named <teacher>_m<estimate> runs robust with active.m_estimate=<estimate>
 
 
@@ -128,7 +150,7 @@ def render(settings: dict[str, list[dict]]) -> str:
     """The generated page: per main setting, accuracy vs queries, robust against every other strategy,
     the selection statistics; then the m ablation (robust with m estimated vs robust with another m)."""
     aggs = {label: aggregate(runs) for label, runs in settings.items() if runs}
-    parts = []
+    parts = ["## Claims and verdicts", claims(aggs)]
     for label, runs in settings.items():
         if ABLATION_SUFFIX in label or label not in aggs:
             continue

@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 
-from titans.stats import mean_sd, paired_difference
+from titans.stats import claim_verdict, claims_table, mean_sd, paired_difference
 
 ORDER = ("bdistil", "bdistil_noconn", "resched", "no_resched")
 LABEL = {
@@ -133,9 +133,48 @@ def find_wl_lines(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _common_depth(runs: list[dict], a: str, b: str) -> int:
+    """The largest member count that every seed reached in both variants (0 if none)."""
+    return min(min(len(r["variants"].get(v, {}).get("accuracy_by_members", [])) for v in (a, b)) for r in runs)
+
+
+def _acc(runs: list[dict], variant: str, w: int) -> list[float]:
+    return [100 * r["variants"][variant]["accuracy_by_members"][w] for r in runs]
+
+
+def claims(runs: list[dict]) -> str:
+    """The paper's claims this study can test, at the deepest member count every seed reached."""
+    rows = []
+    variants = set().union(*(r["variants"] for r in runs))
+    if "bdistil" not in variants:
+        return ""
+    w = _common_depth(runs, "bdistil", "bdistil")
+    if w >= 2:
+        d = paired_difference(_acc(runs, "bdistil", w - 1), _acc(runs, "bdistil", 0))
+        rows.append((f"Accuracy grows with members: F_{w} beats F_1 (points)", d, claim_verdict(d)))
+    for other, claim in (
+        ("resched", "B-DISTIL beats resched with the same members"),
+        ("no_resched", "B-DISTIL beats one student of the same FLOPs (no-resched, the paper's oracle)"),
+        ("bdistil_noconn", "The connection helps: B-DISTIL beats its unconnected version, same members"),
+    ):
+        if other not in variants:
+            continue
+        w = _common_depth(runs, "bdistil", other)
+        if w:
+            d = paired_difference(_acc(runs, "bdistil", w - 1), _acc(runs, other, w - 1))
+            rows.append((f"{claim} (w = {w}, points)", d, claim_verdict(d)))
+    return claims_table(rows, "{:+.2f}")
+
+
 def render(runs: list[dict]) -> str:
     """The generated page of a B-DISTIL study over seeds."""
-    parts = [teacher_line(runs), "## Accuracy by members and FLOPs (mean ± sd over seeds)", members_table(runs)]
+    parts = [
+        teacher_line(runs),
+        "## Claims and verdicts",
+        claims(runs),
+        "## Accuracy by members and FLOPs (mean ± sd over seeds)",
+        members_table(runs),
+    ]
     variants = set().union(*(r["variants"] for r in runs))
     for b, what in (
         ("no_resched", "the no-resched curve (one student per B-DISTIL prefix, matched in FLOPs)"),

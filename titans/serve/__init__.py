@@ -3,9 +3,11 @@
     titans-serve --export=exports/fmnist_cascade [--host=127.0.0.1] [--port=8000]
     curl -s -X POST http://127.0.0.1:8000/ -H 'Content-Type: application/json' \
         -d '{"images": [[[[0], [0], ...]]]}'           # uint8 values, shape (N, H, W, C)
+    curl -s -X POST http://127.0.0.1:8000/ -H 'Content-Type: application/x-npy' \
+        --data-binary @images.npy                      # the same as a .npy file (np.save), uint8
 
 Two deployments (one Ray Serve application):
-  CascadeIngress  the HTTP ingress: validates each request (JSON, shape, dtype, size; a bad one gets a
+  CascadeIngress  the HTTP ingress: validates each request (JSON or .npy, shape, dtype, size; a bad one gets a
                   400 with the reason and never takes the replica down), batches requests across
                   callers (`serve.batch`), runs every stage but the last with their gates, and sends
                   only the rows they defer to the teacher;
@@ -20,6 +22,7 @@ The HTTP proxy binds 127.0.0.1 unless --host says otherwise; the local Ray clust
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 
@@ -39,8 +42,30 @@ class BadRequest(ValueError):
     """A request the service answers with 400 and a reason."""
 
 
-def parse_images(body: bytes, input_shape, max_images: int) -> np.ndarray:
-    """The request's images as uint8 (N, H, W, C), or BadRequest saying what is wrong."""
+NPY_TYPE = "application/x-npy"
+
+
+def parse_npy(body: bytes, input_shape, max_images: int) -> np.ndarray:
+    """A binary request: one uint8 array of shape (N, H, W, C) in .npy format (no pickled objects)."""
+    try:
+        x = np.load(io.BytesIO(body), allow_pickle=False)
+    except (ValueError, OSError, EOFError):
+        raise BadRequest(f"the body is not a .npy array ({NPY_TYPE}); write it with numpy.save") from None
+    if not isinstance(x, np.ndarray) or x.dtype != np.uint8:
+        raise BadRequest(f"a .npy body must hold uint8 pixels; got dtype {getattr(x, 'dtype', type(x).__name__)}")
+    want = tuple(input_shape)
+    if x.ndim != 1 + len(want) or tuple(x.shape[1:]) != want:
+        raise BadRequest(f'"images" must have shape (N, {", ".join(map(str, want))}); got {x.shape}')
+    if not 1 <= len(x) <= max_images:
+        raise BadRequest(f"a request holds 1 to {max_images} images; got {len(x)}")
+    return np.ascontiguousarray(x)
+
+
+def parse_images(body: bytes, input_shape, max_images: int, content_type: str = "application/json") -> np.ndarray:
+    """The request's images as uint8 (N, H, W, C), or BadRequest saying what is wrong. A body sent as
+    `application/x-npy` is a .npy array; anything else is read as JSON {"images": [...]}."""
+    if content_type.split(";")[0].strip().lower() == NPY_TYPE:
+        return parse_npy(body, input_shape, max_images)
     try:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError):
@@ -129,7 +154,9 @@ class CascadeIngress:
 
     async def __call__(self, request: Request):
         try:
-            images = parse_images(await request.body(), self.shape, self.max_images)
+            images = parse_images(
+                await request.body(), self.shape, self.max_images, request.headers.get("content-type", "")
+            )
         except BadRequest as e:
             return JSONResponse({"error": str(e)}, status_code=400)
         if self.mode == "teacher":
