@@ -1,0 +1,174 @@
+"""Per-layer convolution speed on XLA:CPU: which formulation of a 3x3 'same' convolution wins, layer by layer.
+
+The layers are those of the Fashion-MNIST models (batch 128): the teacher's 1->32 at 28x28 and 32->64 at
+14x14, the student's 1->8 at 28x28 and 8->16 at 14x14 (and the tiny student's 1->4, 4->8). For each, three
+formulations computing the same function, and PyTorch's eager conv2d as a reference:
+
+* conv      `lax.conv_general_dilated`, NHWC / HWIO (what `nnx.Conv` runs),
+* nchw      the same convolution in NCHW / OIHW layout,
+* patches   im2col by hand: the 9 shifted views of the padded input stacked on the channel axis, then
+            one (B*H*W, 9*C_in) x (9*C_in, C_out) matmul; its gradient is slices and a matmul too.
+
+Timed: the forward pass, and forward + backward (gradients for the input and the kernel), each jitted,
+median of `--repeats` runs of `--iters` calls, interleaved. Ratios are formulation time / conv time (< 1:
+faster than conv). Outputs and gradients are checked equal to conv's (float32, 1e-4 relative).
+
+    python benchmarks/conv_layers.py --repeats 7 --iters 20
+    python benchmarks/conv_layers.py --layers 1x8@28,8x16@14 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np
+from machine_load import banner, other_cpu_load
+
+DEFAULT_LAYERS = "1x32@28,32x64@14,1x8@28,8x16@14,1x4@28,4x8@14"
+
+
+def parse_layers(spec: str) -> list[tuple[int, int, int]]:
+    """'1x32@28,...' -> [(c_in, c_out, size), ...]."""
+    out = []
+    for part in spec.split(","):
+        chans, _, size = part.partition("@")
+        c_in, _, c_out = chans.partition("x")
+        out.append((int(c_in), int(c_out), int(size)))
+    return out
+
+
+def formulations():
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    def conv(x, k):  # x (B, H, W, C), k (3, 3, C, O)
+        return lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def nchw(x, k):
+        y = lax.conv_general_dilated(
+            jnp.transpose(x, (0, 3, 1, 2)),
+            jnp.transpose(k, (3, 2, 0, 1)),
+            (1, 1),
+            ((1, 1), (1, 1)),
+            dimension_numbers=("NCHW", "OIHW", "NCHW"),
+        )
+        return jnp.transpose(y, (0, 2, 3, 1))
+
+    def patches(x, k):
+        b, h, w, c = x.shape
+        xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        cols = jnp.concatenate([xp[:, i : i + h, j : j + w, :] for i in range(3) for j in range(3)], axis=-1)
+        return (cols.reshape(b * h * w, 9 * c) @ k.reshape(9 * c, -1)).reshape(b, h, w, -1)
+
+    fns = {"conv": conv, "nchw": nchw, "patches": patches}
+    compiled = {}
+    for name, f in fns.items():
+        fwd = jax.jit(f)
+        bwd = jax.jit(jax.grad(lambda x, k, f=f: jnp.sum(f(x, k) ** 2), argnums=(0, 1)))
+        compiled[name] = (fwd, bwd)
+    return compiled
+
+
+def time_calls(fn, args, iters: int) -> float:
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / iters
+
+
+def torch_times(c_in, c_out, size, batch, iters, threads):
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(threads)
+    x = torch.randn(batch, c_in, size, size, requires_grad=True)
+    conv = torch.nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+
+    def fwd():
+        with torch.no_grad():
+            return conv(x)
+
+    def bwd():
+        x.grad = None
+        conv.weight.grad = None
+        (conv(x) ** 2).sum().backward()
+
+    out = {}
+    for name, f in (("fwd", fwd), ("bwd", bwd)):
+        f()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            f()
+        out[name] = (time.perf_counter() - t0) / iters
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", default=DEFAULT_LAYERS, help="c_in x c_out @ size, comma-separated")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=0, help="pin to this many cores (0 = all)")
+    a = p.parse_args(argv)
+    if a.threads:
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: a.threads])
+    threads = len(os.sched_getaffinity(0))
+    import jax
+    import jax.numpy as jnp
+
+    load_before = other_cpu_load()
+    fns = formulations()
+    rng = np.random.default_rng(0)
+    rows = []
+    for c_in, c_out, size in parse_layers(a.layers):
+        x = jnp.asarray(rng.normal(size=(a.batch, size, size, c_in)).astype(np.float32))
+        k = jnp.asarray(rng.normal(size=(3, 3, c_in, c_out)).astype(np.float32) * 0.1)
+        ref_y, ref_g = fns["conv"][0](x, k), fns["conv"][1](x, k)
+        for fwd, bwd in fns.values():
+            np.testing.assert_allclose(fwd(x, k), ref_y, rtol=1e-4, atol=1e-4)
+            for got, want in zip(bwd(x, k), ref_g):
+                np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+        times = {(n, kind): [] for n in fns for kind in ("fwd", "bwd")}
+        for _ in range(a.repeats):
+            for name, (fwd, bwd) in fns.items():
+                times[(name, "fwd")].append(time_calls(fwd, (x, k), a.iters))
+                times[(name, "bwd")].append(time_calls(bwd, (x, k), a.iters))
+        med = {key: statistics.median(v) for key, v in times.items()}
+        rows.append(((c_in, c_out, size), med, torch_times(c_in, c_out, size, a.batch, a.iters, threads)))
+    load_after = other_cpu_load()
+
+    warning = banner([load_before, load_after], threads)
+    if warning:
+        print(warning)
+    print(f"\n## 3x3 convolutions on XLA:CPU, batch {a.batch}, float32, {threads} threads, jax {jax.__version__}\n")
+    print(f"- other processes' CPU load (cores): before {load_before}, after {load_after}")
+    print("- times in ms per call (median of repeats); ratios: formulation / conv (< 1 is faster than conv)\n")
+    print(
+        "| layer | pass | conv | nchw | patches | nchw / conv | patches / conv | torch eager | torch / conv |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|"
+    )
+    for (c_in, c_out, size), med, t in rows:
+        for kind, label in (("fwd", "forward"), ("bwd", "fwd + bwd")):
+            c, n, pt = (1e3 * med[(name, kind)] for name in ("conv", "nchw", "patches"))
+            torch_cells = f"{1e3 * t[kind]:.2f} | {1e3 * t[kind] / c:.2f}" if t else "— | —"
+            print(
+                f"| {c_in}->{c_out} @ {size}x{size} | {label} | {c:.2f} | {n:.2f} | {pt:.2f} | {n / c:.2f} | "
+                f"{pt / c:.2f} | {torch_cells} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
