@@ -10,14 +10,17 @@ the learning rate divided by 10 at epochs 150, 180 and 210; random crop + flip. 
 train on train[:90%]; gate thresholds are chosen on train[90%:] (5,000 images), results on the
 10,000 test images: WORKDIR/cascade.json and WORKDIR/cascade_*.png.
 
-Stages: teacher, then {resnet8, resnet20} x {standard, easy, defer} (the objectives of
-configs/titans_fmnist.py; Hinton KD with T=4, alpha=0.9).
+Stages: teacher, then {resnet8, resnet20} x {standard, easy, flatten, defer, defer_cost} (the objectives
+of configs/titans_fmnist.py; Hinton KD with T=4, alpha=0.9), and the equal-cost baseline resnet32 (about
+a quarter of the ResNet-110 teacher's FLOPs) with standard KD.
 
 arg: comma-separated key=value: seed (0), teacher (resnet110 | wrn_40_2), epochs (240, students and
-teacher), students (resnet8+resnet20), objectives (standard+easy+defer).
+teacher), students (resnet8+resnet20), objectives (standard+easy+flatten+defer+defer_cost), baseline
+(resnet32; '' for none), teacher_split (train[:90%]). With students= and baseline= both empty the config
+is the teacher alone (e.g. `students=,baseline=,teacher_split=train[:50%]` for configs/active_cifar100.py).
 
 XLA FLOPs per example (forward, 32x32x3, 100 classes): resnet110 486 M, wrn_40_2 598 M, resnet20 76 M,
-resnet8 24 M.
+resnet8 24 M; resnet32 129 M (26% of resnet110).
 Expected runtime, an ESTIMATE (no accelerator run of this config has been made in this repository):
 small CIFAR ResNets at batch 64 are bound by per-layer latency, not FLOPs; on one H100 or A100 in
 bfloat16, about 0.5-1 h for the ResNet-110 teacher and 10-20 min per student (the teacher forward
@@ -33,12 +36,12 @@ from titans.config_builders import cascade_pipeline, parse_config_arg
 STUDENTS = ("resnet8", "resnet20")
 
 
-def _run(name: str, model: str, seed: int, epochs: float) -> ml_collections.ConfigDict:
+def _run(name: str, model: str, seed: int, epochs: float, split: str = "train[:90%]") -> ml_collections.ConfigDict:
     c = base_config()
     c.name = name
     c.seed = seed
     c.dataset.name = "cifar100"
-    c.dataset.train_split = "train[:90%]"
+    c.dataset.train_split = split
     c.model.name = model
     c.batch_size = 64
     c.eval_batch_size = 500
@@ -58,12 +61,22 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     a = parse_config_arg(
         arg,
         dict(
-            seed="0", teacher="resnet110", epochs="240", students="+".join(STUDENTS), objectives="standard+easy+defer"
+            seed="0",
+            teacher="resnet110",
+            epochs="240",
+            students="+".join(STUDENTS),
+            objectives="standard+easy+flatten+defer+defer_cost",
+            baseline="resnet32",
+            teacher_split="train[:90%]",
         ),
         "titans_cifar100.py",
     )
     seed, epochs = int(a["seed"]), float(a["epochs"])
-    students = {s: (lambda s=s: _run(s, s, seed, epochs)) for s in a["students"].split("+")}
+    if not a["students"] and not a["baseline"]:  # the teacher alone, as one plain run
+        return _run("teacher", a["teacher"], seed, epochs, a["teacher_split"])
+    baselines = tuple(filter(None, a["baseline"].split("+")))
+    names = [*a["students"].split("+"), *(b for b in baselines if b not in a["students"].split("+"))]
+    students = {s: (lambda s=s: _run(s, s, seed, epochs)) for s in names}
     return cascade_pipeline(
         _run("teacher", a["teacher"], seed, epochs),
         students,
@@ -71,4 +84,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         temperature=4.0,
         alpha=0.9,
         cascade=dict(val_split="train[90%:]", test_split="test", batch_size=1000),
+        baselines=baselines,
     )

@@ -422,3 +422,11 @@ def test_m_zero_reaches_the_game_and_makes_robust_plain_top_b(data_dir, tmp_path
     robust = out["strategies"]["robust"]
     for r in range(1, cfg.active.rounds + 1):
         assert robust["m"][r] == 0.0 and robust["overlap_margin"][r] == 1.0
+
+
+def test_active_cifar100_config_validates_and_needs_its_teacher():
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "active_cifar100.py")
+    c = active_config.validate(config_lib.load_config_file(path + ":teacher_dir=/t,m=zero,budget=100"))
+    assert c.student.model.name == "resnet20" and c.active.budget_per_round == 100 and c.active.m_estimate == "zero"
+    with pytest.raises(ValueError, match="needs teacher_dir"):
+        config_lib.load_config_file(path)
