@@ -13,6 +13,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -443,3 +444,42 @@ def test_max_pool_2x2_equals_the_reduce_window_form(shape):
     g_new = jax.grad(lambda v: jnp.sum(layers.max_pool_2x2(jax.nn.relu(v)) * weights))(x)
     g_ref = jax.grad(lambda v: jnp.sum(reference(jax.nn.relu(v)) * weights))(x)
     np.testing.assert_array_equal(np.asarray(g_new), np.asarray(g_ref))
+
+
+@pytest.mark.parametrize("c_in, c_out, kernel, use_bias", [(1, 8, 3, False), (8, 16, 3, True), (3, 4, 5, False)])
+def test_patch_conv_equals_nnx_conv(c_in, c_out, kernel, use_bias):
+    """PatchConv (im2col + matmul) computes nnx.Conv's function with nnx.Conv's parameters: same outputs and
+    the same gradients for the input and the kernel."""
+    from titans.models import layers
+
+    xla = layers.conv(c_in, c_out, kernel, rngs=nnx.Rngs(0), dtype=jnp.float32, use_bias=use_bias)
+    patches = layers.conv(c_in, c_out, kernel, rngs=nnx.Rngs(0), dtype=jnp.float32, use_bias=use_bias, impl="patches")
+    assert isinstance(patches, layers.PatchConv)
+    if use_bias:
+        for m in (xla, patches):
+            m.bias[...] = jnp.arange(c_out, dtype=jnp.float32) / c_out
+    np.testing.assert_array_equal(np.asarray(xla.kernel[...]), np.asarray(patches.kernel[...]))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 11, 9, c_in)).astype(np.float32))
+    np.testing.assert_allclose(np.asarray(patches(x)), np.asarray(xla(x)), rtol=1e-5, atol=1e-5)
+
+    def grads(m):
+        g_m, g_x = nnx.grad(lambda mod, v: jnp.sum(jnp.sin(mod(v))), argnums=(0, 1))(m, x)
+        return g_m["kernel"][...], g_x
+
+    for got, want in zip(grads(patches), grads(xla)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="not one of"):
+        layers.conv(1, 2, 3, rngs=nnx.Rngs(0), dtype=jnp.float32, impl="winograd")
+
+
+def test_cnn_with_patch_convs_equals_the_default_cnn():
+    from titans import data
+
+    info = data.dataset_info("fashion_mnist")
+    cfg = lambda impl: ml_collections.ConfigDict(
+        dict(name="cnn", kwargs=ml_collections.ConfigDict(dict(channels=(8, 16), dense=32, conv_impl=impl)))
+    )
+    a = models.build_model(cfg("xla"), info, seed=0, dtype=jnp.float32)
+    b = models.build_model(cfg("patches"), info, seed=0, dtype=jnp.float32)
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 255, (4, 28, 28, 1)).astype(np.float32) / 255)
+    np.testing.assert_allclose(np.asarray(b(x)), np.asarray(a(x)), rtol=1e-4, atol=1e-4)

@@ -69,7 +69,7 @@ def test_cascade_curves_are_recomputed_from_the_committed_logits(seed):
             thr = np.inf if k == 0 else (-np.inf if k == len(v) else np.sort(v)[::-1][k - 1 : k + 1].mean())
             answer = np.where(x > thr, t_test.argmax(-1), s_test.argmax(-1))
             worst = max(worst, abs(float(np.mean(answer == y_test)) - acc))
-        assert worst < 2e-3, (name, worst)
+        assert worst <= 1e-3, (name, worst)  # measured: at most 5 of 10,000 test images
 
 
 def test_paired_difference_against_hand_computed_intervals():

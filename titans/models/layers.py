@@ -43,6 +43,33 @@ def conv_init(groups: int = 1):
     return nnx.initializers.variance_scaling(2.0 * groups, "fan_out", "normal")
 
 
+CONV_IMPLS = ("xla", "patches")
+
+
+class PatchConv(nnx.Conv):
+    """``nnx.Conv`` with the same parameters, computed as im2col + one matmul for a stride-1 'same'
+    convolution without groups: the k*k shifted views of the padded input are stacked on the channel
+    axis and multiplied by the kernel reshaped to (k*k*C_in, C_out). XLA:CPU runs convolutions with few
+    input channels far below its matmul speed (benchmarks/conv_layers.py measures each layer); this
+    form's gradient is slices and matmuls too. Any other configuration falls back to ``nnx.Conv``.
+    Checkpoints are interchangeable with ``nnx.Conv``'s (same kernel layout, HWIO)."""
+
+    def __call__(self, inputs, out_sharding=None):
+        kh, kw = self.kernel_size
+        pads = self.padding
+        same = kh == kw and kh % 2 == 1 and pads == ((kh // 2, kh // 2), (kw // 2, kw // 2))
+        if inputs.ndim != 4 or self.strides not in (1, (1, 1)) or self.feature_group_count != 1 or not same:
+            return super().__call__(inputs, out_sharding)
+        bias = self.bias[...] if self.bias is not None else None
+        x, kernel, bias = self.promote_dtype((inputs, self.kernel[...], bias), dtype=self.dtype)
+        b, h, w, c = x.shape
+        p = kh // 2
+        xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+        cols = jnp.concatenate([xp[:, i : i + h, j : j + w, :] for i in range(kh) for j in range(kw)], axis=-1)
+        y = (cols.reshape(b * h * w, kh * kw * c) @ kernel.reshape(kh * kw * c, -1)).reshape(b, h, w, -1)
+        return y if bias is None else y + bias
+
+
 def conv(
     in_ch: int,
     out_ch: int,
@@ -53,9 +80,13 @@ def conv(
     dtype,
     groups: int = 1,
     use_bias: bool = False,
+    impl: str = "xla",
 ) -> nnx.Conv:
+    """A k x k 'same' convolution; `impl` "patches" computes it as im2col + matmul (`PatchConv`)."""
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"conv impl {impl!r} is not one of {CONV_IMPLS}")
     pad = kernel // 2
-    return nnx.Conv(
+    return (PatchConv if impl == "patches" else nnx.Conv)(
         in_ch,
         out_ch,
         (kernel, kernel),

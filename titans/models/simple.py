@@ -49,6 +49,8 @@ class CNN(L.Classifier):
 
     The pool is skipped in a stage whose input is already smaller than 2 pixels, so 8x8 inputs
     work with up to three stages. With ``batch_norm=False`` the convs get a bias instead.
+    ``conv_impl="patches"`` computes the convolutions as im2col + matmul (``layers.PatchConv``; same
+    parameters, same function).
     acts: ``stage1``... (after the pool), ``features`` (the dense layer's output).
     """
 
@@ -64,6 +66,7 @@ class CNN(L.Classifier):
         channels: Sequence[int] = (32, 64),
         dense: int = 128,
         batch_norm: bool = True,
+        conv_impl: str = "xla",
     ):
         self.input_shape = L.check_input_shape(input_shape)
         self.num_classes = int(num_classes)
@@ -73,7 +76,7 @@ class CNN(L.Classifier):
         convs, norms, pools = [], [], []
         for ch in channels:
             ch = int(ch)
-            convs.append(L.conv(c, ch, 3, rngs=rngs, dtype=dtype, use_bias=not self.use_bn))
+            convs.append(L.conv(c, ch, 3, rngs=rngs, dtype=dtype, use_bias=not self.use_bn, impl=conv_impl))
             if self.use_bn:
                 norms.append(L.batch_norm(ch, rngs=rngs, dtype=dtype))
             pool = h >= 2 and w >= 2
