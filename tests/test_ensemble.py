@@ -588,3 +588,16 @@ def test_pair_mode_member_follows_the_signed_residual_of_each_example_class_pair
         )
     )
     assert np.all(np.sign(-g_uniform) == np.sign(r))
+
+
+def test_weighted_edge_is_the_weighted_fraction_of_residual_removed():
+    """A known answer: before (2, 4), after (1, 4); with weights (1, 1) the edge is 1 - 5/6, with weights
+    (3, 1) it is 1 - 7/10: the weight player's weights decide which example's progress counts. Pair
+    weights (2-D) are inside the losses already, so the edge sums them unweighted."""
+    from titans.ensemble.runner import weighted_edge
+
+    before, after = np.array([2.0, 4.0]), np.array([1.0, 4.0])
+    assert weighted_edge(before, after, np.ones(2)) == pytest.approx(1 - 5 / 6)
+    assert weighted_edge(before, after, np.array([3.0, 1.0])) == pytest.approx(1 - 7 / 10)
+    assert weighted_edge(before, after, np.ones((2, 10))) == pytest.approx(1 - 5 / 6)
+    assert weighted_edge(before, before, np.ones(2)) == 0.0
