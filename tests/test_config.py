@@ -97,3 +97,30 @@ def test_cascade_configs_validate_and_name_real_models(spec):
         assert model.num_classes == info.num_classes + (stage.distill.objective == "defer")
     with pytest.raises(ValueError, match="Unknown argument 'seeds'"):
         config_lib.load_config_file(os.path.join(REPO, "configs", spec.split(":")[0]) + ":seeds=1")
+
+
+def test_strong_regime_cascade_config_builds_valid_stages():
+    """configs/titans_fmnist_strong.py: every stage is a valid cached-KD student of the shared teacher run
+    (absolute path, no teacher stage), the baselines train with standard KD only, and the students span
+    the linear model to the ResNet-8."""
+    from titans.config import load_config_file, validate
+
+    c = load_config_file(os.path.join(REPO, "configs", "titans_fmnist_strong.py") + ":teacher_dir=t,cache_dir=c")
+    assert "teacher" not in c.stage_order and os.path.isabs(c.cascade.teacher)
+    assert c.cascade.baselines == ("large_standard", "resnet8_standard")
+    assert {n.split("_")[0] for n in c.stage_order} == {
+        "linear",
+        "mlp64",
+        "tiny",
+        "small",
+        "medium",
+        "large",
+        "resnet8",
+    }
+    for name in c.stage_order:
+        s = validate(c.stages[name])
+        assert s.distill.teacher_mode == "cache" and s.distill.teacher_workdir == c.cascade.teacher
+        assert os.path.isabs(s.distill.cache.dir) and not s.dataset.augmentation
+    assert (
+        c.stages.linear_flatten.distill.objective == "flatten" and c.stages.linear_defer_cost.distill.defer_cost == 0.1
+    )
