@@ -57,10 +57,11 @@ def test_cascade_curves_are_recomputed_from_the_committed_logits(seed):
     raw = np.load(os.path.join(run, "cascade_logits.npz"))
     y_test, t_test = raw["test/label"], raw["test/teacher"]
     C = t_test.shape[-1]
-    assert np.mean(t_test.argmax(-1) == y_test) == pytest.approx(result["teacher"]["test_accuracy"], abs=2e-4)
+    # float16 logits can tie two top classes (spacing 0.016 at |logit| 16): a handful of argmaxes move.
+    assert np.mean(t_test.argmax(-1) == y_test) == pytest.approx(result["teacher"]["test_accuracy"], abs=1e-3)
     for name, entry in result["students"].items():
         s_val, s_test = raw[f"val/{name}"][:, :C], raw[f"test/{name}"][:, :C]
-        assert np.mean(s_test.argmax(-1) == y_test) == pytest.approx(entry["test_accuracy"], abs=2e-4)
+        assert np.mean(s_test.argmax(-1) == y_test) == pytest.approx(entry["test_accuracy"], abs=1e-3)
         curve = entry["gates"]["msp"]["curve"]  # msp reads the C class outputs (of a defer student too)
         v, x = _msp_score(s_val), _msp_score(s_test)
         worst = 0.0
