@@ -9,7 +9,8 @@ formulations computing the same function, and PyTorch's eager conv2d as a refere
 * patches   im2col by hand: the 9 shifted views of the padded input stacked on the channel axis, then
             one (B*H*W, 9*C_in) x (9*C_in, C_out) matmul; its gradient is slices and a matmul too.
 
-Timed: the forward pass, and forward + backward (gradients for the input and the kernel), each jitted,
+Timed: the forward pass, forward + backward for the input and the kernel (an inner layer), and forward +
+backward for the kernel only (a first layer, whose input needs no gradient), each jitted,
 median of `--repeats` runs of `--iters` calls, interleaved. Ratios are formulation time / conv time (< 1:
 faster than conv). Outputs and gradients are checked equal to conv's (float32, 1e-4 relative).
 
@@ -31,6 +32,8 @@ import numpy as np
 from machine_load import banner, other_cpu_load
 
 DEFAULT_LAYERS = "1x32@28,32x64@14,1x8@28,8x16@14,1x4@28,4x8@14"
+PASSES = ("fwd", "bwd", "kernel")
+PASS_LABELS = {"fwd": "forward", "bwd": "fwd + bwd (input, kernel)", "kernel": "fwd + bwd (kernel only)"}
 
 
 def parse_layers(spec: str) -> list[tuple[int, int, int]]:
@@ -72,7 +75,9 @@ def formulations():
     for name, f in fns.items():
         fwd = jax.jit(f)
         bwd = jax.jit(jax.grad(lambda x, k, f=f: jnp.sum(f(x, k) ** 2), argnums=(0, 1)))
-        compiled[name] = (fwd, bwd)
+        # A network's first layer needs no gradient for its input (the images): the kernel's alone.
+        kernel_only = jax.jit(jax.grad(lambda x, k, f=f: jnp.sum(f(x, k) ** 2), argnums=1))
+        compiled[name] = (fwd, bwd, kernel_only)
     return compiled
 
 
@@ -137,15 +142,15 @@ def main(argv=None):
         x = jnp.asarray(rng.normal(size=(a.batch, size, size, c_in)).astype(np.float32))
         k = jnp.asarray(rng.normal(size=(3, 3, c_in, c_out)).astype(np.float32) * 0.1)
         ref_y, ref_g = fns["conv"][0](x, k), fns["conv"][1](x, k)
-        for fwd, bwd in fns.values():
+        for fwd, bwd, _ in fns.values():
             np.testing.assert_allclose(fwd(x, k), ref_y, rtol=1e-4, atol=1e-4)
             for got, want in zip(bwd(x, k), ref_g):
                 np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
-        times = {(n, kind): [] for n in fns for kind in ("fwd", "bwd")}
+        times = {(n, kind): [] for n in fns for kind in PASSES}
         for _ in range(a.repeats):
-            for name, (fwd, bwd) in fns.items():
-                times[(name, "fwd")].append(time_calls(fwd, (x, k), a.iters))
-                times[(name, "bwd")].append(time_calls(bwd, (x, k), a.iters))
+            for name, calls in fns.items():
+                for kind, fn in zip(PASSES, calls):
+                    times[(name, kind)].append(time_calls(fn, (x, k), a.iters))
         med = {key: statistics.median(v) for key, v in times.items()}
         rows.append(((c_in, c_out, size), med, torch_times(c_in, c_out, size, a.batch, a.iters, threads)))
     load_after = other_cpu_load()
@@ -161,9 +166,9 @@ def main(argv=None):
         "|---|---|---:|---:|---:|---:|---:|---:|---:|"
     )
     for (c_in, c_out, size), med, t in rows:
-        for kind, label in (("fwd", "forward"), ("bwd", "fwd + bwd")):
+        for kind, label in PASS_LABELS.items():
             c, n, pt = (1e3 * med[(name, kind)] for name in ("conv", "nchw", "patches"))
-            torch_cells = f"{1e3 * t[kind]:.2f} | {1e3 * t[kind] / c:.2f}" if t else "— | —"
+            torch_cells = f"{1e3 * t[kind]:.2f} | {1e3 * t[kind] / c:.2f}" if t and kind in t else "— | —"
             print(
                 f"| {c_in}->{c_out} @ {size}x{size} | {label} | {c:.2f} | {n:.2f} | {pt:.2f} | {n / c:.2f} | "
                 f"{pt / c:.2f} | {torch_cells} |"

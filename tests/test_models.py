@@ -470,6 +470,8 @@ def test_patch_conv_equals_nnx_conv(c_in, c_out, kernel, use_bias):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="not one of"):
         layers.conv(1, 2, 3, rngs=nnx.Rngs(0), dtype=jnp.float32, impl="winograd")
+    auto = [layers.conv(c, 8, 3, rngs=nnx.Rngs(0), dtype=jnp.float32, impl="auto") for c in (1, 4, 5, 32)]
+    assert [isinstance(m, layers.PatchConv) for m in auto] == [True, True, False, False]
 
 
 def test_cnn_with_patch_convs_equals_the_default_cnn():

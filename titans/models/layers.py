@@ -43,7 +43,8 @@ def conv_init(groups: int = 1):
     return nnx.initializers.variance_scaling(2.0 * groups, "fan_out", "normal")
 
 
-CONV_IMPLS = ("xla", "patches")
+CONV_IMPLS = ("xla", "patches", "auto")
+PATCHES_MAX_IN_CHANNELS = 4  # "auto": im2col for layers with at most this many input channels (the first)
 
 
 class PatchConv(nnx.Conv):
@@ -82,9 +83,14 @@ def conv(
     use_bias: bool = False,
     impl: str = "xla",
 ) -> nnx.Conv:
-    """A k x k 'same' convolution; `impl` "patches" computes it as im2col + matmul (`PatchConv`)."""
+    """A k x k 'same' convolution; `impl` "patches" computes it as im2col + matmul (`PatchConv`), "auto"
+    does so only for layers with at most PATCHES_MAX_IN_CHANNELS input channels, where XLA:CPU's own
+    convolution is slowest (benchmarks/conv_layers.py: 0.36-0.43x its time for a first layer's forward +
+    kernel gradient; 1.2-3x slower for 32 -> 64)."""
     if impl not in CONV_IMPLS:
         raise ValueError(f"conv impl {impl!r} is not one of {CONV_IMPLS}")
+    if impl == "auto":
+        impl = "patches" if in_ch <= PATCHES_MAX_IN_CHANNELS and groups == 1 else "xla"
     pad = kernel // 2
     return (PatchConv if impl == "patches" else nnx.Conv)(
         in_ch,
