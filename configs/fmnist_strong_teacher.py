@@ -10,10 +10,12 @@ points, which neither this teacher nor any student of the strong-regime studies 
 arg: epochs (default 30). Schedule: SGD + Nesterov momentum 0.9, lr 0.1 with a 1-epoch warm-up then
 cosine, weight decay 5e-4, batch 128.
 
-Runtime: about 0.7-1 s a step on 2 CPU cores (measured 2026-12-03, machine shared), i.e. 5-7 minutes
-an epoch, 2.5-3.5 hours for 30 epochs; resumable (rerun the same command), progress line with ETA.
-Target: >= 0.940 test accuracy. Public Fashion-MNIST benchmark (the Debian package's README): ResNet18
-0.949, WRN40-4 0.967; where this run lands is recorded in docs/results once it finishes.
+Runtime: about 0.45 s a step on 2 idle CPU cores (0.7-1 s when shared), 30 epochs in 1.5-3.5 hours;
+resumable (rerun the same command), progress line with ETA.
+Result (seed 0, finished 2026-12-03, run in runs/fmnist_strong_teacher): test accuracy 0.9435 (target
+>= 0.940), ECE 0.0155. Test-accuracy curve: 0.5601 @ epoch 5, 0.8870 @ 10, 0.9112 @ 15, 0.9287 @ 20,
+0.9408 @ 25, 0.9435 @ 30. Against the public Fashion-MNIST benchmark (the Debian package's README):
+below ResNet18 (0.949) and WRN40-4 (0.967), both far larger networks (0.27 M parameters here).
 """
 
 import ml_collections
