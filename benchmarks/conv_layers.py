@@ -6,8 +6,8 @@ formulations computing the same function, and PyTorch's eager conv2d as a refere
 
 * conv      `lax.conv_general_dilated`, NHWC / HWIO (what `nnx.Conv` runs),
 * nchw      the same convolution in NCHW / OIHW layout,
-* patches   im2col by hand: the 9 shifted views of the padded input stacked on the channel axis, then
-            one (B*H*W, 9*C_in) x (9*C_in, C_out) matmul; its gradient is slices and a matmul too.
+* patches   `titans.models.layers.im2col_conv` (what `PatchConv` runs): the 9 shifted views of the padded
+            input stacked on the channel axis, then one (B*H*W, 9*C_in) x (9*C_in, C_out) matmul.
 
 Timed: the forward pass, forward + backward for the input and the kernel (an inner layer), and forward +
 backward for the kernel only (a first layer, whose input needs no gradient), each jitted,
@@ -27,6 +27,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 from machine_load import banner, other_cpu_load
@@ -51,6 +52,8 @@ def formulations():
     import jax.numpy as jnp
     from jax import lax
 
+    from titans.models import layers
+
     def conv(x, k):  # x (B, H, W, C), k (3, 3, C, O)
         return lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
@@ -64,13 +67,7 @@ def formulations():
         )
         return jnp.transpose(y, (0, 2, 3, 1))
 
-    def patches(x, k):
-        b, h, w, c = x.shape
-        xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-        cols = jnp.concatenate([xp[:, i : i + h, j : j + w, :] for i in range(3) for j in range(3)], axis=-1)
-        return (cols.reshape(b * h * w, 9 * c) @ k.reshape(9 * c, -1)).reshape(b, h, w, -1)
-
-    fns = {"conv": conv, "nchw": nchw, "patches": patches}
+    fns = {"conv": conv, "nchw": nchw, "patches": layers.im2col_conv}  # patches: what PatchConv runs
     compiled = {}
     for name, f in fns.items():
         fwd = jax.jit(f)

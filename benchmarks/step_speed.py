@@ -46,7 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 import numpy as np
-from machine_load import other_cpu_load
+from machine_load import banner, is_contaminated, other_cpu_load
 
 PAIRS = {
     # name: dataset, (teacher model, kwargs), (student model, kwargs)
@@ -742,8 +742,7 @@ def main(argv=None):
     }
     # Other processes busy on this machine make every number here a statement about them, not us.
     threads = max(1, jax_threads or 1)
-    worst = max(result["other_load_cores"].values())
-    result["contaminated"] = worst > 0.25 * threads
+    result["contaminated"] = is_contaminated(result["other_load_cores"].values(), threads)
 
     for kind in STEP_NAMES:
         j = times[("jax", kind)]
@@ -781,7 +780,7 @@ def main(argv=None):
             )
         result["steps_results"][kind] = entry
 
-    print_report(result, args)
+    print_report(result, args, threads)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
@@ -790,13 +789,11 @@ def main(argv=None):
     return result
 
 
-def print_report(r, args):
+def print_report(r, args, threads: int):
     t, s = r["teacher"], r["student"]
-    if r.get("contaminated"):
-        print("\n" + "!" * 100)
-        print(f"NOT A RESULT: other processes kept {r['other_load_cores']} cores busy (before, after) while this ran.")
-        print("Stop them (or pause them: kill -STOP PID) and measure again. Do not publish the table below.")
-        print("!" * 100)
+    warning = banner(r["other_load_cores"].values(), threads)
+    if warning:
+        print("\n" + warning)
     print("\n## Training-step speed: Titans (JAX) vs plain PyTorch\n")
     print(
         f"- other processes' CPU load (cores): before {r['other_load_cores']['before']}, "

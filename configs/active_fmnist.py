@@ -36,6 +36,7 @@ import ml_collections
 
 from titans.active.config import defaults
 from titans.config import load_config_file
+from titans.config_builders import parse_config_arg
 
 _HERE = os.path.dirname(__file__)
 _ARGS = dict(
@@ -50,19 +51,9 @@ _ARGS = dict(
 )
 
 
-def _args(arg: str) -> dict:
-    out = dict(_ARGS)
-    for part in filter(None, arg.split(",")):
-        key, _, value = part.partition("=")
-        if key not in out:
-            raise ValueError(f"Unknown argument '{key}' for active_fmnist.py; expected {sorted(_ARGS)}.")
-        out[key] = value
-    return out
-
-
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # Strategies are separated by '+' inside the arg (commas separate the arguments).
-    a = _args(arg)
+    a = parse_config_arg(arg, _ARGS, "active_fmnist.py")
     seed = int(a["seed"])
     c = defaults()
     c.name = f"active_fmnist_{a['teacher']}"

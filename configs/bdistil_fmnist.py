@@ -33,23 +33,18 @@ import os
 import ml_collections
 
 from titans.config import load_config_file
+from titans.config_builders import parse_config_arg
 from titans.ensemble.config import defaults, model_entry
 
 _HERE = os.path.dirname(__file__)
 
 
-def _args(arg: str) -> dict:
-    out = dict(seed="0", teacher="", rounds="4", epochs="2", weights="example", gamma="0.01")
-    for part in filter(None, arg.split(",")):
-        key, _, value = part.partition("=")
-        if key not in out:
-            raise ValueError(f"Unknown argument '{key}' for bdistil_fmnist.py; expected {sorted(out)}.")
-        out[key] = value
-    return out
-
-
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    a = _args(arg)
+    a = parse_config_arg(
+        arg,
+        dict(seed="0", teacher="", rounds="4", epochs="2", weights="example", gamma="0.01"),
+        "bdistil_fmnist.py",
+    )
     seed = int(a["seed"])
     c = ml_collections.ConfigDict()
     c.stages = ml_collections.ConfigDict()

@@ -31,7 +31,7 @@ recipe): teacher about 74%, ResNet-20 KD about 70-71%, ResNet-8 KD about 60-61%.
 import ml_collections
 
 from titans.config import base_config
-from titans.config_builders import cascade_pipeline, parse_config_arg
+from titans.config_builders import cascade_pipeline, parse_config_arg, sizes_and_baselines
 
 STUDENTS = ("resnet8", "resnet20")
 
@@ -74,8 +74,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     seed, epochs = int(a["seed"]), float(a["epochs"])
     if not a["students"] and not a["baseline"]:  # the teacher alone, as one plain run
         return _run("teacher", a["teacher"], seed, epochs, a["teacher_split"])
-    baselines = tuple(filter(None, a["baseline"].split("+")))
-    names = [*a["students"].split("+"), *(b for b in baselines if b not in a["students"].split("+"))]
+    names, baselines = sizes_and_baselines(a["students"], a["baseline"])
     students = {s: (lambda s=s: _run(s, s, seed, epochs)) for s in names}
     return cascade_pipeline(
         _run("teacher", a["teacher"], seed, epochs),

@@ -30,7 +30,7 @@ import os
 import ml_collections
 
 from titans.config import load_config_file
-from titans.config_builders import cascade_pipeline, parse_config_arg
+from titans.config_builders import cascade_pipeline, parse_config_arg, sizes_and_baselines
 
 _HERE = os.path.dirname(__file__)
 
@@ -65,8 +65,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             c.model.kwargs = ml_collections.ConfigDict(model_kwargs)
         return c
 
-    baselines = tuple(filter(None, a["baseline"].split("+")))
-    sizes = [*a["sizes"].split("+"), *(b for b in baselines if b not in a["sizes"].split("+"))]
+    sizes, baselines = sizes_and_baselines(a["sizes"], a["baseline"])
     students = {size: (lambda size=size: run(a["epochs"], **STUDENT_SIZES[size])) for size in sizes}
     return cascade_pipeline(
         run(a["teacher_epochs"]),

@@ -33,7 +33,7 @@ import os
 import ml_collections
 
 from titans.config import base_config
-from titans.config_builders import cascade_pipeline, parse_config_arg
+from titans.config_builders import cascade_pipeline, parse_config_arg, sizes_and_baselines
 
 STUDENTS = {
     "linear": ("mlp", dict(hidden=())),
@@ -89,8 +89,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # Absolute: the trainer resolves a relative path from the current directory, the cascade evaluation
     # from the workdir; an absolute one means the same run to both.
     a["teacher_dir"], a["cache_dir"] = os.path.abspath(a["teacher_dir"]), os.path.abspath(a["cache_dir"])
-    baselines = tuple(filter(None, a["baselines"].split("+")))
-    sizes = [*filter(None, a["sizes"].split("+")), *baselines]
+    sizes, baselines = sizes_and_baselines(a["sizes"], a["baselines"])
     unknown = sorted(set(sizes) - set(STUDENTS))
     if unknown:
         raise ValueError(f"Unknown student sizes {unknown} for titans_fmnist_strong.py; expected {sorted(STUDENTS)}.")

@@ -36,6 +36,14 @@ def parse_config_arg(arg: str, defaults: dict, config_name: str) -> dict:
     return out
 
 
+def sizes_and_baselines(sizes: str, baselines: str) -> tuple[list[str], tuple[str, ...]]:
+    """A config's `sizes` and `baseline(s)` args ('a+b', '' for none) -> every student size to build (the
+    sizes, then baselines not among them) and the baseline sizes, for `cascade_pipeline`."""
+    size_list = [s for s in sizes.split("+") if s]
+    base = tuple(b for b in baselines.split("+") if b)
+    return [*size_list, *(b for b in base if b not in size_list)], base
+
+
 def cascade_pipeline(
     teacher: ml_collections.ConfigDict,
     students: dict[str, Callable[[], ml_collections.ConfigDict]],

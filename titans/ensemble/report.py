@@ -95,11 +95,7 @@ def paired_table(runs: list[dict], a: str, b: str) -> str:
         "|---|---|---|---|---|---|",
     ]
     for w in range(depth):
-        acc_a = [_at(r, a, "accuracy_by_members", w) for r in runs]
-        acc_b = [_at(r, b, "accuracy_by_members", w) for r in runs]
-        d = paired_difference(
-            [None if x is None else 100 * x for x in acc_a], [None if x is None else 100 * x for x in acc_b]
-        )
+        d = paired_difference(_acc(runs, a, w), _acc(runs, b, w))
         if d.n == 0:
             continue
         fa = [x / 1e6 for r in runs if (x := _at(r, a, "cumulative_flops", w)) is not None]
@@ -149,7 +145,8 @@ def _claim_depth(runs: list[dict], a: str, b: str, min_w: int = 1) -> int:
 
 
 def _acc(runs: list[dict], variant: str, w: int) -> list[float | None]:
-    return [100 * r["variants"][variant]["accuracy_by_members"][w] if _depth(r, variant) > w else None for r in runs]
+    """Each seed's accuracy (points) with w + 1 members, None where the seed's ensemble stopped earlier."""
+    return [None if (x := _at(r, variant, "accuracy_by_members", w)) is None else 100 * x for r in runs]
 
 
 def claims(runs: list[dict]) -> str:

@@ -47,6 +47,18 @@ CONV_IMPLS = ("xla", "patches", "auto")
 PATCHES_MAX_IN_CHANNELS = 4  # "auto": im2col for layers with at most this many input channels (the first)
 
 
+def im2col_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """A stride-1 'same' convolution of NHWC `x` with an odd square HWIO `kernel`, as im2col + one matmul:
+    the k*k shifted views of the padded input stacked on the channel axis, times the kernel reshaped to
+    (k*k*C_in, C_out)."""
+    kh, kw, c, _ = kernel.shape
+    b, h, w, _ = x.shape
+    p = kh // 2
+    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    cols = jnp.concatenate([xp[:, i : i + h, j : j + w, :] for i in range(kh) for j in range(kw)], axis=-1)
+    return (cols.reshape(b * h * w, kh * kw * c) @ kernel.reshape(kh * kw * c, -1)).reshape(b, h, w, -1)
+
+
 class PatchConv(nnx.Conv):
     """``nnx.Conv`` with the same parameters, computed as im2col + one matmul for a stride-1 'same'
     convolution without groups: the k*k shifted views of the padded input are stacked on the channel
@@ -63,11 +75,7 @@ class PatchConv(nnx.Conv):
             return super().__call__(inputs, out_sharding)
         bias = self.bias[...] if self.bias is not None else None
         x, kernel, bias = self.promote_dtype((inputs, self.kernel[...], bias), dtype=self.dtype)
-        b, h, w, c = x.shape
-        p = kh // 2
-        xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-        cols = jnp.concatenate([xp[:, i : i + h, j : j + w, :] for i in range(kh) for j in range(kw)], axis=-1)
-        y = (cols.reshape(b * h * w, kh * kw * c) @ kernel.reshape(kh * kw * c, -1)).reshape(b, h, w, -1)
+        y = im2col_conv(x, kernel)
         return y if bias is None else y + bias
 
 

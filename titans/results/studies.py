@@ -32,13 +32,17 @@ def _ensemble_page(study_dir: str) -> str:
     return ensemble_report.render(ensemble_report.load(_run_dirs(study_dir)))
 
 
+def _active_settings(study_dir: str) -> dict[str, list[dict]]:
+    """{setting: its runs} for every setting directory of the active study (ablations included)."""
+    return {
+        setting: active_report.load(os.path.join(study_dir, setting, "seed*"))
+        for setting in sorted(os.listdir(study_dir))
+        if os.path.isdir(os.path.join(study_dir, setting))
+    }
+
+
 def _active_page(study_dir: str) -> str:
-    settings = {}
-    for setting in sorted(os.listdir(study_dir)):
-        path = os.path.join(study_dir, setting)
-        if os.path.isdir(path):
-            settings[setting] = active_report.load(os.path.join(path, "seed*"))
-    return active_report.render(settings)
+    return active_report.render(_active_settings(study_dir))
 
 
 def _cascade_plot(study_dir: str, out_path: str) -> None:
@@ -46,12 +50,11 @@ def _cascade_plot(study_dir: str, out_path: str) -> None:
 
 
 def _active_plot(study_dir: str, out_path: str) -> None:
-    settings = {}
-    for setting in sorted(os.listdir(study_dir)):
-        path = os.path.join(study_dir, setting)
-        if os.path.isdir(path) and active_report.ABLATION_SUFFIX not in setting:
-            runs = active_report.load(os.path.join(path, "seed*"))
-            settings[setting] = (runs, active_report.aggregate(runs))
+    settings = {
+        label: (runs, active_report.aggregate(runs))
+        for label, runs in _active_settings(study_dir).items()
+        if active_report.ABLATION_SUFFIX not in label
+    }
     active_report.plot(settings, out_path)
 
 

@@ -56,6 +56,12 @@ def objective_loss(config) -> Callable:
     def loss(logits, aux, teacher_logits, batch, frozen, step):
         del aux, frozen
         labels = batch["label"]
+
+        def easiness(floor):  # the config's easiness rule (easy_weighted: its weights; flatten: 1 - hardness)
+            return losses.easy_weights(
+                teacher_logits, labels, logits, rule=d.easy.rule, sharpness=d.easy.sharpness, floor=floor
+            )
+
         ones = jnp.ones(labels.shape, jnp.float32)
         if teacher_logits is None:
             return losses.cross_entropy(logits, labels, config.label_smoothing), ones
@@ -70,11 +76,8 @@ def objective_loss(config) -> Callable:
                 defer_cost=d.defer_cost,
             ), ones
         if d.objective == "flatten":
-            easiness = losses.easy_weights(
-                teacher_logits, labels, logits, rule=d.easy.rule, sharpness=d.easy.sharpness, floor=0.0
-            )
             return losses.flattened_distillation(
-                logits, teacher_logits, labels, 1.0 - easiness, alpha=d.alpha, temperature=d.temperature
+                logits, teacher_logits, labels, 1.0 - easiness(0.0), alpha=d.alpha, temperature=d.temperature
             ), ones
         per_example = losses.distillation_loss(
             logits,
@@ -87,9 +90,7 @@ def objective_loss(config) -> Callable:
         )
         if d.objective != "easy_weighted":
             return per_example, ones
-        weights = losses.easy_weights(
-            teacher_logits, labels, logits, rule=d.easy.rule, sharpness=d.easy.sharpness, floor=d.easy.floor
-        )
+        weights = easiness(d.easy.floor)
         if d.easy.rule == "agreement" and d.easy.warmup_steps:
             weights = jnp.where(step < d.easy.warmup_steps, ones, weights)
         return per_example, weights
