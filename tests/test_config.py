@@ -124,3 +124,29 @@ def test_strong_regime_cascade_config_builds_valid_stages():
     assert (
         c.stages.linear_flatten.distill.objective == "flatten" and c.stages.linear_defer_cost.distill.defer_cost == 0.1
     )
+
+
+def test_cascade_pipeline_trains_baselines_with_standard_kd_only():
+    """A baseline size gets one stage, standard KD, whatever the objectives; other sizes get every objective."""
+    import ml_collections
+
+    from titans.config_builders import cascade_pipeline
+
+    def student():
+        return ml_collections.ConfigDict(
+            dict(distill=ml_collections.ConfigDict(dict(easy=ml_collections.ConfigDict())))
+        )
+
+    c = cascade_pipeline(
+        ml_collections.ConfigDict(),
+        {"tiny": student, "big": student},
+        ["standard", "easy", "defer"],
+        temperature=4.0,
+        alpha=0.9,
+        cascade={},
+        baselines=("big",),
+    )
+    assert c.stage_order == ("teacher", "tiny_standard", "tiny_easy", "tiny_defer", "big_standard")
+    assert c.cascade.baselines == ("big_standard",)
+    with pytest.raises(ValueError, match="not student sizes"):
+        cascade_pipeline(ml_collections.ConfigDict(), {}, [], temperature=4.0, alpha=0.9, cascade={}, baselines=("x",))
