@@ -12,6 +12,8 @@ import traceback
 
 import jax
 
+from titans import host_malloc
+
 
 class MetricWriter:
     """Appends one JSON line per logged step to WORKDIR/metrics.jsonl and mirrors it to TensorBoard."""
@@ -157,8 +159,10 @@ def run_cli(entry) -> None:
     A failure ends the process at once (os._exit after flushing), so that threads a library left
     behind (orbax's background save threads after a failed write wait forever for a signal) cannot
     keep a failed job alive until its scheduler's time limit. A success exits normally.
+    Before `entry`, the host allocator is set to reuse large buffers (titans.host_malloc).
     """
     try:
+        host_malloc.tune()
         entry()
         code = 0
     except SystemExit as e:
