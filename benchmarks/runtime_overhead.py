@@ -30,7 +30,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from machine_load import banner, is_contaminated, other_cpu_load  # noqa: E402
+from machine_load import banner, is_contaminated, other_cpu_load
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_VARIANTS = ("glibc_default:TITANS_HOST_MALLOC=default", "host_malloc_reuse:TITANS_HOST_MALLOC=reuse")
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
         "cores": cores,
         "other_load_cores": {"before": loads[0], "after": loads[1]},
         "contaminated": is_contaminated(loads, cores),
-        "variants": {name: env for name, env in variants},
+        "variants": dict(variants),
         "runs": runs,
     }
     if args.out:

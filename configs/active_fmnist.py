@@ -21,7 +21,11 @@ Teachers (arg `teacher`):
 arg: comma-separated key=value: teacher (good | imperfect), seed (0), strategies separated by '+'
 (default all five), rounds (4), budget (250), noise (0.3), teacher_dir (the good teacher's run; for
 teacher=imperfect, where its teacher lives or is trained), m (how the
-robust selection estimates the teacher's mistakes: overall, informative, or zero for the m = 0 ablation).
+robust selection estimates the teacher's mistakes: overall, informative, or zero for the m = 0 ablation),
+labelled (200) and validation (1000): how many of the split's images are labelled / held for m; the rest
+is the pool. The strong-teacher study (docs/results/active_fmnist_strong.md) runs teacher=good with the
+ResNet-20 of configs/fmnist_strong_teacher.py as teacher_dir, validation=500, rounds=10, budget=500:
+budgets up to 5,000 of a 5,300-image pool.
 Output: WORKDIR/active.json (accuracy vs queries per strategy), WORKDIR/active.png; rerunning the
 command resumes after the last finished round.
 Runtime: about 3 minutes a seed on the 2-core CPU alone, about 8 minutes when it is shared with other
@@ -48,6 +52,8 @@ _ARGS = dict(
     noise="0.3",
     teacher_dir="",
     m="overall",
+    labelled="200",
+    validation="1000",
 )
 
 
@@ -62,8 +68,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.dataset.split = "train[90%:]"
     c.dataset.eval_split = "test"
     c.active.strategies = a["strategies"].replace("+", ",")
-    c.active.num_labelled = 200
-    c.active.num_validation = 1000
+    c.active.num_labelled = int(a["labelled"])
+    c.active.num_validation = int(a["validation"])
     c.active.rounds = int(a["rounds"])
     c.active.budget_per_round = int(a["budget"])
     c.active.predict_batch_size = 1000

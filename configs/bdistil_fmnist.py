@@ -21,7 +21,10 @@ Reported on the 10,000 test images (accuracy vs members and vs XLA-measured FLOP
 WORKDIR/ensemble.json and ensemble.md. Rerunning the command resumes where it stopped.
 
 arg: comma-separated key=value: seed (0), teacher ("" = train one here), rounds (4), epochs (2),
-weights (example | example_class), gamma (0.01).
+weights (example | example_class), gamma (0.01), cache_dir ("" = the teacher runs in every member step;
+a `titans-cache` directory of `teacher`'s outputs on train[:90%] = members read their soft labels from it).
+The strong-teacher study (docs/results/bdistil_fmnist_strong.md) runs this config with the ResNet-20 of
+configs/fmnist_strong_teacher.py as `teacher` and its cache as `cache_dir`.
 Runtime on 2 CPU cores: 16-30 minutes a seed with an existing teacher, measured on busy shared cores
 (13-14 member runs of about 1 minute each, including the FIND-WL candidates that are rejected), +4
 minutes to train a teacher.
@@ -42,7 +45,7 @@ _HERE = os.path.dirname(__file__)
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     a = parse_config_arg(
         arg,
-        dict(seed="0", teacher="", rounds="4", epochs="2", weights="example", gamma="0.01"),
+        dict(seed="0", teacher="", rounds="4", epochs="2", weights="example", gamma="0.01", cache_dir=""),
         "bdistil_fmnist.py",
     )
     seed = int(a["seed"])
@@ -69,6 +72,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     member.distill.loss = "kd"
     member.distill.temperature = 4.0
     member.distill.alpha = 0.9
+    if a["cache_dir"]:
+        if not a["teacher"]:
+            raise ValueError(
+                "bdistil_fmnist.py: cache_dir=... needs teacher=RUN_DIR (the run the cache was written from)."
+            )
+        # Soft labels from the teacher cache (titans-cache over train[:90%]): members train at student-only cost.
+        member.distill.teacher_mode = "cache"
+        member.distill.cache.dir = a["cache_dir"]
 
     e = defaults()
     e.member = member
