@@ -436,6 +436,7 @@ def digits_cascade(data_dir, tmp_path_factory):
             val_split="train[80%:]",
             test_split="test",
             gates=("msp", "defer_output", "learned"),
+            runner_gates=("msp", "defer_output"),
             num_thresholds=21,
             batch_size=60,
             target_deferral_rates=(0.2, 0.5),
@@ -466,6 +467,8 @@ def test_cascade_evaluation_outputs(digits_cascade):
                 + np.array(curve["test_deferral_rate"]) * t["flops_per_example"],
                 rtol=1e-6,
             )
+            # The real runner is checked at both target rates for the runner gates, and only for them.
+            assert len(g["at_deferral_rate"]) == (2 if gate in ("msp", "defer_output") else 0), (name, gate)
             for r, p in g["at_deferral_rate"].items():
                 # The real runner's answers are the offline sweep's.
                 assert p["runner_disagreements_with_sweep"] == 0, (name, gate, r)

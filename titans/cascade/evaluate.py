@@ -9,7 +9,7 @@ For every student and gate:
   4. operating points chosen on validation only: target deferral rates, 25% / 50% of the teacher's
      FLOPs, and the cheapest threshold whose validation accuracy reaches the teacher's;
   5. the real cascade runner (student, gate, teacher on the deferred rows only) over the test split
-     at the target rates: its accuracy, deferral rate and wall time per example, and the number of
+     at the target rates, for the gates in `cascade.runner_gates` (default: all): its accuracy, deferral rate and wall time per example, and the number of
      examples where its answer differs from the offline sweep's (float noise at the threshold only).
 The learned gate is fitted on the even-indexed validation examples and thresholded on the odd ones.
 Writes WORKDIR/cascade.json and WORKDIR/cascade_*.png.
@@ -269,9 +269,13 @@ def _evaluate_gate(gate_name, student, teacher, s_val, s_test, data, C, s_entry,
         "curve": sweep.curve(),
         "reach_teacher": _reach_teacher(sweep, t_entry["val_accuracy"]),
         "at_cost_fraction": _at_cost_fractions(sweep, s_entry["flops_per_example"], c_gate),
+        # The real runner runs the teacher over the deferred test rows at every target rate: checked for
+        # `cascade.runner_gates` only (default: every gate), which a costly teacher makes worth limiting.
         "at_deferral_rate": _runner_at_target_rates(
             gate_name, [student, teacher], score_fn, sweep, x_scores, s_test_pred, data["test"], cc, mesh, batch_size
-        ),
+        )
+        if gate_name in cc.get("runner_gates", cc.gates)
+        else {},
     }
 
 
