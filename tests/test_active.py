@@ -430,3 +430,31 @@ def test_active_cifar100_config_validates_and_needs_its_teacher():
     assert c.student.model.name == "resnet20" and c.active.budget_per_round == 100 and c.active.m_estimate == "zero"
     with pytest.raises(ValueError, match="needs teacher_dir"):
         config_lib.load_config_file(path)
+
+
+def test_claims_are_tested_at_the_first_middle_and_last_budget():
+    """Robust ahead early and tied at the end (the pool exhausted): the early claim must show."""
+    from titans.active import report
+
+    assert (
+        report.claim_rounds(4) == [1, 2, 4] and report.claim_rounds(10) == [1, 5, 10] and report.claim_rounds(1) == [1]
+    )
+
+    def run(robust_first):
+        acc = {"robust": [0.70, robust_first, 0.82, 0.83, 0.84], "margin": [0.70, 0.75, 0.82, 0.83, 0.84]}
+        return {
+            "strategies": {
+                s: {
+                    "queries": [0, 250, 500, 750, 1000],
+                    "accuracy": a,
+                    "teacher_error_bought": [None, 0.1, 0.1, 0.1, 0.1],
+                }
+                for s, a in acc.items()
+            }
+        }
+
+    text = report.claims({"good": report.aggregate([run(0.80), run(0.81), run(0.79)])})
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if "robust beats" in line}
+    assert "reproduced" in rows["good teacher: robust beats margin at 250 queries"]
+    assert "unresolved" in rows["good teacher: robust beats margin at 500 queries"]
+    assert "unresolved" in rows["good teacher: robust beats margin at 1000 queries"]
