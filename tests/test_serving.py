@@ -140,3 +140,36 @@ def test_http_proxy_listens_on_loopback_only(served):
     _, _, port = served
     listening = [c for c in psutil.net_connections(kind="inet") if c.status == "LISTEN" and c.laddr.port == port]
     assert listening and all(c.laddr.ip in ("127.0.0.1", "::ffff:127.0.0.1") for c in listening)
+
+
+def test_a_batch_sends_its_deferred_rows_in_one_teacher_call(served, images):
+    """Two requests batched together: one with no deferred row (answered without the teacher), one with
+    some; the teacher gets one call holding exactly the deferred rows, and the answers are the cascade's."""
+    import asyncio
+
+    from titans.serve import run_batch
+
+    _, export_dir, _ = served
+    cascade = standalone.load(export_dir)
+    _, scores = cascade.stage_outputs(0, images)
+    deferred = scores > cascade.thresholds[0]
+    confident_req, mixed_req, mixed2_req = images[~deferred][:4], images[:8], images[8:16]
+    assert 0 < deferred[:8].sum() < 8 and deferred[8:16].any()  # the test needs two mixed requests
+    calls = []
+
+    async def teacher(rows):  # the exported teacher stage, recording each call's rows
+        calls.append(len(rows))
+        return cascade.stage_outputs(cascade.num_stages - 1, rows)[0]
+
+    async def batch():
+        outs = run_batch(cascade, "cascade", [confident_req, mixed_req, mixed2_req], teacher)
+        return outs, await outs[1][3]
+
+    (confident, mixed, mixed2), teacher_out = asyncio.run(batch())
+    assert calls == [int(deferred[:16].sum())]  # one call for the batch, only the deferred rows
+    assert mixed2[3] is mixed[3]  # shared
+    assert confident[3] is None and len(confident[2]) == 0
+    np.testing.assert_array_equal(mixed[2], np.nonzero(deferred[:8])[0])
+    want, _ = cascade.stage_outputs(1, mixed_req[deferred[:8]])
+    np.testing.assert_allclose(teacher_out[mixed[4]], want, rtol=1e-6)
+    np.testing.assert_array_equal(mixed[1][~deferred[:8]], 0)  # the student answered the rest

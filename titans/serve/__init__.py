@@ -10,7 +10,8 @@ Two deployments (one Ray Serve application):
   CascadeIngress  the HTTP ingress: validates each request (JSON or .npy, shape, dtype, size; a bad one gets a
                   400 with the reason and never takes the replica down), batches requests across
                   callers (`serve.batch`), runs every stage but the last with their gates, and sends
-                  only the rows they defer to the teacher;
+                  only the rows they defer to the teacher, in one call per batch (a request with no
+                  deferred row is answered without waiting for it);
   Teacher         the export's last stage, in its own deployment whose replicas autoscale on their own
                   load (`autoscaling_config`); a call that fails because a replica died is retried, so a
                   lost replica costs latency, not answers.
@@ -86,6 +87,39 @@ def parse_images(body: bytes, input_shape, max_images: int, content_type: str = 
     return x.astype(np.uint8)
 
 
+def run_batch(cascade, mode: str, image_sets: list[np.ndarray], call_teacher) -> list[tuple]:
+    """One batch of requests: every stage but the last, then ONE teacher call (`call_teacher(rows)`, a
+    coroutine) for all the rows the batch defers, started here and shared. Per request: (logits,
+    answered_by, its deferred rows, the shared teacher call or None, the mask of its rows in that call's
+    output). A request with nothing deferred is answered at once; the others await the shared call.
+    Modes "student" (the first stage answers every row) and "teacher" (every row deferred) take the same
+    path, so that the three are served the same way."""
+    sizes = [len(x) for x in image_sets]
+    x = np.concatenate(image_sets)
+    n = len(x)
+    logits = np.zeros((n, cascade.manifest["num_classes"]), np.float32)
+    answered = np.full(n, -1, np.int32)
+    reach = np.arange(n)
+    cheap = {"cascade": cascade.num_stages - 1, "student": 1, "teacher": 0}[mode]
+    for i in range(cheap):
+        if not len(reach):
+            break
+        stage_logits, scores = cascade.stage_outputs(i, x[reach])
+        keep = scores <= cascade.thresholds[i] if mode == "cascade" else np.ones(len(reach), bool)
+        logits[reach[keep]], answered[reach[keep]] = stage_logits[keep], i
+        reach = reach[~keep]
+    shared = asyncio.ensure_future(call_teacher(x[reach])) if len(reach) else None
+    out, start = [], 0
+    for size in sizes:
+        mine = (reach >= start) & (reach < start + size)
+        rows = reach[mine] - start
+        out.append(
+            (logits[start : start + size], answered[start : start + size], rows, shared if len(rows) else None, mine)
+        )
+        start += size
+    return out
+
+
 @serve.deployment(
     autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4},
     ray_actor_options={"num_cpus": 0.5},
@@ -121,26 +155,7 @@ class CascadeIngress:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def _cheap_stages(self, image_sets: list[np.ndarray]) -> list[tuple]:
-        """Every stage but the last over a batch of requests: (logits, answered_by, deferred) per request."""
-        sizes = [len(x) for x in image_sets]
-        x = np.concatenate(image_sets)
-        n, k = len(x), self.cascade.num_stages
-        logits = np.zeros((n, self.cascade.manifest["num_classes"]), np.float32)
-        answered = np.full(n, -1, np.int32)
-        reach = np.arange(n)
-        for i in range(k - 1):
-            if not len(reach):
-                break
-            stage_logits, scores = self.cascade.stage_outputs(i, x[reach])
-            keep = scores <= self.cascade.thresholds[i]
-            logits[reach[keep]], answered[reach[keep]] = stage_logits[keep], i
-            reach = reach[~keep]
-        out, start = [], 0
-        for size in sizes:
-            rows = reach[(reach >= start) & (reach < start + size)] - start
-            out.append((logits[start : start + size], answered[start : start + size], rows))
-            start += size
-        return out
+        return run_batch(self.cascade, self.mode, image_sets, self._teacher)
 
     async def _teacher(self, rows: np.ndarray) -> np.ndarray:
         for attempt in range(TEACHER_RETRIES):
@@ -159,17 +174,10 @@ class CascadeIngress:
             )
         except BadRequest as e:
             return JSONResponse({"error": str(e)}, status_code=400)
-        if self.mode == "teacher":
-            logits = np.zeros((len(images), self.cascade.manifest["num_classes"]), np.float32)
-            answered, deferred = np.full(len(images), -1, np.int32), np.arange(len(images))
-        elif self.mode == "student":
-            logits, _ = self.cascade.stage_outputs(0, images)
-            answered, deferred = np.zeros(len(images), np.int32), np.arange(0)
-        else:
-            logits, answered, deferred = await self._cheap_stages(images)
-            logits, answered = logits.copy(), answered.copy()
-        if len(deferred):
-            logits[deferred] = await self._teacher(images[deferred])
+        logits, answered, deferred, shared, positions = await self._cheap_stages(images)
+        logits, answered = logits.copy(), answered.copy()
+        if shared is not None:
+            logits[deferred] = (await shared)[positions]
             answered[deferred] = self.cascade.num_stages - 1
         z = logits - logits.max(-1, keepdims=True)
         probs = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
