@@ -47,8 +47,16 @@ def main(argv):
     out = experiment.run_experiment(config, _WORKDIR.value)
     if out.get("preempted") or not logs.is_writer():
         return
-    stages = out.get("stages") or {config.get("name", "run"): out}
-    print("\n" + experiment.summary_table(stages), flush=True)
+    table = summary(out, config.get("name", "run"))
+    if table:
+        print("\n" + table, flush=True)
+
+
+def summary(out: dict, name: str) -> str:
+    """The table printed at the end: a pipeline's stages (none when an ensemble or cascade config reuses
+    existing runs: '', its own outputs are its report), or the one run."""
+    stages = out["stages"] if "stages" in out else {name: out}
+    return experiment.summary_table(stages) if stages else ""
 
 
 def cli():
