@@ -55,7 +55,7 @@ def main(argv):
 def summary(out: dict, name: str) -> str:
     """The table printed at the end: a pipeline's stages (none when an ensemble or cascade config reuses
     existing runs: '', its own outputs are its report), or the one run."""
-    stages = out["stages"] if "stages" in out else {name: out}
+    stages = out.get("stages", {name: out})
     return experiment.summary_table(stages) if stages else ""
 
 
