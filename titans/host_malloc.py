@@ -10,7 +10,7 @@ step: about 20,000 minor page faults a step, a quarter of the run's CPU time spe
 `tune()` sets glibc's `mallopt` so that freed memory is kept and reused: one arena for every thread
 (M_ARENA_MAX=1, whose heap grows with brk and has no size limit), no mmap for large blocks
 (M_MMAP_MAX=0) and no trimming of the heap's free top (M_TRIM_THRESHOLD at its maximum). The cost: the
-process's resident memory does not shrink after a peak (+30% peak RSS on the quickstart teacher), and
+process's resident memory does not shrink after a peak (peak RSS 851 -> 1,514 MB on the quickstart teacher), and
 all threads share one arena lock (XLA allocates a few large blocks a step, not many small ones).
 
 Every console script calls `tune()` before the JAX backend starts (`titans.logs.run_cli`); threads
