@@ -1,6 +1,7 @@
 """docs/results is recomputable: its pages equal what `titans-results rebuild` makes from results/, the raw
 outputs reproduce the curves they summarise, and the statistics behind every verdict are right."""
 
+import glob
 import json
 import math
 import os
@@ -46,12 +47,19 @@ def _msp_score(logits):
     return 1.0 - (p / p.sum(-1, keepdims=True)).max(-1)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_cascade_curves_are_recomputed_from_the_committed_logits(seed):
+_CASCADE_RUNS = sorted(
+    os.path.relpath(os.path.dirname(p), os.path.join(REPO, "results"))
+    for study in ("titans_fmnist", "titans_fmnist_strong")
+    for p in glob.glob(os.path.join(REPO, "results", study, "seed*", "cascade.json"))
+)
+
+
+@pytest.mark.parametrize("run_dir", _CASCADE_RUNS)
+def test_cascade_curves_are_recomputed_from_the_committed_logits(run_dir):
     """From cascade_logits.npz alone (numpy, not the library's sweep): each stage's test accuracy, and the
     msp gate's test accuracy at every swept validation deferral rate, match cascade.json (float16
     logits move only the odd example at a threshold)."""
-    run = os.path.join(REPO, "results", "titans_fmnist", f"seed{seed}")
+    run = os.path.join(REPO, "results", run_dir)
     with open(os.path.join(run, "cascade.json")) as f:
         result = json.load(f)
     raw = np.load(os.path.join(run, "cascade_logits.npz"))

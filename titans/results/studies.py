@@ -87,6 +87,8 @@ STUDIES = {
         Study("bdistil_fmnist", ("ensemble.json",), _ensemble_page),
         Study("active_fmnist", ("active.json",), _active_page, _active_plot),
         # The strong-teacher regime (ResNet-20 teacher at 0.9435, students down to a linear model).
+        Study("titans_fmnist_strong", _CASCADE, _cascade_page, _cascade_plot),
+        Study("bdistil_fmnist_strong", ("ensemble.json",), _ensemble_page),
         Study("active_fmnist_strong", ("active.json",), _active_page, _active_plot),
     )
 }
