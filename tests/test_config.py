@@ -155,9 +155,9 @@ def test_cascade_pipeline_trains_baselines_with_standard_kd_only():
 def test_cli_summary_of_a_pipeline_without_stages_is_empty():
     """A B-DISTIL or cascade config that reuses existing runs trains no stage: nothing to tabulate (it used
     to crash after its results were written, with exit code 1)."""
-    from titans import main
+    from titans.experiment import final_summary
 
-    assert main.summary({"preempted": False, "stages": {}, "ensemble": {"variants": {}}}, "bdistil") == ""
+    assert final_summary({"preempted": False, "stages": {}, "ensemble": {"variants": {}}}, "bdistil") == ""
     run = {"model": "mlp", "accuracy": 0.9, "ece": 0.01, "flops_per_example": 2e6, "param_count": 10, "train_time_s": 3}
-    assert "| solo | mlp | 0.9000 |" in main.summary(run, "solo")
-    assert "| t | mlp |" in main.summary({"preempted": False, "stages": {"t": run}}, "pipe")
+    assert "| solo | mlp | 0.9000 |" in final_summary(run, "solo")
+    assert "| t | mlp |" in final_summary({"preempted": False, "stages": {"t": run}}, "pipe")

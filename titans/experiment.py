@@ -62,6 +62,14 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return out
 
 
+def final_summary(out: dict, name: str) -> str:
+    """The table a run prints at its end (`out`: what run_experiment returned): a pipeline's stages (none
+    when an ensemble or cascade config reuses existing runs: '', its own outputs are its report), or the
+    one run's."""
+    stages = out.get("stages", {name: out})
+    return summary_table(stages) if stages else ""
+
+
 def summary_table(results: dict) -> str:
     """A Markdown table: accuracy, FLOPs and parameters per example, agreement with the teacher."""
     rows = [

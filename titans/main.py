@@ -47,16 +47,9 @@ def main(argv):
     out = experiment.run_experiment(config, _WORKDIR.value)
     if out.get("preempted") or not logs.is_writer():
         return
-    table = summary(out, config.get("name", "run"))
+    table = experiment.final_summary(out, config.get("name", "run"))
     if table:
         print("\n" + table, flush=True)
-
-
-def summary(out: dict, name: str) -> str:
-    """The table printed at the end: a pipeline's stages (none when an ensemble or cascade config reuses
-    existing runs: '', its own outputs are its report), or the one run."""
-    stages = out.get("stages", {name: out})
-    return experiment.summary_table(stages) if stages else ""
 
 
 def cli():
