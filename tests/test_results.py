@@ -54,6 +54,10 @@ _CASCADE_RUNS = sorted(
 )
 
 
+def test_every_cascade_study_has_three_seeds():
+    assert [f"{s}/seed{i}" for s in ("titans_fmnist", "titans_fmnist_strong") for i in range(3)] == _CASCADE_RUNS
+
+
 @pytest.mark.parametrize("run_dir", _CASCADE_RUNS)
 def test_cascade_curves_are_recomputed_from_the_committed_logits(run_dir):
     """From cascade_logits.npz alone (numpy, not the library's sweep): each stage's test accuracy, and the
