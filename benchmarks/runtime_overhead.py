@@ -63,13 +63,16 @@ def run_once(args, env_extra: dict[str, str]) -> dict:
     ]
     env = dict(os.environ, **env_extra)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    err = proc.stderr.read()
-    proc.stderr.close()
+    # stderr to a file, not a pipe: the run logs more than a pipe holds, and wait4 would wait forever.
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
+        wall = time.perf_counter() - t0
+        log.seek(0)
+        err = log.read()
     try:
-        code = os.waitstatus_to_exitcode(status)
+        code = proc.returncode
         if code != 0:
             raise RuntimeError(f"{shlex.join(cmd)} failed (exit {code}):\n{err[-3000:]}")
         results_path = os.path.join(workdir, "results.json")
