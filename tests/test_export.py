@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from helpers import digits_config
@@ -67,6 +68,42 @@ def test_exported_stages_and_cascade_equal_in_process(stage_dirs, test_images, t
     np.testing.assert_array_equal(out["answered_by"], answered_by)
     assert 0 < np.mean(answered_by == 0) < 1  # both the student and a later stage answered something
     assert manifest["stages"][0]["flops_per_example"] < manifest["stages"][-1]["flops_per_example"]
+
+
+def _backend_compiles(fn) -> int:
+    """How many XLA backend compilations `fn()` triggered."""
+    count = []
+
+    def listen(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            count.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        fn()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    return len(count)
+
+
+def test_stages_compile_once_per_bucket_and_never_after_warm_up(stage_dirs, test_images, tmp_path):
+    """A deferred-row count that changes every call must not recompile the stage every call: chunks are
+    padded to the loader's buckets (outputs as if unpadded), and warm_up compiles them all ahead."""
+    _export(stage_dirs[-2:], tmp_path, [0.3])
+    x, _ = test_images
+    sizes = (1, 3, 5, 7, 37, 45, 100, 300)  # 300 > the largest bucket: two chunks
+    cascade = standalone.load(str(tmp_path), buckets=(1, 4, 8, 48, 128))
+    direct = cascade._stages[1].call(x[:300])  # the artifact at one batch of 300, no padding
+    cold = _backend_compiles(lambda: [cascade.stage_outputs(1, x[:n]) for n in sizes])
+    assert 0 < cold <= 5  # at most one compilation per bucket, not one per size
+    for n in sizes:
+        got, _ = cascade.stage_outputs(1, x[:n])
+        np.testing.assert_allclose(got, np.asarray(direct)[:n], atol=1e-5, rtol=0)
+    warm = standalone.load(str(tmp_path), buckets=(1, 4, 8, 48, 128))
+    warm.warm_up()
+    assert _backend_compiles(lambda: [warm.stage_outputs(i, x[:n]) for n in sizes for i in range(2)]) == 0
+    empty, scores = warm.stage_outputs(0, x[:0])
+    assert empty.shape == (0, 10) and scores.shape == (0,)
 
 
 def _softmax(z):

@@ -36,6 +36,8 @@ from titans.export import standalone
 
 MAX_IMAGES = 256  # per request
 MODES = ("cascade", "student", "teacher")
+# How many stages the ingress itself runs, per mode; the rows they leave go to the teacher deployment.
+CHEAP_STAGES = {"cascade": lambda c: c.num_stages - 1, "student": lambda c: 1, "teacher": lambda c: 0}
 TEACHER_RETRIES = 3
 
 
@@ -100,8 +102,7 @@ def run_batch(cascade, mode: str, image_sets: list[np.ndarray], call_teacher) ->
     logits = np.zeros((n, cascade.manifest["num_classes"]), np.float32)
     answered = np.full(n, -1, np.int32)
     reach = np.arange(n)
-    cheap = {"cascade": cascade.num_stages - 1, "student": 1, "teacher": 0}[mode]
-    for i in range(cheap):
+    for i in range(CHEAP_STAGES[mode](cascade)):
         if not len(reach):
             break
         stage_logits, scores = cascade.stage_outputs(i, x[reach])
@@ -130,6 +131,7 @@ class Teacher:
     def __init__(self, export_dir: str):
         self.cascade = standalone.load(export_dir)
         self.stage = self.cascade.num_stages - 1
+        self.cascade.warm_up([self.stage])  # every batch size it will run at, compiled before it serves
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
     async def __call__(self, row_sets: list[np.ndarray]) -> list[np.ndarray]:
@@ -152,6 +154,7 @@ class CascadeIngress:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not one of {MODES}")
         self.mode = mode
+        self.cascade.warm_up(range(CHEAP_STAGES[mode](self.cascade)))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def _cheap_stages(self, image_sets: list[np.ndarray]) -> list[tuple]:
