@@ -21,6 +21,10 @@ predictions are checked against "student where kept, teacher where deferred".
     python benchmarks/cascade_speed.py --repeats 7
     python benchmarks/cascade_speed.py --capacities ladder pow2 64,128,192,256,384,512
     python benchmarks/cascade_speed.py --model_pair cifar --batch 256 --repeats 3   # resnet56 -> resnet20
+    python benchmarks/cascade_speed.py --conv_impl auto        # the CNN pair's first layers as small_cin_conv
+
+It also prints the student's share of the teacher's time on the whole batch next to its share of the
+FLOPs (their ratio is 1 where time follows FLOPs).
 """
 
 from __future__ import annotations
@@ -33,11 +37,13 @@ import sys
 import time
 
 # Runnable as a script from anywhere in the repository.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import numpy as np
 from flax import nnx
+from machine_load import banner, is_contaminated, other_cpu_load
 
 from titans import cascade, models
 from titans.runs import FrozenModel as Teacher
@@ -65,6 +71,12 @@ def parse_args(argv=None):
         help="fmnist: cnn 32-64/128 -> cnn 8-16/32 at 28x28x1; cifar: resnet56 -> resnet20 at 32x32x3",
     )
     p.add_argument("--batch", type=int, default=512)
+    p.add_argument(
+        "--conv_impl",
+        default="",
+        choices=("", "xla", "patches", "auto"),
+        help="the CNN pair's convolution formulation (models.layers.conv); empty: the model's default",
+    )
     p.add_argument("--rates", default="0.1,0.3,0.5", help="comma-separated deferral rates")
     p.add_argument("--repeats", type=int, default=7, help="timed repeats (each times every variant once)")
     p.add_argument("--inner", type=int, default=3, help="calls averaged inside one timed measurement")
@@ -116,6 +128,11 @@ def timed(fn, inner: int) -> float:
 def main(argv=None):
     args = parse_args(argv)
     shape, C, (t_name, t_kw), (s_name, s_kw) = PAIRS[args.model_pair]
+    if args.conv_impl:
+        if {t_name, s_name} != {"cnn"}:
+            raise SystemExit(f"--conv_impl applies to the CNN pair only, not {args.model_pair}")
+        t_kw, s_kw = {**t_kw, "conv_impl": args.conv_impl}, {**s_kw, "conv_impl": args.conv_impl}
+    load_before = other_cpu_load()
     B = args.batch
     teacher = build(t_name, t_kw, shape, C, args.seed)
     student = build(s_name, s_kw, shape, C, args.seed + 1)
@@ -182,6 +199,10 @@ def main(argv=None):
         for k, fn in tasks.items():
             samples[k].append(timed(fn, args.inner))
     med = {k: float(np.median(v)) for k, v in samples.items()}
+    load_after = other_cpu_load()
+    # The student's share of the teacher's time against its share of the FLOPs (1: time follows FLOPs).
+    time_share = med["student"] / med["teacher_full"]
+    flops_share = flops["student"] / flops["teacher"]
 
     rows = []
     for i, pt in enumerate(points):
@@ -218,6 +239,14 @@ def main(argv=None):
         f"XLA FLOPs/example: teacher {flops['teacher'] / 1e6:.2f} M, student {flops['student'] / 1e6:.3f} M, "
         f"gate {cascade.gate_flops(gate, C):.0f}; compile + check {compile_s:.1f} s"
     )
+    print(f"other processes' CPU load (cores): before {load_before}, after {load_after}")
+    warning = banner([load_before, load_after], os.cpu_count() or 1)
+    if warning:
+        print(warning)
+    print(
+        f"student alone / teacher alone on the batch: time {time_share:.3f}, FLOPs {flops_share:.3f}; "
+        f"time share / FLOPs share = {time_share / flops_share:.2f}"
+    )
     for spec, caps in cap_sets.items():
         print(f"capacities {spec}: {', '.join(map(str, caps))}")
     print()
@@ -239,6 +268,10 @@ def main(argv=None):
                 {
                     "args": dict(vars(args)),
                     "flops": flops,
+                    "student_time_share": time_share,
+                    "student_flops_share": flops_share,
+                    "other_load_cores": [load_before, load_after],
+                    "contaminated": is_contaminated([load_before, load_after], os.cpu_count() or 1),
                     "rows": rows,
                     "capacities": {k: list(v) for k, v in cap_sets.items()},
                     "samples_s": samples,

@@ -6,8 +6,12 @@ formulations computing the same function, and PyTorch's eager conv2d as a refere
 
 * conv      `lax.conv_general_dilated`, NHWC / HWIO (what `nnx.Conv` runs),
 * nchw      the same convolution in NCHW / OIHW layout,
-* patches   `titans.models.layers.im2col_conv` (what `PatchConv` runs): the 9 shifted views of the padded
-            input stacked on the channel axis, then one (B*H*W, 9*C_in) x (9*C_in, C_out) matmul.
+* patches   `titans.models.layers.im2col_conv` (what `PatchConv` runs above 4 input channels): the 9
+            shifted views of the padded input stacked on the channel axis, then one
+            (B*H*W, 9*C_in) x (9*C_in, C_out) matmul,
+* small_cin `titans.models.layers.small_cin_conv` (what `PatchConv` runs for at most 4 input channels):
+            the forward pass as 9*C_in shifted views times kernel rows (elementwise, fused), the
+            gradient as im2col's.
 
 Timed: the forward pass, forward + backward for the input and the kernel (an inner layer), and forward +
 backward for the kernel only (a first layer, whose input needs no gradient), each jitted,
@@ -67,7 +71,9 @@ def formulations():
         )
         return jnp.transpose(y, (0, 2, 3, 1))
 
-    fns = {"conv": conv, "nchw": nchw, "patches": layers.im2col_conv}  # patches: what PatchConv runs
+    # patches: what PatchConv runs for more than PATCHES_MAX_IN_CHANNELS input channels; small_cin: what
+    # it runs for fewer (shifted products forward, im2col's gradient)
+    fns = {"conv": conv, "nchw": nchw, "patches": layers.im2col_conv, "small_cin": layers.small_cin_conv}
     compiled = {}
     for name, f in fns.items():
         fwd = jax.jit(f)
@@ -159,16 +165,17 @@ def main(argv=None):
     print(f"- other processes' CPU load (cores): before {load_before}, after {load_after}")
     print("- times in ms per call (median of repeats); ratios: formulation / conv (< 1 is faster than conv)\n")
     print(
-        "| layer | pass | conv | nchw | patches | nchw / conv | patches / conv | torch eager | torch / conv |\n"
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|"
+        "| layer | pass | conv | nchw | patches | small_cin | nchw / conv | patches / conv | small_cin / conv "
+        "| torch eager | torch / conv |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     for (c_in, c_out, size), med, t in rows:
         for kind, label in PASS_LABELS.items():
-            c, n, pt = (1e3 * med[(name, kind)] for name in ("conv", "nchw", "patches"))
+            c, n, pt, sc = (1e3 * med[(name, kind)] for name in ("conv", "nchw", "patches", "small_cin"))
             torch_cells = f"{1e3 * t[kind]:.2f} | {1e3 * t[kind] / c:.2f}" if t and kind in t else "— | —"
             print(
-                f"| {c_in}->{c_out} @ {size}x{size} | {label} | {c:.2f} | {n:.2f} | {pt:.2f} | {n / c:.2f} | "
-                f"{pt / c:.2f} | {torch_cells} |"
+                f"| {c_in}->{c_out} @ {size}x{size} | {label} | {c:.2f} | {n:.2f} | {pt:.2f} | {sc:.2f} | {n / c:.2f} | "
+                f"{pt / c:.2f} | {sc / c:.2f} | {torch_cells} |"
             )
 
 

@@ -1,7 +1,7 @@
 """Served cascade vs served teacher vs served student: throughput and latency under load, side by side.
 
     python benchmarks/serving.py --stages=STUDENT_RUN,TEACHER_RUN --val_split='train[90%:]' \
-        [--batch 8 --concurrency 4 --requests 120 --open_rate 10 --duration 15 --repeats 2] [--body npy|json] \
+        [--batch 8 --concurrency 4 --requests 120 --open_rate 10,40 --duration 15 --repeats 2] [--body npy|json] \
         [--out FILE]
 
 1. The operating point: on the validation split, the smallest deferral rate (grid of 0.05) whose
@@ -12,11 +12,14 @@
 3. Per repeat, for each application in turn (interleaved): a closed loop (`--concurrency` clients
    sending `--requests` requests of `--batch` test images back to back) and an open loop (Poisson
    arrivals at `--open_rate` requests/s for `--duration` s, at most rate*duration requests; latency
-   counted from the scheduled send time). Both are bounded in count and time, loopback only. Requests
+   counted from the scheduled send time; `--open_rate` may list several rates). Both are bounded in
+   count and time, loopback only. Requests
    carry the images as a binary .npy body (`--body npy`, the default) or as JSON (`--body json`).
 4. Reports images/s, p50/p95/p99 latency, accuracy of the served answers on the test images, the
    cascade's throughput against the ideal 1 / (t_student + r * t_teacher) (t from the served
-   student and teacher throughputs), and the other processes' CPU load during the run.
+   student and teacher throughputs), the cascade's p99 minus the teacher's at each open-loop rate with a
+   95% bootstrap interval over the paired requests (the same arrival times and images in both), and the
+   other processes' CPU load during the run.
 """
 
 from __future__ import annotations
@@ -112,14 +115,13 @@ def open_loop(url, batches, rate, duration, seed=0):
     rng = np.random.default_rng(seed)
     times = np.cumsum(rng.exponential(1.0 / rate, size=int(rate * duration) + 1))
     times = times[times < duration]
-    latencies, lock = [], threading.Lock()
+    latencies = [float("nan")] * len(times)  # by request: the same schedule and images in every mode
     start = time.perf_counter() + 0.05
 
     def one(i):
         time.sleep(max(0.0, start + times[i] - time.perf_counter()))
         _post(url, batches[i % len(batches)])
-        with lock:
-            latencies.append(time.perf_counter() - (start + times[i]))
+        latencies[i] = time.perf_counter() - (start + times[i])
 
     with concurrent.futures.ThreadPoolExecutor(64) as pool:
         list(pool.map(one, range(len(times))))
@@ -128,7 +130,23 @@ def open_loop(url, batches, rate, duration, seed=0):
 
 
 def pct(values, q):
-    return float(np.percentile(np.asarray(values) * 1e3, q)) if values else float("nan")
+    return float(np.percentile(np.asarray(values) * 1e3, q)) if len(values) else float("nan")
+
+
+def paired_p99_difference(a, b, resamples=4000, seed=0) -> dict:
+    """p99(a) - p99(b) in ms over paired requests (the same arrival time and images in both modes), with
+    a 95% bootstrap interval over the requests; the verdict is "unresolved" when the interval spans 0."""
+    a, b = np.asarray(a) * 1e3, np.asarray(b) * 1e3
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(a), size=(resamples, len(a)))
+    diffs = np.percentile(a[idx], 99, axis=1) - np.percentile(b[idx], 99, axis=1)
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    verdict = "lower" if hi < 0 else "higher" if lo > 0 else "unresolved"
+    return {
+        "diff_ms": float(np.percentile(a, 99) - np.percentile(b, 99)),
+        "ci95_ms": [float(lo), float(hi)],
+        "verdict": verdict,
+    }
 
 
 def main():
@@ -139,10 +157,16 @@ def main():
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--requests", type=int, default=120)
     p.add_argument("--body", choices=("npy", "json"), default="npy", help="request encoding: binary .npy or JSON")
-    p.add_argument("--open_rate", type=float, default=10.0)
+    p.add_argument("--open_rate", default="10", help="requests/s of the open loop; comma-separated for several")
     p.add_argument("--duration", type=float, default=15.0)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--port", type=int, default=8765)
+    p.add_argument(
+        "--teacher_max_replicas",
+        type=int,
+        default=2,
+        help="the teacher deployment's autoscaling ceiling (titans-serve's default: 2)",
+    )
     p.add_argument("--out", default="")
     a = p.parse_args()
     TRANSPORT["body"] = a.body
@@ -160,20 +184,28 @@ def main():
     service.connect("", num_cpus=4)
     serve.start(http_options={"host": "127.0.0.1", "port": a.port})
     for mode in MODES:
-        serve.run(build_app(export_dir, mode=mode, name=mode), name=mode, route_prefix=f"/{mode}")
+        serve.run(
+            build_app(export_dir, mode=mode, name=mode, teacher_max_replicas=a.teacher_max_replicas),
+            name=mode,
+            route_prefix=f"/{mode}",
+        )
     url = {m: f"http://127.0.0.1:{a.port}/{m}" for m in MODES}
     for m in MODES:  # warm up: compile, start replicas
         _post(url[m], batches[0])
-    res = {m: {"closed_ips": [], "closed_lat": [], "open_ips": [], "open_lat": [], "answers": None} for m in MODES}
+    rates = [float(r) for r in a.open_rate.split(",")]
+    res = {
+        m: {"closed_ips": [], "closed_lat": [], "open": {r: ([], []) for r in rates}, "answers": None} for m in MODES
+    }
     for rep in range(a.repeats):
         for m in MODES:
             ips, lat, answers = closed_loop(url[m], batches, a.concurrency)
             res[m]["closed_ips"].append(ips)
             res[m]["closed_lat"] += lat
             res[m]["answers"] = answers
-            oips, olat = open_loop(url[m], batches, a.open_rate, a.duration, seed=rep)
-            res[m]["open_ips"].append(oips)
-            res[m]["open_lat"] += olat
+            for r in rates:
+                oips, olat = open_loop(url[m], batches, r, a.duration, seed=rep)
+                res[m]["open"][r][0].append(oips)
+                res[m]["open"][r][1].extend(olat)
     load_after = other_cpu_load()
     serve.shutdown()
     service.shutdown_local()
@@ -188,45 +220,70 @@ def report(a, rate, val, manifest, res, labels, load_before, load_after):
         "thresholds": manifest["thresholds"],
         "other_load_cores": [load_before, load_after],
         "modes": {},
+        "open_loop": {},
     }
     for m, r in res.items():
         classes = np.concatenate([ans["classes"] for ans in r["answers"]])
         answered = np.concatenate([ans["answered_by"] for ans in r["answers"]])
         out["modes"][m] = {
             "closed_images_per_s": statistics.median(r["closed_ips"]),
+            "closed_images_per_s_repeats": r["closed_ips"],
             "closed_p50_ms": pct(r["closed_lat"], 50),
             "closed_p95_ms": pct(r["closed_lat"], 95),
             "closed_p99_ms": pct(r["closed_lat"], 99),
-            "open_images_per_s": statistics.median(r["open_ips"]),
-            "open_p50_ms": pct(r["open_lat"], 50),
-            "open_p95_ms": pct(r["open_lat"], 95),
-            "open_p99_ms": pct(r["open_lat"], 99),
             "test_accuracy": float(np.mean(classes == labels)),
             "teacher_fraction": float(np.mean(answered == 1)),
         }
+    for rps in res["teacher"]["open"]:
+        row = {}
+        for m in MODES:
+            ips, lat = res[m]["open"][rps]
+            row[m] = {
+                "images_per_s": statistics.median(ips),
+                **{f"p{q}_ms": pct(lat, q) for q in (50, 95, 99)},
+            }
+        row["cascade_minus_teacher_p99"] = paired_p99_difference(
+            res["cascade"]["open"][rps][1], res["teacher"]["open"][rps][1]
+        )
+        out["open_loop"][str(rps)] = row
     t_s = 1.0 / out["modes"]["student"]["closed_images_per_s"]
     t_t = 1.0 / out["modes"]["teacher"]["closed_images_per_s"]
     r_served = out["modes"]["cascade"]["teacher_fraction"]
     ideal = 1.0 / (t_s + r_served * t_t)
     out["cascade_over_ideal"] = out["modes"]["cascade"]["closed_images_per_s"] / ideal
+    out["cascade_over_teacher_repeats"] = [
+        c / t for c, t in zip(res["cascade"]["closed_ips"], res["teacher"]["closed_ips"], strict=True)
+    ]
     print(
         f"operating point: defer {rate:.2f} of validation (teacher val acc {val['teacher_val_accuracy']:.4f}, "
         f"cascade {val['cascade_val_accuracy']:.4f}); other processes' CPU load {load_before} / {load_after} cores"
     )
     print(
-        "| served | closed-loop images/s | p50 / p95 / p99 ms | open-loop images/s | p50 / p95 / p99 ms | "
-        "test accuracy | teacher rows |"
+        f"| served | closed loop ({a.concurrency} clients) images/s | p50 / p95 / p99 ms | test accuracy | teacher rows |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|")
     for m, v in out["modes"].items():
         print(
             f"| {m} | {v['closed_images_per_s']:.0f} | {v['closed_p50_ms']:.0f} / {v['closed_p95_ms']:.0f} / "
-            f"{v['closed_p99_ms']:.0f} | {v['open_images_per_s']:.0f} | {v['open_p50_ms']:.0f} / "
-            f"{v['open_p95_ms']:.0f} / {v['open_p99_ms']:.0f} | {v['test_accuracy']:.4f} | {v['teacher_fraction']:.3f} |"
+            f"{v['closed_p99_ms']:.0f} | {v['test_accuracy']:.4f} | {v['teacher_fraction']:.3f} |"
         )
     print(
-        f"cascade closed-loop throughput / ideal 1/(t_s + r t_t) = {out['cascade_over_ideal']:.2f} (r = {r_served:.3f})"
+        f"cascade closed-loop throughput / ideal 1/(t_s + r t_t) = {out['cascade_over_ideal']:.2f} (r = {r_served:.3f}); "
+        f"cascade / teacher per repeat: {', '.join(f'{x:.2f}' for x in out['cascade_over_teacher_repeats'])}"
     )
+    print("| open loop req/s | served | images/s | p50 / p95 / p99 ms |")
+    print("|---:|---|---:|---:|")
+    for rps, row in out["open_loop"].items():
+        for m in MODES:
+            v = row[m]
+            print(
+                f"| {rps} | {m} | {v['images_per_s']:.0f} | {v['p50_ms']:.0f} / {v['p95_ms']:.0f} / {v['p99_ms']:.0f} |"
+            )
+        d = row["cascade_minus_teacher_p99"]
+        print(
+            f"open loop {rps} req/s: p99 cascade - teacher = {d['diff_ms']:+.1f} ms, 95% CI "
+            f"[{d['ci95_ms'][0]:+.1f}, {d['ci95_ms'][1]:+.1f}] ({d['verdict']})"
+        )
     if a.out:
         with open(a.out, "w") as f:
             json.dump(out, f, indent=1)

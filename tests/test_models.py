@@ -468,6 +468,11 @@ def test_patch_conv_equals_nnx_conv(c_in, c_out, kernel, use_bias):
 
     for got, want in zip(grads(patches), grads(xla)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+    # Few input channels: the forward pass is shifted elementwise products (no matmul), its gradient
+    # im2col's (a custom VJP); more channels: im2col's matmul both ways.
+    forward = str(jax.make_jaxpr(lambda v: patches(v))(x))
+    small = c_in <= layers.PATCHES_MAX_IN_CHANNELS
+    assert ("dot_general" in forward) != small and ("custom_vjp" in forward) == small
     with pytest.raises(ValueError, match="not one of"):
         layers.conv(1, 2, 3, rngs=nnx.Rngs(0), dtype=jnp.float32, impl="winograd")
     auto = [layers.conv(c, 8, 3, rngs=nnx.Rngs(0), dtype=jnp.float32, impl="auto") for c in (1, 4, 5, 32)]

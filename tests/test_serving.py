@@ -134,6 +134,18 @@ def test_a_killed_teacher_replica_costs_latency_not_answers(served, images):
     np.testing.assert_array_equal(out["classes"], want["classes"])
 
 
+def test_each_replica_admits_enough_requests_to_fill_its_batches():
+    """Ray Serve lets a replica hold 5 requests unless told otherwise: a serve.batch of 16 would then never
+    grow past 5 and a loaded service would queue in the proxy instead of batching."""
+    from titans.serve import CascadeIngress, Teacher, build_app
+
+    app = build_app("unused-export-dir", name="x")  # the deployments as the application binds them
+    bound = {"CascadeIngressx": app._bound_deployment, "Teacherx": app._bound_deployment.init_args[1]._bound_deployment}
+    for deployment, method in ((CascadeIngress, "_cheap_stages"), (Teacher, "__call__")):
+        batch = getattr(deployment.func_or_class, method)._get_max_batch_size()
+        assert bound[deployment.name + "x"].max_ongoing_requests >= 2 * batch
+
+
 def test_http_proxy_listens_on_loopback_only(served):
     import psutil
 

@@ -50,7 +50,8 @@ class CNN(L.Classifier):
     The pool is skipped in a stage whose input is already smaller than 2 pixels, so 8x8 inputs
     work with up to three stages. With ``batch_norm=False`` the convs get a bias instead.
     ``conv_impl="patches"`` computes the convolutions as im2col + matmul (``layers.PatchConv``; same
-    parameters, same function); ``"auto"`` only the first, few-channel one (faster to train on XLA:CPU).
+    parameters, same function; a few-channel first layer's forward as shifted products);
+    ``"auto"`` only the first, few-channel one (faster to train and to run on XLA:CPU).
     acts: ``stage1``... (after the pool), ``features`` (the dense layer's output).
     """
 

@@ -35,6 +35,10 @@ from starlette.responses import JSONResponse
 from titans.export import standalone
 
 MAX_IMAGES = 256  # per request
+# Requests per ingress batch and row sets per teacher batch (`serve.batch`). A replica holds at most
+# `max_ongoing_requests` requests at once (Ray's default is 5), so each deployment admits 4 batches' worth:
+# with the default, no batch could ever grow past 5 and a loaded service queued in the proxy instead.
+INGRESS_BATCH, TEACHER_BATCH = 16, 8
 MODES = ("cascade", "student", "teacher")
 # How many stages the ingress itself runs, per mode; the rows they leave go to the teacher deployment.
 CHEAP_STAGES = {"cascade": lambda c: c.num_stages - 1, "student": lambda c: 1, "teacher": lambda c: 0}
@@ -123,6 +127,7 @@ def run_batch(cascade, mode: str, image_sets: list[np.ndarray], call_teacher) ->
 
 @serve.deployment(
     autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4},
+    max_ongoing_requests=4 * TEACHER_BATCH,
     ray_actor_options={"num_cpus": 0.5},
 )
 class Teacher:
@@ -133,14 +138,14 @@ class Teacher:
         self.stage = self.cascade.num_stages - 1
         self.cascade.warm_up([self.stage])  # every batch size it will run at, compiled before it serves
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
+    @serve.batch(max_batch_size=TEACHER_BATCH, batch_wait_timeout_s=0.002)
     async def __call__(self, row_sets: list[np.ndarray]) -> list[np.ndarray]:
         sizes = [len(r) for r in row_sets]
         logits, _ = self.cascade.stage_outputs(self.stage, np.concatenate(row_sets))
         return np.split(logits, np.cumsum(sizes)[:-1])
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5})
+@serve.deployment(max_ongoing_requests=4 * INGRESS_BATCH, ray_actor_options={"num_cpus": 0.5})
 class CascadeIngress:
     """HTTP ingress: validation, the cheap stages, and the teacher for the deferred rows."""
 
@@ -156,7 +161,7 @@ class CascadeIngress:
         self.mode = mode
         self.cascade.warm_up(range(CHEAP_STAGES[mode](self.cascade)))
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    @serve.batch(max_batch_size=INGRESS_BATCH, batch_wait_timeout_s=0.002)
     async def _cheap_stages(self, image_sets: list[np.ndarray]) -> list[tuple]:
         return run_batch(self.cascade, self.mode, image_sets, self._teacher)
 

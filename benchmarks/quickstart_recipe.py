@@ -1,0 +1,220 @@
+"""The quickstart end to end: Titans against the same recipe written plainly in PyTorch, on one machine.
+
+    python benchmarks/quickstart_recipe.py [--epochs 3] [--repeats 1] [--threads 2] [--out FILE]
+
+Each repeat runs, one after the other and each in its own process so that neither warms the other:
+
+* titans   `python -m titans.main --config=configs/quickstart.py:EPOCHS --workdir=TMP`: the CNN teacher
+           (cross-entropy), the student distilled from it (Hinton KD), both evaluated on the test split,
+           with everything Titans does on the way (checkpoints, logs, FLOPs, the summary);
+* pytorch  the same recipe in eager PyTorch in this file (`--child pytorch`): the same models (the
+           layer-for-layer twins of `benchmarks/step_speed.py`), SGD with Nesterov momentum 0.9 and L2
+           5e-4, learning rate 0.05 with 100 linear warm-up steps then cosine decay to 0, batch 128,
+           the training set reshuffled every epoch, KD at T=4 with alpha=0.9 against the trained teacher
+           in eval mode, and the same test evaluation; no checkpoints.
+
+Reported per repeat: the process's wall time (start to exit, imports and data included), each stage's
+training time and its test accuracy, and the ratios pytorch/titans. The other processes' CPU load is
+measured before and after; a run under load is marked "NOT A RESULT". The order alternates between
+repeats (titans first in even repeats).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import numpy as np
+from machine_load import banner, is_contaminated, other_cpu_load
+
+BATCH, LR, WARMUP, MOMENTUM, WEIGHT_DECAY, T, ALPHA = 128, 0.05, 100, 0.9, 5e-4, 4.0, 0.9
+TEACHER = {"channels": (32, 64), "dense": 128}
+STUDENT = {"channels": (8, 16), "dense": 32}
+
+
+def lr_at(step: int, total: int) -> float:
+    """Linear warm-up from 0 over WARMUP steps, then cosine from LR to 0 over the rest."""
+    if step < WARMUP:
+        return LR * step / WARMUP
+    return 0.5 * LR * (1 + math.cos(math.pi * min(1.0, (step - WARMUP) / max(1, total - WARMUP))))
+
+
+def pytorch_recipe(epochs: float, threads: int, seed: int) -> dict:
+    """The quickstart in plain PyTorch: returns per-stage train seconds and test accuracy."""
+    import torch
+    import torch.nn.functional as F
+    from step_speed import torch_modules
+
+    from titans import data, runs
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    info = data.dataset_info("fashion_mnist")
+    x_train, y_train = runs.split_arrays(data.get_source("fashion_mnist", "train"), info)
+    x_test, y_test = runs.split_arrays(data.get_source("fashion_mnist", "test"), info)
+    to_nchw = lambda x: torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    x_train, x_test = to_nchw(x_train), to_nchw(x_test)
+    y_train, y_test = torch.from_numpy(y_train.astype(np.int64)), torch.from_numpy(y_test.astype(np.int64))
+    mean = torch.tensor(info.mean, dtype=torch.float32).view(1, -1, 1, 1)
+    inv_std = 1.0 / torch.tensor(info.std, dtype=torch.float32).view(1, -1, 1, 1)
+    norm = lambda x: (x.float() - mean) * inv_std
+    CNN, _ = torch_modules()
+    total = round(epochs * len(x_train) / BATCH)
+    per_epoch = len(x_train) // BATCH
+
+    def train(kwargs, teacher=None):
+        model = CNN(info.image_shape, info.num_classes, kwargs["channels"], (True, True), kwargs["dense"])
+        opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=MOMENTUM, nesterov=True, weight_decay=WEIGHT_DECAY)
+        model.train()
+        t0 = time.perf_counter()
+        step = 0
+        while step < total:
+            order = torch.randperm(len(x_train))
+            for b in range(per_epoch):
+                if step >= total:
+                    break
+                idx = order[b * BATCH : (b + 1) * BATCH]
+                x, y = norm(x_train[idx]), y_train[idx]
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(step, total)
+                logits = model(x)
+                if teacher is None:
+                    loss = F.cross_entropy(logits, y)
+                else:
+                    with torch.no_grad():
+                        t_logits = teacher(x)
+                    kl = F.kl_div(
+                        F.log_softmax(logits / T, 1),
+                        F.log_softmax(t_logits / T, 1),
+                        reduction="batchmean",
+                        log_target=True,
+                    )
+                    loss = ALPHA * T * T * kl + (1 - ALPHA) * F.cross_entropy(logits, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+        if not torch.isfinite(loss):
+            raise SystemExit("the PyTorch recipe diverged (non-finite loss)")
+        seconds = time.perf_counter() - t0
+        model.eval()
+        with torch.no_grad():
+            preds = torch.cat([model(norm(x_test[i : i + 1000])).argmax(1) for i in range(0, len(x_test), 1000)])
+        return model, {"train_s": seconds, "steps": step, "accuracy": float((preds == y_test).float().mean())}
+
+    teacher, t = train(TEACHER)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    _, s = train(STUDENT, teacher)
+    return {"teacher": t, "student": s}
+
+
+def run_titans(epochs: float, threads: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="titans-qs-bench-") as workdir:
+        cmd = [
+            sys.executable,
+            "-m",
+            "titans.main",
+            f"--config={os.path.join(REPO, 'configs', 'quickstart.py')}:{epochs:g}",
+            f"--workdir={workdir}",
+        ]
+        t0 = time.perf_counter()
+        subprocess.run(
+            cmd, check=True, cwd=REPO, env=child_env(threads), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        wall = time.perf_counter() - t0
+        out = {"wall_s": wall}
+        for stage in ("teacher", "student"):
+            with open(os.path.join(workdir, stage, "results.json")) as f:
+                r = json.load(f)
+            out[stage] = {"train_s": r["train_time_s"], "accuracy": r["accuracy"], "steps": r["steps"]}
+        return out
+
+
+def run_pytorch(epochs: float, threads: int, seed: int) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--epochs", str(epochs), "--threads", str(threads)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        cmd + ["--seed", str(seed)], check=True, cwd=REPO, env=child_env(threads), capture_output=True, text=True
+    )
+    wall = time.perf_counter() - t0
+    return {"wall_s": wall, **json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
+def child_env(threads: int) -> dict:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2, help="PyTorch's intra-op threads (XLA uses every core)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--out", default="")
+    a = p.parse_args(argv)
+    if a.child:
+        print(json.dumps(pytorch_recipe(a.epochs, a.threads, a.seed)))
+        return
+    load_before = other_cpu_load()
+    runs = []
+    for rep in range(a.repeats):
+        order = ("titans", "pytorch") if rep % 2 == 0 else ("pytorch", "titans")
+        got = {}
+        for side in order:
+            got[side] = (
+                run_titans(a.epochs, a.threads) if side == "titans" else run_pytorch(a.epochs, a.threads, a.seed)
+            )
+            print(f"repeat {rep} {side}: {json.dumps(got[side])}", flush=True)
+        runs.append(got)
+    load_after = other_cpu_load()
+    contaminated = is_contaminated((load_before, load_after), os.cpu_count())
+    if contaminated:
+        print(banner((load_before, load_after), os.cpu_count()))
+    print("| repeat | side | wall s | teacher train s | teacher acc | student train s | student acc |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    for rep, got in enumerate(runs):
+        for side in ("titans", "pytorch"):
+            g = got[side]
+            print(
+                f"| {rep} | {side} | {g['wall_s']:.0f} | {g['teacher']['train_s']:.0f} | {g['teacher']['accuracy']:.4f} | "
+                f"{g['student']['train_s']:.0f} | {g['student']['accuracy']:.4f} |"
+            )
+    ratios = {"wall_s": [got["pytorch"]["wall_s"] / got["titans"]["wall_s"] for got in runs]}
+    for stage in ("teacher", "student"):
+        ratios[f"{stage}_train_s"] = [
+            got["pytorch"][stage]["train_s"] / got["titans"][stage]["train_s"] for got in runs
+        ]
+    for key, vals in ratios.items():
+        print(f"pytorch time / titans time, {key}: {', '.join(f'{v:.2f}' for v in vals)} (>= 1: Titans faster)")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(
+                {
+                    "args": vars(a),
+                    "runs": runs,
+                    "ratios_pytorch_over_titans": ratios,
+                    "other_load_cores": [load_before, load_after],
+                    "contaminated": contaminated,
+                    "cpu_count": os.cpu_count(),
+                },
+                f,
+                indent=1,
+            )
+
+
+if __name__ == "__main__":
+    main()
