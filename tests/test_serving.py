@@ -174,7 +174,7 @@ def test_a_batch_sends_its_deferred_rows_in_one_teacher_call(served, images):
         return cascade.stage_outputs(cascade.num_stages - 1, rows)[0]
 
     async def batch():
-        outs = run_batch(cascade, "cascade", [confident_req, mixed_req, mixed2_req], teacher)
+        outs = await run_batch(cascade, "cascade", [confident_req, mixed_req, mixed2_req], teacher)
         return outs, await outs[1][3]
 
     (confident, mixed, mixed2), teacher_out = asyncio.run(batch())
@@ -185,3 +185,41 @@ def test_a_batch_sends_its_deferred_rows_in_one_teacher_call(served, images):
     want, _ = cascade.stage_outputs(1, mixed_req[deferred[:8]])
     np.testing.assert_allclose(teacher_out[mixed[4]], want, rtol=1e-6)
     np.testing.assert_array_equal(mixed[1][~deferred[:8]], 0)  # the student answered the rest
+
+
+def test_the_cheap_stages_leave_the_event_loop_free(served, images):
+    """The ingress computes its stages in a worker thread: requests and teacher answers keep flowing
+    through the replica's event loop meanwhile (a blocking stage would stall every request on it)."""
+    import asyncio
+    import time
+
+    from titans.serve import run_batch
+
+    _, export_dir, _ = served
+    cascade = standalone.load(export_dir)
+    real = cascade.stage_outputs
+
+    def slow_stage(i, x):  # the real stage, made to take 0.3 s
+        time.sleep(0.3)
+        return real(i, x)
+
+    cascade.stage_outputs = slow_stage
+
+    async def teacher(rows):
+        return real(cascade.num_stages - 1, rows)[0]
+
+    async def main():
+        ticks = []
+
+        async def ticker():
+            for _ in range(15):
+                ticks.append(time.perf_counter())
+                await asyncio.sleep(0.02)
+
+        task = asyncio.create_task(ticker())
+        await asyncio.sleep(0)
+        await run_batch(cascade, "cascade", [images[:8]], teacher)
+        await task
+        return ticks
+
+    assert np.max(np.diff(asyncio.run(main()))) < 0.2  # the loop never stood still for the 0.3 s stage

@@ -93,15 +93,10 @@ def parse_images(body: bytes, input_shape, max_images: int, content_type: str = 
     return x.astype(np.uint8)
 
 
-def run_batch(cascade, mode: str, image_sets: list[np.ndarray], call_teacher) -> list[tuple]:
-    """One batch of requests: every stage but the last, then ONE teacher call (`call_teacher(rows)`, a
-    coroutine) for all the rows the batch defers, started here and shared. Per request: (logits,
-    answered_by, its deferred rows, the shared teacher call or None, the mask of its rows in that call's
-    output). A request with nothing deferred is answered at once; the others await the shared call.
-    Modes "student" (the first stage answers every row) and "teacher" (every row deferred) take the same
-    path, so that the three are served the same way."""
-    sizes = [len(x) for x in image_sets]
-    x = np.concatenate(image_sets)
+def cheap_stages(cascade, mode: str, x: np.ndarray):
+    """Every stage the ingress runs itself (all but the last in "cascade" mode; the first in "student";
+    none in "teacher") on the batch's rows: (logits, answered_by, the indices of the rows left for the
+    teacher). Pure numpy/JAX work, run off the event loop."""
     n = len(x)
     logits = np.zeros((n, cascade.manifest["num_classes"]), np.float32)
     answered = np.full(n, -1, np.int32)
@@ -113,6 +108,13 @@ def run_batch(cascade, mode: str, image_sets: list[np.ndarray], call_teacher) ->
         keep = scores <= cascade.thresholds[i] if mode == "cascade" else np.ones(len(reach), bool)
         logits[reach[keep]], answered[reach[keep]] = stage_logits[keep], i
         reach = reach[~keep]
+    return logits, answered, reach
+
+
+def share_teacher_call(sizes, x, logits, answered, reach, call_teacher) -> list[tuple]:
+    """ONE teacher call (`call_teacher(rows)`, a coroutine) for all the rows a batch defers, started here
+    and shared. Per request: (logits, answered_by, its deferred rows, the shared call or None, the mask of
+    its rows in that call's output). A request with nothing deferred is answered at once."""
     shared = asyncio.ensure_future(call_teacher(x[reach])) if len(reach) else None
     out, start = [], 0
     for size in sizes:
@@ -123,6 +125,16 @@ def run_batch(cascade, mode: str, image_sets: list[np.ndarray], call_teacher) ->
         )
         start += size
     return out
+
+
+async def run_batch(cascade, mode: str, image_sets: list[np.ndarray], call_teacher) -> list[tuple]:
+    """One batch of requests: `cheap_stages` in a worker thread (XLA releases the GIL, so the event loop
+    keeps taking requests and teacher answers meanwhile), then `share_teacher_call` back in the loop.
+    Modes "student" (the first stage answers every row) and "teacher" (every row deferred) take the same
+    path as "cascade", so that the three are served the same way."""
+    x = np.concatenate(image_sets)
+    found = await asyncio.to_thread(cheap_stages, cascade, mode, x)
+    return share_teacher_call([len(s) for s in image_sets], x, *found, call_teacher)
 
 
 @serve.deployment(
@@ -163,7 +175,7 @@ class CascadeIngress:
 
     @serve.batch(max_batch_size=INGRESS_BATCH, batch_wait_timeout_s=0.002)
     async def _cheap_stages(self, image_sets: list[np.ndarray]) -> list[tuple]:
-        return run_batch(self.cascade, self.mode, image_sets, self._teacher)
+        return await run_batch(self.cascade, self.mode, image_sets, self._teacher)
 
     async def _teacher(self, rows: np.ndarray) -> np.ndarray:
         for attempt in range(TEACHER_RETRIES):
