@@ -4,6 +4,7 @@ and the HTTP proxy listens on loopback only."""
 
 import io
 import json
+import os
 import socket
 import urllib.error
 import urllib.request
@@ -223,3 +224,30 @@ def test_the_cheap_stages_leave_the_event_loop_free(served, images):
         return ticks
 
     assert np.max(np.diff(asyncio.run(main()))) < 0.2  # the loop never stood still for the 0.3 s stage
+
+
+def test_the_load_benchmarks_paired_p99_difference():
+    """benchmarks/serving.py's verdict on p99(cascade) - p99(teacher): its point estimate is numpy's, and the
+    bootstrap interval separates a clear difference from none."""
+    import importlib.util
+    import sys
+
+    from helpers import REPO
+
+    where = os.path.join(REPO, "benchmarks")
+    sys.path.insert(0, where)
+    try:
+        spec = importlib.util.spec_from_file_location("serving_bench", os.path.join(where, "serving.py"))
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+    finally:
+        sys.path.remove(where)
+    b = np.random.default_rng(0).exponential(0.05, 600)  # seconds
+    faster, same, slower = (bench.paired_p99_difference(a, b) for a in (0.5 * b, b, 1.5 * b))
+    assert faster["verdict"] == "lower" and faster["ci95_ms"][1] < 0
+    assert same["verdict"] == "unresolved" and same["diff_ms"] == 0
+    assert slower["verdict"] == "higher" and slower["ci95_ms"][0] > 0
+    want = 1e3 * (np.percentile(1.5 * b, 99) - np.percentile(b, 99))
+    assert abs(slower["diff_ms"] - want) < 1e-9
+    noisy = bench.paired_p99_difference(b, np.random.default_rng(1).exponential(0.05, 600))
+    assert noisy["ci95_ms"][0] < noisy["diff_ms"] < noisy["ci95_ms"][1]
