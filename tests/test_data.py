@@ -456,3 +456,38 @@ def test_split_overlap_known_answers(a, b, shared):
     rounds percent boundaries to the closest example: 90% -> 1293, 80% -> 1150, 60% -> 862)."""
     info = data.dataset_info("digits")
     assert data.overlap(info, a, b) == shared == data.overlap(info, b, a)
+
+
+@pytest.mark.parametrize("augmentation", ["none", "crop_flip"])
+def test_in_memory_gather_gives_the_same_batches_with_augmentation(digits_train, augmentation):
+    """The trainer's in-memory copy of a split (`ArraySource.take`, one gather a batch) yields exactly the
+    batches of the TFDS source it was read from, with and without augmentation, indices included."""
+    info = data.dataset_info("digits")
+    mem = data.load_in_memory(digits_train)
+    kwargs = dict(global_batch_size=32, seed=3, augmentation=augmentation, with_index=True)
+    a, b = data.TrainLoader(digits_train, info, **kwargs), data.TrainLoader(mem, info, **kwargs)
+    for _ in range(50):  # past an epoch of 1,437 rows
+        x, y = next(a), next(b)
+        for key in ("image", "label", "index"):
+            np.testing.assert_array_equal(x[key], y[key])
+            assert x[key].dtype == y[key].dtype
+
+
+def test_trainer_reads_small_splits_into_memory(data_dir, digits_train):
+    """dataset.in_memory: "auto" and "always" train from RAM for a small fixed-shape split, "never" from
+    TFDS; a bad value names the choices."""
+    import types
+
+    from helpers import digits_config
+
+    from titans import config as config_lib
+    from titans.train import trainer
+
+    info = data.dataset_info("digits")
+    for mode, in_ram in (("auto", True), ("always", True), ("never", False)):
+        c = digits_config(data_dir, **{"dataset.in_memory": mode})
+        src = trainer._training_source(types.SimpleNamespace(config=c, info=info, train_src=digits_train))
+        assert isinstance(src, data.ArraySource) == in_ram and len(src) == len(digits_train)
+    c = digits_config(data_dir, **{"dataset.in_memory": "sometimes"})
+    with pytest.raises(config_lib.ConfigError, match="in_memory"):
+        config_lib.validate(c)

@@ -70,6 +70,10 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+IN_MEMORY = ("auto", "always", "never")
+IN_MEMORY_AUTO_BYTES = 1 << 30
+
+
 def _dataset_section() -> ml_collections.ConfigDict:
     """`dataset`: which TFDS dataset and splits a run trains and evaluates on."""
     d = ml_collections.ConfigDict()
@@ -81,6 +85,10 @@ def _dataset_section() -> ml_collections.ConfigDict:
     # "" = the dataset's own training transform (crop_flip for CIFAR, imagenet for ImageNet, none for
     # the others); "crop_flip" (pad 4, random crop, horizontal flip) or "none" override it.
     d.augmentation = ""
+    # The training split read into RAM once before training ("auto": when its images have a fixed shape and
+    # take at most 1 GiB, e.g. Fashion-MNIST's 47 MB; "always"; "never"): TFDS's per-record reads cost
+    # 5.6 ms a batch of 128, on a thread that competes with the step for the cores.
+    d.in_memory = "auto"
     return d
 
 
@@ -281,6 +289,7 @@ def _check_values(c: ml_collections.ConfigDict, where: str) -> None:
     choice("schedule.name", c.schedule.name, ("cosine", "constant", "step"))
     choice("distill.loss", c.distill.loss, ("kd", "hard"))
     choice("dataset.augmentation", c.dataset.augmentation, ("", "none", "crop_flip"))
+    choice("dataset.in_memory", c.dataset.in_memory, IN_MEMORY)
     choice("dtype", c.dtype, ("auto", "float32", "bfloat16"))
     choice("distill.objective", c.distill.objective, ("standard", "easy_weighted", "flatten", "defer"))
     choice("distill.easy.rule", c.distill.easy.rule, ("confidence", "margin", "correctness", "agreement"))

@@ -176,17 +176,25 @@ class TrainLoader:
         lbs = self.local_batch_size
         row0 = self.process_index * lbs
         rows = slice(row0, row0 + lbs)
-        examples = self.src.__getitems__(self._indices(order, step, row0, lbs).tolist())
+        indices = self._indices(order, step, row0, lbs)
         kind = self.kind
+        if hasattr(self.src, "take") and self.info.augment != "imagenet" and (not self.augment or kind == "crop_flip"):
+            # An in-memory source: one gather per array instead of a dict per example.
+            images, labels = self.src.take(indices)
+            examples = None
+        else:
+            examples = self.src.__getitems__(indices.tolist())
         if not self.augment:
-            images, labels = eval_images(examples, self.info)
+            if examples is not None:
+                images, labels = eval_images(examples, self.info)
             return {"image": images, "label": labels}
         # Random numbers are drawn for the whole global batch and then sliced, so each
         # example's augmentation depends on (seed, step, global row) only.
         rng = np.random.default_rng([seed % 2**64, step])
         n = self.global_batch_size
         if kind == "crop_flip":
-            images, labels = _stack(examples, self.info.image_shape)
+            if examples is not None:
+                images, labels = _stack(examples, self.info.image_shape)
             params = {k: v[rows] for k, v in aug.crop_flip_params(rng, n).items()}
             images = aug.crop_flip(images, params)
         elif kind == "imagenet":

@@ -91,6 +91,11 @@ class ArraySource:
     def __getitems__(self, indices: Sequence[int]) -> list[dict]:
         return [self[i] for i in indices]
 
+    def take(self, indices) -> tuple[np.ndarray, np.ndarray]:
+        """Rows `indices` as arrays: (uint8 images (n, H, W, C), int32 labels (n,)), one gather each."""
+        idx = np.asarray(indices, np.int64)
+        return self.images[idx], self.labels[idx].astype(np.int32)
+
 
 def load_in_memory(src, chunk: int = 4096) -> ArraySource:
     """Reads a fixed-shape source completely into an `ArraySource` (one sequential pass).

@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from titans import checkpoint as ckpt_lib
@@ -96,10 +97,22 @@ def _open_teacher(s: Setup, pinned: dict | None) -> None:
         s.teacher = parallel.replicate(teacher, s.mesh)
 
 
+def _training_source(s: Setup):
+    """The training split as the loader reads it: in RAM (`data.load_in_memory`) when `dataset.in_memory`
+    says so ("auto": fixed-shape images, at most 1 GiB), else the TFDS source itself."""
+    mode = s.config.dataset.in_memory
+    if mode == "never" or s.info.augment == "imagenet":  # ImageNet's images differ in shape
+        return s.train_src
+    size = len(s.train_src) * int(np.prod(s.info.image_shape))
+    if mode == "always" or size <= config_lib.IN_MEMORY_AUTO_BYTES:
+        return data_lib.load_in_memory(s.train_src)
+    return s.train_src
+
+
 def _loader(s: Setup, method: method_lib.Method):
     needs_index = method.needs_index or (s.soft_labels is not None and s.soft_labels.needs_index)
     loader = data_lib.TrainLoader(
-        s.train_src,
+        _training_source(s),
         s.info,
         global_batch_size=s.config.batch_size,
         seed=s.config.seed,
