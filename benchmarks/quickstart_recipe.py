@@ -53,7 +53,7 @@ def pytorch_recipe(epochs: float, threads: int, seed: int) -> dict:
     """The quickstart in plain PyTorch: returns per-stage train seconds and test accuracy."""
     import torch
     import torch.nn.functional as F
-    from step_speed import torch_modules
+    from step_speed import torch_kd_loss, torch_modules
 
     from titans import data, runs
 
@@ -93,13 +93,7 @@ def pytorch_recipe(epochs: float, threads: int, seed: int) -> dict:
                 else:
                     with torch.no_grad():
                         t_logits = teacher(x)
-                    kl = F.kl_div(
-                        F.log_softmax(logits / T, 1),
-                        F.log_softmax(t_logits / T, 1),
-                        reduction="batchmean",
-                        log_target=True,
-                    )
-                    loss = ALPHA * T * T * kl + (1 - ALPHA) * F.cross_entropy(logits, y)
+                    loss = torch_kd_loss(logits, t_logits, y, ALPHA, T)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

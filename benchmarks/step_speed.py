@@ -440,6 +440,17 @@ def load_jax_weights(tmodel, params: dict, rest: dict) -> int:
     return len(written)
 
 
+def torch_kd_loss(logits, t_logits, labels, alpha: float, temperature: float):
+    """Hinton KD in PyTorch, as Titans' `kd` loss: alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE."""
+    import torch.nn.functional as F
+
+    T = temperature
+    kl = F.kl_div(
+        F.log_softmax(logits / T, dim=1), F.log_softmax(t_logits / T, dim=1), reduction="batchmean", log_target=True
+    )
+    return alpha * T * T * kl + (1.0 - alpha) * F.cross_entropy(logits, labels)
+
+
 class TorchSide:
     """The PyTorch steps. `tuned`: "" (eager, NCHW), "channels_last", or "compile" (channels-last and
     every model wrapped in torch.compile)."""
@@ -516,13 +527,7 @@ class TorchSide:
             else:
                 with torch.no_grad():
                     t_logits = teacher_fwd(x)
-                kl = F.kl_div(
-                    F.log_softmax(logits / T, dim=1),
-                    F.log_softmax(t_logits / T, dim=1),
-                    reduction="batchmean",
-                    log_target=True,
-                )
-                loss = alpha * T * T * kl + (1.0 - alpha) * F.cross_entropy(logits, labels)
+                loss = torch_kd_loss(logits, t_logits, labels, alpha, T)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -172,32 +172,35 @@ class TrainLoader:
             batch["index"] = self._indices(order, step, row0, self.local_batch_size).astype(np.int32)
         return batch
 
+    def _rows(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Fixed-shape rows, untransformed: one gather per array from an in-memory source (`take`),
+        else one record read per example, stacked."""
+        if hasattr(self.src, "take"):
+            return self.src.take(indices)
+        return _stack(self.src.__getitems__(indices.tolist()), self.info.image_shape)
+
     def _batch_examples(self, order, seed: int, step: int) -> dict:
         lbs = self.local_batch_size
         row0 = self.process_index * lbs
         rows = slice(row0, row0 + lbs)
         indices = self._indices(order, step, row0, lbs)
         kind = self.kind
-        if hasattr(self.src, "take") and self.info.augment != "imagenet" and (not self.augment or kind == "crop_flip"):
-            # An in-memory source: one gather per array instead of a dict per example.
-            images, labels = self.src.take(indices)
-            examples = None
-        else:
-            examples = self.src.__getitems__(indices.tolist())
         if not self.augment:
-            if examples is not None:
-                images, labels = eval_images(examples, self.info)
+            if self.info.augment == "imagenet":
+                images, labels = eval_images(self.src.__getitems__(indices.tolist()), self.info)
+            else:
+                images, labels = self._rows(indices)
             return {"image": images, "label": labels}
         # Random numbers are drawn for the whole global batch and then sliced, so each
         # example's augmentation depends on (seed, step, global row) only.
         rng = np.random.default_rng([seed % 2**64, step])
         n = self.global_batch_size
         if kind == "crop_flip":
-            if examples is not None:
-                images, labels = _stack(examples, self.info.image_shape)
+            images, labels = self._rows(indices)
             params = {k: v[rows] for k, v in aug.crop_flip_params(rng, n).items()}
             images = aug.crop_flip(images, params)
         elif kind == "imagenet":
+            examples = self.src.__getitems__(indices.tolist())
             params = {k: v[rows] for k, v in aug.random_resized_crop_params(rng, n).items()}
             images = np.stack([aug.imagenet_train_one(e["image"], params, i) for i, e in enumerate(examples)])
             labels = np.fromiter((e["label"] for e in examples), dtype=np.int32, count=lbs)

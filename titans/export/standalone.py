@@ -87,14 +87,11 @@ class Cascade:
         """The batch size a chunk of n rows (1 <= n <= the largest bucket) is padded to."""
         return next(b for b in self.buckets if b >= n)
 
-    def warm_up(self, stages=None, max_rows: int | None = None) -> None:
-        """Compile `stages` (default: all) at every bucket up to `max_rows` (default: all), so that no
-        later call of theirs compiles."""
-        top = self.buckets[-1] if max_rows is None else self.bucket(min(max_rows, self.buckets[-1]))
+    def warm_up(self, stages=None) -> None:
+        """Compile `stages` (default: all) at every bucket, so that no later call of theirs compiles."""
         for i in range(self.num_stages) if stages is None else stages:
             for b in self.buckets:
-                if b <= top:
-                    self.stage_outputs(i, np.zeros((b, *self.input_shape), np.uint8))
+                self.stage_outputs(i, np.zeros((b, *self.input_shape), np.uint8))
 
     def _call(self, i: int, images: np.ndarray):
         """Stage i's raw outputs, run at bucket sizes only: chunks of at most the largest bucket, each

@@ -40,8 +40,6 @@ MAX_IMAGES = 256  # per request
 # with the default, no batch could ever grow past 5 and a loaded service queued in the proxy instead.
 INGRESS_BATCH, TEACHER_BATCH = 16, 8
 MODES = ("cascade", "student", "teacher")
-# How many stages the ingress itself runs, per mode; the rows they leave go to the teacher deployment.
-CHEAP_STAGES = {"cascade": lambda c: c.num_stages - 1, "student": lambda c: 1, "teacher": lambda c: 0}
 TEACHER_RETRIES = 3
 
 
@@ -93,6 +91,11 @@ def parse_images(body: bytes, input_shape, max_images: int, content_type: str = 
     return x.astype(np.uint8)
 
 
+def num_cheap_stages(cascade, mode: str) -> int:
+    """How many stages the ingress runs itself in `mode`; the rows they leave go to the teacher deployment."""
+    return {"cascade": cascade.num_stages - 1, "student": 1, "teacher": 0}[mode]
+
+
 def cheap_stages(cascade, mode: str, x: np.ndarray):
     """Every stage the ingress runs itself (all but the last in "cascade" mode; the first in "student";
     none in "teacher") on the batch's rows: (logits, answered_by, the indices of the rows left for the
@@ -101,7 +104,7 @@ def cheap_stages(cascade, mode: str, x: np.ndarray):
     logits = np.zeros((n, cascade.manifest["num_classes"]), np.float32)
     answered = np.full(n, -1, np.int32)
     reach = np.arange(n)
-    for i in range(CHEAP_STAGES[mode](cascade)):
+    for i in range(num_cheap_stages(cascade, mode)):
         if not len(reach):
             break
         stage_logits, scores = cascade.stage_outputs(i, x[reach])
@@ -171,7 +174,7 @@ class CascadeIngress:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not one of {MODES}")
         self.mode = mode
-        self.cascade.warm_up(range(CHEAP_STAGES[mode](self.cascade)))
+        self.cascade.warm_up(range(num_cheap_stages(self.cascade, mode)))
 
     @serve.batch(max_batch_size=INGRESS_BATCH, batch_wait_timeout_s=0.002)
     async def _cheap_stages(self, image_sets: list[np.ndarray]) -> list[tuple]:
