@@ -1,57 +1,216 @@
-"""2x2 max-pool forward+backward: XLA's reduce_window form (nnx.max_pool, whose backward is
-select-and-scatter) against the reshape-and-max form Titans uses (titans.models.layers.max_pool_2x2).
-Side by side in one run, on the CNN teacher's two pooled activations (batch 128, float32).
+"""2x2 max-pool forms on XLA, side by side in one run, for training and for eval.
+
+Training (forward + backward, the CNN teacher's two pooled activations, batch 128): XLA's reduce_window
+form (nnx.max_pool, whose backward is select-and-scatter) against the reshape-and-max form Titans trains
+with (titans.models.layers.max_pool_2x2(train=True)).
+
+Eval (forward only, ``--eval``; batch 512 as in benchmarks/cascade_speed.py):
+
+* the pool alone after BatchNorm + ReLU: reshape-and-max against reduce_window (what
+  ``max_pool_2x2(train=False)`` runs);
+* a first stage, conv 1 -> C + BatchNorm + ReLU + pool, C = 8 (the tiny student) and 32 (the teacher):
+  XLA's convolution, the shifted products of `small_cin_conv` followed by the pool, and the four-phase
+  form of `layers.conv_pooled`;
+* the whole CNN teacher (32-64/128) and student (8-16/32) eval forward, with ``conv_impl`` "xla" and
+  "auto", as Titans runs them and with one part changed: the eval pool always the training reshape or
+  always reduce_window (Titans picks by channel count), and (auto) no `fusion_fence` after the
+  four-phase stage.
 
     python benchmarks/pool_speed.py [--repeats 20]
+    python benchmarks/pool_speed.py --eval --out benchmarks/results/pool_speed_eval_DATE.json
 
-Prints a Markdown table: milliseconds per call (median of repeats) and the ratio old / new, plus the
-machine's load average (a loaded machine's numbers are not results) and the jax backend.
+Prints Markdown tables of milliseconds per call (medians over repeats, every form timed once per repeat,
+interleaved) and the other processes' CPU load before and after (a loaded machine's numbers are not
+results).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import platform
 import statistics
+import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from machine_load import banner, is_contaminated, other_cpu_load
 
+from titans import models
 from titans.models import layers
 
 
-def _time(fn, x, repeats):
-    jax.block_until_ready(fn(x))  # compile
-    out = []
+def reduce_window(v):
+    return nnx.max_pool(v, (2, 2), strides=(2, 2), padding="VALID")
+
+
+def reshape_max(v):
+    return layers.max_pool_2x2(v, train=True)
+
+
+def interleaved(fns: dict, args: dict, repeats: int) -> dict:
+    """Median milliseconds per call of each jitted fn on its args, every fn once per repeat."""
+    for k, fn in fns.items():
+        jax.block_until_ready(fn(*args[k]))  # compile
+    samples = {k: [] for k in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(x))
-        out.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(out)
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args[k]))
+            samples[k].append(time.perf_counter() - t0)
+    return {k: 1e3 * statistics.median(v) for k, v in samples.items()}
 
 
-def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--batch", type=int, default=128)
-    args = p.parse_args()
-    forms = {
-        "reduce_window (nnx.max_pool)": lambda v: nnx.max_pool(v, (2, 2), strides=(2, 2), padding="VALID"),
-        "reshape + max (Titans)": layers.max_pool_2x2,
-    }
-    print(f"backend {jax.default_backend()}, load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
-    print("| activation | " + " | ".join(f"{k} ms" for k in forms) + " | old / new |")
-    print("|---|" + "---:|" * (len(forms) + 1))
-    for shape in [(args.batch, 28, 28, 32), (args.batch, 14, 14, 64)]:
+def training_table(batch: int, repeats: int) -> list[dict]:
+    rows = []
+    for shape in [(batch, 28, 28, 32), (batch, 14, 14, 64)]:
         x = jnp.asarray(np.random.default_rng(0).standard_normal(shape).astype(np.float32))
-        ms = []
-        for pool in forms.values():
-            step = jax.jit(jax.grad(lambda v, pool=pool: jnp.sum(pool(jax.nn.relu(v)) ** 2)))
-            ms.append(_time(step, x, args.repeats))
-        print(f"| {shape} fwd+bwd | " + " | ".join(f"{m:.2f}" for m in ms) + f" | {ms[0] / ms[1]:.2f} |")
+        fns = {
+            name: jax.jit(jax.grad(lambda v, pool=pool: jnp.sum(pool(jax.nn.relu(v)) ** 2)))
+            for name, pool in (("reduce_window", reduce_window), ("reshape_max", reshape_max))
+        }
+        ms = interleaved(fns, dict.fromkeys(fns, (x,)), repeats)
+        rows.append({"activation": list(shape), **ms})
+    return rows
+
+
+def _bn_relu(c, rng):
+    scale = jnp.asarray(rng.uniform(0.5, 1.5, c).astype(np.float32))
+    shift = jnp.asarray(rng.standard_normal(c).astype(np.float32))
+    return lambda y: jax.nn.relu(y * scale + shift)
+
+
+def stage_tables(batch: int, repeats: int) -> tuple[list[dict], list[dict]]:
+    rng = np.random.default_rng(0)
+    pools = []
+    for shape in [(batch, 28, 28, 32), (batch, 14, 14, 64), (batch, 28, 28, 8), (batch, 14, 14, 16)]:
+        x = jnp.asarray(rng.standard_normal(shape).astype(np.float32))
+        post = _bn_relu(shape[-1], rng)
+        fns = {
+            "reshape_max": jax.jit(lambda v, post=post: reshape_max(post(v))),
+            "reduce_window": jax.jit(lambda v, post=post: reduce_window(post(v))),
+        }
+        pools.append({"activation": list(shape), **interleaved(fns, dict.fromkeys(fns, (x,)), repeats)})
+    stages = []
+    x = jnp.asarray(rng.standard_normal((batch, 28, 28, 1)).astype(np.float32))
+    for c in (8, 32):
+        conv = layers.conv(1, c, 3, rngs=nnx.Rngs(0), dtype=jnp.float32, impl="patches")
+        kernel = conv.kernel[...]
+        post = _bn_relu(c, rng)
+
+        def xla_conv(v, kernel=kernel):
+            return jax.lax.conv_general_dilated(v, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+        fns = {
+            "xla conv + reduce_window": jax.jit(lambda v, f=xla_conv, post=post: reduce_window(post(f(v)))),
+            "shifted products + reduce_window": jax.jit(
+                lambda v, kernel=kernel, post=post: reduce_window(post(layers.small_cin_conv(v, kernel)))
+            ),
+            "four phases (conv_pooled)": jax.jit(
+                lambda v, conv=conv, post=post: layers.conv_pooled(conv, v, post, train=False)
+            ),
+        }
+        stages.append({"conv": f"1 -> {c}", **interleaved(fns, dict.fromkeys(fns, (x,)), repeats)})
+    return pools, stages
+
+
+def model_table(batch: int, repeats: int) -> list[dict]:
+    """Whole-model eval forwards, each variant compiled with one part swapped out at trace time."""
+    shape = (28, 28, 1)
+    x = jax.device_put(np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32))
+    real_pool, real_fence = layers.max_pool_2x2, layers.fusion_fence
+    variants = {
+        "as run": {},
+        "eval pool always the training reshape": {"max_pool_2x2": lambda v, train=True: real_pool(v, train=True)},
+        "eval pool always reduce_window": {"max_pool_2x2": lambda v, train=True: reduce_window(v)},
+        "no fusion_fence": {"fusion_fence": lambda v: v},
+    }
+    fns, args = {}, {}
+    for role, kw in (
+        ("teacher", {"channels": (32, 64), "dense": 128}),
+        ("student", {"channels": (8, 16), "dense": 32}),
+    ):
+        for impl in ("xla", "auto"):
+            model = models.create_model(
+                "cnn", num_classes=10, input_shape=shape, rngs=nnx.Rngs(0), conv_impl=impl, **kw
+            )
+            model.eval()
+            graphdef, state = nnx.split(model)
+            for variant, patch in variants.items():
+                if variant == "no fusion_fence" and impl == "xla":
+                    continue  # no four-phase stage to fence
+                for name, fn in patch.items():
+                    setattr(layers, name, fn)
+                try:
+                    fn = jax.jit(lambda s, v, g=graphdef: nnx.merge(g, s)(v)).lower(state, x).compile()
+                finally:
+                    layers.max_pool_2x2, layers.fusion_fence = real_pool, real_fence
+                key = f"{role}|{impl}|{variant}"
+                fns[key], args[key] = fn, (state, x)
+    ms = interleaved(fns, args, repeats)
+    return [dict(zip(("model", "conv_impl", "variant"), k.split("|")), ms=v) for k, v in ms.items()]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--batch", type=int, default=0, help="default: 128 for training, 512 for --eval")
+    p.add_argument("--eval", action="store_true", help="time the eval forms (pool, first stage, whole models)")
+    p.add_argument("--out", default="", help="write the results as JSON here")
+    args = p.parse_args(argv)
+    cores = os.cpu_count() or 1
+    load_before = other_cpu_load()
+    result = {
+        "backend": jax.default_backend(),
+        "jax": jax.__version__,
+        "machine": platform.processor() or platform.machine(),
+    }
+    if args.eval:
+        batch = args.batch or 512
+        result["pool_after_bn_relu"], result["first_stage"] = stage_tables(batch, args.repeats)
+        result["models"] = model_table(batch, args.repeats)
+    else:
+        batch = args.batch or 128
+        result["training"] = training_table(batch, args.repeats)
+    loads = [load_before, other_cpu_load()]
+    result.update(batch=batch, repeats=args.repeats, other_cpu_load=loads, contaminated=is_contaminated(loads, cores))
+    print(banner(loads, cores), end="")
+    print(
+        f"backend {result['backend']}, jax {result['jax']}, batch {batch}, {cores} CPUs; other processes' load {loads}"
+    )
+    if args.eval:
+        print(
+            "\n| pool after BN+ReLU (eval) | reshape + max ms | reduce_window ms | reshape / reduce_window |\n|---|---:|---:|---:|"
+        )
+        for r in result["pool_after_bn_relu"]:
+            print(
+                f"| {tuple(r['activation'])} | {r['reshape_max']:.2f} | {r['reduce_window']:.2f} | {r['reshape_max'] / r['reduce_window']:.2f} |"
+            )
+        names = [k for k in result["first_stage"][0] if k != "conv"]
+        print("\n| first stage (eval) | " + " | ".join(f"{n} ms" for n in names) + " |\n|---|" + "---:|" * len(names))
+        for r in result["first_stage"]:
+            print(f"| {r['conv']} | " + " | ".join(f"{r[n]:.2f}" for n in names) + " |")
+        print("\n| model (eval forward) | conv_impl | variant | ms |\n|---|---|---|---:|")
+        for r in result["models"]:
+            print(f"| {r['model']} | {r['conv_impl']} | {r['variant']} | {r['ms']:.2f} |")
+    else:
+        print(
+            "\n| activation (fwd+bwd) | reduce_window ms | reshape + max ms | reduce_window / reshape |\n|---|---:|---:|---:|"
+        )
+        for r in result["training"]:
+            print(
+                f"| {tuple(r['activation'])} | {r['reduce_window']:.2f} | {r['reshape_max']:.2f} | {r['reduce_window'] / r['reshape_max']:.2f} |"
+            )
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

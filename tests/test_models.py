@@ -428,10 +428,11 @@ def test_jitted_grad_through_split_merge():
     assert loss1 < loss0
 
 
-@pytest.mark.parametrize("shape", [(4, 28, 28, 8), (3, 7, 9, 5), (2, 2, 2, 1)])
+@pytest.mark.parametrize("shape", [(4, 28, 28, 8), (3, 7, 9, 5), (2, 2, 2, 1), (2, 9, 7, 32)])
 def test_max_pool_2x2_equals_the_reduce_window_form(shape):
-    """The reshape-and-max pool gives nnx.max_pool's values, and the same gradient after a ReLU (where
-    the only ties, zeros, get no gradient either way)."""
+    """Both modes of max_pool_2x2 give nnx.max_pool's values; the training form gives the same gradient
+    after a ReLU (where the only ties, zeros, get no gradient either way). Eval pools of many channels
+    are reduce_window itself, training pools and narrow eval pools the reshape."""
     from titans.models import layers
 
     x = jnp.asarray(np.random.default_rng(0).standard_normal(shape).astype(np.float32))
@@ -439,11 +440,80 @@ def test_max_pool_2x2_equals_the_reduce_window_form(shape):
     def reference(v):
         return nnx.max_pool(v, (2, 2), strides=(2, 2), padding="VALID")
 
-    np.testing.assert_array_equal(np.asarray(layers.max_pool_2x2(x)), np.asarray(reference(x)))
+    for train in (True, False):
+        np.testing.assert_array_equal(np.asarray(layers.max_pool_2x2(x, train=train)), np.asarray(reference(x)))
+        jaxpr = str(jax.make_jaxpr(lambda v, train=train: layers.max_pool_2x2(v, train=train))(x))
+        wide_eval = not train and shape[-1] >= layers.EVAL_REDUCE_WINDOW_MIN_CHANNELS
+        assert ("reduce_window_max" in jaxpr) == wide_eval, jaxpr
     weights = jnp.asarray(np.random.default_rng(1).standard_normal(reference(x).shape).astype(np.float32))
     g_new = jax.grad(lambda v: jnp.sum(layers.max_pool_2x2(jax.nn.relu(v)) * weights))(x)
     g_ref = jax.grad(lambda v: jnp.sum(reference(jax.nn.relu(v)) * weights))(x)
     np.testing.assert_array_equal(np.asarray(g_new), np.asarray(g_ref))
+
+
+@pytest.mark.parametrize(
+    "c_in, c_out, kernel, use_bias, hw",
+    [(1, 8, 3, False, (28, 28)), (3, 32, 3, True, (7, 9)), (2, 4, 5, False, (10, 5))],
+)
+def test_conv_pooled_four_phases_equal_the_unfused_stage(c_in, c_out, kernel, use_bias, hw):
+    """In eval, conv_pooled computes a few-channel PatchConv + BatchNorm + ReLU + 2x2 pool as four
+    phases with no reduction, and gives the unfused stage's values: odd sizes, a bias, and BatchNorm scales
+    of both signs (applying the BatchNorm after the max instead of before would differ). Training, and a
+    convolution that is not a few-channel PatchConv, take the unfused path."""
+    from titans.models import layers
+
+    rng = np.random.default_rng(0)
+    conv = layers.conv(c_in, c_out, kernel, rngs=nnx.Rngs(0), dtype=jnp.float32, use_bias=use_bias, impl="patches")
+    if use_bias:
+        conv.bias[...] = jnp.asarray(rng.standard_normal(c_out).astype(np.float32))
+    bn = layers.batch_norm(c_out, rngs=nnx.Rngs(1), dtype=jnp.float32)
+    bn.mean.set_value(jnp.asarray(rng.standard_normal(c_out).astype(np.float32)))
+    bn.var.set_value(jnp.asarray(rng.uniform(0.2, 2.0, c_out).astype(np.float32)))
+    bn.scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, c_out) * rng.choice([-1, 1], c_out)).astype(jnp.float32)
+    bn.bias[...] = jnp.asarray(rng.standard_normal(c_out).astype(np.float32))
+    x = jnp.asarray(rng.standard_normal((3, *hw, c_in)).astype(np.float32))
+
+    def post(y):
+        return jax.nn.relu(bn(y, use_running_average=True))
+
+    fused = jax.jit(lambda v: layers.conv_pooled(conv, v, post, train=False))
+    unfused = jax.jit(lambda v: layers.max_pool_2x2(post(conv(v)), train=False))
+    got, want = np.asarray(fused(x)), np.asarray(unfused(x))
+    assert got.shape == (3, hw[0] // 2, hw[1] // 2, c_out)
+    # The same operations per element; XLA contracts multiplies and adds into FMAs differently in the
+    # two fusions, so rounding differs (4.8e-7 at most measured), not the function.
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6)
+    jaxpr = str(jax.make_jaxpr(lambda v: layers.conv_pooled(conv, v, post, train=False))(x))
+    assert "reduce_max" not in jaxpr and "reduce_window" not in jaxpr and "reduce_precision" in jaxpr
+
+    # Training: the unfused stage (its BatchNorm needs batch statistics over every position).
+    train_jaxpr = str(jax.make_jaxpr(lambda v: layers.conv_pooled(conv, v, jax.nn.relu, train=True))(x))
+    assert "reduce_max" in train_jaxpr and "reduce_precision" not in train_jaxpr
+    # A plain convolution, or more input channels than PATCHES_MAX_IN_CHANNELS, is not fused.
+    for other, v in (
+        (layers.conv(c_in, c_out, kernel, rngs=nnx.Rngs(0), dtype=jnp.float32, use_bias=use_bias), x),
+        (
+            layers.conv(5, c_out, kernel, rngs=nnx.Rngs(0), dtype=jnp.float32, use_bias=use_bias, impl="patches"),
+            jnp.ones((3, *hw, 5)),
+        ),
+    ):
+        jaxpr = str(jax.make_jaxpr(lambda u, other=other: layers.conv_pooled(other, u, post, train=False))(v))
+        assert "reduce_precision" not in jaxpr
+
+
+def test_fusion_fence_changes_no_bits():
+    """fusion_fence is the identity, bit for bit, in float32, bfloat16 and float16, for normal, subnormal,
+    infinite and NaN values."""
+    from titans.models import layers
+
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal(2000) * 10.0 ** rng.integers(-45, 38, 2000)
+    values = np.concatenate([values, [np.inf, -np.inf, np.nan, 0.0, -0.0, 1e-45, 3e38, 6e-8, 1e-40]]).astype(np.float32)
+    for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+        x = jnp.asarray(values).astype(dtype)
+        y = jax.jit(layers.fusion_fence)(x)
+        assert y.dtype == x.dtype
+        np.testing.assert_array_equal(np.asarray(y).view(np.uint8), np.asarray(x).view(np.uint8))
 
 
 @pytest.mark.parametrize("c_in, c_out, kernel, use_bias", [(1, 8, 3, False), (8, 16, 3, True), (3, 4, 5, False)])
@@ -487,6 +557,7 @@ def test_cnn_with_patch_convs_equals_the_default_cnn():
         dict(name="cnn", kwargs=ml_collections.ConfigDict(dict(channels=(8, 16), dense=32, conv_impl=impl)))
     )
     a = models.build_model(cfg("xla"), info, seed=0, dtype=jnp.float32)
-    b = models.build_model(cfg("patches"), info, seed=0, dtype=jnp.float32)
     x = jnp.asarray(np.random.default_rng(0).integers(0, 255, (4, 28, 28, 1)).astype(np.float32) / 255)
-    np.testing.assert_allclose(np.asarray(b(x)), np.asarray(a(x)), rtol=1e-4, atol=1e-4)
+    for impl in ("patches", "auto"):  # eval: the first stage as four phases
+        b = models.build_model(cfg(impl), info, seed=0, dtype=jnp.float32)
+        np.testing.assert_allclose(np.asarray(b(x)), np.asarray(a(x)), rtol=1e-4, atol=1e-4)

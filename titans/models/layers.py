@@ -75,6 +75,24 @@ def _taps_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return y
 
 
+def _taps_conv_phase(x: jax.Array, kernel: jax.Array, a: int, b: int) -> jax.Array:
+    """`_taps_conv`'s output at rows ``a, a+2, ...`` and columns ``b, b+2, ...`` only (``h // 2`` by
+    ``w // 2`` of them: the positions of phase (a, b) that a 2x2 VALID pool reads), computed from strided
+    views of the padded input, the taps summed in `_taps_conv`'s order."""
+    kh, kw, c, _ = kernel.shape
+    _, h, w, _ = x.shape
+    p, ho, wo = kh // 2, h // 2, w // 2
+    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    y = None
+    for i in range(kh):
+        for j in range(kw):
+            for ch in range(c):
+                view = xp[:, a + i : a + i + 2 * ho - 1 : 2, b + j : b + j + 2 * wo - 1 : 2, ch : ch + 1]
+                term = view * kernel[i, j, ch]
+                y = term if y is None else y + term
+    return y
+
+
 @jax.custom_vjp
 def small_cin_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """A stride-1 'same' convolution for layers with few input channels (a network's first layer):
@@ -101,17 +119,27 @@ class PatchConv(nnx.Conv):
     """``nnx.Conv`` with the same parameters, computed as im2col + one matmul for a stride-1 'same'
     convolution without groups: the k*k shifted views of the padded input are stacked on the channel
     axis and multiplied by the kernel reshaped to (k*k*C_in, C_out); with at most PATCHES_MAX_IN_CHANNELS
-    input channels the forward pass is `small_cin_conv`'s shifted products instead (same gradient).
+    input channels the forward pass is `small_cin_conv`'s shifted products instead (same gradient), and
+    in eval, followed by a 2x2 pool, `conv_pooled` computes the convolution, BatchNorm, ReLU and pool as
+    one elementwise pass over four phases.
     XLA:CPU runs convolutions with few input channels far below its matmul speed
-    (benchmarks/conv_layers.py measures each layer); this form's gradient is slices and matmuls too. Any
-    other configuration falls back to ``nnx.Conv``.
+    (benchmarks/conv_layers.py and benchmarks/pool_speed.py measure each form); this form's gradient is
+    slices and matmuls too. Any other configuration falls back to ``nnx.Conv``.
     Checkpoints are interchangeable with ``nnx.Conv``'s (same kernel layout, HWIO)."""
 
-    def __call__(self, inputs, out_sharding=None):
+    def patches_apply(self, inputs) -> bool:
+        """Whether this form applies: a stride-1 'same' convolution of an odd square kernel, NHWC, no groups."""
         kh, kw = self.kernel_size
         pads = self.padding
         same = kh == kw and kh % 2 == 1 and pads == ((kh // 2, kh // 2), (kw // 2, kw // 2))
-        if inputs.ndim != 4 or self.strides not in (1, (1, 1)) or self.feature_group_count != 1 or not same:
+        return inputs.ndim == 4 and self.strides in (1, (1, 1)) and self.feature_group_count == 1 and same
+
+    def small_cin_forward(self, inputs) -> bool:
+        """Whether the forward pass is `small_cin_conv`'s shifted products (few input channels)."""
+        return self.patches_apply(inputs) and inputs.shape[-1] <= PATCHES_MAX_IN_CHANNELS
+
+    def __call__(self, inputs, out_sharding=None):
+        if not self.patches_apply(inputs):
             return super().__call__(inputs, out_sharding)
         bias = self.bias[...] if self.bias is not None else None
         x, kernel, bias = self.promote_dtype((inputs, self.kernel[...], bias), dtype=self.dtype)
@@ -222,18 +250,69 @@ def head(in_f: int, num_classes: int, *, rngs: nnx.Rngs) -> nnx.Linear:
     return nnx.Linear(in_f, num_classes, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
 
 
-def max_pool_2x2(x: jax.Array) -> jax.Array:
-    """2x2 max-pool, stride 2, VALID (an odd last row/column is dropped), as a reshape and a max.
+EVAL_REDUCE_WINDOW_MIN_CHANNELS = 32  # eval pools of at least this many channels use reduce_window
 
-    Same values as `nnx.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")`. Its backward is an
-    elementwise select instead of XLA:CPU's select-and-scatter, which took about half of the CNN
-    teacher's step (benchmarks/pool_speed.py). Gradients differ only where two inputs of a window tie
-    for the maximum (split evenly here, all to the first there); after a ReLU such ties are zeros,
-    whose gradient the ReLU stops anyway.
+
+def max_pool_2x2(x: jax.Array, *, train: bool = True) -> jax.Array:
+    """2x2 max-pool, stride 2, VALID (an odd last row/column is dropped): nnx.max_pool's values in the
+    form XLA:CPU runs fastest.
+
+    Training, and eval with fewer than EVAL_REDUCE_WINDOW_MIN_CHANNELS channels: a reshape and a max.
+    Its backward is an elementwise select instead of XLA:CPU's select-and-scatter, which took about half
+    of the CNN teacher's step (benchmarks/pool_speed.py). Gradients differ from select-and-scatter's only
+    where two inputs of a window tie for the maximum (split evenly here, all to the first there); after a
+    ReLU such ties are zeros, whose gradient the ReLU stops anyway.
+
+    Eval (``train=False``) with at least EVAL_REDUCE_WINDOW_MIN_CHANNELS channels: ``lax.reduce_window``
+    (nnx.max_pool itself). Without a backward pass it is the faster form there: the CNN teacher's eval
+    forward at batch 512 took 31 ms with it against 47 ms with the reshape, while the 8- and 16-channel
+    student's took 28 ms against 21 (benchmarks/pool_speed.py ``--eval``). The values are the same bits
+    either way.
     """
+    if not train and x.shape[-1] >= EVAL_REDUCE_WINDOW_MIN_CHANNELS:
+        return nnx.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
     b, h, w, c = x.shape
     x = x[:, : h - h % 2, : w - w % 2]
     return jnp.max(x.reshape(b, h // 2, 2, w // 2, 2, c), axis=(2, 4))
+
+
+def conv_pooled(conv: nnx.Conv, x: jax.Array, post, *, train: bool) -> jax.Array:
+    """``max_pool_2x2(post(conv(x)))``, where ``post`` is elementwise per channel (eval BatchNorm, ReLU).
+
+    In eval, a `PatchConv` with at most PATCHES_MAX_IN_CHANNELS input channels (a network's first layer)
+    computes the whole stage without a reduction: the convolution is evaluated on each of the four
+    stride-2 phases of the output grid (shifted products of strided input views, `_taps_conv_phase`),
+    ``post`` is applied to each, and the pool is the elementwise maximum of the four. On XLA:CPU the
+    convolution, BatchNorm, ReLU and pool of the 1 -> 8 student layer at batch 512 took 12.9 ms as
+    separate ops (jax 0.10's YNNPACK fusion of the shifted products into the pool's reduce is slow)
+    and 1.2 ms this way (benchmarks/pool_speed.py). Only the positions the pool reads are computed, so
+    an odd last row/column costs nothing. Each output element sees the same operations in the same
+    order as on the unfused path; XLA may contract them into fused multiply-adds differently, so the
+    results agree to rounding, not bit for bit. The result passes a `fusion_fence`. Training, and every other
+    convolution, take the unfused path.
+    """
+    if train or not (isinstance(conv, PatchConv) and conv.small_cin_forward(x)):
+        return max_pool_2x2(post(conv(x)), train=train)
+    bias = conv.bias[...] if conv.bias is not None else None
+    x, kernel, bias = conv.promote_dtype((x, conv.kernel[...], bias), dtype=conv.dtype)
+    phases = []
+    for a in range(2):
+        for b in range(2):
+            y = _taps_conv_phase(x, kernel, a, b)
+            phases.append(post(y if bias is None else y + bias))
+    pooled = jnp.maximum(jnp.maximum(phases[0], phases[1]), jnp.maximum(phases[2], phases[3]))
+    return fusion_fence(pooled)
+
+
+def fusion_fence(x: jax.Array) -> jax.Array:
+    """The identity (a `reduce_precision` to ``x``'s own exponent and mantissa widths, which changes no
+    value) that XLA:CPU's YNNPACK fusion does not take in. Without it, jax 0.10 on CPU pulled the shifted
+    products of `conv_pooled` into the fusion of the next convolution and the dense layer, and the CNN
+    teacher's eval forward with ``conv_impl="auto"`` took 104 ms at batch 512 instead of 26 ms
+    (benchmarks/pool_speed.py, ``--eval``). An optimization barrier or a bitcast round trip did not
+    stop it."""
+    info = jnp.finfo(x.dtype)
+    return jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
 
 
 def global_avg_pool(x: jax.Array) -> jax.Array:

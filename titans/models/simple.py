@@ -94,12 +94,13 @@ class CNN(L.Classifier):
     def forward(self, x, train):
         acts = {}
         for i, (cv, pool) in enumerate(zip(self.convs, self.pools)):
-            x = cv(x)
-            if self.use_bn:
-                x = self.norms[i](x, use_running_average=not train)
-            x = jax.nn.relu(x)
-            if pool:
-                x = L.max_pool_2x2(x)
+
+            def post(y, i=i):
+                if self.use_bn:
+                    y = self.norms[i](y, use_running_average=not train)
+                return jax.nn.relu(y)
+
+            x = L.conv_pooled(cv, x, post, train=train) if pool else post(cv(x))
             acts[f"stage{i + 1}"] = x
         x = jax.nn.relu(self.dense(x.reshape(x.shape[0], -1)))
         acts["features"] = x
