@@ -1,6 +1,7 @@
 """The quickstart end to end: Titans against the same recipe written plainly in PyTorch, on one machine.
 
     python benchmarks/quickstart_recipe.py [--epochs 3] [--repeats 1] [--threads 2] [--out FILE]
+    python benchmarks/quickstart_recipe.py --conv_impl auto   # Titans' CNNs with the CPU-fast conv forms
 
 Each repeat runs, one after the other and each in its own process so that neither warms the other:
 
@@ -113,15 +114,32 @@ def pytorch_recipe(epochs: float, threads: int, seed: int) -> dict:
     return {"teacher": t, "student": s}
 
 
-def run_titans(epochs: float, threads: int) -> dict:
+CONV_IMPL_CONFIG = """from titans.config import load_config_file
+
+
+def get_config(arg):
+    c = load_config_file({quickstart!r} + ":" + arg)
+    for stage in c.stage_order:
+        kwargs = c.stages[stage].model.kwargs
+        with kwargs.unlocked():
+            kwargs.conv_impl = {conv_impl!r}
+    return c
+"""
+
+
+def run_titans(epochs: float, threads: int, conv_impl: str = "") -> dict:
     with tempfile.TemporaryDirectory(prefix="titans-qs-bench-") as workdir:
-        cmd = [
-            sys.executable,
-            "-m",
-            "titans.main",
-            f"--config={os.path.join(REPO, 'configs', 'quickstart.py')}:{epochs:g}",
-            f"--workdir={workdir}",
-        ]
+        config = os.path.join(REPO, "configs", "quickstart.py")
+        if conv_impl:  # the quickstart with both CNNs' conv_impl set, as a config file wrapping it
+            config = os.path.join(workdir, "quickstart_conv_impl.py")
+            with open(config, "w") as f:
+                f.write(
+                    CONV_IMPL_CONFIG.format(
+                        quickstart=os.path.join(REPO, "configs", "quickstart.py"), conv_impl=conv_impl
+                    )
+                )
+            workdir = os.path.join(workdir, "run")
+        cmd = [sys.executable, "-m", "titans.main", f"--config={config}:{epochs:g}", f"--workdir={workdir}"]
         t0 = time.perf_counter()
         subprocess.run(
             cmd, check=True, cwd=REPO, env=child_env(threads), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
@@ -157,6 +175,12 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--threads", type=int, default=2, help="PyTorch's intra-op threads (XLA uses every core)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--conv_impl",
+        default="",
+        choices=("", "xla", "patches", "auto"),
+        help="Titans side: both CNNs' conv_impl (titans.models.layers.conv); empty: the quickstart's own",
+    )
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default="")
     a = p.parse_args(argv)
@@ -170,7 +194,9 @@ def main(argv=None):
         got = {}
         for side in order:
             got[side] = (
-                run_titans(a.epochs, a.threads) if side == "titans" else run_pytorch(a.epochs, a.threads, a.seed)
+                run_titans(a.epochs, a.threads, a.conv_impl)
+                if side == "titans"
+                else run_pytorch(a.epochs, a.threads, a.seed)
             )
             print(f"repeat {rep} {side}: {json.dumps(got[side])}", flush=True)
         runs.append(got)

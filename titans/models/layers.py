@@ -265,9 +265,9 @@ def max_pool_2x2(x: jax.Array, *, train: bool = True) -> jax.Array:
 
     Eval (``train=False``) with at least EVAL_REDUCE_WINDOW_MIN_CHANNELS channels: ``lax.reduce_window``
     (nnx.max_pool itself). Without a backward pass it is the faster form there: the CNN teacher's eval
-    forward at batch 512 took 31 ms with it against 47 ms with the reshape, while the 8- and 16-channel
-    student's took 28 ms against 21 (benchmarks/pool_speed.py ``--eval``). The values are the same bits
-    either way.
+    forward at batch 512 took 29.6 ms with it against 48.7 ms with the reshape, and its 32-channel pool
+    alone 4.5 against 22 ms; at 8 and 16 channels the reshape took 0.87-0.90x reduce_window's time
+    (benchmarks/pool_speed.py ``--eval``). The values are the same bits either way.
     """
     if not train and x.shape[-1] >= EVAL_REDUCE_WINDOW_MIN_CHANNELS:
         return nnx.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
@@ -283,9 +283,9 @@ def conv_pooled(conv: nnx.Conv, x: jax.Array, post, *, train: bool) -> jax.Array
     computes the whole stage without a reduction: the convolution is evaluated on each of the four
     stride-2 phases of the output grid (shifted products of strided input views, `_taps_conv_phase`),
     ``post`` is applied to each, and the pool is the elementwise maximum of the four. On XLA:CPU the
-    convolution, BatchNorm, ReLU and pool of the 1 -> 8 student layer at batch 512 took 12.9 ms as
+    convolution, BatchNorm, ReLU and pool of the 1 -> 8 student layer at batch 512 took 15.4 ms as
     separate ops (jax 0.10's YNNPACK fusion of the shifted products into the pool's reduce is slow)
-    and 1.2 ms this way (benchmarks/pool_speed.py). Only the positions the pool reads are computed, so
+    and 1.0 ms this way (benchmarks/pool_speed.py ``--eval``). Only the positions the pool reads are computed, so
     an odd last row/column costs nothing. Each output element sees the same operations in the same
     order as on the unfused path; XLA may contract them into fused multiply-adds differently, so the
     results agree to rounding, not bit for bit. The result passes a `fusion_fence`. Training, and every other
@@ -308,8 +308,8 @@ def fusion_fence(x: jax.Array) -> jax.Array:
     """The identity (a `reduce_precision` to ``x``'s own exponent and mantissa widths, which changes no
     value) that XLA:CPU's YNNPACK fusion does not take in. Without it, jax 0.10 on CPU pulled the shifted
     products of `conv_pooled` into the fusion of the next convolution and the dense layer, and the CNN
-    teacher's eval forward with ``conv_impl="auto"`` took 104 ms at batch 512 instead of 26 ms
-    (benchmarks/pool_speed.py, ``--eval``). An optimization barrier or a bitcast round trip did not
+    teacher's eval forward with ``conv_impl="auto"`` took 93 ms at batch 512 instead of 26 ms
+    (benchmarks/pool_speed.py ``--eval``). An optimization barrier or a bitcast round trip did not
     stop it."""
     info = jnp.finfo(x.dtype)
     return jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
