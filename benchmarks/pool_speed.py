@@ -12,15 +12,15 @@ Eval (forward only, ``--eval``; batch 512 as in benchmarks/cascade_speed.py):
   XLA's convolution, the shifted products of `small_cin_conv` followed by the pool, and the four-phase
   form of `layers.conv_pooled`;
 * the whole CNN teacher (32-64/128) and student (8-16/32) eval forward, with ``conv_impl`` "xla" and
-  "auto", as Titans runs them and with one part changed: the eval pool always the training reshape or
-  always reduce_window (Titans picks by channel count), and (auto) no `fusion_fence` after the
-  four-phase stage.
+  "auto", as Titans runs them and with one part changed: every stage in its training form (what eval
+  ran before the eval forms), the eval pool always the training reshape or always reduce_window (Titans
+  picks by channel count), and (auto) no `fusion_fence` after the four-phase stage.
 
     python benchmarks/pool_speed.py [--repeats 20]
     python benchmarks/pool_speed.py --eval --out benchmarks/results/pool_speed_eval_DATE.json
 
 Prints Markdown tables of milliseconds per call (medians over repeats, every form timed once per repeat,
-interleaved) and the other processes' CPU load before and after (a loaded machine's numbers are not
+in a random order each repeat) and the other processes' CPU load before and after (a loaded machine's numbers are not
 results).
 """
 
@@ -56,14 +56,17 @@ def reshape_max(v):
 
 
 def interleaved(fns: dict, args: dict, repeats: int) -> dict:
-    """Median milliseconds per call of each jitted fn on its args, every fn once per repeat."""
+    """Median milliseconds per call of each jitted fn on its args, every fn once per repeat, in a new
+    (seeded) random order each repeat: a call right after a slow one finds colder caches, and a fixed
+    order would charge that to the same fn every time (it did: 40% on one model)."""
     for k, fn in fns.items():
         jax.block_until_ready(fn(*args[k]))  # compile
     samples = {k: [] for k in fns}
+    order = np.random.default_rng(0)
     for _ in range(repeats):
-        for k, fn in fns.items():
+        for k in order.permutation(list(fns)):
             t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args[k]))
+            jax.block_until_ready(fns[k](*args[k]))
             samples[k].append(time.perf_counter() - t0)
     return {k: 1e3 * statistics.median(v) for k, v in samples.items()}
 
@@ -125,9 +128,12 @@ def model_table(batch: int, repeats: int) -> list[dict]:
     """Whole-model eval forwards, each variant compiled with one part swapped out at trace time."""
     shape = (28, 28, 1)
     x = jax.device_put(np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32))
-    real_pool, real_fence = layers.max_pool_2x2, layers.fusion_fence
+    real_pool, real_fence, real_conv_pooled = layers.max_pool_2x2, layers.fusion_fence, layers.conv_pooled
     variants = {
         "as run": {},
+        "training forms (before the eval forms)": {
+            "conv_pooled": lambda conv, v, post, train: real_pool(post(conv(v)), train=True)
+        },
         "eval pool always the training reshape": {"max_pool_2x2": lambda v, train=True: real_pool(v, train=True)},
         "eval pool always reduce_window": {"max_pool_2x2": lambda v, train=True: reduce_window(v)},
         "no fusion_fence": {"fusion_fence": lambda v: v},
@@ -152,6 +158,7 @@ def model_table(batch: int, repeats: int) -> list[dict]:
                     fn = jax.jit(lambda s, v, g=graphdef: nnx.merge(g, s)(v)).lower(state, x).compile()
                 finally:
                     layers.max_pool_2x2, layers.fusion_fence = real_pool, real_fence
+                    layers.conv_pooled = real_conv_pooled
                 key = f"{role}|{impl}|{variant}"
                 fns[key], args[key] = fn, (state, x)
     ms = interleaved(fns, args, repeats)

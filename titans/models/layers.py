@@ -265,8 +265,8 @@ def max_pool_2x2(x: jax.Array, *, train: bool = True) -> jax.Array:
 
     Eval (``train=False``) with at least EVAL_REDUCE_WINDOW_MIN_CHANNELS channels: ``lax.reduce_window``
     (nnx.max_pool itself). Without a backward pass it is the faster form there: the CNN teacher's eval
-    forward at batch 512 took 29.6 ms with it against 48.7 ms with the reshape, and its 32-channel pool
-    alone 4.5 against 22 ms; at 8 and 16 channels the reshape took 0.87-0.90x reduce_window's time
+    forward at batch 512 took 32.8 ms with it against 56.3 ms with the reshape, and its 32-channel pool
+    alone 4.2 against 20.7 ms; at 8 and 16 channels the reshape took 0.78-0.99x reduce_window's time
     (benchmarks/pool_speed.py ``--eval``). The values are the same bits either way.
     """
     if not train and x.shape[-1] >= EVAL_REDUCE_WINDOW_MIN_CHANNELS:
@@ -283,7 +283,7 @@ def conv_pooled(conv: nnx.Conv, x: jax.Array, post, *, train: bool) -> jax.Array
     computes the whole stage without a reduction: the convolution is evaluated on each of the four
     stride-2 phases of the output grid (shifted products of strided input views, `_taps_conv_phase`),
     ``post`` is applied to each, and the pool is the elementwise maximum of the four. On XLA:CPU the
-    convolution, BatchNorm, ReLU and pool of the 1 -> 8 student layer at batch 512 took 15.4 ms as
+    convolution, BatchNorm, ReLU and pool of the 1 -> 8 student layer at batch 512 took 15.0 ms as
     separate ops (jax 0.10's YNNPACK fusion of the shifted products into the pool's reduce is slow)
     and 1.0 ms this way (benchmarks/pool_speed.py ``--eval``). Only the positions the pool reads are computed, so
     an odd last row/column costs nothing. Each output element sees the same operations in the same
@@ -308,7 +308,7 @@ def fusion_fence(x: jax.Array) -> jax.Array:
     """The identity (a `reduce_precision` to ``x``'s own exponent and mantissa widths, which changes no
     value) that XLA:CPU's YNNPACK fusion does not take in. Without it, jax 0.10 on CPU pulled the shifted
     products of `conv_pooled` into the fusion of the next convolution and the dense layer, and the CNN
-    teacher's eval forward with ``conv_impl="auto"`` took 93 ms at batch 512 instead of 26 ms
+    teacher's eval forward with ``conv_impl="auto"`` took 105 ms at batch 512 instead of 28 ms
     (benchmarks/pool_speed.py ``--eval``). An optimization barrier or a bitcast round trip did not
     stop it."""
     info = jnp.finfo(x.dtype)
