@@ -561,3 +561,34 @@ def test_cnn_with_patch_convs_equals_the_default_cnn():
     for impl in ("patches", "auto"):  # eval: the first stage as four phases
         b = models.build_model(cfg(impl), info, seed=0, dtype=jnp.float32)
         np.testing.assert_allclose(np.asarray(b(x)), np.asarray(a(x)), rtol=1e-4, atol=1e-4)
+
+
+def test_pool_speed_benchmark_runs_every_form(tmp_path):
+    """benchmarks/pool_speed.py --eval (tiny batch, one repeat) runs in its own process and reports every
+    form of the first stage and every variant of both CNNs (the no-fence variant only for conv_impl auto,
+    the one with a four-phase first stage)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    out = tmp_path / "pool.json"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "benchmarks", "pool_speed.py"),
+        "--eval",
+        "--repeats",
+        "1",
+        "--batch",
+        "4",
+    ]
+    subprocess.run([*cmd, "--out", str(out)], check=True, cwd=REPO, env=env, capture_output=True, timeout=300)
+    result = json.loads(out.read_text())
+    assert [r["conv"] for r in result["first_stage"]] == ["1 -> 8", "1 -> 32"]
+    assert all(len(r) == 4 and all(v > 0 for k, v in r.items() if k != "conv") for r in result["first_stage"])
+    rows = {(r["model"], r["conv_impl"], r["variant"]) for r in result["models"]}
+    assert len(rows) == 18 and ("teacher", "auto", "no fusion_fence") in rows
+    assert ("student", "xla", "no fusion_fence") not in rows
