@@ -127,7 +127,7 @@ class PatchConv(nnx.Conv):
     slices and matmuls too. Any other configuration falls back to ``nnx.Conv``.
     Checkpoints are interchangeable with ``nnx.Conv``'s (same kernel layout, HWIO)."""
 
-    def patches_apply(self, inputs) -> bool:
+    def form_applies(self, inputs) -> bool:
         """Whether this form applies: a stride-1 'same' convolution of an odd square kernel, NHWC, no groups."""
         kh, kw = self.kernel_size
         pads = self.padding
@@ -136,10 +136,10 @@ class PatchConv(nnx.Conv):
 
     def small_cin_forward(self, inputs) -> bool:
         """Whether the forward pass is `small_cin_conv`'s shifted products (few input channels)."""
-        return self.patches_apply(inputs) and inputs.shape[-1] <= PATCHES_MAX_IN_CHANNELS
+        return self.form_applies(inputs) and inputs.shape[-1] <= PATCHES_MAX_IN_CHANNELS
 
     def __call__(self, inputs, out_sharding=None):
-        if not self.patches_apply(inputs):
+        if not self.form_applies(inputs):
             return super().__call__(inputs, out_sharding)
         bias = self.bias[...] if self.bias is not None else None
         x, kernel, bias = self.promote_dtype((inputs, self.kernel[...], bias), dtype=self.dtype)
@@ -282,13 +282,13 @@ def conv_pooled(conv: nnx.Conv, x: jax.Array, post, *, train: bool) -> jax.Array
     In eval, a `PatchConv` with at most PATCHES_MAX_IN_CHANNELS input channels (a network's first layer)
     computes the whole stage without a reduction: the convolution is evaluated on each of the four
     stride-2 phases of the output grid (shifted products of strided input views, `_taps_conv_phase`),
-    ``post`` is applied to each, and the pool is the elementwise maximum of the four. On XLA:CPU the
-    convolution, BatchNorm, ReLU and pool of the 1 -> 8 student layer at batch 512 took 15.0 ms as
-    separate ops (jax 0.10's YNNPACK fusion of the shifted products into the pool's reduce is slow)
-    and 1.0 ms this way (benchmarks/pool_speed.py ``--eval``). Only the positions the pool reads are computed, so
-    an odd last row/column costs nothing. Each output element sees the same operations in the same
-    order as on the unfused path; XLA may contract them into fused multiply-adds differently, so the
-    results agree to rounding, not bit for bit. The result passes a `fusion_fence`. Training, and every other
+    ``post`` is applied to each, and the pool is the elementwise maximum of the four. Only the positions
+    the pool reads are computed, so an odd last row/column costs nothing. On XLA:CPU the convolution,
+    BatchNorm, ReLU and pool of the 1 -> 8 student layer at batch 512 took 15.0 ms as separate ops (jax
+    0.10's YNNPACK fusion of the shifted products into the pool's reduce is slow) and 1.0 ms this way
+    (benchmarks/pool_speed.py ``--eval``). Each output element sees the same operations in the same order
+    as on the unfused path; XLA may contract them into fused multiply-adds differently, so the results
+    agree to rounding, not bit for bit. The result passes a `fusion_fence`. Training, and every other
     convolution, take the unfused path.
     """
     if train or not (isinstance(conv, PatchConv) and conv.small_cin_forward(x)):

@@ -51,7 +51,8 @@ class CNN(L.Classifier):
     work with up to three stages. With ``batch_norm=False`` the convs get a bias instead.
     ``conv_impl="patches"`` computes the convolutions as im2col + matmul (``layers.PatchConv``; same
     parameters, same function; a few-channel first layer's forward as shifted products);
-    ``"auto"`` only the first, few-channel one (faster to train and to run on XLA:CPU).
+    ``"auto"`` only the first, few-channel one (faster to train and to run on XLA:CPU). In eval, such a
+    few-channel first stage (conv, BatchNorm, ReLU, pool) runs as ``layers.conv_pooled``'s four phases.
     acts: ``stage1``... (after the pool), ``features`` (the dense layer's output).
     """
 
