@@ -129,15 +129,11 @@ def get_config(arg):
 
 def run_titans(epochs: float, threads: int, conv_impl: str = "") -> dict:
     with tempfile.TemporaryDirectory(prefix="titans-qs-bench-") as workdir:
-        config = os.path.join(REPO, "configs", "quickstart.py")
+        config = quickstart = os.path.join(REPO, "configs", "quickstart.py")
         if conv_impl:  # the quickstart with both CNNs' conv_impl set, as a config file wrapping it
             config = os.path.join(workdir, "quickstart_conv_impl.py")
             with open(config, "w") as f:
-                f.write(
-                    CONV_IMPL_CONFIG.format(
-                        quickstart=os.path.join(REPO, "configs", "quickstart.py"), conv_impl=conv_impl
-                    )
-                )
+                f.write(CONV_IMPL_CONFIG.format(quickstart=quickstart, conv_impl=conv_impl))
             workdir = os.path.join(workdir, "run")
         cmd = [sys.executable, "-m", "titans.main", f"--config={config}:{epochs:g}", f"--workdir={workdir}"]
         t0 = time.perf_counter()

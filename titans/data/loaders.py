@@ -166,10 +166,10 @@ class TrainLoader:
         return np.fromiter((order[first + j] for j in range(rows)), dtype=np.int64, count=rows)
 
     def _batch(self, order, seed: int, step: int) -> dict:
-        batch = self._batch_examples(order, seed, step)
+        indices = self._indices(order, step, self.process_index * self.local_batch_size, self.local_batch_size)
+        batch = self._batch_examples(indices, seed, step)
         if self.with_index:
-            row0 = self.process_index * self.local_batch_size
-            batch["index"] = self._indices(order, step, row0, self.local_batch_size).astype(np.int32)
+            batch["index"] = indices.astype(np.int32)
         return batch
 
     def _rows(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -179,11 +179,10 @@ class TrainLoader:
             return self.src.take(indices)
         return _stack(self.src.__getitems__(indices.tolist()), self.info.image_shape)
 
-    def _batch_examples(self, order, seed: int, step: int) -> dict:
+    def _batch_examples(self, indices: np.ndarray, seed: int, step: int) -> dict:
         lbs = self.local_batch_size
         row0 = self.process_index * lbs
         rows = slice(row0, row0 + lbs)
-        indices = self._indices(order, step, row0, lbs)
         kind = self.kind
         if not self.augment:
             if self.info.augment == "imagenet":
