@@ -46,6 +46,7 @@ from flax import nnx
 from machine_load import banner, is_contaminated, other_cpu_load
 
 from titans import cascade, models
+from titans import logs as titans_logs
 from titans.runs import FrozenModel as Teacher
 
 PAIRS = {
@@ -127,6 +128,7 @@ def timed(fn, inner: int) -> float:
 
 def main(argv=None):
     args = parse_args(argv)
+    process = titans_logs.process_setup()  # as the console scripts run (before the backend starts)
     shape, C, (t_name, t_kw), (s_name, s_kw) = PAIRS[args.model_pair]
     if args.conv_impl:
         if {t_name, s_name} != {"cnn"}:
@@ -240,6 +242,7 @@ def main(argv=None):
         f"gate {cascade.gate_flops(gate, C):.0f}; compile + check {compile_s:.1f} s"
     )
     print(f"other processes' CPU load (cores): before {load_before}, after {load_after}")
+    print(f"process settings (titans.logs.process_setup): {process}")
     warning = banner([load_before, load_after], os.cpu_count() or 1)
     if warning:
         print(warning)
@@ -271,6 +274,7 @@ def main(argv=None):
                     "student_time_share": time_share,
                     "student_flops_share": flops_share,
                     "other_load_cores": [load_before, load_after],
+                    "process_setup": process,
                     "contaminated": is_contaminated([load_before, load_after], os.cpu_count() or 1),
                     "rows": rows,
                     "capacities": {k: list(v) for k, v in cap_sets.items()},

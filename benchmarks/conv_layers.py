@@ -5,6 +5,9 @@ The layers are those of the Fashion-MNIST models (batch 128): the teacher's 1->3
 formulations computing the same function, and PyTorch's eager conv2d as a reference:
 
 * conv      `lax.conv_general_dilated`, NHWC / HWIO (what `nnx.Conv` runs),
+* conv_ynn  the same convolution compiled with jax 0.10's default YNNPACK fusion types (`YNN_DEFAULTS`,
+            which hand the convolution to YNNPACK); `conv` is compiled under the process's
+            `titans.xla_cpu` setting, which takes YNNPACK's convolutions out (Eigen's kernels run it),
 * nchw      the same convolution in NCHW / OIHW layout,
 * patches   `titans.models.layers.im2col_conv` (what `PatchConv` runs above 4 input channels): the 9
             shifted views of the padded input stacked on the channel axis, then one
@@ -20,6 +23,9 @@ faster than conv). Outputs and gradients are checked equal to conv's (float32, 1
 
     python benchmarks/conv_layers.py --repeats 7 --iters 20
     python benchmarks/conv_layers.py --layers 1x8@28,8x16@14 --threads 1
+
+`conv_ynn`'s option list is jax 0.10's default, found by compiling the quickstart teacher's training step
+with XLA's defaults and with each subset of the fusion types as compiler options and comparing the HLO.
 """
 
 from __future__ import annotations
@@ -36,6 +42,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np
 from machine_load import banner, other_cpu_load
 
+# XLA:CPU's default YNN fusion types in jax 0.10 (see the docstring), as a per-executable compiler option.
+YNN_DEFAULTS = (
+    "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
+)
 DEFAULT_LAYERS = "1x32@28,32x64@14,1x8@28,8x16@14,1x4@28,4x8@14"
 PASSES = ("fwd", "bwd", "kernel")
 PASS_LABELS = {"fwd": "forward", "bwd": "fwd + bwd (input, kernel)", "kernel": "fwd + bwd (kernel only)"}
@@ -73,13 +83,20 @@ def formulations():
 
     # patches: what PatchConv runs for more than PATCHES_MAX_IN_CHANNELS input channels; small_cin: what
     # it runs for fewer (shifted products forward, im2col's gradient)
-    fns = {"conv": conv, "nchw": nchw, "patches": layers.im2col_conv, "small_cin": layers.small_cin_conv}
+    fns = {
+        "conv": (conv, None),
+        "conv_ynn": (conv, {"xla_cpu_experimental_ynn_fusion_type": YNN_DEFAULTS}),
+        "nchw": (nchw, None),
+        "patches": (layers.im2col_conv, None),
+        "small_cin": (layers.small_cin_conv, None),
+    }
     compiled = {}
-    for name, f in fns.items():
-        fwd = jax.jit(f)
-        bwd = jax.jit(jax.grad(lambda x, k, f=f: jnp.sum(f(x, k) ** 2), argnums=(0, 1)))
+    for name, (f, options) in fns.items():
+        jit = lambda g, options=options: jax.jit(g, compiler_options=options)
+        fwd = jit(f)
+        bwd = jit(jax.grad(lambda x, k, f=f: jnp.sum(f(x, k) ** 2), argnums=(0, 1)))
         # A network's first layer needs no gradient for its input (the images): the kernel's alone.
-        kernel_only = jax.jit(jax.grad(lambda x, k, f=f: jnp.sum(f(x, k) ** 2), argnums=1))
+        kernel_only = jit(jax.grad(lambda x, k, f=f: jnp.sum(f(x, k) ** 2), argnums=1))
         compiled[name] = (fwd, bwd, kernel_only)
     return compiled
 
@@ -134,6 +151,9 @@ def main(argv=None):
     if a.threads:
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: a.threads])
     threads = len(os.sched_getaffinity(0))
+    from titans import logs
+
+    settings = logs.process_setup()
     import jax
     import jax.numpy as jnp
 
@@ -163,19 +183,22 @@ def main(argv=None):
         print(warning)
     print(f"\n## 3x3 convolutions on XLA:CPU, batch {a.batch}, float32, {threads} threads, jax {jax.__version__}\n")
     print(f"- other processes' CPU load (cores): before {load_before}, after {load_after}")
+    print(f"- titans.xla_cpu (what `conv` runs under): {settings['xla_cpu']}")
     print("- times in ms per call (median of repeats); ratios: formulation / conv (< 1 is faster than conv)\n")
     print(
-        "| layer | pass | conv | nchw | patches | small_cin | nchw / conv | patches / conv | small_cin / conv "
-        "| torch eager | torch / conv |\n"
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| layer | pass | conv | conv_ynn | nchw | patches | small_cin | conv_ynn / conv | nchw / conv "
+        "| patches / conv | small_cin / conv | torch eager | torch / conv |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     for (c_in, c_out, size), med, t in rows:
         for kind, label in PASS_LABELS.items():
-            c, n, pt, sc = (1e3 * med[(name, kind)] for name in ("conv", "nchw", "patches", "small_cin"))
+            c, cy, n, pt, sc = (
+                1e3 * med[(name, kind)] for name in ("conv", "conv_ynn", "nchw", "patches", "small_cin")
+            )
             torch_cells = f"{1e3 * t[kind]:.2f} | {1e3 * t[kind] / c:.2f}" if t and kind in t else "— | —"
             print(
-                f"| {c_in}->{c_out} @ {size}x{size} | {label} | {c:.2f} | {n:.2f} | {pt:.2f} | {sc:.2f} | {n / c:.2f} | "
-                f"{pt / c:.2f} | {sc / c:.2f} | {torch_cells} |"
+                f"| {c_in}->{c_out} @ {size}x{size} | {label} | {c:.2f} | {cy:.2f} | {n:.2f} | {pt:.2f} | {sc:.2f} | "
+                f"{cy / c:.2f} | {n / c:.2f} | {pt / c:.2f} | {sc / c:.2f} | {torch_cells} |"
             )
 
 

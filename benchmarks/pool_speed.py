@@ -43,6 +43,7 @@ import numpy as np
 from flax import nnx
 from machine_load import banner, is_contaminated, other_cpu_load
 
+from titans import logs as titans_logs
 from titans import models
 from titans.models import layers
 
@@ -172,12 +173,14 @@ def main(argv=None):
     p.add_argument("--eval", action="store_true", help="time the eval forms (pool, first stage, whole models)")
     p.add_argument("--out", default="", help="write the results as JSON here")
     args = p.parse_args(argv)
+    process = titans_logs.process_setup()  # as the console scripts run (before the backend starts)
     cores = os.cpu_count() or 1
     load_before = other_cpu_load()
     result = {
         "backend": jax.default_backend(),
         "jax": jax.__version__,
         "machine": platform.processor() or platform.machine(),
+        "process_setup": process,
     }
     if args.eval:
         batch = args.batch or 512
@@ -192,6 +195,7 @@ def main(argv=None):
     print(
         f"backend {result['backend']}, jax {result['jax']}, batch {batch}, {cores} CPUs; other processes' load {loads}"
     )
+    print(f"process settings (titans.logs.process_setup): {process}")
     if args.eval:
         print(
             "\n| pool after BN+ReLU (eval) | reshape + max ms | reduce_window ms | reshape / reduce_window |\n|---|---:|---:|---:|"

@@ -46,6 +46,7 @@ from machine_load import other_cpu_load
 from ray import serve
 
 from titans import data, export, parallel, runs
+from titans import logs as titans_logs
 from titans.cascade import apply as cascade_apply
 from titans.cascade import evaluate, gates
 from titans.serve import build_app
@@ -169,6 +170,8 @@ def main():
     )
     p.add_argument("--out", default="")
     a = p.parse_args()
+    # As titans-serve runs (before the backend starts); the Ray workers inherit its XLA_FLAGS.
+    process = titans_logs.process_setup()
     TRANSPORT["body"] = a.body
     stage_dirs = a.stages.split(",")
     rate, val = operating_rate(stage_dirs, a.val_split)
@@ -209,16 +212,17 @@ def main():
     load_after = other_cpu_load()
     serve.shutdown()
     service.shutdown_local()
-    report(a, rate, val, manifest, res, labels, load_before, load_after)
+    report(a, rate, val, manifest, res, labels, load_before, load_after, process)
 
 
-def report(a, rate, val, manifest, res, labels, load_before, load_after):
+def report(a, rate, val, manifest, res, labels, load_before, load_after, process):
     out = {
         "args": vars(a),
         "rate": rate,
         **val,
         "thresholds": manifest["thresholds"],
         "other_load_cores": [load_before, load_after],
+        "process_setup": process,
         "modes": {},
         "open_loop": {},
     }

@@ -48,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np
 from machine_load import banner, is_contaminated, other_cpu_load
 
-from titans import host_malloc
+from titans import logs as titans_logs
 
 PAIRS = {
     # name: dataset, (teacher model, kwargs), (student model, kwargs)
@@ -602,8 +602,9 @@ def main(argv=None):
     if args.cpu_cores:
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cpu_cores])
     # As every Titans console script does (titans.logs.run_cli); the process's allocator, so the PyTorch
-    # sides run under it too. TITANS_HOST_MALLOC=default measures both under glibc's defaults.
-    host_malloc_state = host_malloc.tune()
+    # sides run under it too. TITANS_HOST_MALLOC=default measures both under glibc's defaults, and
+    # TITANS_XLA_CPU=default Titans under XLA's own convolution kernels (YNNPACK's, single-threaded here).
+    process_settings = titans_logs.process_setup()
     import jax
 
     jax.config.update("jax_platforms", "cuda" if args.device == "gpu" else "cpu")
@@ -748,7 +749,7 @@ def main(argv=None):
         "torch_tuned": None if tuned_side is None else tuned_side.tuned,
         "torch_tuned_note": tuned_note,
         "other_load_cores": {"before": load_before, "after": other_cpu_load()},
-        "host_malloc": host_malloc_state,
+        **process_settings,
         "steps_results": {},
     }
     # Other processes busy on this machine make every number here a statement about them, not us.
@@ -817,6 +818,7 @@ def print_report(r, args, threads: int):
         versions += f", torch {r['torch_version']} (eager)"
     print(f"- versions: {versions}; python {platform.python_version()}")
     print(f"- host allocator (titans.host_malloc, both sides): {r.get('host_malloc', 'not recorded')}")
+    print(f"- XLA:CPU convolutions (titans.xla_cpu, Titans side): {r.get('xla_cpu', 'not recorded')}")
     print(
         f"- data: {r['dataset']} shape {tuple(r['input_shape'])}, {r['num_classes']} classes, random uint8 "
         f"batches normalised inside the step; global batch {r['batch_size']}; float32"

@@ -38,6 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import machine_load
 
+from titans import logs as titans_logs
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -65,6 +67,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    process = titans_logs.process_setup()  # as the console scripts run (before the backend starts)
     command = "python benchmarks/teacher_modes.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     import jax
     import jax.numpy as jnp
@@ -236,6 +239,7 @@ def main(argv=None):
         "jax_version": jax.__version__,
         "load_average_before_after": [load_before, load_after],
         "other_load_cores": [other_before, other_after],
+        "process_setup": process,
         "contaminated": machine_load.is_contaminated([other_before, other_after], os.cpu_count()),
         "flops_per_example": flops,
         "batch_size": args.batch_size,

@@ -1,9 +1,15 @@
-"""Test set-up: 8 simulated CPU devices (set before jax is imported) and shared data directories."""
+"""Test set-up: 8 simulated CPU devices and the console scripts' XLA:CPU settings (both set before the
+JAX backend starts), and shared data directories."""
 
 import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# after XLA_FLAGS's device count, before the backend starts
+from titans import xla_cpu
+
+xla_cpu.tune()
 
 import jax
 import pytest

@@ -12,7 +12,7 @@ import traceback
 
 import jax
 
-from titans import host_malloc
+from titans import host_malloc, xla_cpu
 
 
 class MetricWriter:
@@ -153,16 +153,23 @@ def setup_cli_logging() -> None:
     logging.getLogger("absl").setLevel(logging.WARNING)
 
 
+def process_setup() -> dict:
+    """What every Titans process sets before the JAX backend starts: the host allocator
+    (titans.host_malloc) and XLA:CPU's convolution kernels (titans.xla_cpu). Returns what each did."""
+    return {"host_malloc": host_malloc.tune(), "xla_cpu": xla_cpu.tune()}
+
+
 def run_cli(entry) -> None:
     """Runs a CLI's `entry()` (e.g. `lambda: app.run(main)`) and ends the process with its exit code.
 
     A failure ends the process at once (os._exit after flushing), so that threads a library left
     behind (orbax's background save threads after a failed write wait forever for a signal) cannot
     keep a failed job alive until its scheduler's time limit. A success exits normally.
-    Before `entry`, the host allocator is set to reuse large buffers (titans.host_malloc).
+    Before `entry`, `process_setup()` sets the host allocator to reuse large buffers (titans.host_malloc)
+    and moves XLA:CPU's convolutions to Eigen's multi-threaded kernels (titans.xla_cpu).
     """
     try:
-        host_malloc.tune()
+        process_setup()
         entry()
         code = 0
     except SystemExit as e:
