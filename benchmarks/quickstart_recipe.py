@@ -226,6 +226,10 @@ def main(argv=None):
                     "other_load_cores": [load_before, load_after],
                     "contaminated": contaminated,
                     "cpu_count": os.cpu_count(),
+                    # titans.main applies titans.logs.process_setup() itself; these choose what it does
+                    "process_env": {
+                        k: os.environ.get(k, "") for k in ("TITANS_HOST_MALLOC", "TITANS_XLA_CPU", "XLA_FLAGS")
+                    },
                 },
                 f,
                 indent=1,

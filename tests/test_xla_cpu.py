@@ -24,19 +24,8 @@ def entry():
     conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
     loss = lambda x, k: jnp.sum(conv(x, k) ** 2)
     hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(jnp.ones((2, 14, 14, 32)), jnp.ones((3, 3, 32, 64))).compile().as_text()
-    convolutions = [line for line in hlo.splitlines() if " convolution(" in line]
     print(json.dumps({"applied": xla_cpu._applied, "flags": os.environ.get("XLA_FLAGS", ""),
-                      "convolutions": len(convolutions), "ynn_convolution_fusions": _ynn_convs(hlo)}))
-def _ynn_convs(hlo):
-    # fused computations called by a __ynn_fusion instruction that contain a convolution
-    called = {l.split("calls=")[1].split(",")[0].strip("%") for l in hlo.splitlines() if "__ynn_fusion" in l and "calls=" in l}
-    found, name = 0, None
-    for line in hlo.splitlines():
-        if line and not line.startswith(" ") and "{" in line:
-            name = line.split()[0].lstrip("%")
-        elif name in called and " convolution(" in line:
-            found += 1
-    return found
+                      "convolutions": hlo.count(" convolution("), "ynn_convolution_fusions": xla_cpu.ynn_convolutions(hlo)}))
 logs.run_cli(entry)
 """
 
@@ -132,3 +121,51 @@ def test_version_parsing(monkeypatch):
     for text, want in (("0.10.2", (0, 10, 2)), ("0.10.2.dev20261201", (0, 10, 2)), ("0.11.0rc1", (0, 11, 0))):
         monkeypatch.setattr(importlib.metadata, "version", lambda name, text=text: text)
         assert xla_cpu._jaxlib_version() == want
+
+
+def test_ynn_convolutions_counts_only_convolutions_inside_ynn_fusions():
+    hlo = """HloModule m
+
+%fused_computation.1 (p0: f32[2,4,4,8], p1: f32[3,3,8,8]) -> f32[2,4,4,8] {
+  %p0 = f32[2,4,4,8]{3,2,1,0} parameter(0)
+  %p1 = f32[3,3,8,8]{3,2,1,0} parameter(1)
+  ROOT %c = f32[2,4,4,8]{3,2,1,0} convolution(%p0, %p1), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f
+}
+
+%fused_computation.2 (p0: f32[2,4,4,8]) -> f32[2,4,4,8] {
+  %p0 = f32[2,4,4,8]{3,2,1,0} parameter(0)
+  ROOT %n = f32[2,4,4,8]{3,2,1,0} negate(%p0)
+}
+
+ENTRY %main (x: f32[2,4,4,8], k: f32[3,3,8,8]) -> f32[2,4,4,8] {
+  %x = f32[2,4,4,8]{3,2,1,0} parameter(0)
+  %k = f32[3,3,8,8]{3,2,1,0} parameter(1)
+  %plain = f32[2,4,4,8]{3,2,1,0} convolution(%x, %k), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f
+  %ynn = f32[2,4,4,8]{3,2,1,0} fusion(%plain, %k), kind=kCustom, calls=%fused_computation.1, backend_config={"fusion_config":{"kind":"__ynn_fusion"}}
+  ROOT %loop = f32[2,4,4,8]{3,2,1,0} fusion(%ynn), kind=kLoop, calls=%fused_computation.2
+}
+"""
+    assert xla_cpu.ynn_convolutions(hlo) == 1  # the entry's own convolution and the loop fusion do not count
+    assert xla_cpu.ynn_convolutions(hlo.replace("__ynn_fusion", "__other")) == 0
+
+
+@pytest.mark.slow
+@checked
+def test_conv_kernels_benchmark_compares_both_kernels(tmp_path):
+    """benchmarks/conv_kernels.py (tiny batches, two repeats) in its own process: both programs of each step
+    are timed, and the per-program compiler options really move the convolutions they claim to."""
+    out = tmp_path / "kernels.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "TITANS_XLA_CPU")}
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "conv_kernels.py"), "--steps", "teacher,teacher_eval"]
+    cmd += ["--batch", "16", "--eval_batch", "16", "--repeats", "2", "--inner", "1", "--out", str(out)]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {"teacher", "teacher_eval"}
+    for row in rows.values():
+        assert len(row["ynn_ms"]) == len(row["eigen_ms"]) == 2 and min(row["ynn_ms"] + row["eigen_ms"]) > 0
+    # training: the forward and kernel-gradient convolutions leave YNNPACK (the input gradient stays, fused
+    # into the pool backward's reduction); eval: the one convolution is fused with its pool either way
+    assert rows["teacher"]["ynn_convolutions"] == {"ynn": 3, "eigen": 1}
+    assert rows["teacher_eval"]["ynn_convolutions"] == {"ynn": 1, "eigen": 1}
+    assert rows["teacher_eval"]["verdict"] == "the same convolution kernels in both"

@@ -8,7 +8,10 @@ Without that fusion type the teacher's training step went from 57-61 ms to 38-40
 (docs/benchmarks.md, "XLA:CPU convolutions").
 
 `tune()` appends `--xla_cpu_experimental_ynn_fusion_type=-individual_convolution` to XLA_FLAGS, which
-removes that one type from XLA's defaults and keeps the rest (YNNPACK's reductions and dots). It must
+removes that one type from XLA's defaults and keeps the rest (YNNPACK's reductions and dots). A convolution
+can still reach YNNPACK as the producer inside a reduce fusion (the teacher's 64 -> 32 input gradient, fused
+with the pool's backward); taking reductions off YNNPACK too (`-reduce`) made the teacher's step slower
+(68 against 40 ms), and so did a fusion fence after the training pool (50-56 ms). It must
 run before JAX starts its backend (XLA reads XLA_FLAGS once, then); every console script calls it
 (`titans.logs.run_cli`), and child processes (Ray workers, launched hosts) inherit the variable. It
 leaves XLA_FLAGS alone when:
@@ -19,7 +22,8 @@ leaves XLA_FLAGS alone when:
   does not know, so an unchecked version gets no flag rather than a crash;
 * the backend has already started (too late to matter; reported, not raised).
 
-The flag only concerns XLA:CPU; GPU and TPU compilations do not read it.
+The flag only concerns XLA:CPU; GPU and TPU compilations do not read it. Eigen's kernels sum in another
+order than YNNPACK's, so CPU runs round differently from runs made without the flag (before 2026-12-04).
 """
 
 from __future__ import annotations
@@ -80,3 +84,21 @@ def _jaxlib_version() -> tuple[int, ...] | None:
 def _backend_started() -> bool:
     bridge = sys.modules.get("jax._src.xla_bridge")  # loaded with jax; this module does not import jax itself
     return bridge is not None and bool(bridge.backends_are_initialized())
+
+
+def ynn_convolutions(hlo: str) -> int:
+    """How many convolutions in a compiled module's HLO text (`compiled.as_text()`) run inside YNNPACK
+    fusions: the ones in a computation that an instruction with a `__ynn_fusion` backend config calls."""
+    lines = hlo.splitlines()
+    called = {
+        line.split("calls=", 1)[1].split(",", 1)[0].strip().lstrip("%")
+        for line in lines
+        if "__ynn_fusion" in line and "calls=" in line
+    }
+    found, computation = 0, None
+    for line in lines:
+        if line and not line[0].isspace() and line.rstrip().endswith("{"):
+            computation = line.split()[0].lstrip("%")
+        elif computation in called and " convolution(" in line:
+            found += 1
+    return found
