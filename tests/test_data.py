@@ -413,6 +413,32 @@ def test_in_memory_source_gives_the_same_batches(digits_train):
     )
 
 
+def test_a_split_read_into_memory_is_read_once_per_process(data_dir, monkeypatch):
+    """The quickstart's two stages run in one process: the second gets the first's arrays, not a second
+    pass over the records; another split is read anew and replaces it."""
+    from titans.data import sources
+
+    monkeypatch.setattr(sources, "_resident", {})
+    reads = []
+    real = sources._read_all
+    monkeypatch.setattr(
+        sources, "_read_all", lambda src, chunk: reads.append(getattr(src, "split", "arrays")) or real(src, chunk)
+    )
+    first = data.load_in_memory(data.get_source("digits", "train[:50%]", data_dir=data_dir))
+    again = data.load_in_memory(data.get_source("digits", "train[:50%]", data_dir=data_dir))
+    assert again is first and reads == ["train[:50%]"]
+    with pytest.raises(ValueError, match="read-only"):  # shared between stages: nobody may write into it
+        first.images[0, 0, 0, 0] = 1
+    other = data.load_in_memory(data.get_source("digits", "train[50%:]", data_dir=data_dir))
+    assert reads == ["train[:50%]", "train[50%:]"] and len(other) + len(first) == len(
+        data.get_source("digits", "train", data_dir=data_dir)
+    )
+    assert list(sources._resident) == [("digits", "train[50%:]", data_dir, len(other))]
+    # an array source (no data_dir) is never kept
+    data.load_in_memory(data.ArraySource(np.zeros((4, 8, 8, 1), np.uint8), np.zeros(4, np.int64)))
+    assert len(reads) == 3 and len(sources._resident) == 1
+
+
 def test_fashion_mnist_without_raw_files_or_data(tmp_path, monkeypatch):
     monkeypatch.setenv("TITANS_FMNIST_DIR", str(tmp_path / "no-idx-files"))
     with pytest.raises(data.DatasetNotFoundError) as e:
