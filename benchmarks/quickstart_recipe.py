@@ -18,6 +18,11 @@ Reported per repeat: the process's wall time (start to exit, imports and data in
 training time and its test accuracy, and the ratios pytorch/titans. The other processes' CPU load is
 measured before and after; a run under load is marked "NOT A RESULT". The order alternates between
 repeats (titans first in even repeats).
+
+Titans' persistent compilation cache (`titans.compile_cache`, on by default in its console scripts):
+`--compile_cache fresh` (the default) gives the Titans runs of this invocation a new, empty cache
+directory, so that the first Titans run compiles everything (cold) and the later ones load it (warm);
+each run's state is recorded. `off` compiles in every run; `user` leaves the user's own setting.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -127,7 +133,7 @@ def get_config(arg):
 """
 
 
-def run_titans(epochs: float, threads: int, conv_impl: str = "") -> dict:
+def run_titans(epochs: float, threads: int, conv_impl: str = "", cache: str = "") -> dict:
     with tempfile.TemporaryDirectory(prefix="titans-qs-bench-") as workdir:
         config = quickstart = os.path.join(REPO, "configs", "quickstart.py")
         if conv_impl:  # the quickstart with both CNNs' conv_impl set, as a config file wrapping it
@@ -138,7 +144,12 @@ def run_titans(epochs: float, threads: int, conv_impl: str = "") -> dict:
         cmd = [sys.executable, "-m", "titans.main", f"--config={config}:{epochs:g}", f"--workdir={workdir}"]
         t0 = time.perf_counter()
         subprocess.run(
-            cmd, check=True, cwd=REPO, env=child_env(threads), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            cmd,
+            check=True,
+            cwd=REPO,
+            env=child_env(threads, cache),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         wall = time.perf_counter() - t0
         out = {"wall_s": wall}
@@ -159,9 +170,11 @@ def run_pytorch(epochs: float, threads: int, seed: int) -> dict:
     return {"wall_s": wall, **json.loads(proc.stdout.strip().splitlines()[-1])}
 
 
-def child_env(threads: int) -> dict:
+def child_env(threads: int, cache: str = "") -> dict:
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = str(threads)
+    if cache:
+        env["TITANS_COMPILATION_CACHE"] = cache
     return env
 
 
@@ -177,6 +190,13 @@ def main(argv=None):
         choices=("", "xla", "patches", "auto"),
         help="Titans side: both CNNs' conv_impl (titans.models.layers.conv); empty: the quickstart's own",
     )
+    p.add_argument(
+        "--compile_cache",
+        choices=("fresh", "off", "user"),
+        default="fresh",
+        help="Titans' compilation cache: a new one for this invocation (first run cold, later warm), off, "
+        "or the user's own",
+    )
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default="")
     a = p.parse_args(argv)
@@ -184,19 +204,28 @@ def main(argv=None):
         print(json.dumps(pytorch_recipe(a.epochs, a.threads, a.seed)))
         return
     load_before = other_cpu_load()
+    cache_dir = tempfile.mkdtemp(prefix="titans-qs-jax-cache-") if a.compile_cache == "fresh" else ""
+    cache = {"fresh": cache_dir, "off": "off", "user": ""}[a.compile_cache]
     runs = []
+    titans_runs = 0
     for rep in range(a.repeats):
         order = ("titans", "pytorch") if rep % 2 == 0 else ("pytorch", "titans")
         got = {}
         for side in order:
             got[side] = (
-                run_titans(a.epochs, a.threads, a.conv_impl)
+                run_titans(a.epochs, a.threads, a.conv_impl, cache)
                 if side == "titans"
                 else run_pytorch(a.epochs, a.threads, a.seed)
             )
+            if side == "titans":
+                state = {"fresh": "warm" if titans_runs else "cold", "off": "off", "user": "user's setting"}
+                got[side]["compile_cache"] = state[a.compile_cache]
+                titans_runs += 1
             print(f"repeat {rep} {side}: {json.dumps(got[side])}", flush=True)
         runs.append(got)
     load_after = other_cpu_load()
+    if cache_dir:
+        shutil.rmtree(cache_dir, ignore_errors=True)
     contaminated = is_contaminated((load_before, load_after), os.cpu_count())
     if contaminated:
         print(banner((load_before, load_after), os.cpu_count()))
@@ -205,8 +234,9 @@ def main(argv=None):
     for rep, got in enumerate(runs):
         for side in ("titans", "pytorch"):
             g = got[side]
+            label = f"{side} (cache {g['compile_cache']})" if "compile_cache" in g else side
             print(
-                f"| {rep} | {side} | {g['wall_s']:.0f} | {g['teacher']['train_s']:.0f} | {g['teacher']['accuracy']:.4f} | "
+                f"| {rep} | {label} | {g['wall_s']:.0f} | {g['teacher']['train_s']:.0f} | {g['teacher']['accuracy']:.4f} | "
                 f"{g['student']['train_s']:.0f} | {g['student']['accuracy']:.4f} |"
             )
     ratios = {"wall_s": [got["pytorch"]["wall_s"] / got["titans"]["wall_s"] for got in runs]}

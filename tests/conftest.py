@@ -5,6 +5,8 @@ import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests (and the console scripts they start) compile afresh, and write nothing under ~/.cache.
+os.environ.setdefault("TITANS_COMPILATION_CACHE", "off")
 
 # after XLA_FLAGS's device count, before the backend starts
 from titans import xla_cpu

@@ -12,7 +12,7 @@ import traceback
 
 import jax
 
-from titans import host_malloc, xla_cpu
+from titans import compile_cache, host_malloc, xla_cpu
 
 
 class MetricWriter:
@@ -155,8 +155,9 @@ def setup_cli_logging() -> None:
 
 def process_setup() -> dict:
     """What every Titans process sets before the JAX backend starts: the host allocator
-    (titans.host_malloc) and XLA:CPU's convolution kernels (titans.xla_cpu). Returns what each did."""
-    return {"host_malloc": host_malloc.tune(), "xla_cpu": xla_cpu.tune()}
+    (titans.host_malloc), XLA:CPU's convolution kernels (titans.xla_cpu) and JAX's persistent compilation
+    cache (titans.compile_cache). Returns what each did."""
+    return {"host_malloc": host_malloc.tune(), "xla_cpu": xla_cpu.tune(), "compile_cache": compile_cache.enable()}
 
 
 def run_cli(entry) -> None:
@@ -165,8 +166,9 @@ def run_cli(entry) -> None:
     A failure ends the process at once (os._exit after flushing), so that threads a library left
     behind (orbax's background save threads after a failed write wait forever for a signal) cannot
     keep a failed job alive until its scheduler's time limit. A success exits normally.
-    Before `entry`, `process_setup()` sets the host allocator to reuse large buffers (titans.host_malloc)
-    and moves XLA:CPU's convolutions to Eigen's multi-threaded kernels (titans.xla_cpu).
+    Before `entry`, `process_setup()` sets the host allocator to reuse large buffers (titans.host_malloc),
+    moves XLA:CPU's convolutions to Eigen's multi-threaded kernels (titans.xla_cpu) and turns on JAX's
+    persistent compilation cache (titans.compile_cache).
     """
     try:
         process_setup()
