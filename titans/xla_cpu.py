@@ -4,14 +4,15 @@ jax 0.10's XLA:CPU hands every single convolution to YNNPACK (its default YNN fu
 "individual_convolution"). On this project's 2-core machine YNNPACK ran the quickstart teacher's
 32 -> 64 convolution and its two gradients on one thread: the same time at 1 and at 2 threads
 (forward 10.6 / 10.9 ms, kernel gradient 13.7 / 16.0 ms at batch 128), where XLA's Eigen path uses both.
-Without that fusion type the teacher's training step went from 57-61 ms to 38-40 ms at 2 threads
-(docs/benchmarks.md, "XLA:CPU convolutions").
+Without that fusion type the teacher's training step took 41.9 ms instead of 58.5 ms at 2 threads, the
+two compiled side by side in one process (benchmarks/conv_kernels.py; docs/benchmarks.md, "XLA:CPU's
+convolutions off YNNPACK").
 
 `tune()` appends `--xla_cpu_experimental_ynn_fusion_type=-individual_convolution` to XLA_FLAGS, which
 removes that one type from XLA's defaults and keeps the rest (YNNPACK's reductions and dots). A convolution
 can still reach YNNPACK as the producer inside a reduce fusion (the teacher's 64 -> 32 input gradient, fused
-with the pool's backward); taking reductions off YNNPACK too (`-reduce`) made the teacher's step slower
-(68 against 40 ms), and so did a fusion fence after the training pool (50-56 ms). It must
+with the pool's backward); in one trial each, taking reductions off YNNPACK too (`-reduce`) made the
+teacher's step slower (68 against 40 ms), and so did a fusion fence after the training pool (50-56 ms). It must
 run before JAX starts its backend (XLA reads XLA_FLAGS once, then); every console script calls it
 (`titans.logs.run_cli`), and child processes (Ray workers, launched hosts) inherit the variable. It
 leaves XLA_FLAGS alone when:
