@@ -516,7 +516,9 @@ def test_fusion_fence_changes_no_bits():
         np.testing.assert_array_equal(np.asarray(y).view(np.uint8), np.asarray(x).view(np.uint8))
 
 
-@pytest.mark.parametrize("c_in, c_out, kernel, use_bias", [(1, 8, 3, False), (8, 16, 3, True), (3, 4, 5, False)])
+@pytest.mark.parametrize(
+    "c_in, c_out, kernel, use_bias", [(1, 8, 3, False), (8, 16, 3, True), (3, 4, 5, False), (1, 32, 3, True)]
+)
 def test_patch_conv_equals_nnx_conv(c_in, c_out, kernel, use_bias):
     """PatchConv (im2col + matmul) computes nnx.Conv's function with nnx.Conv's parameters: same outputs and
     the same gradients for the input and the kernel."""
@@ -543,6 +545,10 @@ def test_patch_conv_equals_nnx_conv(c_in, c_out, kernel, use_bias):
     forward = str(jax.make_jaxpr(lambda v: patches(v))(x))
     small = c_in <= layers.PATCHES_MAX_IN_CHANNELS
     assert ("dot_general" in forward) != small and ("custom_vjp" in forward) == small
+    # ... and the kernel gradient of such a layer with few output channels is XLA's convolution gradient
+    kernel_grad = str(jax.make_jaxpr(lambda m: nnx.grad(lambda mod: jnp.sum(jnp.sin(mod(x))))(m))(patches))
+    conv_kernel_grad = small and c_out <= layers.SMALL_CIN_CONV_KERNEL_GRAD_MAX_OUT
+    assert ("conv_general_dilated" in kernel_grad) == conv_kernel_grad
     with pytest.raises(ValueError, match="not one of"):
         layers.conv(1, 2, 3, rngs=nnx.Rngs(0), dtype=jnp.float32, impl="winograd")
     auto = [layers.conv(c, 8, 3, rngs=nnx.Rngs(0), dtype=jnp.float32, impl="auto") for c in (1, 4, 5, 32)]
