@@ -73,7 +73,7 @@ def main(argv=None):
     import step_speed
     from cascade_speed import build
 
-    from titans import stats, train, xla_cpu
+    from titans import stats, xla_cpu
 
     step_args = step_speed.parse_args(
         [
@@ -96,15 +96,8 @@ def main(argv=None):
     load_before = other_cpu_load()
 
     def train_runner(kind, options):
-        role = "teacher" if kind == "teacher" else "student"
-        graphdef, params, rest = side.split(role)
-        tx, schedule = side.optimizer(role)
-        _, state = train.TrainState.create(side.nnx.merge(graphdef, params, rest), tx)
-        state = side.parallel.replicate(state, side.mesh)
-        objective = train.resolve(None, side.configs[role])
-        fn = train.make_train_step(graphdef, tx, objective, side.info, side.dtype, schedule)
-        teacher = side.teacher() if kind == "kd" else None
-        step = jax.jit(fn, donate_argnums=(0,), compiler_options=options).lower(state, batches[0], teacher).compile()
+        step, state, teacher = side.make(kind, compiler_options=options)
+        step = step.lower(state, batches[0], teacher).compile()
         box = {"state": state, "i": 0}
 
         def run(n):

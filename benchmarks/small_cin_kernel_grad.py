@@ -44,7 +44,7 @@ def main(argv=None):
     import jax
     import step_speed
 
-    from titans import stats, train
+    from titans import stats
     from titans.models import layers
 
     side = step_speed.TitansSide(
@@ -70,14 +70,8 @@ def main(argv=None):
         runs = {}
         for name, max_out in forms.items():
             layers.SMALL_CIN_CONV_KERNEL_GRAD_MAX_OUT = max_out  # read while tracing
-            graphdef, params, rest = side.split("student")
-            tx, schedule = side.optimizer("student")
-            _, state = train.TrainState.create(side.nnx.merge(graphdef, params, rest), tx)
-            state = side.parallel.replicate(state, side.mesh)
-            objective = train.resolve(None, side.configs["student"])
-            fn = train.make_train_step(graphdef, tx, objective, side.info, side.dtype, schedule)
-            teacher = side.teacher() if kind == "kd" else None
-            step = jax.jit(fn, donate_argnums=(0,)).lower(state, batches[0], teacher).compile()
+            step, state, teacher = side.make(kind)
+            step = step.lower(state, batches[0], teacher).compile()
             for i in range(3):
                 state = step(state, batches[i % 3], teacher)[0]
             jax.block_until_ready(state)

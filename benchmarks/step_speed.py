@@ -223,8 +223,9 @@ class TitansSide:
         graphdef, params, rest = self.split("teacher")
         return self.parallel.replicate(self.runs.FrozenModel(graphdef, params, rest), self.mesh)
 
-    def make(self, kind: str):
-        """(jitted step, initial TrainState, teacher or None) for kind in teacher|student|kd."""
+    def make(self, kind: str, compiler_options: dict | None = None):
+        """(jitted step, initial TrainState, teacher or None) for kind in teacher|student|kd; `compiler_options`
+        are XLA options for this step's executable alone (conv_kernels.py)."""
         jax, train = self.jax, self.train
         role = "teacher" if kind == "teacher" else "student"
         graphdef, params, rest = self.split(role)
@@ -236,6 +237,7 @@ class TitansSide:
                 graphdef, tx, train.resolve(None, self.configs[role]), self.info, self.dtype, schedule
             ),
             donate_argnums=(0,),
+            compiler_options=compiler_options,
         )
         return step, state, (self.teacher() if kind == "kd" else None)
 

@@ -1,10 +1,24 @@
 """Helpers shared by the test modules (tests/ is on sys.path under pytest's default import mode)."""
 
+import json
 import os
+import subprocess
+import sys
 
 from titans import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_probe(code: str, *, drop=(), **env_changes) -> dict:
+    """Runs `python -c code` in a fresh process (the repository on its path, the CPU backend, this
+    environment without the variables in `drop`, plus `env_changes`) and returns the JSON object on the last
+    line of its stdout; a failed process fails the test with its stderr."""
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu", **env_changes)
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 def digits_config(data_dir, **overrides):

@@ -2,14 +2,8 @@
 the first compiled; `off` and a user's own cache directory are respected. Each case runs in fresh processes
 (the cache is configured once per process)."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import run_probe
 
 # Through a console script's entry point: what enable() did, and JAX's own cache events while one small
 # program (below JAX's default 1 s threshold) compiles.
@@ -30,11 +24,7 @@ logs.run_cli(entry)
 
 
 def _probe(**env_changes) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("TITANS_COMPILATION_CACHE", "JAX_COMPILATION_CACHE_DIR")}
-    env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu", **env_changes)
-    p = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return run_probe(_PROBE, drop=("TITANS_COMPILATION_CACHE", "JAX_COMPILATION_CACHE_DIR"), **env_changes)
 
 
 @pytest.mark.slow

@@ -8,10 +8,9 @@ import subprocess
 import sys
 
 import pytest
+from helpers import REPO, run_probe
 
 from titans import xla_cpu
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Runs through a console script's entry point (logs.run_cli) and prints, as JSON, what tune() did, the
 # XLA_FLAGS the backend started with and whether the compiled convolutions of a 32 -> 64 conv layer (forward
@@ -31,11 +30,7 @@ logs.run_cli(entry)
 
 
 def _probe(**env_changes) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "TITANS_XLA_CPU")}
-    env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu", **env_changes)
-    p = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return run_probe(_PROBE, drop=("XLA_FLAGS", "TITANS_XLA_CPU"), **env_changes)
 
 
 checked = pytest.mark.skipif(
