@@ -108,14 +108,11 @@ def capacity_set(spec: str, batch: int) -> tuple[int, ...]:
 
 
 def build(name, kwargs, shape, num_classes, seed) -> Teacher:
-    """A randomly initialised model as a frozen `Teacher` (its initialiser compiled once, not op by op)."""
-
-    def make():
-        return models.create_model(name, num_classes=num_classes, input_shape=shape, rngs=nnx.Rngs(seed), **kwargs)
-
-    graphdef, _ = nnx.split(nnx.eval_shape(make))
-    state = jax.jit(lambda: nnx.split(make())[1])()
-    graphdef, params, rest = nnx.split(nnx.merge(graphdef, state), nnx.Param, ...)
+    """A randomly initialised model as a frozen `Teacher` (its initialisers one compiled program)."""
+    model = models.initialise(
+        lambda: models.create_model(name, num_classes=num_classes, input_shape=shape, rngs=nnx.Rngs(seed), **kwargs)
+    )
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     return Teacher(graphdef=graphdef, params=params, model_state=rest)
 
 

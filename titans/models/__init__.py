@@ -8,6 +8,14 @@
 """
 
 from titans.models.cost import flops_per_example, param_count
-from titans.models.registry import MODEL_NAMES, build_model, create_model, model_kwargs
+from titans.models.registry import MODEL_NAMES, build_model, create_model, initialise, model_kwargs
 
-__all__ = ["MODEL_NAMES", "build_model", "create_model", "flops_per_example", "model_kwargs", "param_count"]
+__all__ = [
+    "MODEL_NAMES",
+    "build_model",
+    "create_model",
+    "flops_per_example",
+    "initialise",
+    "model_kwargs",
+    "param_count",
+]

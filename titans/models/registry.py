@@ -11,6 +11,8 @@ import difflib
 import inspect
 from typing import Any, NamedTuple
 
+import jax
+import jax.extend
 import jax.numpy as jnp
 from flax import nnx
 
@@ -108,13 +110,42 @@ def create_model(
 
 def build_model(model_cfg, info, *, seed: int, dtype=jnp.float32, outputs: int | None = None) -> nnx.Module:
     """The model a config's `model` section names, for dataset `info`, with `outputs` logits
-    (default: the dataset's classes). Parameters are initialised from `seed`."""
+    (default: the dataset's classes). Parameters are initialised from `seed`, by `initialise`."""
     kwargs = model_cfg.kwargs.to_dict() if hasattr(model_cfg.kwargs, "to_dict") else dict(model_cfg.kwargs)
-    return create_model(
-        model_cfg.name,
-        num_classes=outputs or info.num_classes,
-        input_shape=tuple(info.image_shape),
-        rngs=nnx.Rngs(seed),
-        dtype=dtype,
-        **kwargs,
+    return initialise(
+        lambda: create_model(
+            model_cfg.name,
+            num_classes=outputs or info.num_classes,
+            input_shape=tuple(info.image_shape),
+            rngs=nnx.Rngs(seed),
+            dtype=dtype,
+            **kwargs,
+        )
     )
+
+
+# XLA options of `initialise`'s one program on CPU: LLVM's optimisation level 0. The initialisers' random
+# normals (threefry + an inverse-erf polynomial) took XLA:CPU 0.3-1.5 s to compile each at the default level;
+# the CNN teacher's whole initialiser compiles and runs in 0.6-0.7 s at level 0, against 1.5-2.3 s at the
+# default level and 2.5-2.9 s op by op (benchmarks/init_speed.py). It runs once per model.
+INIT_COMPILER_OPTIONS_CPU = {"xla_backend_optimization_level": 0}
+_TOP_LEVEL_TRACE = jax.extend.core.get_opaque_trace_state()  # no jit, eval_shape, grad or vmap tracing
+
+
+def initialise(make) -> nnx.Module:
+    """``make()`` (a model constructor without arguments), its initialisers run as one jitted program.
+
+    Built eagerly, every initialiser is its own small XLA program, each compiled on first use (the
+    quickstart compiled 17 of them, 6.9 s of its 14 s of compilation on a fresh machine). Here the
+    constructor runs once abstractly (`nnx.eval_shape`, which also raises its argument errors) and once
+    under ``jax.jit``. The values come from the same random streams as the eager construction; the normal
+    transform's float rounding may differ in the last bit (the program is fused differently), so a model
+    built here and one built eagerly from the same seed agree to 1 ulp, not bit for bit. Two builds here
+    are bit-identical. Called while a jit or eval_shape traces (a model built inside a traced function), it
+    is ``make()``: the initialisers join the caller's program, which a nested jit's options could not."""
+    if jax.extend.core.get_opaque_trace_state() != _TOP_LEVEL_TRACE:
+        return make()
+    graphdef, _ = nnx.split(nnx.eval_shape(make))
+    options = INIT_COMPILER_OPTIONS_CPU if jax.default_backend() == "cpu" else None
+    state = jax.jit(lambda: nnx.split(make())[1], compiler_options=options)()
+    return nnx.merge(graphdef, state)
