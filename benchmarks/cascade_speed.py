@@ -21,7 +21,7 @@ predictions are checked against "student where kept, teacher where deferred".
     python benchmarks/cascade_speed.py --repeats 7
     python benchmarks/cascade_speed.py --capacities ladder pow2 64,128,192,256,384,512
     python benchmarks/cascade_speed.py --model_pair cifar --batch 256 --repeats 3   # resnet56 -> resnet20
-    python benchmarks/cascade_speed.py --conv_impl auto        # the CNN pair's first layers as small_cin_conv
+    python benchmarks/cascade_speed.py --conv_impl xla         # the CNN pair with XLA's convolutions (default: auto)
 
 It also prints the student's share of the teacher's time on the whole batch next to its share of the
 FLOPs (their ratio is 1 where time follows FLOPs).

@@ -1,7 +1,7 @@
 """The quickstart end to end: Titans against the same recipe written plainly in PyTorch, on one machine.
 
     python benchmarks/quickstart_recipe.py [--epochs 3] [--repeats 1] [--threads 2] [--out FILE]
-    python benchmarks/quickstart_recipe.py --conv_impl auto   # Titans' CNNs with the CPU-fast conv forms
+    python benchmarks/quickstart_recipe.py --conv_impl xla    # Titans' CNNs with XLA's convolutions (default: auto)
 
 Each repeat runs, one after the other and each in its own process so that neither warms the other:
 

@@ -555,6 +555,22 @@ def test_patch_conv_equals_nnx_conv(c_in, c_out, kernel, use_bias):
     assert [isinstance(m, layers.PatchConv) for m in auto] == [True, True, False, False]
 
 
+def test_auto_conv_is_the_cpu_form_only_on_cpu_and_the_cnn_default(monkeypatch):
+    """conv_impl "auto" picks the few-channel CPU form only on the CPU backend (the forms were measured on
+    XLA:CPU alone); it is the CNN's default, so the quickstart's CNNs get it without a config key."""
+    from titans.models import layers
+
+    build = lambda: [layers.conv(c, 8, 3, rngs=nnx.Rngs(0), dtype=jnp.float32, impl="auto") for c in (1, 32)]
+    assert [type(m) for m in build()] == [layers.PatchConv, nnx.Conv]
+    cnn = lambda: models.create_model("cnn", num_classes=10, input_shape=FMNIST, rngs=nnx.Rngs(0), **STUDENT)
+    assert models.model_kwargs("cnn")["conv_impl"] == "auto"
+    assert [type(c) for c in nnx.eval_shape(cnn).convs] == [layers.PatchConv, nnx.Conv]
+    for backend in ("gpu", "tpu"):
+        monkeypatch.setattr(layers.jax, "default_backend", lambda backend=backend: backend)
+        assert [type(m) for m in build()] == [nnx.Conv, nnx.Conv]
+        assert [type(c) for c in nnx.eval_shape(cnn).convs] == [nnx.Conv, nnx.Conv]
+
+
 def test_cnn_with_patch_convs_equals_the_default_cnn():
     from titans import data
 

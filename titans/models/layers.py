@@ -170,13 +170,16 @@ def conv(
     impl: str = "xla",
 ) -> nnx.Conv:
     """A k x k 'same' convolution; `impl` "patches" computes it as im2col + matmul (`PatchConv`), "auto"
-    does so only for layers with at most PATCHES_MAX_IN_CHANNELS input channels, where XLA:CPU's own
-    convolution is slowest (benchmarks/conv_layers.py: 0.36-0.43x its time for a first layer's forward +
-    kernel gradient; 1.2-3x slower for 32 -> 64)."""
+    does so only for layers with at most PATCHES_MAX_IN_CHANNELS input channels and only on the CPU
+    backend, where XLA's own convolution is slowest (benchmarks/conv_layers.py, 2026-12-04: 0.30-0.55x
+    its time for such a layer's forward + backward; im2col is 1.4x slower for 32 -> 64). The forms were
+    measured on XLA:CPU only, so on GPU and TPU "auto" is XLA's convolution (the backend is read when the
+    layer is built)."""
     if impl not in CONV_IMPLS:
         raise ValueError(f"conv impl {impl!r} is not one of {CONV_IMPLS}")
     if impl == "auto":
-        impl = "patches" if in_ch <= PATCHES_MAX_IN_CHANNELS and groups == 1 else "xla"
+        small = in_ch <= PATCHES_MAX_IN_CHANNELS and groups == 1
+        impl = "patches" if small and jax.default_backend() == "cpu" else "xla"
     pad = kernel // 2
     return (PatchConv if impl == "patches" else nnx.Conv)(
         in_ch,

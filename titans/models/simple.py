@@ -51,8 +51,10 @@ class CNN(L.Classifier):
     work with up to three stages. With ``batch_norm=False`` the convs get a bias instead.
     ``conv_impl="patches"`` computes the convolutions as im2col + matmul (``layers.PatchConv``; same
     parameters, same function; a few-channel first layer's forward as shifted products);
-    ``"auto"`` only the first, few-channel one (faster to train and to run on XLA:CPU). In eval, such a
-    few-channel first stage (conv, BatchNorm, ReLU, pool) runs as ``layers.conv_pooled``'s four phases.
+    ``"auto"`` (the default) does so for the first, few-channel layer on the CPU backend (faster to train
+    and to run on XLA:CPU), and is ``"xla"`` on GPU and TPU; ``"xla"`` is XLA's convolution everywhere.
+    In eval, a few-channel ``PatchConv`` first stage (conv, BatchNorm, ReLU, pool) runs as
+    ``layers.conv_pooled``'s four phases.
     acts: ``stage1``... (after the pool), ``features`` (the dense layer's output).
     """
 
@@ -68,7 +70,7 @@ class CNN(L.Classifier):
         channels: Sequence[int] = (32, 64),
         dense: int = 128,
         batch_norm: bool = True,
-        conv_impl: str = "xla",
+        conv_impl: str = "auto",
     ):
         self.input_shape = L.check_input_shape(input_shape)
         self.num_classes = int(num_classes)
