@@ -126,8 +126,8 @@ def build_model(model_cfg, info, *, seed: int, dtype=jnp.float32, outputs: int |
 
 # XLA options of `initialise`'s one program on CPU: LLVM's optimisation level 0. The initialisers' random
 # normals (threefry + an inverse-erf polynomial) took XLA:CPU 0.3-1.5 s to compile each at the default level;
-# the CNN teacher's whole initialiser compiles and runs in 0.6-0.7 s at level 0, against 1.5-2.3 s at the
-# default level and 2.5-2.9 s op by op (benchmarks/init_speed.py). It runs once per model.
+# in a fresh process the CNN teacher's whole initialiser compiles and runs in 0.80 s at level 0, against 2.17 s
+# at the default level and 2.97 s op by op (medians of 5, benchmarks/init_speed.py). It runs once per model.
 INIT_COMPILER_OPTIONS_CPU = {"xla_backend_optimization_level": 0}
 _TOP_LEVEL_TRACE = jax.extend.core.get_opaque_trace_state()  # no jit, eval_shape, grad or vmap tracing
 
@@ -135,8 +135,8 @@ _TOP_LEVEL_TRACE = jax.extend.core.get_opaque_trace_state()  # no jit, eval_shap
 def initialise(make) -> nnx.Module:
     """``make()`` (a model constructor without arguments), its initialisers run as one jitted program.
 
-    Built eagerly, every initialiser is its own small XLA program, each compiled on first use (the
-    quickstart compiled 17 of them, 6.9 s of its 14 s of compilation on a fresh machine). Here the
+    Built eagerly, every initialiser is its own small XLA program, each compiled on first use (a cold
+    quickstart spent 6.1 of its 14.1 s of compilation on the random normals' 8 programs). Here the
     constructor runs once abstractly (`nnx.eval_shape`, which also raises its argument errors) and once
     under ``jax.jit``. The values come from the same random streams as the eager construction; the normal
     transform's float rounding may differ in the last bit (the program is fused differently), so a model
