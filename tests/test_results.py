@@ -12,7 +12,7 @@ import pytest
 from helpers import REPO
 
 from titans.results import studies
-from titans.stats import claim_verdict, mean_sd, not_worse_verdict, paired_difference
+from titans.stats import claim_verdict, mean_sd, not_worse_verdict, paired_difference, time_ratio
 
 
 def test_committed_result_pages_equal_the_regenerated_ones():
@@ -85,6 +85,20 @@ def test_cascade_curves_are_recomputed_from_the_committed_logits(run_dir):
         assert worst <= 1e-3, (name, worst)  # measured: at most 5 of 10,000 test images
 
 
+def test_time_ratio_against_hand_computed_intervals():
+    """time_a / time_b over paired repeats: the t-interval of the log ratios, mapped back. For ratios 1.1, 1.0,
+    0.9: logs 0.09531, 0, -0.10536; mean -0.003351, sd 0.10034, t(0.975, 2) = 4.3027, half-width 0.24926,
+    so geomean 0.99666 in [0.77670, 1.27890]. The times' scale cancels."""
+    r = time_ratio([1.1 * 3, 1.0 * 5, 0.9 * 7], [3.0, 5.0, 7.0], target=0.8)
+    assert (r.geomean, r.low, r.high, r.n) == pytest.approx((0.99666, 0.77670, 1.27890, 3), abs=1e-4)
+    assert r.verdict == "unresolved"  # 0.8 lies inside the interval
+    assert time_ratio([1.1, 1.0, 0.9], [1.0] * 3, target=0.75).verdict == "met"
+    assert time_ratio([1.1, 1.0, 0.9], [1.0] * 3, target=1.3).verdict == "not met"
+    assert time_ratio([2.0, 2.0], [1.0, 1.0], target=2.0).verdict == "met"  # no spread: the interval is 2.0
+    assert time_ratio([1.1], [1.0], target=0.5).verdict == "unresolved"  # one repeat resolves nothing
+    assert time_ratio([1.1, 1.0], [1.0, 1.0]).verdict == "unresolved"  # no target
+
+
 def test_paired_difference_against_hand_computed_intervals():
     # d = (1, 2, 3): mean 2, sd 1, t(0.975, 2) = 4.3027 -> half-width 2.4842.
     d = paired_difference([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])
@@ -119,3 +133,37 @@ def test_collect_refuses_an_unfinished_run_and_a_path_outside_the_study(tmp_path
     (out,) = studies.collect(study, str(tmp_path), "seed0", root=str(tmp_path))
     with open(out) as f:
         assert json.load(f) == {"a": 0.1234568, "b": [None]}  # compact: 7 significant digits, strict JSON
+
+
+def test_step_speed_benchmark_reports_verdicts_against_the_targets(tmp_path):
+    """benchmarks/step_speed.py (small batch, two repeats of two steps, PyTorch eager and channels-last) runs in
+    its own process and reports, per step and PyTorch side, the paired ratio with its interval, the issue's
+    target and the verdict that interval supports."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    out = tmp_path / "steps.json"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "step_speed.py"), "--batch_size", "8", "--steps", "2"]
+    cmd += ["--repeats", "2", "--warmup", "0", "--torch_tuned", "channels_last", "--out", str(out)]
+    done = subprocess.run(cmd, check=True, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert "Against the targets" in done.stdout
+    result = json.loads(out.read_text())
+    targets = {"teacher": (0.8, 0.8), "student": (0.8, 0.8), "kd": (1.0, 0.9)}
+    for kind, e in result["steps_results"].items():
+        for side, target in zip(("torch", "tuned"), targets[kind]):
+            lo, hi = e[f"{side}_over_jax_time_ci95"]
+            assert lo <= e[f"{side}_over_jax_time_geomean"] <= hi and e[f"{side}_target"] == target
+            want = time_ratio(e[f"{side}_seconds"], e["jax_seconds"], target).verdict
+            assert e[f"{side}_verdict"] == want in ("met", "not met", "unresolved")
+    # --reread recomputes the same verdicts from a saved result's seconds, timing nothing.
+    again = subprocess.run(
+        [sys.executable, cmd[1], "--reread", str(out)], check=True, cwd=REPO, capture_output=True, text=True
+    )
+    rows = [line for line in again.stdout.splitlines() if line.startswith("| steps.json |")]
+    verdicts = [e[f"{side}_verdict"] for e in result["steps_results"].values() for side in ("torch", "tuned")]
+    assert [row.rstrip(" |").rsplit("| ", 1)[-1] for row in rows] == verdicts

@@ -90,6 +90,37 @@ def not_worse_verdict(d: PairedDifference, margin: float) -> str:
     return "unresolved"
 
 
+@dataclasses.dataclass(frozen=True)
+class TimeRatio:
+    """The geometric mean over paired repeats of time_a / time_b, its 95% interval (a t-interval on the log
+    ratios, mapped back), and the verdict against a target the ratio must reach."""
+
+    geomean: float
+    low: float
+    high: float
+    n: int
+    target: float | None
+
+    @property
+    def verdict(self) -> str:
+        """Against `target`: "met" when the whole interval is at or above it, "not met" when the whole
+        interval is below it, else "unresolved" (also with fewer than 2 repeats or no target)."""
+        if self.target is None or self.n < 2 or not math.isfinite(self.low):
+            return "unresolved"
+        if self.low >= self.target:
+            return "met"
+        if self.high < self.target:
+            return "not met"
+        return "unresolved"
+
+
+def time_ratio(times_a, times_b, target: float | None = None) -> TimeRatio:
+    """time_a / time_b over paired repeats (same position = timed back to back), e.g. PyTorch's time over
+    Titans' for one step; see `TimeRatio`."""
+    d = paired_difference([math.log(a) for a in times_a], [math.log(b) for b in times_b])
+    return TimeRatio(math.exp(d.mean), math.exp(d.low), math.exp(d.high), d.n, target)
+
+
 def claims_table(rows: list[tuple[str, PairedDifference, str]], fmt: str = "{:+.4f}") -> str:
     """Markdown rows of (claim, paired difference, verdict)."""
     lines = ["| claim | paired difference [95% CI] | verdict |", "|---|---|---|"]
