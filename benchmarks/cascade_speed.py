@@ -45,7 +45,7 @@ import numpy as np
 from flax import nnx
 from machine_load import banner, is_contaminated, other_cpu_load
 
-from titans import cascade, models
+from titans import cascade, models, stats
 from titans import logs as titans_logs
 from titans.runs import FrozenModel as Teacher
 
@@ -114,6 +114,20 @@ def build(name, kwargs, shape, num_classes, seed) -> Teacher:
     )
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     return Teacher(graphdef=graphdef, params=params, model_state=rest)
+
+
+# Issue 16: the student's time per example follows its FLOPs share within this factor.
+SHARE_TARGET = 3.0
+
+
+def share_over_flops(student_s, teacher_s, flops_share: float) -> dict:
+    """(student time / teacher time) / FLOPs share over the paired repeats: geometric mean, 95% interval and
+    the verdict against SHARE_TARGET (met when the whole interval is at or below it, not met when the whole
+    interval is above it, else unresolved)."""
+    r = stats.time_ratio(student_s, teacher_s)
+    lo, hi = r.low / flops_share, r.high / flops_share
+    verdict = "met" if hi <= SHARE_TARGET else "not met" if lo > SHARE_TARGET else "unresolved"
+    return {"geomean": r.geomean / flops_share, "ci95": [lo, hi], "target_max": SHARE_TARGET, "verdict": verdict}
 
 
 def timed(fn, inner: int) -> float:
@@ -202,6 +216,7 @@ def main(argv=None):
     # The student's share of the teacher's time against its share of the FLOPs (1: time follows FLOPs).
     time_share = med["student"] / med["teacher_full"]
     flops_share = flops["student"] / flops["teacher"]
+    share_vs_flops = share_over_flops(samples["student"], samples["teacher_full"], flops_share)
 
     rows = []
     for i, pt in enumerate(points):
@@ -247,6 +262,11 @@ def main(argv=None):
         f"student alone / teacher alone on the batch: time {time_share:.3f}, FLOPs {flops_share:.3f}; "
         f"time share / FLOPs share = {time_share / flops_share:.2f}"
     )
+    lo, hi = share_vs_flops["ci95"]
+    print(
+        f"time share / FLOPs share over the paired repeats: geometric mean {share_vs_flops['geomean']:.2f} "
+        f"[95% interval {lo:.2f}, {hi:.2f}]; target <= {SHARE_TARGET:g}: {share_vs_flops['verdict']}"
+    )
     for spec, caps in cap_sets.items():
         print(f"capacities {spec}: {', '.join(map(str, caps))}")
     print()
@@ -270,6 +290,7 @@ def main(argv=None):
                     "flops": flops,
                     "student_time_share": time_share,
                     "student_flops_share": flops_share,
+                    "share_over_flops": share_vs_flops,
                     "other_load_cores": [load_before, load_after],
                     "process_setup": process,
                     "contaminated": is_contaminated([load_before, load_after], os.cpu_count() or 1),

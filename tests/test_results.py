@@ -167,3 +167,21 @@ def test_step_speed_benchmark_reports_verdicts_against_the_targets(tmp_path):
     rows = [line for line in again.stdout.splitlines() if line.startswith("| steps.json |")]
     verdicts = [e[f"{side}_verdict"] for e in result["steps_results"].values() for side in ("torch", "tuned")]
     assert [row.rstrip(" |").rsplit("| ", 1)[-1] for row in rows] == verdicts
+
+
+def test_cascade_speed_share_verdict_against_hand_computed_interval():
+    """benchmarks/cascade_speed.py's verdict on issue 16's cascade target (time share / FLOPs share <= 3): student
+    / teacher times 0.25, 0.275, 0.225 of a FLOPs share 0.1 give shares 2.5, 2.75, 2.25 of it, geometric mean
+    2.4916 in [1.9417, 3.1973] (the t-interval of the logs): unresolved; constant shares 2 and 4 are met and not met."""
+    import sys
+
+    from helpers import REPO
+
+    sys.path.insert(0, f"{REPO}/benchmarks")
+    import cascade_speed
+
+    r = cascade_speed.share_over_flops([1.0, 1.1, 0.9], [4.0, 4.0, 4.0], 0.1)
+    assert (r["geomean"], *r["ci95"]) == pytest.approx((2.4916, 1.9417, 3.1973), abs=1e-3)
+    assert r["verdict"] == "unresolved" and r["target_max"] == 3.0
+    assert cascade_speed.share_over_flops([0.2, 0.2], [1.0, 1.0], 0.1)["verdict"] == "met"
+    assert cascade_speed.share_over_flops([0.4, 0.4], [1.0, 1.0], 0.1)["verdict"] == "not met"

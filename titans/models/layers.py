@@ -280,10 +280,16 @@ def max_pool_2x2(x: jax.Array, *, train: bool = True) -> jax.Array:
     (nnx.max_pool itself). Without a backward pass it is the faster form there: the CNN teacher's eval
     forward at batch 512 took 32.8 ms with it against 56.3 ms with the reshape, and its 32-channel pool
     alone 4.2 against 20.7 ms; at 8 and 16 channels the reshape took 0.78-0.99x reduce_window's time
-    (benchmarks/pool_speed.py ``--eval``). The values are the same bits either way.
+    (benchmarks/pool_speed.py ``--eval``). The values are the same bits either way. On CPU a narrower
+    eval pool's input passes a `fusion_fence` (see the comment below).
     """
     if not train and x.shape[-1] >= EVAL_REDUCE_WINDOW_MIN_CHANNELS:
         return nnx.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+    if not train and jax.default_backend() == "cpu":
+        # A narrow eval pool's input passes a fusion_fence, so XLA:CPU computes it (BatchNorm, ReLU) in its
+        # own fusion rather than inside the pool's YNNPACK reduction with the layers after it: the tiny
+        # student's eval forward at batch 512 took 4.9 against 6.6 ms (benchmarks/cascade_speed.py).
+        x = fusion_fence(x)
     b, h, w, c = x.shape
     x = x[:, : h - h % 2, : w - w % 2]
     return jnp.max(x.reshape(b, h // 2, 2, w // 2, 2, c), axis=(2, 4))
