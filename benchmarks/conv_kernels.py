@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -31,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 from conv_layers import YNN_DEFAULTS
-from machine_load import banner, is_contaminated, other_cpu_load
+from machine_load import banner, is_contaminated, other_cpu_load, write_result
 
 KERNELS = {
     "ynn": {"xla_cpu_experimental_ynn_fusion_type": YNN_DEFAULTS},
@@ -142,17 +141,16 @@ def main(argv=None):
                 t0 = time.perf_counter()
                 runners[name](args.inner)
                 times[name].append((time.perf_counter() - t0) / args.inner)
-        d = stats.paired_difference([math.log(t) for t in times["ynn"]], [math.log(t) for t in times["eigen"]])
+        ratio = stats.time_ratio(times["eigen"], times["ynn"])
         ratios = [e / y for e, y in zip(times["eigen"], times["ynn"], strict=True)]
         rows[kind] = {
             "ynn_ms": [1e3 * t for t in times["ynn"]],
             "eigen_ms": [1e3 * t for t in times["eigen"]],
             "eigen_over_ynn_median": statistics.median(ratios),
             "eigen_over_ynn_range": [min(ratios), max(ratios)],
-            # exp of the mean log(ynn / eigen) and its interval, inverted: Eigen's time as a fraction of YNNPACK's
-            "eigen_over_ynn_geomean": math.exp(-d.mean),
-            "eigen_over_ynn_ci95": [math.exp(-d.high), math.exp(-d.low)],
-            "verdict": {"better": "Eigen faster", "worse": "YNNPACK faster"}.get(d.verdict, "unresolved")
+            "eigen_over_ynn_geomean": ratio.geomean,
+            "eigen_over_ynn_ci95": [ratio.low, ratio.high],
+            "verdict": ratio.faster("Eigen", "YNNPACK")
             if ynn_convs["eigen"] < ynn_convs["ynn"]
             else "the same convolution kernels in both",
             "ynn_convolutions": ynn_convs,
@@ -192,9 +190,7 @@ def main(argv=None):
             f"[{c_lo:.3f}, {c_hi:.3f}] | {r['verdict']} |"
         )
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"\nwrote {args.out}")
+        write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from machine_load import banner, is_contaminated, other_cpu_load
+from machine_load import banner, is_contaminated, other_cpu_load, write_result
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = {
@@ -118,9 +118,7 @@ def main(argv=None):
             "contaminated": is_contaminated(loads, threads),
             "rows": rows,
         }
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"\nwrote {args.out}")
+        write_result(args.out, result)
 
 
 if __name__ == "__main__":

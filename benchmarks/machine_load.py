@@ -4,6 +4,8 @@ results). Imported by the benchmark scripts, which run with benchmarks/ on sys.p
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import time
 
 import psutil
@@ -40,3 +42,11 @@ def banner(loads, cores: int) -> str:
         f"{cores} cores.\nStop them (or pause them: kill -STOP PID) and measure again. Do not publish the table "
         f"below.\n{bar}"
     )
+
+
+def write_result(path: str, result: dict, indent: int = 1) -> None:
+    """Writes a benchmark's raw result as JSON to `path` (creating its folder) and says so."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=indent)
+    print(f"\nwrote {path}")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -26,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
-from machine_load import banner, is_contaminated, other_cpu_load
+from machine_load import banner, is_contaminated, other_cpu_load, write_result
 
 
 def main(argv=None):
@@ -86,13 +85,13 @@ def main(argv=None):
                     r["state"] = r["step"](r["state"], batches[i % 3], r["teacher"])[0]
                 jax.block_until_ready(r["state"])
                 times[name].append((time.perf_counter() - t0) / args.inner)
-        d = stats.paired_difference([math.log(t) for t in times["im2col"]], [math.log(t) for t in times["xla_conv"]])
+        ratio = stats.time_ratio(times["xla_conv"], times["im2col"])
         rows[kind] = {
             "xla_conv_ms": [1e3 * t for t in times["xla_conv"]],
             "im2col_ms": [1e3 * t for t in times["im2col"]],
-            "xla_conv_over_im2col_geomean": math.exp(-d.mean),
-            "xla_conv_over_im2col_ci95": [math.exp(-d.high), math.exp(-d.low)],
-            "verdict": {"better": "XLA conv faster", "worse": "im2col faster"}.get(d.verdict, "unresolved"),
+            "xla_conv_over_im2col_geomean": ratio.geomean,
+            "xla_conv_over_im2col_ci95": [ratio.low, ratio.high],
+            "verdict": ratio.faster("XLA conv", "im2col"),
         }
     loads = [load_before, other_cpu_load()]
     threads = len(os.sched_getaffinity(0))
@@ -120,9 +119,7 @@ def main(argv=None):
             "contaminated": is_contaminated(loads, threads),
             "rows": rows,
         }
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"\nwrote {args.out}")
+        write_result(args.out, result)
 
 
 if __name__ == "__main__":

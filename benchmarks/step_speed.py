@@ -46,7 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 import numpy as np
-from machine_load import banner, is_contaminated, other_cpu_load
+from machine_load import banner, is_contaminated, other_cpu_load, write_result
 
 from titans import logs as titans_logs
 from titans import stats
@@ -634,11 +634,9 @@ def reread(paths) -> list[dict]:
                 row = {"result": os.path.basename(path), "kind": kind, "side": side}
                 row.update(ratio_fields(side, e[f"{side}_seconds"], e["jax_seconds"], TARGETS[(side, kind)]))
                 rows.append(row)
-                lo, hi = row[f"{side}_over_jax_time_ci95"]
                 print(
                     f"| {row['result']} | {r.get('jax_cpu_threads')} | {r['repeats']} | {STEP_LABELS[kind]} | "
-                    f"{'eager' if side == 'torch' else 'tuned'} | {row[f'{side}_over_jax_time_geomean']:.3f} "
-                    f"[{lo:.3f}, {hi:.3f}] | >= {TARGETS[(side, kind)]:g} | {row[f'{side}_verdict']} |"
+                    f"{target_cells(row, side)} |"
                 )
     return rows
 
@@ -844,11 +842,17 @@ def main(argv=None):
 
     print_report(result, args, threads)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"\nwrote {args.out}")
+        write_result(args.out, result, indent=2)
     return result
+
+
+def target_cells(e: dict, side: str) -> str:
+    """The Markdown cells 'against | ratio [95% CI] | target | verdict' of one step's entry for one side."""
+    lo, hi = e[f"{side}_over_jax_time_ci95"]
+    return (
+        f"{'eager' if side == 'torch' else 'tuned'} | {e[f'{side}_over_jax_time_geomean']:.3f} [{lo:.3f}, {hi:.3f}] "
+        f"| >= {e[f'{side}_target']:g} | {e[f'{side}_verdict']}"
+    )
 
 
 def ratio_fields(side: str, side_times, jax_times, target: float) -> dict:
@@ -937,12 +941,7 @@ def print_report(r, args, threads: int):
         for kind in STEP_NAMES:
             e = r["steps_results"][kind]
             for side in ("torch", "tuned") if tuned else ("torch",):
-                lo, hi = e[f"{side}_over_jax_time_ci95"]
-                print(
-                    f"| {STEP_LABELS[kind]} | {'eager' if side == 'torch' else 'tuned'} | "
-                    f"{e[f'{side}_over_jax_time_geomean']:.3f} [{lo:.3f}, {hi:.3f}] | >= {e[f'{side}_target']:g} | "
-                    f"{e[f'{side}_verdict']} |"
-                )
+                print(f"| {STEP_LABELS[kind]} | {target_cells(e, side)} |")
     if r.get("torch_tuned_note"):
         print(f"\nNote: {r['torch_tuned_note']}")
     if r["numerics"]:

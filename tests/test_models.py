@@ -593,26 +593,9 @@ def test_pool_speed_benchmark_runs_every_form(tmp_path):
     """benchmarks/pool_speed.py --eval (tiny batch, one repeat) runs in its own process and reports every
     form of the first stage and every variant of both CNNs (the no-fence variant only for conv_impl auto,
     the one with a four-phase first stage)."""
-    import json
-    import os
-    import subprocess
-    import sys
+    from helpers import run_benchmark
 
-    from helpers import REPO
-
-    out = tmp_path / "pool.json"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    cmd = [
-        sys.executable,
-        os.path.join(REPO, "benchmarks", "pool_speed.py"),
-        "--eval",
-        "--repeats",
-        "1",
-        "--batch",
-        "4",
-    ]
-    subprocess.run([*cmd, "--out", str(out)], check=True, cwd=REPO, env=env, capture_output=True, timeout=300)
-    result = json.loads(out.read_text())
+    _, result = run_benchmark("pool_speed.py", "--eval", "--repeats", "1", "--batch", "4", out=tmp_path / "pool.json")
     assert [r["conv"] for r in result["first_stage"]] == ["1 -> 8", "1 -> 32"]
     assert all(len(r) == 4 and all(v > 0 for k, v in r.items() if k != "conv") for r in result["first_stage"])
     rows = {(r["model"], r["conv_impl"], r["variant"]) for r in result["models"]}
@@ -693,24 +676,9 @@ def test_build_model_initialises_in_one_compiled_program(monkeypatch):
 def test_init_speed_benchmark_times_every_way(tmp_path):
     """benchmarks/init_speed.py (one model, one repeat) times the three ways of initialising, each in a fresh
     process, and reports them against the eager construction."""
-    import json
-    import os
-    import subprocess
-    import sys
+    from helpers import run_benchmark
 
-    from helpers import REPO
-
-    out = tmp_path / "init.json"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    cmd = [
-        sys.executable,
-        os.path.join(REPO, "benchmarks", "init_speed.py"),
-        "--repeats",
-        "1",
-        "--models",
-        "cnn_student",
-    ]
-    subprocess.run([*cmd, "--out", str(out)], check=True, cwd=REPO, env=env, capture_output=True, timeout=300)
-    row = json.loads(out.read_text())["rows"]["cnn_student"]
+    args = ("--repeats", "1", "--models", "cnn_student")
+    row = run_benchmark("init_speed.py", *args, out=tmp_path / "init.json")[1]["rows"]["cnn_student"]
     assert set(row["median_s"]) == {"eager", "jit", "jit_o0"} and all(v > 0 for v in row["median_s"].values())
     assert set(row["over_eager_per_repeat"]) == {"jit", "jit_o0"}

@@ -97,6 +97,10 @@ def test_time_ratio_against_hand_computed_intervals():
     assert time_ratio([2.0, 2.0], [1.0, 1.0], target=2.0).verdict == "met"  # no spread: the interval is 2.0
     assert time_ratio([1.1], [1.0], target=0.5).verdict == "unresolved"  # one repeat resolves nothing
     assert time_ratio([1.1, 1.0], [1.0, 1.0]).verdict == "unresolved"  # no target
+    # Which side is faster: the whole interval of time_a / time_b below 1, above 1, or spanning it.
+    assert time_ratio([0.5, 0.5], [1.0, 1.0]).faster("A", "B") == "A faster"
+    assert time_ratio([2.0, 2.0], [1.0, 1.0]).faster("A", "B") == "B faster"
+    assert r.faster("A", "B") == "unresolved" and time_ratio([0.5], [1.0]).faster("A", "B") == "unresolved"
 
 
 def test_paired_difference_against_hand_computed_intervals():
@@ -173,21 +177,12 @@ def test_step_speed_benchmark_reports_verdicts_against_the_targets(tmp_path):
     """benchmarks/step_speed.py (small batch, two repeats of two steps, PyTorch eager and channels-last) runs in
     its own process and records, per step and PyTorch side, the paired ratio with its interval, the issue's
     target and the verdict that interval supports. Needs the `bench` extra (torch)."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from helpers import REPO
+    from helpers import run_benchmark
 
     pytest.importorskip("torch", reason="the PyTorch side needs the `bench` extra")
-    out = tmp_path / "steps.json"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "step_speed.py"), "--batch_size", "8", "--steps", "2"]
-    cmd += ["--repeats", "2", "--warmup", "0", "--torch_tuned", "channels_last", "--out", str(out)]
-    done = subprocess.run(cmd, check=True, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert "Against the targets" in done.stdout
-    result = json.loads(out.read_text())
+    args = ("--batch_size", "8", "--steps", "2", "--repeats", "2", "--warmup", "0", "--torch_tuned", "channels_last")
+    stdout, result = run_benchmark("step_speed.py", *args, out=tmp_path / "steps.json")
+    assert "Against the targets" in stdout
     targets = {"teacher": (0.8, 0.8), "student": (0.8, 0.8), "kd": (1.0, 0.9)}
     for kind, e in result["steps_results"].items():
         for side, target in zip(("torch", "tuned"), targets[kind]):

@@ -2,13 +2,10 @@
 (Eigen), not a YNNPACK fusion; XLA's defaults, a user's own flag and unchecked jaxlib versions are left
 alone. Each case runs in a fresh process, since XLA reads XLA_FLAGS once, when the backend starts."""
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
-from helpers import REPO, run_probe
+from helpers import run_benchmark, run_probe
 
 from titans import xla_cpu
 
@@ -149,13 +146,9 @@ ENTRY %main (x: f32[2,4,4,8], k: f32[3,3,8,8]) -> f32[2,4,4,8] {
 def test_conv_kernels_benchmark_compares_both_kernels(tmp_path):
     """benchmarks/conv_kernels.py (tiny batches, two repeats) in its own process: both programs of each step
     are timed, and the per-program compiler options really move the convolutions they claim to."""
-    out = tmp_path / "kernels.json"
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "TITANS_XLA_CPU")}
-    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "conv_kernels.py"), "--steps", "teacher,teacher_eval"]
-    cmd += ["--batch", "16", "--eval_batch", "16", "--repeats", "2", "--inner", "1", "--out", str(out)]
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    rows = json.loads(out.read_text())["rows"]
+    args = ("--steps", "teacher,teacher_eval", "--batch", "16", "--eval_batch", "16", "--repeats", "2", "--inner", "1")
+    drop = ("XLA_FLAGS", "TITANS_XLA_CPU")
+    rows = run_benchmark("conv_kernels.py", *args, out=tmp_path / "kernels.json", drop=drop)[1]["rows"]
     assert set(rows) == {"teacher", "teacher_eval"}
     for row in rows.values():
         assert len(row["ynn_ms"]) == len(row["eigen_ms"]) == 2 and min(row["ynn_ms"] + row["eigen_ms"]) > 0

@@ -113,6 +113,17 @@ class TimeRatio:
             return "not met"
         return "unresolved"
 
+    def faster(self, a: str, b: str) -> str:
+        """Which of the two timed sides is faster: "{a} faster" when the whole interval of time_a / time_b is
+        below 1, "{b} faster" when it is above 1, else "unresolved"."""
+        if self.n < 2 or not math.isfinite(self.low):
+            return "unresolved"
+        if self.high < 1:
+            return f"{a} faster"
+        if self.low > 1:
+            return f"{b} faster"
+        return "unresolved"
+
 
 def time_ratio(times_a, times_b, target: float | None = None) -> TimeRatio:
     """time_a / time_b over paired repeats (same position = timed back to back), e.g. PyTorch's time over
