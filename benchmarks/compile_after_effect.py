@@ -2,7 +2,7 @@
 step loaded from JAX's persistent compilation cache, each in a fresh process.
 
 The quickstart's first run (empty compilation cache) took 20-30 s longer than a warm one, but only about 12 s
-of that was logged compilation (docs/benchmarks.md, "The cold quickstart"). This script isolates the rest:
+of that was logged compilation (docs/benchmarks.md, "Why a first run is slower than its compile time"). This script isolates the rest:
 each child process builds the quickstart teacher's (or student's, or the online-KD) train step with Titans'
 process settings (`titans.logs.process_setup`: host allocator, XLA:CPU flags, compilation cache), makes the
 first call, and then times `--rounds` rounds of `--steps` steps. The only difference between the two kinds
