@@ -27,6 +27,15 @@ def other_cpu_load(interval_s: float = 1.0) -> float:
     return round(total / 100.0, 2)
 
 
+def steal_s() -> float | None:
+    """CPU seconds the hypervisor has given to other guests since boot (Linux's `steal`; None elsewhere).
+
+    Other processes in this machine are what `other_cpu_load` sees; other virtual machines on the same host
+    are not, but while they take this machine's cores its clock still runs. The difference of two readings
+    over a benchmark says how much of its time was taken that way."""
+    return getattr(psutil.cpu_times(), "steal", None)
+
+
 def is_contaminated(loads, cores: int) -> bool:
     """True when other processes kept more than a quarter of the cores this benchmark uses busy."""
     return max(loads) > 0.25 * max(1, cores)
