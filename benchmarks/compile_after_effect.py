@@ -162,10 +162,7 @@ def main(argv=None):
             f"{med(side, 'user_cpu_ms_per_step'):.1f} | {med(side, 'minor_faults_per_step'):.0f} | "
             f"{med(side, 'threads'):.0f} |"
         )
-    print(
-        f"\ncompiled / loaded time per step: {ratio.geomean:.3f} [{ratio.low:.3f}, {ratio.high:.3f}] "
-        f"({ratio.faster('compiled', 'loaded')})"
-    )
+    print(f"\ncompiled / loaded time per step: {ratio.describe('compiled', 'loaded')}")
     if args.out:
         write_result(
             args.out,
@@ -180,13 +177,7 @@ def main(argv=None):
                 "other_load_cores": loads,
                 "contaminated": is_contaminated(loads, threads),
                 "pairs": pairs,
-                "compiled_over_loaded": {
-                    "geomean": ratio.geomean,
-                    "low": ratio.low,
-                    "high": ratio.high,
-                    "n": ratio.n,
-                    "faster": ratio.faster("compiled", "loaded"),
-                },
+                "compiled_over_loaded": ratio.as_dict("compiled", "loaded"),
             },
         )
 

@@ -5,7 +5,7 @@ compiling them itself: does moving the compile out of the training process pay f
 than a process that loaded it from the compilation cache. `titans.train.precompile` compiles each stage's
 train and eval steps in a child, so that the run only loads them, at the price of starting that child. This
 script runs `python -m titans.main --config=CONFIG` with an empty compilation cache both ways, in pairs
-whose order alternates (even pairs: off first), and reports per pair the wall time of the whole command
+whose order alternates (even pairs: off first), and reports per pair the wall time of the whole command,
 the CPU time the hypervisor gave other virtual machines meanwhile (`stolen s`: a host shared with other
 guests slows a run without any process here showing it), and each stage's `train_examples_per_s` (compilation of the first step left out), with each accuracy to
 show that both ways trained the same programs; then the paired ratios on/off with their 95% intervals
@@ -111,19 +111,10 @@ def main(argv=None):
             )
             stolen = "-" if r["steal_s"] is None else f"{r['steal_s']:.1f}"
             print(f"| {i} | {mode} | {r['wall_s']:.1f} | {stolen} | {cells} |")
-    print(f"\non / off, wall time: {wall.geomean:.3f} [{wall.low:.3f}, {wall.high:.3f}] ({wall.faster('on', 'off')})")
+    print(f"\non / off, wall time: {wall.describe('on', 'off')}")
     for stage, r in per_example.items():
-        print(
-            f"on / off, {stage} time per example: {r.geomean:.3f} [{r.low:.3f}, {r.high:.3f}] ({r.faster('on', 'off')})"
-        )
+        print(f"on / off, {stage} time per example: {r.describe('on', 'off')}")
     if args.out:
-        ratio = lambda r: {
-            "geomean": r.geomean,
-            "low": r.low,
-            "high": r.high,
-            "n": r.n,
-            "faster": r.faster("on", "off"),
-        }
         write_result(
             args.out,
             {
@@ -135,8 +126,8 @@ def main(argv=None):
                 "contaminated": is_contaminated(loads, threads),
                 "pairs": pairs,
                 "on_over_off": {
-                    "wall": ratio(wall),
-                    **{f"{s}_time_per_example": ratio(r) for s, r in per_example.items()},
+                    "wall": wall.as_dict("on", "off"),
+                    **{f"{s}_time_per_example": r.as_dict("on", "off") for s, r in per_example.items()},
                 },
             },
         )

@@ -38,6 +38,12 @@ def enable() -> str:
     return _applied
 
 
+def directory() -> str | None:
+    """The cache directory when `enable()` turned Titans' cache on in this process (every compilation cached);
+    None when it did not, or was not called."""
+    return _applied[len("on: ") :] if _applied is not None and _applied.startswith("on: ") else None
+
+
 def _decide() -> str:
     choice = os.environ.get(ENV, "").strip()
     if choice.lower() == "off":

@@ -124,6 +124,14 @@ class TimeRatio:
             return f"{b} faster"
         return "unresolved"
 
+    def describe(self, a: str, b: str) -> str:
+        """ "1.124 [0.872, 1.449] (unresolved)": the ratio, its interval and `faster(a, b)`."""
+        return f"{self.geomean:.3f} [{self.low:.3f}, {self.high:.3f}] ({self.faster(a, b)})"
+
+    def as_dict(self, a: str, b: str) -> dict:
+        """The ratio for a benchmark's JSON: geomean, low, high, n and `faster(a, b)`."""
+        return {"geomean": self.geomean, "low": self.low, "high": self.high, "n": self.n, "faster": self.faster(a, b)}
+
 
 def time_ratio(times_a, times_b, target: float | None = None) -> TimeRatio:
     """time_a / time_b over paired repeats (same position = timed back to back), e.g. PyTorch's time over

@@ -42,7 +42,7 @@ import time
 
 import jax
 
-from titans import logs
+from titans import compile_cache, logs
 
 ENV = "TITANS_COMPILE_IN_CHILD"
 TIMEOUT_S = 900.0
@@ -79,8 +79,7 @@ def applies(config, method) -> str | None:
 
 
 def _titans_cache_on() -> bool:
-    """A cache directory, and every compilation cached (what `titans.compile_cache.enable` sets)."""
-    return bool(jax.config.jax_compilation_cache_dir) and jax.config.jax_persistent_cache_min_compile_time_secs == 0
+    return compile_cache.directory() is not None
 
 
 class Child:
@@ -138,7 +137,7 @@ def start(config, workdir: str, method=None) -> Child | None:
     log_fd, log_path = tempfile.mkstemp(prefix="titans_precompile_", suffix=".log")
     env = dict(os.environ)
     env[ENV] = "off"  # the child compiles; it does not start a child of its own
-    env["TITANS_COMPILATION_CACHE"] = jax.config.jax_compilation_cache_dir
+    env["TITANS_COMPILATION_CACHE"] = compile_cache.directory()
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, env.get("PYTHONPATH", "")) if p)
     try:
