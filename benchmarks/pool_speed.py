@@ -18,6 +18,14 @@ Eval (forward only, ``--eval``; batch 512 as in benchmarks/cascade_speed.py):
 
     python benchmarks/pool_speed.py [--repeats 20]
     python benchmarks/pool_speed.py --eval --out benchmarks/results/pool_speed_eval_DATE.json
+    python benchmarks/pool_speed.py --device gpu --out /tmp/pool_speed_gpu.json
+
+The training table also compares what XLA compiled for the two forms, on the backend it runs on (issue 16
+asks that the CPU form is not worse on GPU/TPU): the FLOPs and bytes of XLA's cost analysis, and the
+kernels of the optimized program (its top-level instructions that do work: each fusion, library call or
+unfused op is one launch on a GPU). It does so for the pool alone and for the CNN teacher's whole
+forward + backward in training mode (batch 128, BatchNorm on batch statistics), with the teacher's pools
+swapped for reduce_window at trace time.
 
 Prints Markdown tables of milliseconds per call (medians over repeats, every form timed once per repeat,
 in a random order each repeat) and the other processes' CPU load before and after (a loaded machine's numbers are not
@@ -36,6 +44,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +66,47 @@ def reshape_max(v):
     return layers.max_pool_2x2(v, train=True)
 
 
+# Top-level instructions of an optimized HLO module that launch no work of their own.
+NO_WORK_OPS = frozenset({"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "opt-barrier"})
+
+
+def entry_ops(hlo_text: str) -> dict[str, int]:
+    """Opcode counts of the ENTRY computation of an optimized HLO module's text (fusions are counted as one
+    instruction each, whatever they contain)."""
+    counts: dict[str, int] = {}
+    in_entry = False
+    for line in hlo_text.splitlines():
+        if line.startswith("ENTRY "):
+            in_entry = True
+            continue
+        if in_entry:
+            if line.startswith("}"):
+                break
+            _, sep, rhs = line.partition(" = ")
+            match = re.search(r"\s([a-z][a-z0-9-]*)\(", " " + rhs) if sep else None
+            if match:
+                counts[match.group(1)] = counts.get(match.group(1), 0) + 1
+    if not in_entry:
+        raise ValueError("no ENTRY computation in this HLO text")
+    return counts
+
+
+def compiled_summary(compiled) -> dict:
+    """What XLA compiled: its cost analysis's FLOPs and bytes, and the kernels (top-level instructions that do
+    work) with their opcodes."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+        cost = cost[0]
+    ops = entry_ops(compiled.as_text())
+    work = {k: v for k, v in sorted(ops.items()) if k not in NO_WORK_OPS}
+    return {
+        "flops": float(cost.get("flops", float("nan"))),
+        "bytes_accessed": float(cost.get("bytes accessed", float("nan"))),
+        "kernels": sum(work.values()),
+        "ops": work,
+    }
+
+
 def interleaved(fns: dict, args: dict, repeats: int) -> dict:
     """Median milliseconds per call of each jitted fn on its args, every fn once per repeat, in a new
     (seeded) random order each repeat: a call right after a slow one finds colder caches, and a fixed
@@ -73,16 +124,52 @@ def interleaved(fns: dict, args: dict, repeats: int) -> dict:
 
 
 def training_table(batch: int, repeats: int) -> list[dict]:
+    """The pool alone (forward + backward after a ReLU) on the teacher's two pooled activations, and the
+    teacher's whole training forward + backward with each pool form."""
     rows = []
     for shape in [(batch, 28, 28, 32), (batch, 14, 14, 64)]:
         x = jnp.asarray(np.random.default_rng(0).standard_normal(shape).astype(np.float32))
         fns = {
-            name: jax.jit(jax.grad(lambda v, pool=pool: jnp.sum(pool(jax.nn.relu(v)) ** 2)))
+            name: jax.jit(jax.grad(lambda v, pool=pool: jnp.sum(pool(jax.nn.relu(v)) ** 2))).lower(x).compile()
             for name, pool in (("reduce_window", reduce_window), ("reshape_max", reshape_max))
         }
         ms = interleaved(fns, dict.fromkeys(fns, (x,)), repeats)
-        rows.append({"activation": list(shape), **ms})
+        hlo = {name: compiled_summary(fn) for name, fn in fns.items()}
+        rows.append({"activation": list(shape), **ms, "hlo": hlo})
+    rows.append(teacher_training_row(batch, repeats))
     return rows
+
+
+def teacher_training_row(batch: int, repeats: int) -> dict:
+    """The CNN teacher's training forward + backward (cross-entropy, BatchNorm on batch statistics), compiled
+    as Titans runs it and with its pools swapped for reduce_window at trace time."""
+    shape = (28, 28, 1)
+    rng = np.random.default_rng(0)
+    x = jax.device_put(rng.standard_normal((batch, *shape)).astype(np.float32))
+    y = jax.device_put(rng.integers(0, 10, batch).astype(np.int32))
+    model = models.create_model(
+        "cnn", num_classes=10, input_shape=shape, rngs=nnx.Rngs(0), channels=(32, 64), dense=128, conv_impl="auto"
+    )
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(p, r, v, labels):
+        logits = nnx.merge(graphdef, p, jax.tree.map(lambda a: a, r))(v, train=True)  # as train/steps.py
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1))
+
+    real_pool = layers.max_pool_2x2
+    fns = {}
+    for name, pool in (("reduce_window", lambda v, train=True: reduce_window(v)), ("reshape_max", real_pool)):
+        layers.max_pool_2x2 = pool
+        try:
+            fns[name] = jax.jit(jax.grad(loss)).lower(params, rest, x, y).compile()
+        finally:
+            layers.max_pool_2x2 = real_pool
+    ms = interleaved(fns, dict.fromkeys(fns, (params, rest, x, y)), repeats)
+    return {
+        "activation": "CNN teacher, training fwd+bwd",
+        **ms,
+        "hlo": {k: compiled_summary(f) for k, f in fns.items()},
+    }
 
 
 def _bn_relu(c, rng):
@@ -166,18 +253,26 @@ def model_table(batch: int, repeats: int) -> list[dict]:
     return [dict(zip(("model", "conv_impl", "variant"), k.split("|")), ms=v) for k, v in ms.items()]
 
 
+def _label(row: dict) -> str:
+    a = row["activation"]
+    return a if isinstance(a, str) else str(tuple(a))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--batch", type=int, default=0, help="default: 128 for training, 512 for --eval")
     p.add_argument("--eval", action="store_true", help="time the eval forms (pool, first stage, whole models)")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="the backend XLA compiles for")
     p.add_argument("--out", default="", help="write the results as JSON here")
     args = p.parse_args(argv)
     process = titans_logs.process_setup()  # as the console scripts run (before the backend starts)
+    jax.config.update("jax_platforms", "cuda" if args.device == "gpu" else "cpu")
     cores = os.cpu_count() or 1
     load_before = other_cpu_load()
     result = {
         "backend": jax.default_backend(),
+        "device_kind": jax.devices()[0].device_kind,
         "jax": jax.__version__,
         "machine": platform.processor() or platform.machine(),
         "process_setup": process,
@@ -217,8 +312,16 @@ def main(argv=None):
         )
         for r in result["training"]:
             print(
-                f"| {tuple(r['activation'])} | {r['reduce_window']:.2f} | {r['reshape_max']:.2f} | {r['reduce_window'] / r['reshape_max']:.2f} |"
+                f"| {_label(r)} | {r['reduce_window']:.2f} | {r['reshape_max']:.2f} | {r['reduce_window'] / r['reshape_max']:.2f} |"
             )
+        print("\n| compiled (fwd+bwd) | form | GFLOP | MB accessed | kernels | opcodes |\n|---|---|---:|---:|---:|---|")
+        for r in result["training"]:
+            for form in ("reduce_window", "reshape_max"):
+                h = r["hlo"][form]
+                ops = ", ".join(f"{k} {v}" for k, v in h["ops"].items())
+                print(
+                    f"| {_label(r)} | {form} | {h['flops'] / 1e9:.3f} | {h['bytes_accessed'] / 1e6:.1f} | {h['kernels']} | {ops} |"
+                )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -197,9 +197,23 @@ def test_shellcheck_clean():
         pytest.skip("shellcheck is not installed (CI installs it)")
     scripts = [
         os.path.join(REPO, "launch", f) for f in sorted(os.listdir(os.path.join(REPO, "launch"))) if f.endswith(".sh")
-    ] + [os.path.join(REPO, ".ci", "run")]
+    ] + [os.path.join(REPO, ".ci", "run"), GPU_CHECKS]
     proc = subprocess.run([shellcheck, "-x", *scripts], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stdout
+
+
+GPU_CHECKS = os.path.join(REPO, "benchmarks", "gpu_checks.sh")
+
+
+def test_gpu_checks_refuses_a_missing_out_dir_and_an_unknown_section(tmp_path):
+    """benchmarks/gpu_checks.sh needs OUT_DIR, and an unknown section stops it (exit 2) before it runs or
+    records anything."""
+    proc = subprocess.run(["bash", GPU_CHECKS], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode != 0 and "usage: benchmarks/gpu_checks.sh OUT_DIR" in proc.stderr
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", GPU_CHECKS, str(out), "no_such_section"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "unknown section no_such_section" in proc.stderr
+    assert not (out / "env.txt").exists() and proc.stdout == ""
 
 
 PAYLOADS = ["x;touch /tmp/pwned", "$(touch /tmp/pwned)", "`touch /tmp/pwned`", "x\ntouch /tmp/pwned", "a b'c"]

@@ -9,7 +9,10 @@ only small models are compiled whole.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -601,6 +604,91 @@ def test_pool_speed_benchmark_runs_every_form(tmp_path):
     rows = {(r["model"], r["conv_impl"], r["variant"]) for r in result["models"]}
     assert len(rows) == 18 and ("teacher", "auto", "no fusion_fence") in rows
     assert ("student", "xla", "no fusion_fence") not in rows
+
+
+def _pool_speed_module():
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    sys.path.insert(0, bench)  # pool_speed imports machine_load from beside it
+    try:
+        spec = importlib.util.spec_from_file_location("pool_speed", os.path.join(bench, "pool_speed.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(bench)
+    return module
+
+
+def test_pool_speed_counts_the_kernels_of_the_entry_computation_only():
+    """pool_speed.entry_ops counts the top-level instructions of ENTRY by opcode (a fusion once, not the ops
+    inside it; tuple shapes and layouts are not opcodes), and compiled_summary leaves out the instructions
+    that launch nothing: a hand-written module whose answer is known."""
+    pool_speed = _pool_speed_module()
+    hlo = """HloModule m, entry_computation_layout={(f32[2]{0})->(f32[2]{0}, f32[2]{0})}
+
+%fused (p: f32[2]) -> f32[2] {
+  %p = f32[2]{0} parameter(0)
+  %m = f32[2]{0} multiply(f32[2]{0} %p, f32[2]{0} %p)
+  ROOT %a = f32[2]{0} add(f32[2]{0} %m, f32[2]{0} %p)
+}
+
+ENTRY %main (x: f32[2]) -> (f32[2], f32[2]) {
+  %x = f32[2]{0} parameter(0)
+  %f = f32[2]{0} fusion(f32[2]{0} %x), kind=kLoop, calls=%fused
+  %c = (f32[2]{0}, s8[16]{0}) custom-call(f32[2]{0} %f), custom_call_target="__cublas$gemm"
+  %g = f32[2]{0} get-tuple-element((f32[2]{0}, s8[16]{0}) %c), index=0
+  ROOT %t = (f32[2]{0}, f32[2]{0}) tuple(f32[2]{0} %f, f32[2]{0} %g)
+}
+
+%after (q: f32[2]) -> f32[2] {
+  %q = f32[2]{0} parameter(0)
+  ROOT %n = f32[2]{0} negate(f32[2]{0} %q)
+}
+"""
+    assert pool_speed.entry_ops(hlo) == {
+        "parameter": 1,
+        "fusion": 1,
+        "custom-call": 1,
+        "get-tuple-element": 1,
+        "tuple": 1,
+    }
+    with pytest.raises(ValueError, match="no ENTRY"):
+        pool_speed.entry_ops("HloModule m\n")
+
+    class Compiled:  # what compiled_summary reads of a jax Compiled
+        def cost_analysis(self):
+            return {"flops": 6.0, "bytes accessed": 24.0}
+
+        def as_text(self):
+            return hlo
+
+    assert pool_speed.compiled_summary(Compiled()) == {
+        "flops": 6.0,
+        "bytes_accessed": 24.0,
+        "kernels": 2,
+        "ops": {"custom-call": 1, "fusion": 1},
+    }
+    real = jax.jit(lambda v: jnp.sum(jnp.sin(v) * 2.0)).lower(jnp.ones(8)).compile()
+    summary = pool_speed.compiled_summary(real)
+    assert summary["kernels"] >= 1 and summary["flops"] > 0
+
+
+def test_pool_speed_training_table_compares_the_compiled_forms(tmp_path):
+    """benchmarks/pool_speed.py (training, tiny batch, one repeat) reports both pool forms' times and what XLA
+    compiled for each (FLOPs, bytes, kernels), for the two pooled activations and the CNN teacher's training
+    pass; the teacher's two programs differ only in the pool, so their FLOPs agree within a few percent."""
+    from helpers import run_benchmark
+
+    _, result = run_benchmark("pool_speed.py", "--repeats", "1", "--batch", "4", out=tmp_path / "pool.json")
+    rows = result["training"]
+    assert [r["activation"] for r in rows] == [[4, 28, 28, 32], [4, 14, 14, 64], "CNN teacher, training fwd+bwd"]
+    for r in rows:
+        assert r["reduce_window"] > 0 and r["reshape_max"] > 0
+        for form in ("reduce_window", "reshape_max"):
+            h = r["hlo"][form]
+            assert h["kernels"] == sum(h["ops"].values()) >= 1 and h["flops"] > 0 and h["bytes_accessed"] > 0
+    teacher = rows[-1]["hlo"]
+    assert teacher["reshape_max"]["flops"] == pytest.approx(teacher["reduce_window"]["flops"], rel=0.05)
+    assert result["backend"] == "cpu" and result["device_kind"] == "cpu"
 
 
 _COMPILES: list[str] = []
