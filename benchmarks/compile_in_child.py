@@ -9,9 +9,17 @@ whose order alternates (even pairs: off first), and reports per pair the wall ti
 the CPU time the hypervisor gave other virtual machines meanwhile (`stolen s`: a host shared with other
 guests slows a run without any process here showing it), and each stage's `train_examples_per_s` (compilation of the first step left out), with each accuracy to
 show that both ways trained the same programs; then the paired ratios on/off with their 95% intervals
-(`titans.stats.time_ratio`).
+(`titans.stats.time_ratio`). A pair in which the hypervisor took more than `--max_steal` CPU seconds from
+either run is reported but left out of the ratios, and another is run in its place.
 
     python benchmarks/compile_in_child.py --pairs 4 --out benchmarks/results/compile_in_child_DATE.json
+
+`--compare jemalloc` runs the same pairs for another question: the run under jemalloc (on:
+``TITANS_HOST_MALLOC=jemalloc``, which re-executes the command with `--jemalloc` preloaded and page decay
+off, `titans.host_malloc`) against glibc with Titans' `reuse` settings (off); the child is off in both. With
+`--compare child` both runs use the host allocator's default (``auto``).
+
+    python benchmarks/compile_in_child.py --compare jemalloc --pairs 4 --out benchmarks/results/jemalloc_DATE.json
 """
 
 from __future__ import annotations
@@ -34,24 +42,40 @@ sys.path.insert(0, ROOT)
 from titans.stats import time_ratio
 
 MODES = ("off", "on")
+ALLOCATOR_ENV = ("LD_PRELOAD", "MALLOC_CONF", "TITANS_HOST_MALLOC", "TITANS_JEMALLOC")
+COMPARED = {"child": "steps compiled in a child (on) or in the run (off)", "jemalloc": "jemalloc (on) or glibc (off)"}
+
+
+def mode_env(args, mode: str) -> dict:
+    """The environment that makes `mode` of the comparison."""
+    if args.compare == "child":
+        return {"TITANS_COMPILE_IN_CHILD": mode}
+    if mode == "on":
+        return {"TITANS_COMPILE_IN_CHILD": "off", "TITANS_HOST_MALLOC": "jemalloc", "TITANS_JEMALLOC": args.jemalloc}
+    return {"TITANS_COMPILE_IN_CHILD": "off", "TITANS_HOST_MALLOC": "reuse"}
 
 
 def run_once(args, mode: str, scratch: str, tag: str) -> dict:
     workdir = os.path.join(scratch, f"run_{tag}")
     env = {
-        **os.environ,
-        "TITANS_COMPILE_IN_CHILD": mode,
+        **{k: v for k, v in os.environ.items() if k not in (*ALLOCATOR_ENV, "TITANS_HOST_MALLOC_REEXECUTED")},
+        **mode_env(args, mode),
         "TITANS_COMPILATION_CACHE": os.path.join(scratch, f"cache_{tag}"),  # new and empty
         "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p),
     }
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     command = [sys.executable, "-m", "titans.main", f"--config={args.config}", f"--workdir={workdir}"]
     command += [f"--config.{setting}" for setting in args.set]
-    t0, steal0 = time.perf_counter(), steal_s()
-    out = subprocess.run(command, env=env, capture_output=True, text=True, check=False, cwd=ROOT)
-    wall, steal1 = time.perf_counter() - t0, steal_s()
-    if out.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} ({mode}) failed:\n{out.stderr[-3000:]}")
+    with tempfile.TemporaryFile("w+") as err:
+        t0, steal0 = time.perf_counter(), steal_s()
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)  # the child's own resource use: peak memory, faults, switches
+        wall, steal1 = time.perf_counter() - t0, steal_s()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        stderr = err.read()
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} ({mode}) failed:\n{stderr[-3000:]}")
     stages = {}
     for name in ["", *sorted(os.listdir(workdir))]:  # a single run's results.json, or each stage's
         path = os.path.join(workdir, name, "results.json")
@@ -63,54 +87,97 @@ def run_once(args, mode: str, scratch: str, tag: str) -> dict:
     shutil.rmtree(env["TITANS_COMPILATION_CACHE"], ignore_errors=True)
     stolen = None if steal0 is None else steal1 - steal0
     # The trainer logs one line per stage whose steps a child compiled (titans.train.precompile).
-    children = out.stderr.count("steps compiled in a child")
-    return {"mode": mode, "wall_s": wall, "steal_s": stolen, "children_compiled": children, "stages": stages}
+    children = stderr.count("steps compiled in a child")
+    # The line every Titans command prints first (titans.logs.run_cli): the host allocator it runs with.
+    settings = [line.split(": ", 1)[1] for line in stderr.splitlines() if line.startswith("titans process settings: ")]
+    return {
+        "mode": mode,
+        "wall_s": wall,
+        "steal_s": stolen,
+        "children_compiled": children,
+        "process_settings": settings[0] if settings else None,
+        "peak_rss_mb": usage.ru_maxrss / 1024,  # KiB on Linux
+        "minor_faults": usage.ru_minflt,
+        "context_switches": usage.ru_nvcsw + usage.ru_nivcsw,
+        "stages": stages,
+    }
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/quickstart.py:0.3")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="a --config.FIELD=VALUE")
-    p.add_argument("--pairs", type=int, default=4)
+    p.add_argument("--pairs", type=int, default=4, help="pairs to keep (see --max_steal)")
+    p.add_argument(
+        "--max_steal",
+        type=float,
+        default=5.0,
+        help="a pair in which either run had more CPU seconds stolen by the hypervisor than this is kept in the "
+        "output but left out of the ratios, and another pair is run in its place (at most --pairs more); "
+        "negative: keep every pair",
+    )
+    p.add_argument("--compare", choices=sorted(COMPARED), default="child", help="what on and off differ in")
+    p.add_argument("--jemalloc", default="/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", help="--compare jemalloc")
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
     if args.pairs < 1:
         raise SystemExit("--pairs must be at least 1")
+    if args.compare == "jemalloc" and not os.path.isfile(args.jemalloc):
+        raise SystemExit(f"--jemalloc {args.jemalloc}: no such file (Debian/Ubuntu: apt-get install libjemalloc2)")
     load_before = other_cpu_load()
     scratch = tempfile.mkdtemp(prefix="titans_compile_in_child_")
     pairs = []
     try:
-        for i in range(args.pairs):
+        i = 0
+        while sum(q["kept"] for q in pairs) < args.pairs and i < 2 * args.pairs:
             order = MODES if i % 2 == 0 else MODES[::-1]
             runs = {mode: run_once(args, mode, scratch, f"{i}_{mode}") for mode in order}
-            pairs.append({"order": list(order), **runs})
-            print(f"pair {i}: " + ", ".join(f"{m} {runs[m]['wall_s']:.1f} s" for m in order), file=sys.stderr)
+            kept = args.max_steal < 0 or all((runs[m]["steal_s"] or 0.0) <= args.max_steal for m in MODES)
+            pairs.append({"order": list(order), "kept": kept, **runs})
+            print(
+                f"pair {i}: "
+                + ", ".join(f"{m} {runs[m]['wall_s']:.1f} s" for m in order)
+                + ("" if kept else " (stolen)"),
+                file=sys.stderr,
+            )
+            i += 1
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     loads = [load_before, other_cpu_load()]
     threads = len(os.sched_getaffinity(0))
-    wall = time_ratio([q["on"]["wall_s"] for q in pairs], [q["off"]["wall_s"] for q in pairs])
+    kept = [q for q in pairs if q["kept"]]
+    if len(kept) < 2:
+        raise SystemExit(f"only {len(kept)} of {len(pairs)} pairs had at most {args.max_steal} s stolen: no ratio")
+    wall = time_ratio([q["on"]["wall_s"] for q in kept], [q["off"]["wall_s"] for q in kept])
     per_example = {
         stage: time_ratio(
-            [1 / q["on"]["stages"][stage]["train_examples_per_s"] for q in pairs],
-            [1 / q["off"]["stages"][stage]["train_examples_per_s"] for q in pairs],
+            [1 / q["on"]["stages"][stage]["train_examples_per_s"] for q in kept],
+            [1 / q["off"]["stages"][stage]["train_examples_per_s"] for q in kept],
         )
         for stage in pairs[0]["off"]["stages"]
     }
     print(banner(loads, threads), end="")
-    print(f"\n## {args.config}, a cold cache: steps compiled in a child (on) or in the run (off), {args.pairs} pairs\n")
+    print(f"\n## {args.config}, a cold cache: {COMPARED[args.compare]}, {len(kept)} pairs kept of {len(pairs)}\n")
     print(f"- other processes' CPU load (cores): before {loads[0]}, after {loads[1]}\n")
     stages = list(per_example)
-    print("| pair | mode | wall s | stolen s | " + " | ".join(f"{s} ex/s | {s} acc" for s in stages) + " |")
-    print("|---:|---|---:|---:|" + "---:|---:|" * len(stages))
+    print(
+        "| pair | mode | wall s | stolen s | peak RSS MB | minor faults | switches | "
+        + " | ".join(f"{s} ex/s | {s} acc" for s in stages)
+        + " |"
+    )
+    print("|---:|---|---:|---:|---:|---:|---:|" + "---:|---:|" * len(stages))
     for i, q in enumerate(pairs):
+        tag = "" if q["kept"] else " (stolen: left out)"
         for mode in q["order"]:
             r = q[mode]
             cells = " | ".join(
                 f"{r['stages'][s]['train_examples_per_s']:,.0f} | {r['stages'][s]['accuracy']:.4f}" for s in stages
             )
             stolen = "-" if r["steal_s"] is None else f"{r['steal_s']:.1f}"
-            print(f"| {i} | {mode} | {r['wall_s']:.1f} | {stolen} | {cells} |")
+            print(
+                f"| {i}{tag} | {mode} | {r['wall_s']:.1f} | {stolen} | {r['peak_rss_mb']:,.0f} | {r['minor_faults']:,} | "
+                f"{r['context_switches']:,} | {cells} |"
+            )
     print(f"\non / off, wall time: {wall.describe('on', 'off')}")
     for stage, r in per_example.items():
         print(f"on / off, {stage} time per example: {r.describe('on', 'off')}")
@@ -121,9 +188,12 @@ def main(argv=None):
                 "command": "python benchmarks/compile_in_child.py "
                 + " ".join(argv if argv is not None else sys.argv[1:]),
                 "config": args.config,
+                "compare": args.compare,
+                "on_env": mode_env(args, "on"),
                 "threads": threads,
                 "other_load_cores": loads,
                 "contaminated": is_contaminated(loads, threads),
+                "max_steal_s": args.max_steal,
                 "pairs": pairs,
                 "on_over_off": {
                     "wall": wall.as_dict("on", "off"),

@@ -42,7 +42,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import numpy as np
-from machine_load import banner, is_contaminated, other_cpu_load
+from machine_load import banner, is_contaminated, other_cpu_load, steal_s
 
 BATCH, LR, WARMUP, MOMENTUM, WEIGHT_DECAY, T, ALPHA = 128, 0.05, 100, 0.9, 5e-4, 4.0, 0.9
 TEACHER = {"channels": (32, 64), "dense": 128}
@@ -142,17 +142,24 @@ def run_titans(epochs: float, threads: int, conv_impl: str = "", cache: str = ""
                 f.write(CONV_IMPL_CONFIG.format(quickstart=quickstart, conv_impl=conv_impl))
             workdir = os.path.join(workdir, "run")
         cmd = [sys.executable, "-m", "titans.main", f"--config={config}:{epochs:g}", f"--workdir={workdir}"]
-        t0 = time.perf_counter()
-        subprocess.run(
+        t0, steal0 = time.perf_counter(), steal_s()
+        proc = subprocess.run(
             cmd,
             check=True,
             cwd=REPO,
             env=child_env(threads, cache),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
+            text=True,
         )
-        wall = time.perf_counter() - t0
-        out = {"wall_s": wall}
+        wall, stolen = time.perf_counter() - t0, _stolen(steal0)
+        # The line every Titans command prints first (titans.logs.run_cli): its host allocator and the rest.
+        settings = [line for line in proc.stderr.splitlines() if line.startswith("titans process settings: ")]
+        out = {
+            "wall_s": wall,
+            "steal_s": stolen,
+            "process_settings": settings[0].split(": ", 1)[1] if settings else None,
+        }
         for stage in ("teacher", "student"):
             with open(os.path.join(workdir, stage, "results.json")) as f:
                 r = json.load(f)
@@ -162,12 +169,22 @@ def run_titans(epochs: float, threads: int, conv_impl: str = "", cache: str = ""
 
 def run_pytorch(epochs: float, threads: int, seed: int) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--epochs", str(epochs), "--threads", str(threads)]
-    t0 = time.perf_counter()
+    t0, steal0 = time.perf_counter(), steal_s()
     proc = subprocess.run(
         cmd + ["--seed", str(seed)], check=True, cwd=REPO, env=child_env(threads), capture_output=True, text=True
     )
-    wall = time.perf_counter() - t0
-    return {"wall_s": wall, **json.loads(proc.stdout.strip().splitlines()[-1])}
+    wall, stolen = time.perf_counter() - t0, _stolen(steal0)
+    return {"wall_s": wall, "steal_s": stolen, **json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
+def _stolen(before: float | None) -> float | None:
+    """CPU seconds the hypervisor gave other virtual machines since `before` (machine_load.steal_s)."""
+    after = steal_s()
+    return None if before is None or after is None else after - before
+
+
+def _fmt(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.1f}"
 
 
 def child_env(threads: int, cache: str = "") -> dict:
@@ -229,14 +246,14 @@ def main(argv=None):
     contaminated = is_contaminated((load_before, load_after), os.cpu_count())
     if contaminated:
         print(banner((load_before, load_after), os.cpu_count()))
-    print("| repeat | side | wall s | teacher train s | teacher acc | student train s | student acc |")
-    print("|---:|---|---:|---:|---:|---:|---:|")
+    print("| repeat | side | wall s | stolen s | teacher train s | teacher acc | student train s | student acc |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
     for rep, got in enumerate(runs):
         for side in ("titans", "pytorch"):
             g = got[side]
             label = f"{side} (cache {g['compile_cache']})" if "compile_cache" in g else side
             print(
-                f"| {rep} | {label} | {g['wall_s']:.0f} | {g['teacher']['train_s']:.0f} | {g['teacher']['accuracy']:.4f} | "
+                f"| {rep} | {label} | {g['wall_s']:.0f} | {_fmt(g.get('steal_s'))} | {g['teacher']['train_s']:.0f} | {g['teacher']['accuracy']:.4f} | "
                 f"{g['student']['train_s']:.0f} | {g['student']['accuracy']:.4f} |"
             )
     ratios = {"wall_s": [got["pytorch"]["wall_s"] / got["titans"]["wall_s"] for got in runs]}

@@ -10,6 +10,7 @@ import ml_collections
 import pytest
 from helpers import REPO, run_probe
 
+from titans import host_malloc
 from titans.train import precompile
 
 # A teacher and an online-KD student trained in one fresh process through process_setup (the compilation
@@ -137,3 +138,22 @@ def test_compile_in_child_benchmark_runs_both_ways(tmp_path, data_dir, monkeypat
         assert q["on"]["stages"]["run"]["accuracy"] == q["off"]["stages"]["run"]["accuracy"]
     ratio = result["on_over_off"]["wall"]
     assert ratio["n"] == 2 and ratio["low"] <= ratio["geomean"] <= ratio["high"]
+    run = result["pairs"][0]["off"]
+    assert run["process_settings"].startswith("host_malloc ") and run["peak_rss_mb"] > 100 and run["minor_faults"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(host_malloc.find_jemalloc() is None, reason="libjemalloc2 is not installed (CI installs it)")
+def test_compile_in_child_benchmark_compares_the_allocators(tmp_path, data_dir, monkeypatch):
+    """`--compare jemalloc` (one pair of a short digits run): the `on` run ran under jemalloc and the `off` run
+    under glibc's reuse settings, as each says on its first line; same accuracy; no child in either."""
+    from helpers import run_benchmark
+
+    monkeypatch.setenv("TFDS_DATA_DIR", data_dir)
+    args = ("--config", "configs/digits.py", "--set", "total_steps=10", "--pairs", "1", "--compare", "jemalloc")
+    _, result = run_benchmark("compile_in_child.py", *args, out=tmp_path / "je.json")
+    (q,) = result["pairs"]
+    assert q["on"]["process_settings"].startswith("host_malloc jemalloc (MALLOC_CONF=dirty_decay_ms:-1")
+    assert q["off"]["process_settings"].startswith("host_malloc tuned;")
+    assert q["on"]["children_compiled"] == q["off"]["children_compiled"] == 0
+    assert q["on"]["stages"]["run"]["accuracy"] == q["off"]["stages"]["run"]["accuracy"]

@@ -7,6 +7,13 @@ The package is laid out in layers (docs/architecture.md): data and models, check
 
 from importlib import metadata
 
+from titans import host_malloc
+
+# The Titans training commands run under jemalloc where it is installed (titans.host_malloc): the process
+# re-executes itself with it preloaded here, before JAX is imported.
+if host_malloc.is_cli_process():
+    host_malloc.preload()
+
 try:
     __version__ = metadata.version("titans")
 except metadata.PackageNotFoundError:  # run from a source tree that was not pip-installed

@@ -168,10 +168,11 @@ def run_cli(entry) -> None:
     keep a failed job alive until its scheduler's time limit. A success exits normally.
     Before `entry`, `process_setup()` sets the host allocator to reuse large buffers (titans.host_malloc),
     moves XLA:CPU's convolutions to Eigen's multi-threaded kernels (titans.xla_cpu) and turns on JAX's
-    persistent compilation cache (titans.compile_cache).
+    persistent compilation cache (titans.compile_cache); what each did is printed on one line to stderr.
     """
     try:
-        process_setup()
+        settings = process_setup()
+        print("titans process settings: " + "; ".join(f"{k} {v}" for k, v in settings.items()), file=sys.stderr)
         entry()
         code = 0
     except SystemExit as e:
