@@ -146,20 +146,18 @@ def main(argv=None):
     loads = [load_before, other_cpu_load()]
     threads = len(os.sched_getaffinity(0))
     kept = [q for q in pairs if q["kept"]]
-    if len(kept) < 2:
-        raise SystemExit(f"only {len(kept)} of {len(pairs)} pairs had at most {args.max_steal} s stolen: no ratio")
-    wall = time_ratio([q["on"]["wall_s"] for q in kept], [q["off"]["wall_s"] for q in kept])
-    per_example = {
-        stage: time_ratio(
-            [1 / q["on"]["stages"][stage]["train_examples_per_s"] for q in kept],
-            [1 / q["off"]["stages"][stage]["train_examples_per_s"] for q in kept],
-        )
-        for stage in pairs[0]["off"]["stages"]
-    }
+    stages = list(pairs[0]["off"]["stages"])
+    ratios = {}  # an interval needs two pairs
+    if len(kept) >= 2:
+        ratios["wall time"] = time_ratio([q["on"]["wall_s"] for q in kept], [q["off"]["wall_s"] for q in kept])
+        for stage in stages:
+            ratios[f"{stage} time per example"] = time_ratio(
+                [1 / q["on"]["stages"][stage]["train_examples_per_s"] for q in kept],
+                [1 / q["off"]["stages"][stage]["train_examples_per_s"] for q in kept],
+            )
     print(banner(loads, threads), end="")
     print(f"\n## {args.config}, a cold cache: {COMPARED[args.compare]}, {len(kept)} pairs kept of {len(pairs)}\n")
     print(f"- other processes' CPU load (cores): before {loads[0]}, after {loads[1]}\n")
-    stages = list(per_example)
     print(
         "| pair | mode | wall s | stolen s | peak RSS MB | minor faults | switches | "
         + " | ".join(f"{s} ex/s | {s} acc" for s in stages)
@@ -178,9 +176,11 @@ def main(argv=None):
                 f"| {i}{tag} | {mode} | {r['wall_s']:.1f} | {stolen} | {r['peak_rss_mb']:,.0f} | {r['minor_faults']:,} | "
                 f"{r['context_switches']:,} | {cells} |"
             )
-    print(f"\non / off, wall time: {wall.describe('on', 'off')}")
-    for stage, r in per_example.items():
-        print(f"on / off, {stage} time per example: {r.describe('on', 'off')}")
+    print()
+    for name, r in ratios.items():
+        print(f"on / off, {name}: {r.describe('on', 'off')}")
+    if not ratios:
+        print(f"{len(kept)} of {len(pairs)} pairs kept (at most {args.max_steal} s stolen): too few for a ratio")
     if args.out:
         write_result(
             args.out,
@@ -195,10 +195,11 @@ def main(argv=None):
                 "contaminated": is_contaminated(loads, threads),
                 "max_steal_s": args.max_steal,
                 "pairs": pairs,
+                # keys: wall, STAGE_time_per_example
                 "on_over_off": {
-                    "wall": wall.as_dict("on", "off"),
-                    **{f"{s}_time_per_example": r.as_dict("on", "off") for s, r in per_example.items()},
-                },
+                    name.removesuffix(" time").replace(" ", "_"): r.as_dict("on", "off") for name, r in ratios.items()
+                }
+                or None,
             },
         )
 
