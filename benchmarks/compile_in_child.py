@@ -34,7 +34,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from machine_load import banner, is_contaminated, other_cpu_load, steal_s, write_result
+from machine_load import banner, is_contaminated, other_cpu_load, steal_s, stolen_since, titans_settings, write_result
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -70,7 +70,7 @@ def run_once(args, mode: str, scratch: str, tag: str) -> dict:
         t0, steal0 = time.perf_counter(), steal_s()
         proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT)
         _, status, usage = os.wait4(proc.pid, 0)  # the child's own resource use: peak memory, faults, switches
-        wall, steal1 = time.perf_counter() - t0, steal_s()
+        wall, stolen = time.perf_counter() - t0, stolen_since(steal0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         err.seek(0)
         stderr = err.read()
@@ -85,17 +85,14 @@ def run_once(args, mode: str, scratch: str, tag: str) -> dict:
             stages[name or "run"] = {k: r[k] for k in ("train_time_s", "train_examples_per_s", "accuracy")}
     shutil.rmtree(workdir, ignore_errors=True)
     shutil.rmtree(env["TITANS_COMPILATION_CACHE"], ignore_errors=True)
-    stolen = None if steal0 is None else steal1 - steal0
     # The trainer logs one line per stage whose steps a child compiled (titans.train.precompile).
     children = stderr.count("steps compiled in a child")
-    # The line every Titans command prints first (titans.logs.run_cli): the host allocator it runs with.
-    settings = [line.split(": ", 1)[1] for line in stderr.splitlines() if line.startswith("titans process settings: ")]
     return {
         "mode": mode,
         "wall_s": wall,
         "steal_s": stolen,
         "children_compiled": children,
-        "process_settings": settings[0] if settings else None,
+        "process_settings": titans_settings(stderr),  # the host allocator it ran with
         "peak_rss_mb": usage.ru_maxrss / 1024,  # KiB on Linux
         "minor_faults": usage.ru_minflt,
         "context_switches": usage.ru_nvcsw + usage.ru_nivcsw,

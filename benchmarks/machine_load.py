@@ -36,6 +36,20 @@ def steal_s() -> float | None:
     return getattr(psutil.cpu_times(), "steal", None)
 
 
+def titans_settings(stderr: str) -> str | None:
+    """What a Titans command's first stderr line (titans.logs.run_cli) says it runs with: its host allocator,
+    XLA:CPU flags and compilation cache; None if it printed none. (Read here, not imported from titans.logs,
+    which imports JAX, so that a benchmark's PyTorch side does not pay for it.)"""
+    prefix = "titans process settings: "
+    return next((line[len(prefix) :] for line in stderr.splitlines() if line.startswith(prefix)), None)
+
+
+def stolen_since(before: float | None) -> float | None:
+    """Seconds of steal since the `steal_s()` reading `before` (None where steal is not counted)."""
+    after = steal_s()
+    return None if before is None or after is None else after - before
+
+
 def is_contaminated(loads, cores: int) -> bool:
     """True when other processes kept more than a quarter of the cores this benchmark uses busy."""
     return max(loads) > 0.25 * max(1, cores)

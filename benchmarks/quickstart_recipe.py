@@ -42,7 +42,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import numpy as np
-from machine_load import banner, is_contaminated, other_cpu_load, steal_s
+from machine_load import banner, is_contaminated, other_cpu_load, steal_s, stolen_since, titans_settings
 
 BATCH, LR, WARMUP, MOMENTUM, WEIGHT_DECAY, T, ALPHA = 128, 0.05, 100, 0.9, 5e-4, 4.0, 0.9
 TEACHER = {"channels": (32, 64), "dense": 128}
@@ -152,13 +152,11 @@ def run_titans(epochs: float, threads: int, conv_impl: str = "", cache: str = ""
             stderr=subprocess.PIPE,
             text=True,
         )
-        wall, stolen = time.perf_counter() - t0, _stolen(steal0)
-        # The line every Titans command prints first (titans.logs.run_cli): its host allocator and the rest.
-        settings = [line for line in proc.stderr.splitlines() if line.startswith("titans process settings: ")]
+        wall, stolen = time.perf_counter() - t0, stolen_since(steal0)
         out = {
             "wall_s": wall,
             "steal_s": stolen,
-            "process_settings": settings[0].split(": ", 1)[1] if settings else None,
+            "process_settings": titans_settings(proc.stderr),  # its host allocator and the rest
         }
         for stage in ("teacher", "student"):
             with open(os.path.join(workdir, stage, "results.json")) as f:
@@ -173,14 +171,8 @@ def run_pytorch(epochs: float, threads: int, seed: int) -> dict:
     proc = subprocess.run(
         cmd + ["--seed", str(seed)], check=True, cwd=REPO, env=child_env(threads), capture_output=True, text=True
     )
-    wall, stolen = time.perf_counter() - t0, _stolen(steal0)
+    wall, stolen = time.perf_counter() - t0, stolen_since(steal0)
     return {"wall_s": wall, "steal_s": stolen, **json.loads(proc.stdout.strip().splitlines()[-1])}
-
-
-def _stolen(before: float | None) -> float | None:
-    """CPU seconds the hypervisor gave other virtual machines since `before` (machine_load.steal_s)."""
-    after = steal_s()
-    return None if before is None or after is None else after - before
 
 
 def _fmt(seconds: float | None) -> str:

@@ -1,5 +1,6 @@
 """Helpers shared by the test modules (tests/ is on sys.path under pytest's default import mode)."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -31,6 +32,20 @@ def run_benchmark(script: str, *args: str, out, drop=("XLA_FLAGS",), timeout: in
     assert p.returncode == 0, p.stderr[-3000:]
     with open(out) as f:
         return p.stdout, json.load(f)
+
+
+def load_benchmark(script: str):
+    """benchmarks/`script` imported as a module (benchmarks/ on sys.path while it loads, for its
+    `machine_load` import), to test its functions directly."""
+    where = os.path.join(REPO, "benchmarks")
+    sys.path.insert(0, where)
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{script[:-3]}", os.path.join(where, script))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(where)
+    return module
 
 
 def digits_config(data_dir, **overrides):

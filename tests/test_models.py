@@ -9,10 +9,7 @@ only small models are compiled whole.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -606,23 +603,13 @@ def test_pool_speed_benchmark_runs_every_form(tmp_path):
     assert ("student", "xla", "no fusion_fence") not in rows
 
 
-def _pool_speed_module():
-    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-    sys.path.insert(0, bench)  # pool_speed imports machine_load from beside it
-    try:
-        spec = importlib.util.spec_from_file_location("pool_speed", os.path.join(bench, "pool_speed.py"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(bench)
-    return module
-
-
 def test_pool_speed_counts_the_kernels_of_the_entry_computation_only():
     """pool_speed.entry_ops counts the top-level instructions of ENTRY by opcode (a fusion once, not the ops
     inside it; tuple shapes and layouts are not opcodes), and compiled_summary leaves out the instructions
     that launch nothing: a hand-written module whose answer is known."""
-    pool_speed = _pool_speed_module()
+    from helpers import load_benchmark
+
+    pool_speed = load_benchmark("pool_speed.py")
     hlo = """HloModule m, entry_computation_layout={(f32[2]{0})->(f32[2]{0}, f32[2]{0})}
 
 %fused (p: f32[2]) -> f32[2] {

@@ -4,7 +4,6 @@ and the HTTP proxy listens on loopback only."""
 
 import io
 import json
-import os
 import socket
 import urllib.error
 import urllib.request
@@ -229,19 +228,9 @@ def test_the_cheap_stages_leave_the_event_loop_free(served, images):
 def test_the_load_benchmarks_paired_p99_difference():
     """benchmarks/serving.py's verdict on p99(cascade) - p99(teacher): its point estimate is numpy's, and the
     bootstrap interval separates a clear difference from none."""
-    import importlib.util
-    import sys
+    from helpers import load_benchmark
 
-    from helpers import REPO
-
-    where = os.path.join(REPO, "benchmarks")
-    sys.path.insert(0, where)
-    try:
-        spec = importlib.util.spec_from_file_location("serving_bench", os.path.join(where, "serving.py"))
-        bench = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(bench)
-    finally:
-        sys.path.remove(where)
+    bench = load_benchmark("serving.py")
     b = np.random.default_rng(0).exponential(0.05, 600)  # seconds
     faster, same, slower = (bench.paired_p99_difference(a, b) for a in (0.5 * b, b, 1.5 * b))
     assert faster["verdict"] == "lower" and faster["ci95_ms"][1] < 0
