@@ -6,6 +6,8 @@ and style by ruff; both run in .ci/run before the tests.
 
 import ast
 import os
+import subprocess
+import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(REPO, "titans")
@@ -63,3 +65,13 @@ def test_the_checks_above_can_fail():
     assert fn.end_lineno - fn.lineno + 1 > MAX_FUNCTION_LINES
     assert any(isinstance(n, ast.ImportFrom) and n.module == "titans" for n in ast.walk(fn))
     assert sum(1 for _ in _modules()) > 50
+
+
+def test_a_training_command_imports_no_plotting_sklearn_or_torch():
+    """Start-up time: `titans.main` must not pull in matplotlib, scikit-learn (with scipy) or PyTorch
+    (tensorboardX did): 2-4 s of every training run on this project's machines. They load on first use."""
+    heavy = ("matplotlib", "sklearn", "scipy", "torch", "tensorboardX")
+    code = f"import sys, titans.main; print([m for m in {heavy!r} if m in sys.modules])"
+    env = {**os.environ, "TITANS_HOST_MALLOC": "default"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO, env=env)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -16,11 +16,12 @@ import time
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 from helpers import REPO, digits_config
 
 from titans import checkpoint as ckpt_lib
 from titans import config as config_lib
-from titans import locks, runs, train
+from titans import locks, models, runs, train
 from titans.analyze import plots
 
 
@@ -400,3 +401,37 @@ def test_chaos_kills_and_preemptions_resume_exactly(data_dir, tmp_path):
     assert final.returncode == 0, final.stdout + final.stderr
     for a, b in zip(_params(straight), _params(workdir)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_model_restores_into_its_abstract_build_with_its_prng_key(tmp_path):
+    """`RunDir.load_model` builds the model by `nnx.eval_shape` (no initial values, no initialiser
+    program) and restores into it: the same variables as restoring into an eagerly built model, the
+    dropout stream's typed key included, each on this process's first device."""
+
+    def make(seed):
+        return models.create_model(
+            "mobilenet_v2", num_classes=10, input_shape=(8, 8, 3), rngs=nnx.Rngs(seed), width_mult=0.25, dropout=0.2
+        )
+
+    saved = make(3)
+    _, params, rest = nnx.split(saved, nnx.Param, ...)
+    assert any(ckpt_lib._is_key(x) for x in jax.tree.leaves(rest))
+    ckpt = ckpt_lib.Checkpointer(str(tmp_path), async_save=False)
+    model = {"params": nnx.to_pure_dict(params), "rest": nnx.to_pure_dict(rest)}
+    ckpt.save(1, model=model, train={"step": np.int32(1)}, loader={}, meta={"fields": {}})
+    ckpt.wait()
+
+    eager = runs.restore_variables(make(0), ckpt, 1)
+    abstract = runs.restore_variables(nnx.eval_shape(lambda: make(0)), ckpt, 1)
+    want = jax.tree.leaves(ckpt_lib.to_savable((model["params"], model["rest"])))
+    for got in (eager, abstract):
+        leaves = jax.tree.leaves(ckpt_lib.to_savable((nnx.to_pure_dict(got.params), nnx.to_pure_dict(got.model_state))))
+        assert len(leaves) == len(want)
+        for a, b in zip(leaves, want, strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+            assert a.dtype == b.dtype and a.sharding.device_set == {jax.local_devices()[0]}
+    keys = [x for x in jax.tree.leaves(nnx.to_pure_dict(abstract.model_state)) if ckpt_lib._is_key(x)]
+    assert keys and all(jax.random.key_impl(k) == jax.random.key_impl(jax.random.key(0)) for k in keys)
+    other = jax.eval_shape(lambda: jax.random.key(0, impl="rbg"))
+    with pytest.raises(ValueError, match="not JAX's default"):
+        ckpt_lib.from_savable({"k": np.zeros(4, np.uint32)}, {"k": other})

@@ -80,14 +80,27 @@ def to_savable(tree):
 
 def from_savable(tree, like):
     return jax.tree.map(
-        lambda x, ref: jax.random.wrap_key_data(x, impl=jax.random.key_impl(ref)) if _is_key(ref) else x, tree, like
+        lambda x, ref: jax.random.wrap_key_data(x, impl=_key_impl(ref)) if _is_key(ref) else x, tree, like
     )
 
 
+def _key_impl(ref):
+    """The PRNG implementation of a key array, or of an abstract key (a model built by `nnx.eval_shape`,
+    whose keys come from JAX's default implementation: checked against the abstract key's dtype)."""
+    if not isinstance(ref, jax.ShapeDtypeStruct):
+        return jax.random.key_impl(ref)
+    impl = jax.config.jax_default_prng_impl
+    if jax.eval_shape(lambda: jax.random.key(0, impl=impl)).dtype != ref.dtype:
+        raise ValueError(f"an abstract PRNG key of type {ref.dtype} is not JAX's default ({impl}); build the model")
+    return impl
+
+
 def _abstract(tree):
+    """ShapeDtypeStructs of a tree of arrays, or of abstract arrays (a model built by `nnx.eval_shape`)."""
+
     def spec(x):
-        x = jax.random.key_data(x) if _is_key(x) else x
         sharding = getattr(x, "sharding", None)
+        x = jax.eval_shape(jax.random.key_data, x) if _is_key(x) else x
         return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
 
     return jax.tree.map(spec, tree)

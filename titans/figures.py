@@ -1,16 +1,26 @@
 """Figures without pyplot: `matplotlib.figure.Figure` objects need no backend and no global state,
-so plotting from library code is thread-safe and never opens a window."""
+so plotting from library code is thread-safe and never opens a window.
+
+matplotlib is imported on first use, not with this module: training commands import the modules that
+plot (reports, curves) but most runs never draw, and matplotlib with its dependencies costs a few tenths of
+a second of every start-up."""
 
 from __future__ import annotations
-
-from matplotlib import rcParams
-from matplotlib.figure import Figure
 
 
 def subplots(*args, figsize=None, **kwargs):
     """(figure, axes) like `pyplot.subplots`, for `fig.savefig(path)`; nothing to close."""
+    from matplotlib.figure import Figure  # noqa: PLC0415  (see the module docstring)
+
     fig = Figure(figsize=figsize)
     return fig, fig.subplots(*args, **kwargs)
 
 
-__all__ = ["Figure", "rcParams", "subplots"]
+def color_cycle() -> list[str]:
+    """The colours of matplotlib's default property cycle, in order."""
+    from matplotlib import rcParams  # noqa: PLC0415
+
+    return rcParams["axes.prop_cycle"].by_key()["color"]
+
+
+__all__ = ["color_cycle", "subplots"]

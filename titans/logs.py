@@ -12,7 +12,7 @@ import traceback
 
 import jax
 
-from titans import compile_cache, host_malloc, xla_cpu
+from titans import compile_cache, host_malloc, tensorboard, xla_cpu
 
 
 class MetricWriter:
@@ -28,11 +28,7 @@ class MetricWriter:
         if keep_through_step is not None:
             _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), keep_through_step)
         self._file = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)  # noqa: SIM115  (closed in close())
-        # Imported here: tensorboardX imports torch whenever it is installed (seconds), and only a run
-        # that writes metrics needs it.
-        from tensorboardX import SummaryWriter  # noqa: PLC0415
-
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._tb = tensorboard.EventWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, metrics: dict, prefix: str = "") -> None:
         if not self.enabled:
@@ -40,9 +36,8 @@ class MetricWriter:
         row = {"step": int(step), **{f"{prefix}{k}": _plain(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(row) + "\n")
         if self._tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, int | float) and math.isfinite(v):
-                    self._tb.add_scalar(k, v, step)
+            finite = {k: v for k, v in row.items() if k != "step" and isinstance(v, int | float) and math.isfinite(v)}
+            self._tb.scalars(finite, step)
 
     def close(self) -> None:
         if self._file:

@@ -172,7 +172,8 @@ class RunDir:
         ckpt = ckpt_lib.Checkpointer(self.path, read_only=True)
         if module is None:
             ckpt.check_meta(use, ckpt_lib.meta_for(cfg, info, num_outputs(cfg, info)))
-            module = build_run_model(cfg, info, seed=0, dtype=dtype)
+            # Shapes only: initial values would be overwritten, and their program costs a compilation.
+            module = nnx.eval_shape(lambda: build_run_model(cfg, info, seed=0, dtype=dtype))
         model = restore_variables(module, ckpt, use)
         return model.replace(mean=tuple(info.mean), std=tuple(info.std))
 

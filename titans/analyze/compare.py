@@ -105,7 +105,7 @@ def compare_runs(workdirs: list[str], out: str) -> dict:
 
 def _overlay(rows, path):
     fig, ax = figures.subplots(figsize=(6.5, 4))
-    colors = figures.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = figures.color_cycle()
     for i, row in enumerate(rows):
         for j, w in enumerate(row["workdirs"]):
             pts = [(r["step"], r["train/loss"]) for r in plots.read_metrics_jsonl(w) if "train/loss" in r]

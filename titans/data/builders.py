@@ -20,7 +20,6 @@ import struct
 
 import numpy as np
 import tensorflow_datasets as tfds
-from sklearn.datasets import load_digits
 
 DIGITS_NUM_TRAIN = 1437
 DIGITS_PERMUTATION_SEED = 0
@@ -59,6 +58,9 @@ def read_idx(path: str) -> np.ndarray:
 
 def digits_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
     """The (images uint8 (N, 8, 8, 1), labels int64 (N,)) of the fixed train/test split."""
+    # scikit-learn costs about a second to import and only this builder needs it.
+    from sklearn.datasets import load_digits  # noqa: PLC0415
+
     d = load_digits()
     # Pixels are integers 0..16; 255/16 maps them onto the full uint8 range exactly at the ends.
     images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
