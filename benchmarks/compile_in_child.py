@@ -20,6 +20,12 @@ off, `titans.host_malloc`) against glibc with Titans' `reuse` settings (off); th
 `--compare child` both runs use the host allocator's default (``auto``).
 
     python benchmarks/compile_in_child.py --compare jemalloc --pairs 4 --out benchmarks/results/jemalloc_DATE.json
+
+`--compare revision --old_rev REV` runs this checkout (on) against the `titans/` and `configs/` of an earlier
+commit (off, extracted with `git archive` into a scratch directory), each with its own defaults: what a change
+of the code bought a first run.
+
+    python benchmarks/compile_in_child.py --compare revision --old_rev 848b6bc --config configs/quickstart.py:0.05
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 
@@ -43,32 +50,57 @@ from titans.stats import time_ratio
 
 MODES = ("off", "on")
 ALLOCATOR_ENV = ("LD_PRELOAD", "MALLOC_CONF", "TITANS_HOST_MALLOC", "TITANS_JEMALLOC")
-COMPARED = {"child": "steps compiled in a child (on) or in the run (off)", "jemalloc": "jemalloc (on) or glibc (off)"}
+COMPARED = {
+    "child": "steps compiled in a child (on) or in the run (off)",
+    "jemalloc": "jemalloc (on) or glibc (off)",
+    "revision": "this checkout (on) or --old_rev (off)",
+}
 
 
 def mode_env(args, mode: str) -> dict:
     """The environment that makes `mode` of the comparison."""
     if args.compare == "child":
         return {"TITANS_COMPILE_IN_CHILD": mode}
+    if args.compare == "revision":
+        return {}  # each side with its own defaults
     if mode == "on":
         return {"TITANS_COMPILE_IN_CHILD": "off", "TITANS_HOST_MALLOC": "jemalloc", "TITANS_JEMALLOC": args.jemalloc}
     return {"TITANS_COMPILE_IN_CHILD": "off", "TITANS_HOST_MALLOC": "reuse"}
 
 
+def extract_revision(rev: str, into: str) -> str:
+    """`titans/` and `configs/` of commit `rev` of this repository, extracted into `into`; its full hash."""
+    found = None
+    if not rev.startswith("-"):  # never an option to git
+        found = subprocess.run(
+            ["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], cwd=ROOT, capture_output=True, text=True
+        )
+    if found is None or found.returncode != 0:
+        raise SystemExit(f"--old_rev {rev!r}: not a commit of {ROOT}")
+    commit = found.stdout.strip()
+    with tempfile.TemporaryFile() as tar:
+        subprocess.run(["git", "archive", commit, "titans", "configs"], cwd=ROOT, stdout=tar, check=True)
+        tar.seek(0)
+        with tarfile.open(fileobj=tar) as t:
+            t.extractall(into, filter="data")
+    return commit
+
+
 def run_once(args, mode: str, scratch: str, tag: str) -> dict:
     workdir = os.path.join(scratch, f"run_{tag}")
+    root = os.path.join(scratch, "old") if args.compare == "revision" and mode == "off" else ROOT
     env = {
         **{k: v for k, v in os.environ.items() if k not in (*ALLOCATOR_ENV, "TITANS_HOST_MALLOC_REEXECUTED")},
         **mode_env(args, mode),
         "TITANS_COMPILATION_CACHE": os.path.join(scratch, f"cache_{tag}"),  # new and empty
-        "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p),
+        "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p),
     }
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     command = [sys.executable, "-m", "titans.main", f"--config={args.config}", f"--workdir={workdir}"]
     command += [f"--config.{setting}" for setting in args.set]
     with tempfile.TemporaryFile("w+") as err:
         t0, steal0 = time.perf_counter(), steal_s()
-        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT)
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=err, cwd=root)
         _, status, usage = os.wait4(proc.pid, 0)  # the child's own resource use: peak memory, faults, switches
         wall, stolen = time.perf_counter() - t0, stolen_since(steal0)
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -115,16 +147,20 @@ def main(argv=None):
     )
     p.add_argument("--compare", choices=sorted(COMPARED), default="child", help="what on and off differ in")
     p.add_argument("--jemalloc", default="/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", help="--compare jemalloc")
+    p.add_argument("--old_rev", default="", help="--compare revision: the commit to run as off")
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
     if args.pairs < 1:
         raise SystemExit("--pairs must be at least 1")
     if args.compare == "jemalloc" and not os.path.isfile(args.jemalloc):
         raise SystemExit(f"--jemalloc {args.jemalloc}: no such file (Debian/Ubuntu: apt-get install libjemalloc2)")
+    if (args.compare == "revision") != bool(args.old_rev):
+        raise SystemExit("--old_rev goes with --compare revision, and --compare revision needs it")
     load_before = other_cpu_load()
     scratch = tempfile.mkdtemp(prefix="titans_compile_in_child_")
     pairs = []
     try:
+        old_commit = extract_revision(args.old_rev, os.path.join(scratch, "old")) if args.old_rev else None
         i = 0
         while sum(q["kept"] for q in pairs) < args.pairs and i < 2 * args.pairs:
             order = MODES if i % 2 == 0 else MODES[::-1]
@@ -187,6 +223,7 @@ def main(argv=None):
                 "config": args.config,
                 "compare": args.compare,
                 "on_env": mode_env(args, "on"),
+                "old_commit": old_commit,
                 "threads": threads,
                 "other_load_cores": loads,
                 "contaminated": is_contaminated(loads, threads),

@@ -157,3 +157,21 @@ def test_compile_in_child_benchmark_compares_the_allocators(tmp_path, data_dir, 
     assert q["off"]["process_settings"].startswith("host_malloc tuned;")
     assert q["on"]["children_compiled"] == q["off"]["children_compiled"] == 0
     assert q["on"]["stages"]["run"]["accuracy"] == q["off"]["stages"]["run"]["accuracy"]
+
+
+def test_compile_in_child_extracts_a_revision_and_refuses_what_is_not_one(tmp_path):
+    """`--compare revision`'s off side: `titans/` and `configs/` of the commit, as committed; an option-like
+    or unknown revision is refused before git sees it as anything but a revision."""
+    from helpers import load_benchmark
+
+    cic = load_benchmark("compile_in_child.py")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+    assert cic.extract_revision("HEAD", str(tmp_path)) == head.stdout.strip()
+    committed = subprocess.run(
+        ["git", "show", "HEAD:titans/runs.py"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
+    assert (tmp_path / "titans" / "runs.py").read_text() == committed
+    assert (tmp_path / "configs" / "quickstart.py").is_file() and not (tmp_path / "tests").exists()
+    for bad in ("--output=/tmp/x", "no-such-revision"):
+        with pytest.raises(SystemExit, match="not a commit"):
+            cic.extract_revision(bad, str(tmp_path / "bad"))

@@ -192,6 +192,25 @@ def test_step_speed_benchmark_reports_verdicts_against_the_targets(tmp_path):
             assert e[f"{side}_verdict"] == want in ("met", "not met", "unresolved")
 
 
+@pytest.mark.slow
+def test_quickstart_recipe_benchmark_pairs_the_sides_with_an_interval(tmp_path):
+    """benchmarks/quickstart_recipe.py (two repeats of a 0.01-epoch quickstart, Titans compiling in every run)
+    runs both sides per repeat in alternating order, keeps both (no steal limit) and reports each ratio's
+    geometric mean and interval over the kept repeats, recomputed here from the recorded times. Needs the
+    `bench` extra (torch) and Fashion-MNIST (the README's set-up)."""
+    from helpers import run_benchmark
+
+    pytest.importorskip("torch", reason="the PyTorch side needs the `bench` extra")
+    args = ("--epochs", "0.01", "--repeats", "2", "--compile_cache", "off", "--max_steal", "-1")
+    stdout, result = run_benchmark("quickstart_recipe.py", *args, out=tmp_path / "qr.json", timeout=900)
+    assert [got["kept"] for got in result["runs"]] == [True, True] and "over the 2 kept repeats" in stdout
+    for got in result["runs"]:
+        assert got["titans"]["teacher"]["steps"] == got["pytorch"]["teacher"]["steps"] > 0
+    wall = result["kept_ratios_pytorch_over_titans"]["wall_s"]
+    want = time_ratio([g["pytorch"]["wall_s"] for g in result["runs"]], [g["titans"]["wall_s"] for g in result["runs"]])
+    assert wall["n"] == 2 and wall["geomean"] == pytest.approx(want.geomean) and wall["low"] <= wall["geomean"]
+
+
 def test_cascade_speed_share_verdict_against_hand_computed_interval():
     """benchmarks/cascade_speed.py's verdict on issue 16's cascade target (time share / FLOPs share <= 3): student
     / teacher times 0.25, 0.275, 0.225 of a FLOPs share 0.1 give shares 2.5, 2.75, 2.25 of it, geometric mean
