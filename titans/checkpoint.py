@@ -96,10 +96,14 @@ def _key_impl(ref):
 
 
 def _abstract(tree):
-    """ShapeDtypeStructs of a tree of arrays, or of abstract arrays (a model built by `nnx.eval_shape`)."""
+    """ShapeDtypeStructs of a tree of arrays, or of abstract arrays (a model built by `nnx.eval_shape`).
+
+    An abstract leaf has no placement. Left without one, orbax would rebuild the sharding the checkpoint was
+    saved with, and refuse it where the devices differ (a run saved on 8 devices, read by a 1-device tool).
+    It goes to this process's first device, as a model built eagerly does."""
 
     def spec(x):
-        sharding = getattr(x, "sharding", None)
+        sharding = getattr(x, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         x = jax.eval_shape(jax.random.key_data, x) if _is_key(x) else x
         return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
 
