@@ -91,7 +91,10 @@ def _key_impl(ref):
         return jax.random.key_impl(ref)
     impl = jax.config.jax_default_prng_impl
     if jax.eval_shape(lambda: jax.random.key(0, impl=impl)).dtype != ref.dtype:
-        raise ValueError(f"an abstract PRNG key of type {ref.dtype} is not JAX's default ({impl}); build the model")
+        raise ValueError(
+            f"an abstract PRNG key of type {ref.dtype} is not JAX's default ({impl}): restore into a concretely "
+            "built model (RunDir.load_model(module=...))"
+        )
     return impl
 
 
