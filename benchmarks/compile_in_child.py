@@ -41,11 +41,22 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from machine_load import banner, is_contaminated, other_cpu_load, steal_s, stolen_since, titans_settings, write_result
+from machine_load import (
+    add_max_steal_flag,
+    banner,
+    is_contaminated,
+    other_cpu_load,
+    steal_s,
+    stolen_since,
+    titans_settings,
+    within_steal,
+    write_result,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from titans import host_malloc
 from titans.stats import time_ratio
 
 MODES = ("off", "on")
@@ -70,12 +81,13 @@ def mode_env(args, mode: str) -> dict:
 
 def extract_revision(rev: str, into: str) -> str:
     """`titans/` and `configs/` of commit `rev` of this repository, extracted into `into`; its full hash."""
-    found = None
-    if not rev.startswith("-"):  # never an option to git
-        found = subprocess.run(
-            ["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], cwd=ROOT, capture_output=True, text=True
-        )
-    if found is None or found.returncode != 0:
+    found = subprocess.run(  # --end-of-options: a value starting with "-" is a revision, never an option
+        ["git", "rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    if found.returncode != 0:
         raise SystemExit(f"--old_rev {rev!r}: not a commit of {ROOT}")
     commit = found.stdout.strip()
     with tempfile.TemporaryFile() as tar:
@@ -137,23 +149,24 @@ def main(argv=None):
     p.add_argument("--config", default="configs/quickstart.py:0.3")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="a --config.FIELD=VALUE")
     p.add_argument("--pairs", type=int, default=4, help="pairs to keep (see --max_steal)")
-    p.add_argument(
-        "--max_steal",
-        type=float,
-        default=5.0,
-        help="a pair in which either run had more CPU seconds stolen by the hypervisor than this is kept in the "
-        "output but left out of the ratios, and another pair is run in its place (at most --pairs more); "
-        "negative: keep every pair",
-    )
+    add_max_steal_flag(p, "pair", "another pair is run in its place (at most --pairs more)")
     p.add_argument("--compare", choices=sorted(COMPARED), default="child", help="what on and off differ in")
-    p.add_argument("--jemalloc", default="/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", help="--compare jemalloc")
+    p.add_argument(
+        "--jemalloc",
+        default="",
+        help="--compare jemalloc: the library (default: where titans.host_malloc finds it, or TITANS_JEMALLOC)",
+    )
     p.add_argument("--old_rev", default="", help="--compare revision: the commit to run as off")
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
     if args.pairs < 1:
         raise SystemExit("--pairs must be at least 1")
-    if args.compare == "jemalloc" and not os.path.isfile(args.jemalloc):
-        raise SystemExit(f"--jemalloc {args.jemalloc}: no such file (Debian/Ubuntu: apt-get install libjemalloc2)")
+    if args.compare == "jemalloc":
+        args.jemalloc = args.jemalloc or host_malloc.find_jemalloc() or ""
+        if not os.path.isfile(args.jemalloc):
+            raise SystemExit(
+                f"--jemalloc {args.jemalloc!r}: no such file (Debian/Ubuntu: apt-get install libjemalloc2)"
+            )
     if (args.compare == "revision") != bool(args.old_rev):
         raise SystemExit("--old_rev goes with --compare revision, and --compare revision needs it")
     load_before = other_cpu_load()
@@ -165,7 +178,7 @@ def main(argv=None):
         while sum(q["kept"] for q in pairs) < args.pairs and i < 2 * args.pairs:
             order = MODES if i % 2 == 0 else MODES[::-1]
             runs = {mode: run_once(args, mode, scratch, f"{i}_{mode}") for mode in order}
-            kept = args.max_steal < 0 or all((runs[m]["steal_s"] or 0.0) <= args.max_steal for m in MODES)
+            kept = within_steal(runs.values(), args.max_steal)
             pairs.append({"order": list(order), "kept": kept, **runs})
             print(
                 f"pair {i}: "

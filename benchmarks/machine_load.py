@@ -36,6 +36,27 @@ def steal_s() -> float | None:
     return getattr(psutil.cpu_times(), "steal", None)
 
 
+MAX_STEAL_S = 5.0
+
+
+def add_max_steal_flag(parser, unit: str, replaced: str) -> None:
+    """`--max_steal`: a `unit` (pair or repeat of runs) in which any run lost more CPU seconds to the
+    hypervisor than this is kept in the output but left out of the ratios, and `replaced` says what runs in
+    its place; negative keeps every one."""
+    parser.add_argument(
+        "--max_steal",
+        type=float,
+        default=MAX_STEAL_S,
+        help=f"a {unit} in which any run had more CPU seconds stolen by the hypervisor than this is kept in the "
+        f"output but left out of the ratios, and {replaced}; negative: keep every {unit}",
+    )
+
+
+def within_steal(runs, max_steal: float) -> bool:
+    """Whether each run's `steal_s` (None: not counted, taken as 0) is at most `max_steal` (negative: always)."""
+    return max_steal < 0 or all((r["steal_s"] or 0.0) <= max_steal for r in runs)
+
+
 def titans_settings(stderr: str) -> str | None:
     """What a Titans command's first stderr line (titans.logs.run_cli) says it runs with: its host allocator,
     XLA:CPU flags and compilation cache; None if it printed none. (Read here, not imported from titans.logs,

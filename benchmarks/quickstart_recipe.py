@@ -46,7 +46,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import numpy as np
-from machine_load import banner, is_contaminated, other_cpu_load, steal_s, stolen_since, titans_settings
+from machine_load import (
+    add_max_steal_flag,
+    banner,
+    is_contaminated,
+    other_cpu_load,
+    steal_s,
+    stolen_since,
+    titans_settings,
+    within_steal,
+)
 
 from titans.stats import time_ratio
 
@@ -212,13 +221,7 @@ def main(argv=None):
         help="Titans' compilation cache: a new one for this invocation (first run cold, later warm), off, "
         "or the user's own",
     )
-    p.add_argument(
-        "--max_steal",
-        type=float,
-        default=5.0,
-        help="a repeat in which either side had more CPU seconds stolen by the hypervisor than this is kept in the "
-        "output but left out of the ratios' intervals, and another is run in its place; negative: keep all",
-    )
+    add_max_steal_flag(p, "repeat", "another repeat is run in its place (at most --repeats more)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default="")
     a = p.parse_args(argv)
@@ -245,7 +248,7 @@ def main(argv=None):
                 got[side]["compile_cache"] = state[a.compile_cache]
                 titans_runs += 1
             print(f"repeat {rep} {side}: {json.dumps(got[side])}", flush=True)
-        got["kept"] = a.max_steal < 0 or all((got[side]["steal_s"] or 0.0) <= a.max_steal for side in order)
+        got["kept"] = within_steal(got.values(), a.max_steal)
         runs.append(got)
         rep += 1
     load_after = other_cpu_load()

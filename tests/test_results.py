@@ -192,6 +192,18 @@ def test_step_speed_benchmark_reports_verdicts_against_the_targets(tmp_path):
             assert e[f"{side}_verdict"] == want in ("met", "not met", "unresolved")
 
 
+def test_the_benchmarks_steal_rule():
+    """machine_load.within_steal, the rule by which compile_in_child.py and quickstart_recipe.py leave a pair or
+    repeat out of their ratios: every run at most max_steal s stolen (uncounted steal as 0), none left out when
+    max_steal is negative."""
+    from helpers import load_benchmark
+
+    ml = load_benchmark("machine_load.py")
+    assert ml.within_steal([{"steal_s": 5.0}, {"steal_s": None}], 5.0)
+    assert not ml.within_steal([{"steal_s": 0.1}, {"steal_s": 5.01}], 5.0)
+    assert ml.within_steal([{"steal_s": 99.0}], -1.0)
+
+
 @pytest.mark.slow
 def test_quickstart_recipe_benchmark_pairs_the_sides_with_an_interval(tmp_path):
     """benchmarks/quickstart_recipe.py (two repeats of a 0.01-epoch quickstart, Titans compiling in every run)
