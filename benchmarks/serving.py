@@ -1,18 +1,21 @@
 """Served cascade vs served teacher vs served student: throughput and latency under load, side by side.
 
     python benchmarks/serving.py --stages=STUDENT_RUN,TEACHER_RUN --val_split='train[90%:]' \
-        [--batch 8 --concurrency 4 --requests 120 --open_rate 10,40 --duration 15 --repeats 2] [--body npy|json] \
-        [--out FILE]
+        [--batch 8 --concurrency 4 --requests 120 --open_rate 10,40 | --open_load 0.3,0.6,0.9] \
+        [--duration 15 --repeats 2] [--body npy|json] [--rate R] [--out FILE]
 
 1. The operating point: on the validation split, the smallest deferral rate (grid of 0.05) whose
-   cascade accuracy reaches the teacher's; the cascade is exported there (titans-export).
+   cascade accuracy reaches the teacher's, or `--rate` when given; the cascade is exported there
+   (titans-export).
 2. Three Ray Serve applications on one local (loopback) cluster, served the same way (the same
    ingress, the same teacher deployment code): /teacher (every row to the teacher deployment),
    /student (the first stage answers everything), /cascade.
 3. Per repeat, for each application in turn (interleaved): a closed loop (`--concurrency` clients
    sending `--requests` requests of `--batch` test images back to back) and an open loop (Poisson
    arrivals at `--open_rate` requests/s for `--duration` s, at most rate*duration requests; latency
-   counted from the scheduled send time; `--open_rate` may list several rates). Both are bounded in
+   counted from the scheduled send time; `--open_rate` may list several rates; `--open_load` gives them
+   instead as fractions of the teacher's capacity, measured by one closed loop on the served teacher
+   before the repeats). Both are bounded in
    count and time, loopback only. Requests
    carry the images as a binary .npy body (`--body npy`, the default) or as JSON (`--body json`).
 4. Reports images/s, p50/p95/p99 latency, accuracy of the served answers on the test images, the
@@ -55,8 +58,9 @@ from titans.teachers import service
 MODES = ("teacher", "student", "cascade")
 
 
-def operating_rate(stage_dirs, val_split) -> tuple[float, dict]:
-    """The smallest rate on a 0.05 grid whose validation accuracy reaches the teacher's."""
+def operating_rate(stage_dirs, val_split, fixed_rate=None) -> tuple[float, dict]:
+    """The smallest rate on a 0.05 grid whose validation accuracy reaches the teacher's, or `fixed_rate`
+    when given (for a pair without a meaningful accuracy match); the validation accuracies at that rate."""
     loaded, info = cascade_apply.load_stages(stage_dirs, [0.0])
     src = data.get_source(info.name, val_split, data_dir=loaded[-1][1].dataset.data_dir or None)
     x, y = runs.split_arrays(src, info)
@@ -68,13 +72,30 @@ def operating_rate(stage_dirs, val_split) -> tuple[float, dict]:
     scores = np.asarray(jax.jit(jax.vmap(gates.get_gate("msp", num_classes=info.num_classes)))(jnp.asarray(s)))
     t_acc = float(np.mean(t.argmax(-1) == y))
     order = np.argsort(-scores)  # most doubtful first
-    for rate in np.round(np.arange(0.0, 1.0001, 0.05), 2):
+
+    def cascade_accuracy(rate):
         deferred = np.zeros(len(y), bool)
         deferred[order[: int(rate * len(y))]] = True
-        acc = float(np.mean(np.where(deferred, t.argmax(-1), s.argmax(-1)) == y))
-        if acc >= t_acc:
-            return float(rate), {"teacher_val_accuracy": t_acc, "cascade_val_accuracy": acc}
-    return 1.0, {"teacher_val_accuracy": t_acc, "cascade_val_accuracy": t_acc}
+        return float(np.mean(np.where(deferred, t.argmax(-1), s.argmax(-1)) == y))
+
+    rates = [fixed_rate] if fixed_rate is not None else np.round(np.arange(0.0, 1.0001, 0.05), 2)
+    for rate in rates:
+        acc = cascade_accuracy(rate)
+        if acc >= t_acc or fixed_rate is not None:
+            break
+    else:
+        rate, acc = 1.0, t_acc
+    return float(rate), {
+        "teacher_val_accuracy": t_acc,
+        "cascade_val_accuracy": acc,
+        "student_val_accuracy": float(np.mean(s.argmax(-1) == y)),
+        "rate_chosen_by": "fixed (--rate)" if fixed_rate is not None else "teacher's validation accuracy",
+    }
+
+
+def rates_for_loads(loads, teacher_images_per_s, batch) -> list[float]:
+    """Open-loop request rates (requests/s) offering the given fractions of the served teacher's capacity."""
+    return [round(float(f) * teacher_images_per_s / batch, 2) for f in loads]
 
 
 TRANSPORT = {"body": "npy"}  # set from --body: "npy" (binary .npy request) or "json"
@@ -159,6 +180,19 @@ def main():
     p.add_argument("--requests", type=int, default=120)
     p.add_argument("--body", choices=("npy", "json"), default="npy", help="request encoding: binary .npy or JSON")
     p.add_argument("--open_rate", default="10", help="requests/s of the open loop; comma-separated for several")
+    p.add_argument(
+        "--open_load",
+        default="",
+        help="instead of --open_rate: offered loads as fractions of the served teacher's closed-loop capacity "
+        "(comma-separated, e.g. 0.3,0.6,0.9), converted to requests/s by a closed loop on the teacher before the repeats",
+    )
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="defer this fraction instead of the rate matching the teacher's validation accuracy "
+        "(for a pair with no meaningful match, e.g. random weights)",
+    )
     p.add_argument("--duration", type=float, default=15.0)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--port", type=int, default=8765)
@@ -174,7 +208,9 @@ def main():
     process = titans_logs.process_setup()
     TRANSPORT["body"] = a.body
     stage_dirs = a.stages.split(",")
-    rate, val = operating_rate(stage_dirs, a.val_split)
+    if a.rate is not None and not 0.0 <= a.rate <= 1.0:
+        p.error(f"--rate must be in [0, 1], got {a.rate}")
+    rate, val = operating_rate(stage_dirs, a.val_split, a.rate)
     export_dir = tempfile.mkdtemp(prefix="titans-serving-bench-")
     manifest = export.export_cascade(stage_dirs, "msp", [rate], a.val_split, export_dir)
     info = data.dataset_info(manifest["dataset"])
@@ -195,7 +231,15 @@ def main():
     url = {m: f"http://127.0.0.1:{a.port}/{m}" for m in MODES}
     for m in MODES:  # warm up: compile, start replicas
         _post(url[m], batches[0])
-    rates = [float(r) for r in a.open_rate.split(",")]
+    if a.open_load:
+        probe_ips, _, _ = closed_loop(url["teacher"], batches, a.concurrency)
+        loads = [float(f) for f in a.open_load.split(",")]
+        rates = rates_for_loads(loads, probe_ips, a.batch)
+        print(f"teacher capacity probe: {probe_ips:.0f} images/s; offered loads {loads} -> {rates} requests/s")
+        val["teacher_probe_images_per_s"] = probe_ips
+        val["open_loads"] = dict(zip(map(str, rates), loads, strict=True))
+    else:
+        rates = [float(r) for r in a.open_rate.split(",")]
     res = {
         m: {"closed_ips": [], "closed_lat": [], "open": {r: ([], []) for r in rates}, "answers": None} for m in MODES
     }
@@ -259,8 +303,9 @@ def report(a, rate, val, manifest, res, labels, load_before, load_after, process
         c / t for c, t in zip(res["cascade"]["closed_ips"], res["teacher"]["closed_ips"], strict=True)
     ]
     print(
-        f"operating point: defer {rate:.2f} of validation (teacher val acc {val['teacher_val_accuracy']:.4f}, "
-        f"cascade {val['cascade_val_accuracy']:.4f}); other processes' CPU load {load_before} / {load_after} cores"
+        f"operating point ({val['rate_chosen_by']}): defer {rate:.2f} of validation (val acc teacher "
+        f"{val['teacher_val_accuracy']:.4f}, student {val['student_val_accuracy']:.4f}, cascade "
+        f"{val['cascade_val_accuracy']:.4f}); other processes' CPU load {load_before} / {load_after} cores"
     )
     print(
         f"| served | closed loop ({a.concurrency} clients) images/s | p50 / p95 / p99 ms | test accuracy | teacher rows |"
@@ -275,6 +320,11 @@ def report(a, rate, val, manifest, res, labels, load_before, load_after, process
         f"cascade closed-loop throughput / ideal 1/(t_s + r t_t) = {out['cascade_over_ideal']:.2f} (r = {r_served:.3f}); "
         f"cascade / teacher per repeat: {', '.join(f'{x:.2f}' for x in out['cascade_over_teacher_repeats'])}"
     )
+
+    def load_note(rps):
+        load = val.get("open_loads", {}).get(rps)
+        return "" if load is None else f" ({load:g} of the teacher's capacity)"
+
     print("| open loop req/s | served | images/s | p50 / p95 / p99 ms |")
     print("|---:|---|---:|---:|")
     for rps, row in out["open_loop"].items():
@@ -285,7 +335,7 @@ def report(a, rate, val, manifest, res, labels, load_before, load_after, process
             )
         d = row["cascade_minus_teacher_p99"]
         print(
-            f"open loop {rps} req/s: p99 cascade - teacher = {d['diff_ms']:+.1f} ms, 95% CI "
+            f"open loop {rps} req/s{load_note(rps)}: p99 cascade - teacher = {d['diff_ms']:+.1f} ms, 95% CI "
             f"[{d['ci95_ms'][0]:+.1f}, {d['ci95_ms'][1]:+.1f}] ({d['verdict']})"
         )
     if a.out:

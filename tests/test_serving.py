@@ -27,7 +27,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served(data_dir, tmp_path_factory):
+def stage_dirs(data_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("serving")
     dirs = []
     for name, hidden, steps in (("student", (8,), 60), ("teacher", (64,), 150)):
@@ -35,6 +35,12 @@ def served(data_dir, tmp_path_factory):
         c.model.kwargs.hidden = hidden
         train.train_and_evaluate(c, str(root / name))
         dirs.append(str(root / name))
+    return root, dirs
+
+
+@pytest.fixture(scope="module")
+def served(stage_dirs):
+    root, dirs = stage_dirs
     export.export_cascade(dirs, "msp", [0.3], "train[80%:]", str(root / "export"), batch_size=64)
     port = _free_port()
     serve_main.start(str(root / "export"), port=port, num_cpus=2)
@@ -240,3 +246,25 @@ def test_the_load_benchmarks_paired_p99_difference():
     assert abs(slower["diff_ms"] - want) < 1e-9
     noisy = bench.paired_p99_difference(b, np.random.default_rng(1).exponential(0.05, 600))
     assert noisy["ci95_ms"][0] < noisy["diff_ms"] < noisy["ci95_ms"][1]
+
+
+def test_the_load_benchmarks_operating_point_and_offered_loads(stage_dirs):
+    """benchmarks/serving.py: the accuracy-matching rate is the smallest on the grid whose cascade reaches the
+    teacher's validation accuracy (brute force over the same predictions), `--rate` replaces it, and an
+    offered load is a fraction of the teacher's capacity in requests/s."""
+    from helpers import load_benchmark
+
+    bench = load_benchmark("serving.py")
+    _, dirs = stage_dirs
+    rate, val = bench.operating_rate(dirs, "train[80%:]")
+    assert val["rate_chosen_by"] == "teacher's validation accuracy"
+    assert val["cascade_val_accuracy"] >= val["teacher_val_accuracy"] > val["student_val_accuracy"]
+    if rate >= 0.05:  # one step down the grid falls short
+        lower, lower_val = bench.operating_rate(dirs, "train[80%:]", round(rate - 0.05, 2))
+        assert lower_val["cascade_val_accuracy"] < val["teacher_val_accuracy"]
+    fixed, fixed_val = bench.operating_rate(dirs, "train[80%:]", 0.0)
+    assert fixed == 0.0 and fixed_val["rate_chosen_by"] == "fixed (--rate)"
+    assert fixed_val["cascade_val_accuracy"] == fixed_val["student_val_accuracy"]  # nothing deferred
+    everything, everything_val = bench.operating_rate(dirs, "train[80%:]", 1.0)
+    assert everything == 1.0 and everything_val["cascade_val_accuracy"] == val["teacher_val_accuracy"]
+    assert bench.rates_for_loads([0.5, 0.9], 400.0, 8) == [25.0, 45.0]
