@@ -18,7 +18,8 @@
    before the repeats). Both are bounded in
    count and time, loopback only. Requests
    carry the images as a binary .npy body (`--body npy`, the default) or as JSON (`--body json`).
-4. Reports images/s, p50/p95/p99 latency, accuracy of the served answers on the test images, the
+4. Reports each exported stage's own compute time in-process at 1, 2, 4 and `--batch` rows (no hops;
+   measured before the service starts), images/s, p50/p95/p99 latency, accuracy of the served answers on the test images, the
    cascade's throughput against the ideal 1 / (t_student + r * t_teacher) (t from the served
    student and teacher throughputs), the cascade's p99 minus the teacher's at each open-loop rate with a
    95% bootstrap interval over the paired requests (the same arrival times and images in both), and the
@@ -52,6 +53,7 @@ from titans import data, export, parallel, runs
 from titans import logs as titans_logs
 from titans.cascade import apply as cascade_apply
 from titans.cascade import evaluate, gates
+from titans.export import standalone
 from titans.serve import build_app
 from titans.teachers import service
 
@@ -151,6 +153,25 @@ def open_loop(url, batches, rate, duration, seed=0):
     return sum(len(batches[i % len(batches)]) for i in range(len(times))) / wall, latencies
 
 
+def stage_compute_ms(export_dir, images, sizes=(1, 2, 4, 8), calls=15) -> dict:
+    """Each exported stage's own time in this process (no HTTP, no Ray), median ms over `calls` calls per
+    row count: what the served latencies hold beyond the hops. Runs before the service starts."""
+    cascade = standalone.load(export_dir)
+    cascade.warm_up()
+    out = {}
+    for i in range(cascade.num_stages):
+        name = "teacher" if i == cascade.num_stages - 1 else f"stage{i}"
+        out[name] = {}
+        for n in sizes:
+            times = []
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                cascade.stage_outputs(i, images[:n])
+                times.append(time.perf_counter() - t0)
+            out[name][str(n)] = 1e3 * statistics.median(times)
+    return out
+
+
 def pct(values, q):
     return float(np.percentile(np.asarray(values) * 1e3, q)) if len(values) else float("nan")
 
@@ -218,6 +239,9 @@ def main():
     n = a.requests * a.batch
     batches = [x[i : i + a.batch] for i in range(0, n, a.batch)]
     labels = y[:n]
+    compute = stage_compute_ms(export_dir, x, sizes=sorted({1, 2, 4, a.batch}))
+    val["stage_compute_ms"] = compute
+    print("in-process stage compute, median ms by rows:", json.dumps(compute))
     load_before = other_cpu_load()
     # Logical CPUs for Ray's scheduler: three applications of two deployments at 0.5 CPU each.
     service.connect("", num_cpus=4)

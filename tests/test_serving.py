@@ -268,3 +268,13 @@ def test_the_load_benchmarks_operating_point_and_offered_loads(stage_dirs):
     everything, everything_val = bench.operating_rate(dirs, "train[80%:]", 1.0)
     assert everything == 1.0 and everything_val["cascade_val_accuracy"] == val["teacher_val_accuracy"]
     assert bench.rates_for_loads([0.5, 0.9], 400.0, 8) == [25.0, 45.0]
+
+
+def test_the_load_benchmarks_stage_compute_times(served, images):
+    """benchmarks/serving.py times each exported stage in-process, by row count, for every stage."""
+    from helpers import load_benchmark
+
+    _, export_dir, _ = served
+    times = load_benchmark("serving.py").stage_compute_ms(export_dir, images, sizes=(1, 8), calls=3)
+    assert set(times) == {"stage0", "teacher"} and all(set(t) == {"1", "8"} for t in times.values())
+    assert all(0 < ms < 5e3 for t in times.values() for ms in t.values())
