@@ -268,6 +268,8 @@ def test_the_load_benchmarks_operating_point_and_offered_loads(stage_dirs):
     everything, everything_val = bench.operating_rate(dirs, "train[80%:]", 1.0)
     assert everything == 1.0 and everything_val["cascade_val_accuracy"] == val["teacher_val_accuracy"]
     assert bench.rates_for_loads([0.5, 0.9], 400.0, 8) == [25.0, 45.0]
+    # a student at 1,000 images/s and a teacher at 250 with a quarter deferred: ideal 1 / (1 + 0.25 * 4) ms
+    assert abs(bench.over_ideal(400.0, 1000.0, 250.0, 0.25) - 0.8) < 1e-12
 
 
 def test_the_load_benchmarks_stage_compute_times(served, images):

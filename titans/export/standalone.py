@@ -33,7 +33,7 @@ from jax import export as jax_export
 
 FORMAT = "titans-cascade-export"
 VERSION = 1
-BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+BUCKETS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
 class ExportError(RuntimeError):
