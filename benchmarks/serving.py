@@ -23,7 +23,8 @@
    cascade's throughput against the ideal 1 / (t_student + r * t_teacher) (t from the served
    student and teacher throughputs), the cascade's p99 minus the teacher's at each open-loop rate with a
    95% bootstrap interval over the paired requests (the same arrival times and images in both), and the
-   other processes' CPU load during the run.
+   other processes' CPU load before and after, and the CPU time the hypervisor gave other machines
+   while measuring (steal).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax
 import jax.numpy as jnp
 import numpy as np
-from machine_load import other_cpu_load
+from machine_load import other_cpu_load, steal_s, stolen_since
 from ray import serve
 
 from titans import data, export, parallel, runs
@@ -248,6 +249,7 @@ def main():
     val["stage_compute_ms"] = compute
     print("in-process stage compute, median ms by rows:", json.dumps(compute))
     load_before = other_cpu_load()
+    steal_before = steal_s()
     # Logical CPUs for Ray's scheduler: three applications of two deployments at 0.5 CPU each.
     service.connect("", num_cpus=4)
     serve.start(http_options={"host": "127.0.0.1", "port": a.port})
@@ -282,6 +284,8 @@ def main():
                 oips, olat = open_loop(url[m], batches, r, a.duration, seed=rep)
                 res[m]["open"][r][0].append(oips)
                 res[m]["open"][r][1].extend(olat)
+    stolen = stolen_since(steal_before)  # CPU time other virtual machines took while measuring
+    val["stolen_s"] = None if stolen is None else round(stolen, 2)
     load_after = other_cpu_load()
     serve.shutdown()
     service.shutdown_local()
@@ -337,7 +341,8 @@ def report(a, rate, val, manifest, res, labels, load_before, load_after, process
     print(
         f"operating point ({val['rate_chosen_by']}): defer {rate:.2f} of validation (val acc teacher "
         f"{val['teacher_val_accuracy']:.4f}, student {val['student_val_accuracy']:.4f}, cascade "
-        f"{val['cascade_val_accuracy']:.4f}); other processes' CPU load {load_before} / {load_after} cores"
+        f"{val['cascade_val_accuracy']:.4f}); other processes' CPU load {load_before} / {load_after} cores; "
+        f"stolen by the hypervisor while measuring: {val['stolen_s']} s"
     )
     print(
         f"| served | closed loop ({a.concurrency} clients) images/s | p50 / p95 / p99 ms | test accuracy | teacher rows |"
