@@ -198,7 +198,9 @@ def paired_p99_difference(a, b, resamples=4000, seed=0) -> dict:
     }
 
 
-def main():
+def parse_args(argv=None):
+    """The command line, checked: (args, the open-loop rates or loads as numbers). A bad value exits 2
+    with a message naming the flag."""
     p = argparse.ArgumentParser()
     p.add_argument("--stages", required=True)
     p.add_argument("--val_split", default="train[90%:]")
@@ -206,7 +208,9 @@ def main():
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--requests", type=int, default=120)
     p.add_argument("--body", choices=("npy", "json"), default="npy", help="request encoding: binary .npy or JSON")
-    p.add_argument("--open_rate", default="10", help="requests/s of the open loop; comma-separated for several")
+    p.add_argument(
+        "--open_rate", default="", help="requests/s of the open loop; comma-separated for several (default 10)"
+    )
     p.add_argument(
         "--open_load",
         default="",
@@ -230,13 +234,26 @@ def main():
         help="the teacher deployment's autoscaling ceiling (titans-serve's default: 2)",
     )
     p.add_argument("--out", default="")
-    a = p.parse_args()
+    a = p.parse_args(argv)
+    if a.rate is not None and not 0.0 <= a.rate <= 1.0:
+        p.error(f"--rate must be in [0, 1], got {a.rate}")
+    if a.open_rate and a.open_load:
+        p.error("give --open_rate (requests/s) or --open_load (fractions of the teacher's capacity), not both")
+    try:
+        offered = [float(v) for v in (a.open_load or a.open_rate or "10").split(",")]
+    except ValueError:
+        p.error(f"--open_rate / --open_load take comma-separated numbers, got {a.open_load or a.open_rate!r}")
+    if not all(v > 0 for v in offered):
+        p.error(f"open-loop rates and loads must be positive, got {offered}")
+    return a, offered
+
+
+def main():
+    a, offered = parse_args()
     # As titans-serve runs (before the backend starts); the Ray workers inherit its XLA_FLAGS.
     process = titans_logs.process_setup()
     TRANSPORT["body"] = a.body
     stage_dirs = a.stages.split(",")
-    if a.rate is not None and not 0.0 <= a.rate <= 1.0:
-        p.error(f"--rate must be in [0, 1], got {a.rate}")
     rate, val = operating_rate(stage_dirs, a.val_split, a.rate)
     export_dir = tempfile.mkdtemp(prefix="titans-serving-bench-")
     manifest = export.export_cascade(stage_dirs, "msp", [rate], a.val_split, export_dir)
@@ -264,13 +281,12 @@ def main():
         _post(url[m], batches[0])
     if a.open_load:
         probe_ips, _, _ = closed_loop(url["teacher"], batches, a.concurrency)
-        loads = [float(f) for f in a.open_load.split(",")]
-        rates = rates_for_loads(loads, probe_ips, a.batch)
-        print(f"teacher capacity probe: {probe_ips:.0f} images/s; offered loads {loads} -> {rates} requests/s")
+        rates = rates_for_loads(offered, probe_ips, a.batch)
+        print(f"teacher capacity probe: {probe_ips:.0f} images/s; offered loads {offered} -> {rates} requests/s")
         val["teacher_probe_images_per_s"] = probe_ips
-        val["open_loads"] = dict(zip(map(str, rates), loads, strict=True))
+        val["open_loads"] = dict(zip(map(str, rates), offered, strict=True))
     else:
-        rates = [float(r) for r in a.open_rate.split(",")]
+        rates = offered
     res = {
         m: {"closed_ips": [], "closed_lat": [], "open": {r: ([], []) for r in rates}, "answers": None} for m in MODES
     }

@@ -280,3 +280,23 @@ def test_the_load_benchmarks_stage_compute_times(served, images):
     times = load_benchmark("serving.py").stage_compute_ms(export_dir, images, sizes=(1, 8), calls=3)
     assert set(times) == {"stage0", "teacher"} and all(set(t) == {"1", "8"} for t in times.values())
     assert all(0 < ms < 5e3 for t in times.values() for ms in t.values())
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--open_rate", "5", "--open_load", "0.5"], "not both"),
+        (["--open_load", "0.5,x"], "comma-separated numbers"),
+        (["--open_load", "0,0.5"], "must be positive"),
+        (["--rate", "1.5"], "--rate must be in [0, 1]"),
+    ],
+)
+def test_the_load_benchmark_refuses_bad_flags(argv, message, capsys):
+    from helpers import load_benchmark
+
+    bench = load_benchmark("serving.py")
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(["--stages=a,b", *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert bench.parse_args(["--stages=a,b"])[1] == [10.0]  # the default open-loop rate
+    assert bench.parse_args(["--stages=a,b", "--open_load", "0.3,0.9"])[1] == [0.3, 0.9]
