@@ -81,16 +81,14 @@ def operating_rate(stage_dirs, val_split, fixed_rate=None) -> tuple[float, dict]
         deferred[order[: int(rate * len(y))]] = True
         return float(np.mean(np.where(deferred, t.argmax(-1), s.argmax(-1)) == y))
 
-    rates = [fixed_rate] if fixed_rate is not None else np.round(np.arange(0.0, 1.0001, 0.05), 2)
-    for rate in rates:
-        acc = cascade_accuracy(rate)
-        if acc >= t_acc or fixed_rate is not None:
-            break
+    if fixed_rate is None:
+        grid = np.round(np.arange(0.0, 1.0001, 0.05), 2)  # 1.0 defers everything: the teacher's accuracy
+        rate = next(r for r in grid if cascade_accuracy(r) >= t_acc)
     else:
-        rate, acc = 1.0, t_acc
+        rate = fixed_rate
     return float(rate), {
         "teacher_val_accuracy": t_acc,
-        "cascade_val_accuracy": acc,
+        "cascade_val_accuracy": cascade_accuracy(rate),
         "student_val_accuracy": float(np.mean(s.argmax(-1) == y)),
         "rate_chosen_by": "fixed (--rate)" if fixed_rate is not None else "teacher's validation accuracy",
     }

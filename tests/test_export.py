@@ -109,10 +109,7 @@ def test_stages_compile_once_per_bucket_and_never_after_warm_up(stage_dirs, test
 def test_the_default_buckets_pad_at_most_half():
     """The loader's promise (module docstring, docs/serving.md): padding a chunk to its bucket costs at most
     1.5x its rows' compute, and nothing for 2 rows or fewer. (Without the 6 bucket, 5 rows ran as 8.)"""
-    import types
-
-    loader = types.SimpleNamespace(buckets=standalone.BUCKETS)
-    padded = {n: standalone.Cascade.bucket(loader, n) for n in range(1, standalone.BUCKETS[-1] + 1)}
+    padded = {n: standalone.padded_size(n) for n in range(1, standalone.BUCKETS[-1] + 1)}
     assert all(n <= b < 1.5 * n for n, b in padded.items() if n > 2)
     assert all(padded[n] == n for n in (1, 2))
 

@@ -239,3 +239,13 @@ def test_cascade_speed_share_verdict_against_hand_computed_interval():
     assert r["verdict"] == "unresolved" and r["target_max"] == 3.0
     assert cascade_speed.share_over_flops([0.2, 0.2], [1.0, 1.0], 0.1)["verdict"] == "met"
     assert cascade_speed.share_over_flops([0.4, 0.4], [1.0, 1.0], 0.1)["verdict"] == "not met"
+
+
+def test_the_serving_table_is_regenerated_from_its_raw_outputs():
+    """docs/serving.md's table of the ResNet-56 runs is what benchmarks/serving_table.py prints from the
+    committed JSONs, verbatim."""
+    from helpers import load_benchmark
+
+    with open(os.path.join(REPO, "docs", "serving.md")) as f:
+        page = f.read()
+    assert load_benchmark("serving_table.py").table() in page

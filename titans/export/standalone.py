@@ -36,6 +36,11 @@ VERSION = 1
 BUCKETS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
+def padded_size(n: int, buckets=BUCKETS) -> int:
+    """The bucket a chunk of n rows (1 <= n <= the largest bucket) is padded to: the smallest not below n."""
+    return next(b for b in buckets if b >= n)
+
+
 class ExportError(RuntimeError):
     """An export directory that cannot be used here (format, JAX version, platform, files)."""
 
@@ -85,7 +90,7 @@ class Cascade:
 
     def bucket(self, n: int) -> int:
         """The batch size a chunk of n rows (1 <= n <= the largest bucket) is padded to."""
-        return next(b for b in self.buckets if b >= n)
+        return padded_size(n, self.buckets)
 
     def warm_up(self, stages=None) -> None:
         """Compile `stages` (default: all) at every bucket, so that no later call of theirs compiles."""
