@@ -1,6 +1,9 @@
 """Exported cascades: predictions equal the in-process ones (every stage, 2 and 3 stages), the
 standalone loader runs where titans cannot be imported, and an artifact from another JAX version or
-for another platform is refused with a clear message."""
+for another platform is refused with a clear message. Integrity: a missing, truncated, swapped or
+changed stage file and an edited manifest field are refused naming the file or field; a second export
+into a locked directory is refused naming the holder; an export killed midway leaves the previous
+export intact or a directory the loader refuses; unfinished runs are refused unless allowed."""
 
 import json
 import os
@@ -160,8 +163,7 @@ def test_artifact_of_another_jax_or_platform_is_refused(stage_dirs, tmp_path, fi
     _export(stage_dirs[-2:], tmp_path, [0.3])
     path = tmp_path / "manifest.json"
     manifest = json.loads(path.read_text())
-    manifest[field] = value
-    path.write_text(json.dumps(manifest))
+    path.write_text(json.dumps(standalone.seal({**manifest, field: value})))  # as that JAX would have written it
     with pytest.raises(standalone.ExportError, match=message):
         standalone.load(str(tmp_path))
 
@@ -213,3 +215,190 @@ def test_threshold_split_overlapping_a_training_split_is_refused(stage_dirs, dat
         _export(stage_dirs[-2:], tmp_path, [0.3]) if False else export.export_cascade(
             stage_dirs[-2:], "msp", [0.3], "train[60%:]", str(tmp_path), batch_size=64
         )
+
+
+# ------------------------------------------------------------------------------------- integrity
+
+
+@pytest.fixture(scope="module")
+def exported(stage_dirs, tmp_path_factory):
+    """One real 2-stage export (student, teacher), copied by each test that damages it."""
+    out = tmp_path_factory.mktemp("sealed") / "export"
+    _export(stage_dirs[-2:], out, [0.3])
+    return out
+
+
+def _flip_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _edit_manifest(path, **fields):
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps({**manifest, **fields}, indent=2))
+
+
+DAMAGE = {
+    "flipped byte": (lambda d: _flip_byte(d / "stage1.jaxexport"), r"stage1\.jaxexport has SHA-256 [0-9a-f]{64}"),
+    "student copied over teacher": (
+        lambda d: shutil.copyfile(d / "stage0.jaxexport", d / "stage1.jaxexport"),
+        r"stage1\.jaxexport is \d+ bytes; the exporter wrote \d+ bytes",
+    ),
+    "truncated": (
+        lambda d: (d / "stage0.jaxexport").write_bytes((d / "stage0.jaxexport").read_bytes()[:1000]),
+        r"stage0\.jaxexport is 1000 bytes",
+    ),
+    "missing": (lambda d: (d / "stage0.jaxexport").unlink(), r"stage0\.jaxexport is missing"),
+    "edited threshold": (
+        lambda d: _edit_manifest(d / "manifest.json", thresholds=[0.5]),
+        r"manifest\.json was changed after the export: field 'thresholds' differs",
+    ),
+    "edited file checksum": (
+        lambda d: _edit_manifest(d / "manifest.json", stages=[{**s, "sha256": "0" * 64} for s in _stages(d)]),
+        r"manifest\.json was changed after the export: field 'stages' differs",
+    ),
+    "no manifest": (lambda d: (d / "manifest.json").unlink(), r"holds no manifest\.json"),
+    "truncated manifest": (
+        lambda d: (d / "manifest.json").write_text((d / "manifest.json").read_text()[:200]),
+        r"manifest\.json is not valid JSON",
+    ),
+}
+
+
+def _stages(d):
+    return json.loads((d / "manifest.json").read_text())["stages"]
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_export_is_refused_naming_the_file(exported, tmp_path, damage):
+    d = tmp_path / "copy"
+    shutil.copytree(exported, d)
+    standalone.load(str(d))  # the undamaged copy loads
+    do, message = DAMAGE[damage]
+    do(d)
+    with pytest.raises(standalone.ExportIntegrityError, match=message) as e:
+        standalone.load(str(d))
+    assert isinstance(e.value, ValueError)
+
+
+def test_every_manifest_field_is_covered_by_its_checksum(exported, tmp_path):
+    """Editing any field (the operating point, the expected accuracy, a stage's source run) is refused."""
+    d = tmp_path / "copy"
+    shutil.copytree(exported, d)
+    original = (d / "manifest.json").read_text()
+    manifest = json.loads(original)
+    for field in sorted(set(manifest) - {"format", "version", "integrity"}):
+        _edit_manifest(d / "manifest.json", **{field: "edited"})
+        with pytest.raises(standalone.ExportIntegrityError, match=f"field '{field}' differs"):
+            standalone.load(str(d))
+        (d / "manifest.json").write_text(original)
+    _edit_manifest(d / "manifest.json", extra=1)
+    with pytest.raises(standalone.ExportIntegrityError, match="field 'extra' was added"):
+        standalone.load(str(d))
+
+
+def test_a_second_export_into_a_locked_directory_is_refused(stage_dirs, tmp_path, capsys):
+    from titans import locks
+    from titans.export import __main__ as export_main
+
+    out = tmp_path / "exp"
+    with locks.WorkdirLock(str(out), "export"):  # what a running export holds
+        with pytest.raises(locks.WorkdirLockedError, match=rf"export on host .*, pid {os.getpid()}"):
+            _export(stage_dirs[-2:], out, [0.3])
+        argv = [f"--stages={','.join(stage_dirs[-2:])}", "--val_split=train[80%:]", f"--out={out}"]
+        with pytest.raises(SystemExit) as e:
+            export_main.main(argv)
+    assert e.value.code == 2 and f"pid {os.getpid()}" in capsys.readouterr().err
+    assert not (out / "manifest.json").exists()
+
+
+KILLER = """
+import os, sys
+from titans import export
+point, count = sys.argv[1], int(sys.argv[2])
+real, calls = getattr(export, point), []
+def dying(*args):
+    calls.append(args)
+    if len(calls) == count:
+        os._exit(9)  # a kill: no cleanup runs
+    return real(*args)
+setattr(export, point, dying)
+export.export_cascade(sys.argv[3].split(","), "msp", [0.3], "train[80%:]", sys.argv[4], batch_size=64)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "point, count",
+    [("_write", 2), ("_move", 1), ("_move", 4)],  # staging; the first move; before the manifest's move
+)
+def test_an_export_killed_midway_leaves_the_old_export_or_none(stage_dirs, test_images, tmp_path, point, count):
+    from helpers import REPO
+
+    out = tmp_path / "exp"
+    _export([stage_dirs[0], stage_dirs[2]], out, [0.5])  # the previous export, with other stage files
+    x, _ = test_images
+    before = standalone.load(str(out)).predict(x)["classes"]
+    new = ",".join(stage_dirs[1:])
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLER, point, str(count), new, str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 9, proc.stderr
+    if point == "_write":  # killed while writing the new files aside: the previous export is untouched
+        np.testing.assert_array_equal(standalone.load(str(out)).predict(x)["classes"], before)
+    else:  # killed while moving them into place: no manifest, refused
+        with pytest.raises(standalone.ExportIntegrityError, match=r"holds no manifest\.json"):
+            standalone.load(str(out))
+    manifest = _export(stage_dirs[1:], out, [0.3])  # the next export cleans up and succeeds
+    assert standalone.load(str(out)).manifest == manifest
+    assert not (out / ".export-partial").exists()
+
+
+# ------------------------------------------------------------------------------- unfinished runs
+
+
+@pytest.fixture(scope="module")
+def unfinished_dirs(stage_dirs, tmp_path_factory):
+    """Copies of the student run as a kill after its step-20 checkpoint leaves it: without results.json
+    and its step-40 checkpoint; and one with results.json but only the step-20 checkpoint left."""
+    root = tmp_path_factory.mktemp("unfinished")
+    out = {}
+    for name, keep_results in (("killed", False), ("rolled_back", True)):
+        d = root / name
+        shutil.copytree(stage_dirs[1], d)
+        shutil.rmtree(d / "checkpoints" / "40")
+        if not keep_results:
+            (d / "results.json").unlink()
+        out[name] = str(d)
+    return out
+
+
+@pytest.mark.parametrize(
+    "run, reason",
+    [
+        ("killed", r"no results\.json: training has not finished \(checkpoint step 20 of 40\)"),
+        ("rolled_back", "its latest checkpoint is step 20 of 40"),
+    ],
+)
+def test_unfinished_run_is_refused_unless_allowed(stage_dirs, unfinished_dirs, tmp_path, capsys, run, reason):
+    from titans.export import __main__ as export_main
+
+    dirs = [unfinished_dirs[run], stage_dirs[2]]
+    with pytest.raises(export.UnfinishedRunError, match=reason):
+        _export(dirs, tmp_path / "lib", [0.3])
+    argv = [f"--stages={','.join(dirs)}", "--val_split=train[80%:]", "--batch_size=64", f"--out={tmp_path / 'cli'}"]
+    with pytest.raises(SystemExit) as e:
+        export_main.main(argv)
+    assert e.value.code == 2 and "--allow_unfinished" in capsys.readouterr().err
+    assert not (tmp_path / "cli").exists() and not (tmp_path / "lib").exists()  # nothing written
+    manifest = export.export_cascade(
+        dirs, "msp", [0.3], "train[80%:]", str(tmp_path / "ok"), batch_size=64, allow_unfinished=True
+    )
+    loaded = standalone.load(str(tmp_path / "ok")).manifest
+    assert loaded == manifest and loaded["allow_unfinished"] is True
+    assert [(s["step"], s["total_steps"], s["finished"]) for s in loaded["stages"]] == [(20, 40, False), (80, 80, True)]

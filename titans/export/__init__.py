@@ -8,31 +8,46 @@ writes one directory:
     manifest.json       format/version, Titans and JAX versions, platforms, input shape and dtype,
                         normalisation, class names, gate, thresholds (chosen on --val_split for the
                         --rates), per-stage XLA FLOPs, expected validation accuracy and deferral,
-                        and per stage its source run (workdir, step, SHA-256 of its variables)
+                        per stage its file (size, SHA-256) and source run (workdir, step, total steps,
+                        finished?, SHA-256 of its variables), whether unfinished runs were allowed, and
+                        `integrity`: the SHA-256 of every other field (standalone.seal)
     stage{i}.jaxexport  stage i serialised with `jax.export` (StableHLO, symbolic batch dimension):
                         uint8 images -> (logits, gate score) for every stage but the last, which
                         returns logits only; normalisation happens inside
-    titans_cascade.py   the loader: jax + numpy only (titans/export/standalone.py)
+    titans_cascade.py   the loader: jax + numpy only (titans/export/standalone.py); it checks every
+                        checksum before it runs anything
 
     import titans_cascade; cascade = titans_cascade.load("exports/fmnist_cascade"); cascade.predict(images)
 
 The thresholds are chosen on validation data exactly as `titans-cascade` chooses them, so the exported
 cascade defers the same examples as the in-process one (tests/test_export.py).
+
+Safety. Every stage run must have finished (results.json, and its checkpoint at the run's last step);
+an unfinished one is refused (`UnfinishedRunError`) unless `allow_unfinished`, which the manifest
+records. The export holds the output directory's `WorkdirLock` ("export"), so a second export into it
+fails at once naming the first, and it writes everything into OUT/.export-partial/ first, then removes
+the old manifest.json, moves the new files into place and the new manifest last: an export killed
+before the moves leaves the previous export as it was, one killed during them leaves a directory
+without a manifest, which the loader refuses. The output directory is an `etils.epath.Path`, so it may
+be a bucket (gs://...); there the moves are copies, and the manifest still comes last.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
-import shutil
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from jax import export as jax_export
 
 import titans
 from titans import data as data_lib
-from titans import parallel, runs
+from titans import locks, parallel, runs
 from titans.cascade import apply as cascade_apply
 from titans.cascade import evaluate, gates
 from titans.export import standalone
@@ -71,12 +86,12 @@ def _platforms() -> list[str]:
     return sorted({"cpu", here})
 
 
-def export_stage(stage, gate, info, last: bool, path: str) -> None:
+def export_stage(stage, gate, info, last: bool) -> bytes:
+    """Stage `stage` serialised with jax.export for uint8 images with a symbolic batch dimension."""
     shape = jax_export.symbolic_shape("b, " + ", ".join(str(d) for d in info.image_shape))
     spec = jax.ShapeDtypeStruct(shape, jnp.uint8)
     exported = jax_export.export(jax.jit(_stage_fn(stage, gate, info.num_classes, last)), platforms=_platforms())(spec)
-    with open(path, "wb") as f:
-        f.write(exported.serialize())
+    return bytes(exported.serialize())
 
 
 def _expected(stages, gate, thresholds, x, y, num_classes: int, *, mesh, batch_size) -> dict:
@@ -99,51 +114,147 @@ def _expected(stages, gate, thresholds, x, y, num_classes: int, *, mesh, batch_s
     }
 
 
-def export_cascade(stage_dirs, gate_name: str, rates, val_split: str, out: str, batch_size: int = 512) -> dict:
+class UnfinishedRunError(ValueError):
+    """A stage's run has not finished training (no results.json, or its checkpoint is before its last step)."""
+
+
+def run_status(stage_dir, step: int) -> dict:
+    """Whether the run in `stage_dir` finished, for the checkpoint `step` an export would take from it."""
+    run = runs.RunDir(stage_dir)
+    results = run.results()
+    total = (results or {}).get("steps") or max(int(run.config.get("total_steps", 0) or 0), 0) or None
+    if results is None:
+        reason = f"no results.json: training has not finished (checkpoint step {step:,}" + (
+            f" of {total:,})" if total else ")"
+        )
+    elif total and step < total:
+        reason = f"its latest checkpoint is step {step:,} of {total:,}"
+    else:
+        reason = None
+    return {"finished": reason is None, "total_steps": total, "reason": reason}
+
+
+def check_finished(stage_dirs, loaded, allow_unfinished: bool) -> list[dict]:
+    """run_status of every stage; refuses unfinished runs unless `allow_unfinished` (then a warning)."""
+    statuses = [run_status(d, step) for d, (*_, step) in zip(stage_dirs, loaded)]
+    unfinished = [f"{runs.RunDir(d).path} ({s['reason']})" for d, s in zip(stage_dirs, statuses) if not s["finished"]]
+    if unfinished and not allow_unfinished:
+        raise UnfinishedRunError(
+            f"not exporting: {len(unfinished)} stage run(s) have not finished: {'; '.join(unfinished)}. A cascade "
+            f"exported now would serve a model that is still training. Finish the run(s) (the same training "
+            f"command resumes them), or pass --allow_unfinished to export them as they are (the manifest records it)."
+        )
+    for u in unfinished:
+        logging.warning("Exporting an unfinished run, as allowed: %s", u)
+    return statuses
+
+
+def _out_path(out) -> epath.Path:
+    """The export directory: a URL (gs://...) as it is, a local path made absolute."""
+    text = os.fspath(out)
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", text):
+        return epath.Path(text.rstrip("/"))
+    return epath.Path(os.path.abspath(os.path.expanduser(text)))
+
+
+def export_cascade(
+    stage_dirs, gate_name: str, rates, val_split: str, out, batch_size: int = 512, *, allow_unfinished: bool = False
+) -> dict:
     """Writes the export directory `out` (see the module docstring); returns its manifest."""
     rates = [float(r) for r in rates]
     loaded, info = cascade_apply.load_stages(stage_dirs, rates)
+    statuses = check_finished(stage_dirs, loaded, allow_unfinished)
     evaluate.check_threshold_split([cfg for _, cfg, _, _ in loaded], info, val_split)
-    stages = [evaluate.NormalizedModel.of(m, info) for m, *_ in loaded]
-    gate = gates.get_gate(gate_name, num_classes=info.num_classes)
-    mesh = parallel.make_mesh()
-    batch_size = runs.round_up(batch_size, mesh.devices.size)
-    src = data_lib.get_source(info.name, val_split, data_dir=loaded[-1][1].dataset.data_dir or None)
-    val_x, val_y = runs.split_arrays(src, info)
-    thresholds = cascade_apply.choose_thresholds(stages, gate, rates, val_x, mesh=mesh, batch_size=batch_size)
-    os.makedirs(out, exist_ok=True)
-    entries = []
-    for i, (stage, (model, cfg, _, step)) in enumerate(zip(stages, loaded)):
-        export_stage(stage, gate, info, i == len(stages) - 1, os.path.join(out, f"stage{i}.jaxexport"))
-        entries.append(
-            {
-                "file": f"stage{i}.jaxexport",
-                "workdir": os.path.abspath(stage_dirs[i]),
-                "step": int(step),
-                "model": cfg.model.name,
-                "variables_sha256": cache_lib.variables_digest(model),
-                "flops_per_example": model.flops_per_example(info.image_shape),
-            }
-        )
-    manifest = {
-        "format": standalone.FORMAT,
-        "version": standalone.VERSION,
-        "titans_version": titans.__version__,
-        "jax_version": jax.__version__,
-        "platforms": _platforms(),
-        "input_shape": list(info.image_shape),
-        "input_dtype": "uint8",
-        "normalization": {"mean": list(info.mean), "std": list(info.std)},
-        "dataset": info.name,
-        "num_classes": info.num_classes,
-        "class_names": list(CLASS_NAMES.get(info.name, [str(c) for c in range(info.num_classes)])),
-        "gate": gate_name,
-        "target_rates": rates,
-        "thresholds": [float(t) for t in thresholds],
-        "val_split": val_split,
-        "stages": entries,
-        **_expected(stages, gate, thresholds, val_x, val_y, info.num_classes, mesh=mesh, batch_size=batch_size),
-    }
-    runs.write_json(os.path.join(out, "manifest.json"), manifest)
-    shutil.copyfile(standalone.__file__, os.path.join(out, "titans_cascade.py"))
+    out = _out_path(out)
+    with locks.WorkdirLock(os.fspath(out), "export"):
+        stages = [evaluate.NormalizedModel.of(m, info) for m, *_ in loaded]
+        gate = gates.get_gate(gate_name, num_classes=info.num_classes)
+        mesh = parallel.make_mesh()
+        batch_size = runs.round_up(batch_size, mesh.devices.size)
+        src = data_lib.get_source(info.name, val_split, data_dir=loaded[-1][1].dataset.data_dir or None)
+        val_x, val_y = runs.split_arrays(src, info)
+        thresholds = cascade_apply.choose_thresholds(stages, gate, rates, val_x, mesh=mesh, batch_size=batch_size)
+        files, entries = {}, []
+        for i, (stage, (model, cfg, _, step)) in enumerate(zip(stages, loaded)):
+            name = f"stage{i}.jaxexport"
+            files[name] = export_stage(stage, gate, info, i == len(stages) - 1)
+            entries.append(
+                {
+                    "file": name,
+                    "size": len(files[name]),
+                    "sha256": standalone.sha256(files[name]),
+                    "workdir": runs.RunDir(stage_dirs[i]).path,
+                    "step": int(step),
+                    "total_steps": statuses[i]["total_steps"],
+                    "finished": statuses[i]["finished"],
+                    "model": cfg.model.name,
+                    "variables_sha256": cache_lib.variables_digest(model),
+                    "flops_per_example": model.flops_per_example(info.image_shape),
+                }
+            )
+        expected = _expected(stages, gate, thresholds, val_x, val_y, info.num_classes, mesh=mesh, batch_size=batch_size)
+        manifest = _manifest(info, gate_name, rates, thresholds, val_split, entries, expected, allow_unfinished)
+        with open(standalone.__file__, "rb") as f:
+            files["titans_cascade.py"] = f.read()
+        write_export(out, files, manifest)
     return manifest
+
+
+def _manifest(info, gate_name, rates, thresholds, val_split, entries, expected, allow_unfinished) -> dict:
+    """The export's manifest, sealed (standalone.seal: the SHA-256 of every field under `integrity`)."""
+    return standalone.seal(
+        {
+            "format": standalone.FORMAT,
+            "version": standalone.VERSION,
+            "titans_version": titans.__version__,
+            "jax_version": jax.__version__,
+            "platforms": _platforms(),
+            "input_shape": list(info.image_shape),
+            "input_dtype": "uint8",
+            "normalization": {"mean": list(info.mean), "std": list(info.std)},
+            "dataset": info.name,
+            "num_classes": info.num_classes,
+            "class_names": list(CLASS_NAMES.get(info.name, [str(c) for c in range(info.num_classes)])),
+            "gate": gate_name,
+            "target_rates": rates,
+            "thresholds": [float(t) for t in thresholds],
+            "val_split": val_split,
+            "allow_unfinished": bool(allow_unfinished),
+            "stages": entries,
+            **expected,
+        }
+    )
+
+
+STAGING = ".export-partial"
+
+
+def _write(path: epath.Path, data: bytes) -> None:
+    path.write_bytes(data)
+
+
+def _move(src: epath.Path, dst: epath.Path) -> None:
+    src.replace(dst)
+
+
+def write_export(out: epath.Path, files: dict[str, bytes], manifest: dict) -> None:
+    """Puts `files` and `manifest` into `out`, whose lock the caller holds, so that no reader ever loads a
+    half-written export: everything is written into OUT/.export-partial/ first (a kill here leaves the
+    previous export intact), then the old manifest.json goes, the files move into place, and the new
+    manifest comes last (a kill between leaves no manifest.json, which the loader refuses)."""
+    staging = out / STAGING
+    if staging.exists():  # left by an export that was killed
+        staging.rmtree()
+    staging.mkdir(parents=True)
+    for name, data in files.items():
+        _write(staging / name, data)
+    _write(staging / standalone.MANIFEST, json.dumps(manifest, indent=2, allow_nan=False).encode())
+    if (out / standalone.MANIFEST).exists():
+        (out / standalone.MANIFEST).unlink()
+    for stale in out.glob("stage*.jaxexport"):  # a previous export with more stages
+        if stale.name not in files:
+            stale.unlink()
+    for name in files:
+        _move(staging / name, out / name)
+    _move(staging / standalone.MANIFEST, out / standalone.MANIFEST)
+    staging.rmtree()

@@ -13,6 +13,15 @@ students are confident. Each stage is a `jax.export` artifact (StableHLO with a 
 dimension) that normalises raw uint8 images itself. An artifact made with another JAX version, or
 for platforms this machine does not have, is refused with a message naming both.
 
+Integrity. The manifest records every stage file's size and SHA-256, and the SHA-256 of each of its
+own fields (the operating point included: gate, rates, thresholds) under `integrity`. `load` checks all
+of them before it runs anything, and refuses a missing, truncated, changed or swapped stage file, or an
+edited field, with an `ExportIntegrityError` (a ValueError) that names the file or field and what
+differs. The checksums catch damage and edits, not a forger: whoever edits a field can recompute its
+checksum. A directory without manifest.json is refused too: the exporter writes the manifest last.
+This loader reads local files only (`open`), so that it needs nothing beyond jax and numpy: copy an
+export out of a bucket before loading it.
+
 Batch sizes. A symbolic batch dimension does not mean one compilation: XLA compiles the stage again
 for every new concrete batch size (0.1-0.5 s each for the Fashion-MNIST students and ResNet-20 on
 CPU), and a cascade's later stages see a different number of deferred rows on nearly every call.
@@ -24,6 +33,7 @@ serving replicas do when they start, so no request waits for the compiler.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -32,7 +42,8 @@ import numpy as np
 from jax import export as jax_export
 
 FORMAT = "titans-cascade-export"
-VERSION = 1
+VERSION = 2  # 2: SHA-256 of every stage file and of every manifest field
+MANIFEST = "manifest.json"
 BUCKETS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
@@ -45,9 +56,63 @@ class ExportError(RuntimeError):
     """An export directory that cannot be used here (format, JAX version, platform, files)."""
 
 
+class ExportIntegrityError(ExportError, ValueError):
+    """A file of the export, or a field of its manifest, is not what the exporter wrote (missing, truncated,
+    changed, replaced); the message names the file or field and what differs."""
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def canonical(value) -> bytes:
+    """The bytes a manifest field's checksum covers: its JSON with sorted keys and no spaces."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def seal(manifest: dict) -> dict:
+    """`manifest` as JSON types, with `integrity`: the SHA-256 of every other field's canonical JSON."""
+    body = json.loads(canonical({k: v for k, v in manifest.items() if k != "integrity"}))
+    fields = {k: sha256(canonical(v)) for k, v in body.items()}
+    return {**body, "integrity": {"algorithm": "sha256", "fields": fields}}
+
+
+def _verify_fields(manifest: dict, path: str) -> None:
+    """Every field of the manifest has the checksum the exporter recorded; none added or missing."""
+    integrity = manifest.get("integrity")
+    recorded = integrity.get("fields") if isinstance(integrity, dict) else None
+    if not isinstance(recorded, dict):
+        raise ExportIntegrityError(
+            f"{path} has no integrity record ('integrity.fields'): its fields cannot be checked."
+        )
+    body = {k: v for k, v in manifest.items() if k != "integrity"}
+    problems = []
+    for name in sorted(set(body) | set(recorded)):
+        if name not in body:
+            problems.append(f"field {name!r} is missing")
+        elif name not in recorded:
+            problems.append(f"field {name!r} was added")
+        elif sha256(canonical(body[name])) != recorded[name]:
+            problems.append(
+                f"field {name!r} differs from what the exporter wrote (SHA-256 {sha256(canonical(body[name]))}, "
+                f"recorded {recorded[name]})"
+            )
+    if problems:
+        raise ExportIntegrityError(
+            f"{path} was changed after the export: {'; '.join(problems)}. Its operating point (gate, rates, "
+            f"thresholds) and file checksums can no longer be trusted: export the cascade again."
+        )
+
+
 def _check(manifest: dict, directory: str) -> None:
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise ExportError(f"{directory} is not a Titans cascade export of version {VERSION}.")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ExportError(f"{directory} is not a Titans cascade export ({MANIFEST} has no format {FORMAT!r}).")
+    if manifest.get("version") != VERSION:
+        raise ExportError(
+            f"{directory} is a Titans cascade export of version {manifest.get('version')}; this loader reads "
+            f"version {VERSION} (with SHA-256 checksums of every file). Export it again."
+        )
+    _verify_fields(manifest, os.path.join(directory, MANIFEST))
     if manifest["jax_version"] != jax.__version__:
         raise ExportError(
             f"{directory} was exported with jax {manifest['jax_version']}; this machine has jax {jax.__version__}. "
@@ -63,6 +128,50 @@ def _check(manifest: dict, directory: str) -> None:
         )
 
 
+def read_manifest(directory: str) -> dict:
+    """The manifest of the export in `directory` (a local path), checked: format, version, the checksum
+    of every field, JAX version and platform."""
+    path = os.path.join(directory, MANIFEST)
+    try:
+        with open(path, "rb") as f:
+            manifest = json.loads(f.read())
+    except FileNotFoundError:
+        raise ExportIntegrityError(
+            f"{directory} holds no {MANIFEST}: not a Titans cascade export, or one whose writing did not finish "
+            f"(the exporter writes {MANIFEST} last). Export it again."
+        ) from None
+    except ValueError as e:
+        raise ExportIntegrityError(f"{path} is not valid JSON ({e}): truncated or damaged. Export again.") from None
+    _check(manifest, directory)
+    return manifest
+
+
+def read_stage_file(directory: str, i: int, entry: dict) -> bytes:
+    """The bytes of stage i's file, refused unless they have the size and SHA-256 the manifest records."""
+    name = entry.get("file")
+    if not isinstance(name, str) or name in ("", ".", "..") or os.path.basename(name) != name:
+        raise ExportIntegrityError(
+            f"{os.path.join(directory, MANIFEST)}: stage {i}'s file {name!r} is not a file name."
+        )
+    path = os.path.join(directory, name)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ExportIntegrityError(f"{path} is missing (stage {i} of the export). Export again.") from None
+    if len(data) != entry.get("size"):
+        raise ExportIntegrityError(
+            f"{path} is {len(data)} bytes; the exporter wrote {entry.get('size')} bytes for stage {i}: the file was "
+            f"truncated or replaced (another stage's file copied over it?). Export again."
+        )
+    if sha256(data) != entry.get("sha256"):
+        raise ExportIntegrityError(
+            f"{path} has SHA-256 {sha256(data)}; the exporter wrote {entry.get('sha256')} for stage {i}: the file "
+            f"was changed after the export (a damaged byte, or another file of the same size). Export again."
+        )
+    return data
+
+
 class Cascade:
     """An exported cascade, loaded: `predict(images)`."""
 
@@ -71,18 +180,16 @@ class Cascade:
         if not self.buckets or self.buckets[0] < 1:
             raise ValueError(f"buckets must be positive batch sizes; got {buckets}")
         self.directory = os.path.abspath(directory)
-        path = os.path.join(self.directory, "manifest.json")
-        if not os.path.exists(path):
-            raise ExportError(f"{self.directory} holds no manifest.json: not a Titans cascade export.")
-        with open(path) as f:
-            self.manifest = json.load(f)
-        _check(self.manifest, self.directory)
+        self.manifest = read_manifest(self.directory)
         self.thresholds = [float(t) for t in self.manifest["thresholds"]]
         self.input_shape = tuple(self.manifest["input_shape"])
         self._stages = []
-        for stage in self.manifest["stages"]:
-            with open(os.path.join(self.directory, stage["file"]), "rb") as f:
-                self._stages.append(jax_export.deserialize(bytearray(f.read())))
+        for i, stage in enumerate(self.manifest["stages"]):
+            data = read_stage_file(self.directory, i, stage)
+            try:
+                self._stages.append(jax_export.deserialize(bytearray(data)))
+            except Exception as e:
+                raise ExportError(f"{os.path.join(self.directory, stage['file'])} cannot be deserialised: {e}") from e
 
     @property
     def num_stages(self) -> int:
