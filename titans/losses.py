@@ -132,7 +132,7 @@ def defer_surrogate(
 
     The consistent cross-entropy surrogate of Mozannar & Sontag (ICML 2020),
         L = -log p_y - 1[expert correct] * log p_defer,
-    with the teacher as the expert (our reading, METHODS.md §1), distilled like the standard student:
+    with the teacher as the expert (our reading, docs/methods.md#cascades), distilled like the standard student:
         L = (1 - alpha) * (-log p_y) + alpha * T^2 * KL(softmax(g / T) || softmax(s_{1..C} / T))
             - defer_weight * max(t_y - c, 0) * log p_defer,
     where p = softmax over all C + 1 outputs (temperature 1: the deferral rule "defer iff
@@ -176,7 +176,7 @@ def flattened_distillation(
     return alpha * temperature**2 * kl + (1.0 - alpha) * (1.0 - h[:, 0]) * ce
 
 
-# --- Progressive ensemble distillation (B-DISTIL, METHODS.md §2): a member fits what the ensemble misses. ---
+# --- Progressive ensemble distillation (B-DISTIL, docs/methods.md#b-distil): a member fits what the ensemble misses. ---
 
 
 def log_barrier_extension(z: jax.Array, t: float) -> jax.Array:

@@ -1,4 +1,4 @@
-"""Robust active distillation (METHODS.md §3): buy teacher soft labels where they are informative and right.
+"""Robust active distillation (docs/methods.md#robust-active-distillation): buy teacher soft labels where they are informative and right.
 
     from titans.active import selection, loop
     idx, p = selection.select_robust(key, gain, available, b, m)   # game + DepRound

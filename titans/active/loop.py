@@ -1,6 +1,6 @@
 """The active-distillation loop: select -> buy teacher soft labels -> train the student -> evaluate.
 
-Setting (METHODS.md §3): a small labelled set, a labelled validation split (only for estimating
+Setting (docs/methods.md#robust-active-distillation): a small labelled set, a labelled validation split (only for estimating
 the teacher's mistakes), a large unlabelled pool, and a teacher whose pool queries are counted
 against a budget. `run(config, workdir)` runs every strategy of `config.active.strategies`, each in
 WORKDIR/<strategy>/, round by round:

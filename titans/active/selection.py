@@ -11,7 +11,7 @@ not bought yet) and returns exactly `b` distinct pool indices:
              chosen point; O(b * pool * dim), the costly one;
   robust     the robust game-theoretic selection below, sampled with DepRound.
 
-Robust selection (METHODS.md §3; Baykal et al., 2023). The exact game is left open there; this is
+Robust selection (docs/methods.md#robust-active-distillation; Baykal et al., 2023). The exact game is left open there; this is
 the formulation built here. Each pool point i has an informativeness g_i >= 0 from the student
 (1 - margin by default). The learner picks inclusion probabilities p in
 P = {p in [0, 1]^n : sum(p) = b}. An adversary that sees p (not the sample drawn from it) makes the

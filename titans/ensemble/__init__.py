@@ -1,4 +1,4 @@
-"""Progressive ensemble distillation (B-DISTIL, METHODS.md §2): an anytime ensemble of small students.
+"""Progressive ensemble distillation (B-DISTIL, docs/methods.md#b-distil): an anytime ensemble of small students.
 
 weights.py   the weight player (multiplicative updates over examples or example-class pairs)
 members.py   the connection between members, frozen earlier members, loading an ensemble

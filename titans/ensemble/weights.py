@@ -16,7 +16,7 @@ Scaling by a high quantile rather than the mean matters: residuals are heavy-tai
 examples the teacher itself finds ambiguous score 100x the mean), and exp(eta * score / mean)
 hands almost all the weight to those few (measured on Fashion-MNIST: one round gave a max weight
 of 28,731 with 90% of examples at the floor). Per round a weight grows by at most exp(eta). The
-uniform mix keeps every example in play. Our reading of METHODS.md §2, where the exact update is
+uniform mix keeps every example in play. Our reading of docs/methods.md#b-distil, where the exact update is
 open.
 """
 
