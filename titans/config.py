@@ -134,7 +134,7 @@ def _distill_section() -> ml_collections.ConfigDict:
     d.loss = "kd"  # kd (Hinton) | hard (CE on teacher argmax)
     d.alpha = 0.9  # weight of the distillation term; (1 - alpha) on labelled CE
     d.temperature = 4.0
-    # Student objective (cascades, METHODS.md §1): standard | easy_weighted | flatten | defer.
+    # Student objective (docs/methods.md#cascades): standard | easy_weighted | flatten | defer.
     # easy_weighted and flatten read their per-example easiness from `easy` (flatten: hardness = 1 - easiness).
     d.objective = "standard"
     d.easy = _distill_easy_section()
