@@ -18,10 +18,9 @@ an error naming what was expected, and stays on disk as it was.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
+import threading
 import time
 from typing import Any
 
@@ -30,6 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from titans import config as config_lib
+from titans import paths
 
 ITEMS = ("model", "train", "loader", "meta")
 
@@ -46,27 +46,22 @@ class CorruptCheckpointError(CheckpointError):
     """A checkpoint step exists but could not be read, or its files do not match their checksums."""
 
 
+class UnverifiedCheckpointError(CorruptCheckpointError):
+    """A step has no recorded checksums: its save never completed (the process died first), or an old
+    Titans wrote it. It is not read unless the caller says so."""
+
+
 class ResumeMismatchError(CheckpointError):
     """Resuming would silently change what the run computes (its config, or its teacher)."""
 
 
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def file_sha256(path) -> str:
+    return paths.sha256(path)
 
 
-def step_checksums(step_dir: str) -> dict[str, str]:
-    """SHA-256 of every file under a step directory, by path relative to it."""
-    out = {}
-    for root, dirs, files in os.walk(step_dir):
-        dirs.sort()
-        for name in sorted(files):
-            path = os.path.join(root, name)
-            out[os.path.relpath(path, step_dir)] = file_sha256(path)
-    return out
+def step_checksums(step_dir) -> dict[str, str]:
+    """SHA-256 of every file under a step directory (local or remote), by path relative to it."""
+    return paths.tree_sha256(step_dir)
 
 
 def _is_key(x) -> bool:
@@ -114,22 +109,34 @@ def _abstract(tree):
 
 
 class Checkpointer:
-    """Saves and restores one run's state under WORKDIR/checkpoints."""
+    """Saves and restores one run's state under WORKDIR/checkpoints (a local directory or a bucket).
 
-    def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False):
-        self.workdir = os.path.abspath(workdir)
-        self.directory = os.path.join(self.workdir, "checkpoints")
-        self.sums_directory = os.path.join(self.workdir, "checkpoints_sha256")
+    A step counts as saved once its checksums are recorded: a thread waits for orbax to commit the save,
+    then process 0 hashes the step's files and writes WORKDIR/checkpoints_sha256/STEP.json, before the
+    next save may start. A step without that record (its process died between orbax's commit and the
+    hashing) is refused by `verify` unless the caller allows it; the trainer then resumes from the
+    newest verified step instead (`newest_verified`).
+    """
+
+    def __init__(self, workdir, *, keep: int = 3, async_save: bool = True, read_only: bool = False):
+        self.workdir = paths.text(workdir)
+        self.directory = paths.join(self.workdir, "checkpoints")
+        self.sums_directory = paths.join(self.workdir, "checkpoints_sha256")
         self.read_only = read_only
+        self._lock = threading.Lock()
+        self._unhashed: list[int] = []
+        self._hash_error: BaseException | None = None
+        self._hasher: threading.Thread | None = None
         self._options = ocp.CheckpointManagerOptions(
             max_to_keep=keep if keep > 0 and not read_only else None,
             save_interval_steps=0 if read_only else 1,
             enable_async_checkpointing=async_save,
             create=not read_only,
             read_only=read_only,
+            # Leftovers of saves a killed process never finished (STEP.orbax-checkpoint-tmp-*) are removed.
+            cleanup_tmp_directories=not read_only,
         )
         self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=self._options)
-        self._unhashed: list[int] = []
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -145,20 +152,39 @@ class Checkpointer:
             loader=ocp.args.JsonSave(loader),
             meta=ocp.args.JsonSave(meta),
         )
+        with self._lock:
+            self._unhashed.append(step)
         self.manager.save(step, args=args, force=True)
-        self._unhashed.append(step)
+        # The step counts as saved once hashed: a thread waits for orbax to commit it, then hashes it at
+        # once (not at the next save), so the window in which a crash leaves it unverified is short.
+        self._hasher = threading.Thread(target=self._commit_and_hash, name=f"titans-hash-{step}", daemon=True)
+        self._hasher.start()
 
-    def wait(self) -> None:
-        """Blocks until every save is on disk, then records the checksums of the new steps."""
+    def _commit_and_hash(self) -> None:
         try:
             self.manager.wait_until_finished()
+        except BaseException as e:  # re-raised by wait() in the caller's thread
+            self._hash_error = e
+            return
+        self._record_checksums()
+
+    def wait(self) -> None:
+        """Blocks until every save is on disk and checksummed."""
+        try:
+            if self._hasher is not None:
+                self._hasher.join()
+                self._hasher = None
+            self.manager.wait_until_finished()
+            self._record_checksums()  # normally done already, by the hashing thread
+            if self._hash_error is not None:
+                raise self._hash_error
         except Exception as e:
-            pending, self._unhashed = self._unhashed, []
+            with self._lock:
+                pending, self._unhashed, self._hash_error = self._unhashed, [], None
             raise CheckpointError(
                 f"Saving checkpoint step(s) {pending} to {self.directory} failed ({type(e).__name__}: {e}). "
                 f"Saved steps: {self.all_steps()}. Free space or fix the permissions, then rerun to resume."
             ) from e
-        self._record_checksums()
 
     def close(self) -> None:
         try:
@@ -169,45 +195,63 @@ class Checkpointer:
     # ------------------------------------------------------------------------------- checksums
 
     def _sums_path(self, step: int) -> str:
-        return os.path.join(self.sums_directory, f"{step}.json")
+        return paths.join(self.sums_directory, f"{step}.json")
 
     def _record_checksums(self) -> None:
-        if self.read_only or jax.process_index() != 0 or "://" in self.directory:
-            self._unhashed.clear()  # other processes' files, or remote storage: not hashed here
-            return
-        steps = set(self.all_steps())
-        os.makedirs(self.sums_directory, exist_ok=True)
-        for step in self._unhashed:
-            if step in steps:
-                sums = step_checksums(os.path.join(self.directory, str(step)))
-                tmp = self._sums_path(step) + ".tmp"
-                with open(tmp, "w") as f:
-                    json.dump({"step": step, "sha256": sums}, f, indent=1)
-                os.replace(tmp, self._sums_path(step))
-        self._unhashed.clear()
-        for name in os.listdir(self.sums_directory):  # records of steps the keep policy deleted
-            stem = name.split(".")[0]
-            if stem.isdigit() and int(stem) not in steps:
-                os.remove(os.path.join(self.sums_directory, name))
+        """Hashes the steps saved and committed since the last call (the hashing thread, and `wait`)."""
+        try:
+            with self._lock:
+                if self.read_only or jax.process_index() != 0:
+                    self._unhashed.clear()  # other processes' saves are hashed by process 0
+                    return
+                pending = [s for s in self._unhashed if paths.exists(paths.join(self.directory, str(s)))]
+                if not pending:
+                    return
+                paths.makedirs(self.sums_directory)
+                for step in pending:
+                    sums = step_checksums(paths.join(self.directory, str(step)))
+                    paths.write_text(self._sums_path(step), json.dumps({"step": step, "sha256": sums}, indent=1))
+                    self._unhashed.remove(step)
+                self._drop_stale_sums()
+        except Exception as e:  # raised again by wait(): a step that cannot be hashed is not saved
+            self._hash_error = e
 
-    def verify(self, step: int) -> None:
+    def _drop_stale_sums(self) -> None:
+        """Removes the records of steps the keep policy deleted."""
+        steps = set(self.manager.all_steps())
+        for file in paths.resolve(self.sums_directory).iterdir():
+            stem = file.name.split(".")[0]
+            if stem.isdigit() and int(stem) not in steps:
+                file.unlink()
+
+    def verified_steps(self) -> list[int]:
+        """The saved steps whose checksums were recorded (whose saves completed)."""
+        return [s for s in self.all_steps() if paths.exists(self._sums_path(s))]
+
+    def verify(self, step: int, *, allow_unverified: bool = False) -> None:
         """Raises CorruptCheckpointError naming the first file of `step` whose SHA-256 differs from the
-        one recorded when it was saved. A step saved by a process killed before it could record its
-        checksums (or by an older Titans) is read unverified, with a warning."""
-        path = self._sums_path(step)
-        if "://" in self.directory:
-            return
-        if not os.path.exists(path):
-            logging.warning(
-                "Checkpoint step %d in %s has no recorded checksums; reading it unverified.", step, self.directory
+        one recorded when it was saved, and UnverifiedCheckpointError for a step with no record (its save
+        never completed), unless `allow_unverified` (then it is read with a warning)."""
+        recorded = paths.read_text(self._sums_path(step))
+        if recorded is None:
+            if allow_unverified:
+                logging.warning(
+                    "Checkpoint step %d in %s has no recorded checksums; reading it unverified as asked.",
+                    step,
+                    self.directory,
+                )
+                return
+            raise UnverifiedCheckpointError(
+                f"Checkpoint step {step} in {self.directory} has no recorded checksums: its save did not "
+                f"complete (the process stopped before hashing it) or an old Titans wrote it, so a damaged "
+                f"file there would go unnoticed. It was left as it is. Verified steps: {self.verified_steps()}; "
+                f"pick one with --config.checkpoint.restore_step=N, or accept this one with "
+                f"--config.checkpoint.allow_unverified=True."
             )
-            return
-        with open(path) as f:
-            recorded = json.load(f)["sha256"]
-        step_dir = os.path.join(self.directory, str(step))
-        for rel, want in sorted(recorded.items()):
-            file = os.path.join(step_dir, rel)
-            got = file_sha256(file) if os.path.exists(file) else "missing"
+        step_dir = paths.join(self.directory, str(step))
+        for rel, want in sorted(json.loads(recorded)["sha256"].items()):
+            file = paths.join(step_dir, rel)
+            got = file_sha256(file) if paths.exists(file) else "missing"
             if got != want:
                 raise CorruptCheckpointError(
                     f"Checkpoint step {step} in {self.directory} fails its checksum: {rel} "
@@ -246,10 +290,12 @@ class Checkpointer:
             )
         return found
 
-    def restore(self, step: int, *, model_like: Any, train_like: Any, expected_meta: dict):
+    def restore(
+        self, step: int, *, model_like: Any, train_like: Any, expected_meta: dict, allow_unverified: bool = False
+    ):
         """Restores (model, train, loader_state) of `step` after checking its meta and checksums."""
         self.check_meta(step, expected_meta)
-        self.verify(step)
+        self.verify(step, allow_unverified=allow_unverified)
         try:
             try:
                 out = self._restore_items(step, model_like, train_like)
@@ -276,9 +322,9 @@ class Checkpointer:
         )
         return dict(self.manager.restore(step, args=args))
 
-    def restore_model(self, step: int, model_like: Any):
+    def restore_model(self, step: int, model_like: Any, *, allow_unverified: bool = False):
         """Restores only the `model` item (how a teacher is loaded), after checking its checksums."""
-        self.verify(step)
+        self.verify(step, allow_unverified=allow_unverified)
         try:
             out = self.manager.restore(
                 step, args=ocp.args.Composite(model=ocp.args.StandardRestore(_abstract(model_like)))
@@ -296,12 +342,11 @@ class Checkpointer:
         if not later:
             return []
         self.wait()
-        target = os.path.join(self.workdir, "checkpoints_superseded", time.strftime("%Y%m%d-%H%M%S"))
-        os.makedirs(target, exist_ok=True)
+        target = paths.makedirs(paths.join(self.workdir, "checkpoints_superseded", time.strftime("%Y%m%d-%H%M%S")))
         for s in later:
-            os.rename(os.path.join(self.directory, str(s)), os.path.join(target, str(s)))
-            if os.path.exists(self._sums_path(s)):
-                os.rename(self._sums_path(s), os.path.join(target, f"{s}.sha256.json"))
+            paths.resolve(paths.join(self.directory, str(s))).rename(target / str(s))
+            if paths.exists(self._sums_path(s)):
+                paths.resolve(self._sums_path(s)).rename(target / f"{s}.sha256.json")
         self.manager.close()
         self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=self._options)
         logging.warning("Restarting from step %d: the later steps %s were moved to %s.", step, later, target)

@@ -195,6 +195,9 @@ def _checkpoint_section() -> ml_collections.ConfigDict:
     # Comma-separated fields that may differ from the checkpoint's config on resume ("teacher": the
     # teacher's variables; "*": any); each allowed change is recorded in WORKDIR/config_changes.jsonl.
     c.allow_changes = ""
+    # Read a step whose checksums were never recorded (its save did not complete, or an old Titans wrote
+    # it). Off: such a step is refused, and an automatic resume falls back to the newest verified step.
+    c.allow_unverified = False
     return c
 
 
@@ -309,8 +312,8 @@ def _check_values(c: ml_collections.ConfigDict, where: str) -> None:
         raise ConfigError(f"{where}: distill.alpha={c.distill.alpha} must be in [0, 1].")
     if not 0.0 <= c.distill.defer_cost <= 1.0:
         raise ConfigError(f"{where}: distill.defer_cost={c.distill.defer_cost} must be in [0, 1].")
-    if c.distill.temperature <= 0:
-        raise ConfigError(f"{where}: distill.temperature must be positive.")
+    if not math.isfinite(c.distill.temperature) or c.distill.temperature <= 0:
+        raise ConfigError(f"{where}: distill.temperature={c.distill.temperature!r} must be a finite number > 0.")
     if c.batch_size <= 0 or c.eval_batch_size <= 0:
         raise ConfigError(f"{where}: batch sizes must be positive.")
     _check_numbers(c, where)
@@ -389,11 +392,29 @@ def check_override(config: ml_collections.ConfigDict, dotted: str) -> None:
     for part in dotted.split("."):
         if not isinstance(node, ml_collections.ConfigDict) or part not in node:
             if isinstance(node, ml_collections.ConfigDict) and ".".join(walked) in _FREE_FORM:
-                return  # model.kwargs.<anything>: checked by the model constructor
+                _check_kwargs_override(config, part)
+                return
             known = _flat_keys(config) if "stages" not in config else _flat_pipeline_keys(config)
             raise _unknown_error(dotted, known, "the command-line overrides")
         walked.append(part)
         node = node[part]
+
+
+def _check_kwargs_override(config: ml_collections.ConfigDict, key: str) -> None:
+    """`--config.model.kwargs.KEY=...` for a KEY the config file does not set: refused with the model's
+    arguments and the close matches (the command line can change a field, not add one)."""
+    name = config.model.name
+    accepted = models.model_kwargs(name) if name in models.MODEL_NAMES else ()
+    if key in accepted:
+        raise ConfigError(
+            f"model.kwargs.{key} is an argument of model {name!r}, but the config file does not set it, and the "
+            f"command line can only change fields the config defines: add `model.kwargs.{key}` to the config."
+        )
+    close = difflib.get_close_matches(key, list(accepted) + list(config.model.kwargs), n=3, cutoff=0.5)
+    raise ConfigError(
+        f"model.kwargs.{key} is not an argument of model {name!r} (it takes: {', '.join(accepted) or 'none'})."
+        + (f" Did you mean: {', '.join(dict.fromkeys(close))}?" if close else "")
+    )
 
 
 def _flat_pipeline_keys(config) -> dict[str, Any]:

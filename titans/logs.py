@@ -12,7 +12,7 @@ import traceback
 
 import jax
 
-from titans import compile_cache, host_malloc, tensorboard, xla_cpu
+from titans import compile_cache, host_malloc, paths, tensorboard, xla_cpu
 
 
 class MetricWriter:
@@ -24,11 +24,11 @@ class MetricWriter:
         self._file = None
         if not enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
+        paths.makedirs(workdir)
         if keep_through_step is not None:
-            _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), keep_through_step)
-        self._file = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)  # noqa: SIM115  (closed in close())
-        self._tb = tensorboard.EventWriter(os.path.join(workdir, "tensorboard"))
+            _truncate_metrics(paths.join(workdir, "metrics.jsonl"), keep_through_step)
+        self._file = paths.AppendFile(paths.join(workdir, "metrics.jsonl"))
+        self._tb = tensorboard.EventWriter(paths.join(workdir, "tensorboard"))
 
     def write(self, step: int, metrics: dict, prefix: str = "") -> None:
         if not self.enabled:
@@ -56,28 +56,25 @@ def read_jsonl(path: str) -> list[dict]:
     """The rows of a JSON-lines file; a line cut off by a killed writer is skipped with a warning
     naming the file and the line."""
     rows = []
-    if not os.path.exists(path):
+    content = paths.read_text(path)
+    if content is None:
         return rows
-    with open(path) as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                logging.warning("%s: line %d is not valid JSON (cut off by a killed run?); skipped.", path, number)
+    for number, line in enumerate(content.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            logging.warning("%s: line %d is not valid JSON (cut off by a killed run?); skipped.", path, number)
     return rows
 
 
 def _truncate_metrics(path: str, step: int) -> None:
     """Keeps the rows up to `step` (where a resumed run restarts), so no step is logged twice."""
-    if not os.path.exists(path):
+    if not paths.exists(path):
         return
     kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
-    os.replace(tmp, path)
+    paths.write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def progress_note(name: str, text: str, enabled: bool = True) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -33,7 +32,7 @@ from flax import nnx
 from titans import checkpoint as ckpt_lib
 from titans import config as config_lib
 from titans import data as data_lib
-from titans import logs, models, parallel
+from titans import logs, models, parallel, paths
 
 
 class TeacherMismatchError(ValueError):
@@ -111,26 +110,26 @@ def restore_variables(module: nnx.Module, ckpt: ckpt_lib.Checkpointer, step: int
 class RunDir:
     """The directory of one training run: config.json, checkpoints/, metrics.jsonl, results.json."""
 
-    def __init__(self, path: str):
-        self.path = os.path.abspath(path)
+    def __init__(self, path):
+        self.path = paths.text(path)  # a local path made absolute, or a URL (gs://...) kept as it is
+        self.dir = paths.resolve(path)
 
     def file(self, name: str) -> str:
-        return os.path.join(self.path, name)
+        return paths.join(self.path, name)
 
     @property
     def exists(self) -> bool:
-        return os.path.exists(self.file("config.json"))
+        return paths.exists(self.file("config.json"))
 
     @property
     def finished(self) -> bool:
-        return os.path.exists(self.file("results.json"))
+        return paths.exists(self.file("results.json"))
 
     @functools.cached_property
     def config(self) -> ml_collections.ConfigDict:
         if not self.exists:
             raise NotARunError(f"{self.path!r} is not a Titans run (no config.json); train a model there first.")
-        with open(self.file("config.json")) as f:
-            return ml_collections.ConfigDict(json.load(f))
+        return ml_collections.ConfigDict(json.loads(paths.read_text(self.file("config.json"))))
 
     @property
     def info(self) -> data_lib.DatasetInfo:
@@ -147,7 +146,7 @@ class RunDir:
         write_json(self.file("results.json"), result)
 
     def checkpoint_steps(self) -> list[int]:
-        if not os.path.isdir(self.file("checkpoints")):
+        if not (self.dir / "checkpoints").is_dir():
             return []
         return ckpt_lib.Checkpointer(self.path, read_only=True).all_steps()
 
@@ -278,23 +277,15 @@ def round_up(n: int, multiple: int) -> int:
 # ------------------------------------------------------------------------------------ run files
 
 
-def read_json(path: str, default: Any = None):
-    if not os.path.exists(path):
-        return default
-    with open(path) as f:
-        return json.load(f)
+def read_json(path, default: Any = None):
+    """A JSON file (local or remote) parsed, or `default` when it does not exist."""
+    text = paths.read_text(path)
+    return default if text is None else json.loads(text)
 
 
-def write_text(path: str, text: str) -> None:
-    """Atomic: a process killed mid-write leaves the previous file (temp file + rename)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def write_text(path, text: str) -> None:
+    """Atomic: a reader sees the previous file or the new one (see `titans.paths.write_text`)."""
+    paths.write_text(path, text)
 
 
 def _strict(obj):
@@ -308,6 +299,6 @@ def _strict(obj):
     return obj
 
 
-def write_json(path: str, obj) -> None:
+def write_json(path, obj) -> None:
     """Atomic, strict JSON (non-finite numbers written as null)."""
     write_text(path, json.dumps(_strict(obj), indent=2, allow_nan=False))

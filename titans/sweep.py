@@ -14,14 +14,17 @@ The config file defines the sweep next to `get_config`:
 `product` fields are crossed, `zip` fields vary together (equal-length lists), and each combination runs
 once per seed (the `seed` field, or `seed_field`). Each run is `python -m titans.main` in
 WORKDIR/<run name> with `--config.FIELD=VALUE` overrides, so a run can be redone by hand with the
-command printed in WORKDIR/sweep.json. Finished runs (results.json present) are skipped, so rerunning
-the sweep continues it; `--parallel=N` runs N at a time. At the end WORKDIR/sweep_summary.md holds a
+command printed in WORKDIR/sweep.json. A finished run is skipped only when it was made by this sweep's
+same config file content, ARG and overrides (recorded in its sweep_run.json); otherwise it is run again,
+and the trainer then either reads it back (the resolved config is the same) or refuses it, listing the
+fields that differ. So rerunning the sweep continues it; `--parallel=N` runs N at a time. At the end WORKDIR/sweep_summary.md holds a
 table: per combination, mean ± sd over seeds of the final metrics.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import importlib.util
 import itertools
 import json
@@ -29,6 +32,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from shlex import join, quote
 
@@ -36,7 +40,7 @@ import numpy as np
 from absl import app, flags
 
 from titans import config as config_lib
-from titans import locks
+from titans import locks, paths
 from titans import runs as titans_runs
 
 _CONFIG = flags.DEFINE_string("config", None, "Config file with get_sweep(arg), e.g. configs/digits.py[:ARG].")
@@ -143,6 +147,9 @@ def plan(config_spec: str, root: str, sets: dict) -> list[dict]:
     """Every run: name, workdir, overrides, and the exact command."""
     sweep, base = load_sweep(config_spec)
     seed_field = sweep.get("seed_field", "seed")
+    path, _, arg = config_spec.partition(":")
+    with open(path, "rb") as f:
+        config_sha = hashlib.sha256(f.read()).hexdigest()
     runs = []
     for overrides in expand(sweep):
         for field in list(overrides) + list(sets):
@@ -150,7 +157,7 @@ def plan(config_spec: str, root: str, sets: dict) -> list[dict]:
         # --set values are part of a run's identity: a rerun with other --set values is another run,
         # never "already finished" because a run with the old values finished.
         name = run_name({**overrides, **sets}, seed_field)
-        workdir = os.path.join(root, name)
+        workdir = paths.join(root, name)
         cmd = [
             sys.executable,
             "-m",
@@ -167,6 +174,12 @@ def plan(config_spec: str, root: str, sets: dict) -> list[dict]:
                 "overrides": overrides,
                 "command": cmd,
                 "group": run_name({k: v for k, v in {**overrides, **sets}.items() if k != seed_field}, seed_field),
+                # What made the run: a finished run is skipped only when all of this is unchanged.
+                "identity": json.loads(
+                    json.dumps(
+                        {"config_sha256": config_sha, "arg": arg, "overrides": overrides, "sets": sets}, default=str
+                    )
+                ),
             }
         )
     names = [r["name"] for r in runs]
@@ -176,7 +189,27 @@ def plan(config_spec: str, root: str, sets: dict) -> list[dict]:
 
 
 def _finished(run) -> bool:
-    return os.path.exists(os.path.join(run["workdir"], "results.json"))
+    """The run finished, and was made by the same config file content, ARG and overrides."""
+    record = titans_runs.read_json(paths.join(run["workdir"], "sweep_run.json"))
+    return paths.exists(paths.join(run["workdir"], "results.json")) and record == run["identity"]
+
+
+def _run_one(run) -> int:
+    """Runs one run's command, its output appended to WORKDIR/<run>/sweep.log (uploaded afterwards when the
+    workdir is in a bucket); on success records what made it (sweep_run.json)."""
+    paths.makedirs(run["workdir"])
+    log_path = paths.join(run["workdir"], "sweep.log")
+    if paths.is_remote(log_path):
+        with tempfile.TemporaryFile("w+") as log:
+            rc = subprocess.call(run["command"], stdout=log, stderr=subprocess.STDOUT)
+            log.seek(0)
+            paths.append_text(log_path, log.read())
+    else:
+        with open(log_path, "a") as log:
+            rc = subprocess.call(run["command"], stdout=log, stderr=subprocess.STDOUT)
+    if rc == 0:
+        titans_runs.write_json(paths.join(run["workdir"], "sweep_run.json"), run["identity"])
+    return rc
 
 
 def run_local(runs: list[dict], parallel: int) -> dict:
@@ -190,10 +223,7 @@ def run_local(runs: list[dict], parallel: int) -> dict:
     t0 = time.time()
 
     def one(run):
-        os.makedirs(run["workdir"], exist_ok=True)
-        with open(os.path.join(run["workdir"], "sweep.log"), "a") as log:
-            rc = subprocess.call(run["command"], stdout=log, stderr=subprocess.STDOUT)
-        return run["name"], rc
+        return run["name"], _run_one(run)
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
         for done, (name, rc) in enumerate(pool.map(one, todo), 1):
@@ -207,14 +237,15 @@ def run_local(runs: list[dict], parallel: int) -> dict:
     return status
 
 
-def summarize(runs: list[dict]) -> tuple[str, list[dict]]:
-    """Markdown table and rows: per group (the overrides without the seed), mean ± sd over seeds."""
+def summarize(runs: list[dict], status: dict | None = None) -> tuple[str, list[dict]]:
+    """Markdown table and rows: per group (the overrides without the seed), mean ± sd over seeds. With
+    `status` (from `run_local`), a run that failed this time is left out even if an older results.json
+    is there, so the table never reports another config's results."""
     groups: dict[str, list[dict]] = {}
     for run in runs:
-        path = os.path.join(run["workdir"], "results.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                groups.setdefault(run["group"], []).append(json.load(f))
+        result = titans_runs.read_json(paths.join(run["workdir"], "results.json"))
+        if result is not None and (status is None or not status.get(run["name"], "").startswith("failed")):
+            groups.setdefault(run["group"], []).append(result)
         else:
             groups.setdefault(run["group"], [])
     metrics = [m for m in METRICS if any(m in r for rs in groups.values() for r in rs)]
@@ -274,14 +305,14 @@ def main(argv):
         for run in runs:
             print(("[finished] " if _finished(run) else "") + join(run["command"]))
         return
-    os.makedirs(_WORKDIR.value, exist_ok=True)
+    paths.makedirs(_WORKDIR.value)
     try:
         with locks.WorkdirLock(_WORKDIR.value, "sweep"):
             status = run_local(runs, _PARALLEL.value)
-            table, rows = summarize(runs)
-            titans_runs.write_text(os.path.join(_WORKDIR.value, "sweep_summary.md"), table + "\n")
+            table, rows = summarize(runs, status)
+            titans_runs.write_text(paths.join(_WORKDIR.value, "sweep_summary.md"), table + "\n")
             records = json.loads(json.dumps([{**r, "status": status[r["name"]]} for r in runs], default=str))
-            titans_runs.write_json(os.path.join(_WORKDIR.value, "sweep.json"), {"runs": records, "summary": rows})
+            titans_runs.write_json(paths.join(_WORKDIR.value, "sweep.json"), {"runs": records, "summary": rows})
     except locks.WorkdirLockedError as e:
         raise SystemExit(f"error: {e}") from None
     print("\n" + table)

@@ -21,6 +21,8 @@ import socket
 import struct
 import time
 
+from titans import paths
+
 
 def _crc32c_table() -> tuple[int, ...]:
     table = []
@@ -95,21 +97,19 @@ def scalars_event(values: dict[str, float], step: int, wall_time: float) -> byte
 class EventWriter:
     """Appends scalar summaries to a new event file in `logdir`; readable by TensorBoard while open."""
 
-    def __init__(self, logdir: str):
-        os.makedirs(logdir, exist_ok=True)
+    def __init__(self, logdir):
+        paths.makedirs(logdir)
         now = time.time()
         # TensorBoard finds files by the "tfevents" in their names and orders them by this timestamp; the
         # host and pid keep two writers (a resumed run, another process) from sharing a file.
         name = f"events.out.tfevents.{int(now):010d}.{socket.gethostname()}.{os.getpid()}.{id(self)}"
-        self.path = os.path.join(logdir, name)
-        self._file = open(self.path, "ab")  # noqa: SIM115  (closed in close())
+        self.path = paths.join(logdir, name)
+        self._file = paths.AppendFile(self.path, binary=True)  # local: flushed per write; a bucket: uploaded
         self._file.write(tfrecord(_event(now, file_version="brain.Event:2")))
-        self._file.flush()
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if values:
             self._file.write(tfrecord(scalars_event(values, step, time.time())))
-            self._file.flush()
 
     def close(self) -> None:
         if not self._file.closed:

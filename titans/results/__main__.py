@@ -22,7 +22,12 @@ def cli(argv=None) -> int:
     r.add_argument("--plots", action="store_true", help="also redraw the figures next to the pages")
     a = p.parse_args(argv)
     if a.command == "collect":
-        for path in studies.collect(studies.STUDIES[a.study], a.run_dir, a.dest):
+        try:
+            written = studies.collect(studies.STUDIES[a.study], a.run_dir, a.dest)
+        except studies.CollectError as e:
+            print(f"titans-results collect: error: {e}", file=sys.stderr)
+            return 2
+        for path in written:
             print(f"{path}: {os.path.getsize(path):,} bytes")
         return 0
     changed = studies.rebuild(check=a.check, only=tuple(a.only))

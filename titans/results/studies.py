@@ -7,12 +7,13 @@ import glob
 import json
 import math
 import os
-import shutil
 from collections.abc import Callable
 
+from titans import paths
 from titans.active import report as active_report
 from titans.cascade import report as cascade_report
 from titans.ensemble import report as ensemble_report
+from titans.results import logits as logits_codec
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GENERATED_MARK = "<!-- Generated below by `titans-results rebuild` from results/{name}/: do not edit by hand. -->"
@@ -79,7 +80,8 @@ class Study:
         return os.path.join(root, "docs", "results", f"{self.name}.png")
 
 
-_CASCADE = ("cascade.json", "cascade_logits.npz")
+LOGITS_FILE = "cascade_logits.npz"  # stored 8 bits a logit (titans/results/logits.py)
+_CASCADE = ("cascade.json", LOGITS_FILE)
 STUDIES = {
     s.name: s
     for s in (
@@ -105,27 +107,69 @@ def _compact(value, digits: int = 7):
     return value
 
 
-def collect(study: Study, run_dir: str, dest: str, root: str = REPO) -> list[str]:
-    """Copies the raw files of one finished run into results/<study>/<dest>; JSON is written compactly."""
-    missing = [f for f in study.files if not os.path.exists(os.path.join(run_dir, f))]
+class CollectError(ValueError):
+    """A run directory or destination that `collect` refuses (unfinished run, bad path, a symbolic link)."""
+
+
+def _no_links(path: str, stop: str) -> None:
+    """Raises CollectError when `path` or any directory between `stop` and it is a symbolic link."""
+    stop = os.path.realpath(stop)
+    here = os.path.abspath(path)
+    while True:
+        if os.path.islink(here):
+            raise CollectError(f"{here} is a symbolic link; collect neither follows nor writes through links.")
+        if os.path.realpath(here) == stop or os.path.dirname(here) == here:
+            return
+        here = os.path.dirname(here)
+
+
+def _check_dest(study: Study, dest: str, root: str) -> str:
+    parts = dest.replace("\\", "/").split("/")
+    if os.path.isabs(dest) or any(p in ("", ".", "..") for p in parts) or not parts[-1].startswith("seed"):
+        raise CollectError(
+            f"dest must be a relative path of plain names ending in a seed directory (e.g. seed0 or good/seed0), "
+            f"got {dest!r}."
+        )
+    out_dir = os.path.join(study.raw_dir(root), *parts)
+    _no_links(out_dir, root)
+    return out_dir
+
+
+def _source_files(study: Study, run_dir: str) -> dict[str, str]:
+    """{file name: path} of the study's files in `run_dir` (local or remote), refusing links and gaps."""
+    if not paths.is_remote(run_dir) and not os.path.isdir(run_dir):
+        raise CollectError(f"{run_dir} is not a directory.")
+    found = {f: paths.join(run_dir, f) for f in study.files}
+    missing = [f for f, p in found.items() if not paths.exists(p)]
     if missing:
-        raise FileNotFoundError(f"{run_dir} lacks {missing}: the run has not finished (study {study.name}).")
-    if os.path.isabs(dest) or ".." in dest.split(os.sep) or not os.path.basename(dest).startswith("seed"):
-        raise ValueError(f"dest must be a relative path ending in a seed directory (e.g. seed0), got {dest!r}.")
-    out_dir = os.path.join(study.raw_dir(root), dest)
+        raise CollectError(f"{run_dir} lacks {missing}: the run has not finished (study {study.name}).")
+    if not paths.is_remote(run_dir):
+        for path in found.values():
+            _no_links(path, run_dir)
+    return found
+
+
+def collect(study: Study, run_dir: str, dest: str, root: str = REPO) -> list[str]:
+    """Copies the raw files of one finished run into results/<study>/<dest>; JSON is written compactly,
+    cascade logits in 8 bits (titans/results/logits.py).
+
+    Symbolic links are refused on both sides (a link in the run would copy in a file from elsewhere; one
+    under results/ would write outside the repository), and so is a `dest` that is not plain names."""
+    out_dir = _check_dest(study, dest, root)
+    found = _source_files(study, run_dir)
     os.makedirs(out_dir, exist_ok=True)
     written = []
-    for f in study.files:
-        src, dst = os.path.join(run_dir, f), os.path.join(out_dir, f)
+    for f, src in found.items():
+        dst = os.path.join(out_dir, f)
+        if os.path.islink(dst):
+            raise CollectError(f"{dst} is a symbolic link; remove it first.")
         if f.endswith(".json"):
-            with open(src) as fh:
-                data = _compact(json.load(fh))
-            with open(dst + ".tmp", "w") as fh:
-                json.dump(data, fh, separators=(",", ":"), allow_nan=False)
-                fh.write("\n")
-            os.replace(dst + ".tmp", dst)
+            data = _compact(json.loads(paths.read_text(src)))
+            paths.write_text(dst, json.dumps(data, separators=(",", ":"), allow_nan=False) + "\n")
+        elif f == LOGITS_FILE:  # 8 bits a logit (titans/results/logits.py), not the run's float16
+            logits_codec.save(dst, logits_codec.loads(paths.resolve(src).read_bytes(), where=str(src)))
         else:
-            shutil.copyfile(src, dst)
+            paths.write_bytes(dst, paths.resolve(src).read_bytes())
         written.append(dst)
     return written
 

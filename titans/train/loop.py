@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import signal
 import threading
 import time
@@ -17,7 +16,7 @@ import jax
 import numpy as np
 
 from titans import checkpoint as ckpt_lib
-from titans import logs, parallel
+from titans import logs, parallel, paths
 from titans.train.state import TrainState
 
 
@@ -38,6 +37,9 @@ class PreemptionGuard:
         return self
 
     def _handle(self, signum, frame):
+        if self.requested:  # a second SIGTERM (an impatient scheduler): the save under way still finishes
+            logging.warning("SIGTERM received again: the checkpoint is being saved; stopping once it is on disk.")
+            return
         logging.warning("SIGTERM received: saving a checkpoint and stopping.")
         self.requested = True
 
@@ -84,11 +86,14 @@ class Checkpointing:
     prior_time_s: float = 0.0  # training time of earlier segments of this run (from the checkpoint)
     last_saved: int = -1
     started: float = dataclasses.field(default_factory=time.perf_counter)
+    lock: Any = None  # the workdir's WorkdirLock: its holder file is re-checked at each save
 
     def save(self, step: int, state: TrainState, loader) -> None:
         if step == self.last_saved:  # a SIGTERM right after a periodic save: that save is the one
             return
         check_finite(state, self.ckpt)
+        if self.lock is not None:
+            self.lock.check()
         self.last_saved = step
         progress = {"step": step, "train_time_s": self.prior_time_s + time.perf_counter() - self.started}
         self.ckpt.save(
@@ -175,7 +180,7 @@ def fit(
     start = int(jax.device_get(state.step))
     ckpt = checkpointing.ckpt if checkpointing is not None else None
     logger = _Logger(config, writer, logs.Progress(total_steps, config.batch_size, config.name, enabled=verbose))
-    profiler = _Profiler(config.get("profile"), os.path.join(workdir, "profile") if workdir else None)
+    profiler = _Profiler(config.get("profile"), paths.join(workdir, "profile") if workdir else None)
     done, preempted, t_first = start, False, None
     t0 = time.perf_counter()
     with PreemptionGuard() as guard:
@@ -206,8 +211,8 @@ def fit(
                 break
         if checkpointing is not None and total_steps > start:
             checkpointing.save(done, state, loader)
-    if ckpt is not None:
-        ckpt.wait()
+        if ckpt is not None:
+            ckpt.wait()  # inside the guard: a second SIGTERM must not kill the process mid-save
     t_end = time.perf_counter()
     rate = config.batch_size * (done - start - 1) / (t_end - t_first) if t_first and done - start > 1 else float("nan")
     return FitResult(state, done, preempted, t_end - t0, rate)

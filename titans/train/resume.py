@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 
 import ml_collections
 
 from titans import checkpoint as ckpt_lib
 from titans import config as config_lib
-from titans import runs
+from titans import paths, runs
 from titans.teachers import cache as cache_lib
 
 # Fields that do not change what a run computes (paths, logging, checkpoint policy, the service's
@@ -71,12 +70,30 @@ def check_changes(changes: dict, config, step: int, where: str) -> dict:
     return changes
 
 
+def check_finished(run: runs.RunDir, config) -> None:
+    """Refuses to report a finished run's results for a config that computes something else.
+
+    The run's config.json is compared with `config` by the same rules as a resume (`config_changes`):
+    a field that changes what is computed (learning rate, seed, model, teacher's step...) raises
+    ResumeMismatchError listing each difference, unless `checkpoint.allow_changes` names it.
+    """
+    saved = run.config.to_dict() if run.exists else None
+    changes = config_changes(saved, config)
+    ok = allowed(config)
+    refused = {k: v for k, v in changes.items() if k not in ok and "*" not in ok}
+    if refused:
+        shown = "; ".join(f"{k}: {v[0]!r} -> {v[1]!r}" for k, v in refused.items())
+        raise ckpt_lib.ResumeMismatchError(
+            f"{run.path} holds a finished run of another config: {shown}. Its results are not this config's. "
+            f"Use a fresh workdir, or rerun with the finished run's values."
+        )
+
+
 def record_changes(workdir: str, step: int, changes: dict) -> None:
     if not changes:
         return
     line = json.dumps({"step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "changes": changes})
-    with open(os.path.join(workdir, "config_changes.jsonl"), "a") as f:
-        f.write(line + "\n")
+    paths.append_text(paths.join(workdir, "config_changes.jsonl"), line + "\n")
     logging.warning("Resuming %s from step %d with intended config changes: %s", workdir, step, changes)
 
 

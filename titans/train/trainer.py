@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 from typing import Any
 
 import jax
@@ -71,7 +70,7 @@ def _start(config, workdir: str) -> Setup:
     shared = {k: v for k, v in config.to_dict().items() if k != "distributed"}  # process_id differs by design
     parallel.check_processes_agree(config=config_lib.fingerprint(shared), code=parallel.code_fingerprint())
     run = runs.RunDir(workdir)
-    os.makedirs(run.path, exist_ok=True)
+    run.dir.mkdir(parents=True, exist_ok=True)
     mesh = parallel.make_mesh()
     train_src = _source(config, config.dataset.train_split)
     eval_src = _source(config, config.dataset.eval_split)
@@ -131,7 +130,7 @@ def _resume_step(s: Setup, ckpt: ckpt_lib.Checkpointer, meta: dict) -> tuple[int
     saved = ckpt.all_steps()
     if not saved:
         return None, {}
-    step = saved[-1] if s.config.checkpoint.restore_step < 0 else s.config.checkpoint.restore_step
+    step = _newest_usable(s, ckpt) if s.config.checkpoint.restore_step < 0 else s.config.checkpoint.restore_step
     if step not in saved:
         raise ckpt_lib.CheckpointError(
             f"checkpoint.restore_step={step} is not saved in {ckpt.directory}; saved steps: {saved}."
@@ -142,11 +141,34 @@ def _resume_step(s: Setup, ckpt: ckpt_lib.Checkpointer, meta: dict) -> tuple[int
     return step, found
 
 
+def _newest_usable(s: Setup, ckpt: ckpt_lib.Checkpointer) -> int:
+    """The newest saved step, or, when its save never completed (no recorded checksums: the process died
+    while hashing it), the newest verified one before it; the unverified steps are then moved aside by
+    `_restore` (kept, not deleted). With no verified step at all, the newest one is returned and
+    `Checkpointer.verify` refuses it unless `checkpoint.allow_unverified`."""
+    saved = ckpt.all_steps()
+    verified = ckpt.verified_steps()
+    if s.config.checkpoint.allow_unverified or not verified or verified[-1] == saved[-1]:
+        return saved[-1]
+    logging.warning(
+        "Checkpoint step(s) %s in %s have no recorded checksums (their save did not complete); resuming from "
+        "step %d, the newest verified one.",
+        [x for x in saved if x > verified[-1]],
+        ckpt.directory,
+        verified[-1],
+    )
+    return verified[-1]
+
+
 def _restore(s: Setup, state: TrainState, loader, ckpt, meta: dict, step: int) -> TrainState:
     if step != ckpt.all_steps()[-1]:
         ckpt.supersede_after(step)  # restarting from an earlier step: later ones are kept aside
     model_vars, train_vars, loader_state = ckpt.restore(
-        step, model_like=state.model_vars(), train_like=state.train_vars(), expected_meta=meta
+        step,
+        model_like=state.model_vars(),
+        train_like=state.train_vars(),
+        expected_meta=meta,
+        allow_unverified=s.config.checkpoint.allow_unverified,
     )
     loader.set_state(loader_state)
     logs.progress_note(s.config.name, f"resumed from checkpoint step {step}", logs.is_writer())
@@ -187,6 +209,7 @@ def _finished(s: Setup) -> dict | None:
         return None
     if (s.run.checkpoint_steps() or [None])[-1] != s.total_steps or done.get("steps") != s.total_steps:
         return None
+    resume_lib.check_finished(s.run, s.config)
     logs.progress_note(s.config.name, f"already finished: {s.run.path} (results.json kept)", logs.is_writer())
     return done
 
@@ -205,7 +228,7 @@ def train_and_evaluate(
     """
     config = config_lib.validate(config)
     s = _start(config, workdir)
-    with locks.WorkdirLock(s.run.path, "training", enabled=logs.is_writer()):
+    with locks.WorkdirLock(s.run.path, "training", enabled=logs.is_writer()) as lock:
         done = _finished(s)
         if done is not None:
             return done
@@ -215,7 +238,7 @@ def train_and_evaluate(
                 s.run.path, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
             )
             try:
-                return _train(s, method, ckpt, child)
+                return _train(s, method, ckpt, child, lock)
             finally:
                 with contextlib.suppress(Exception):  # the error that stopped the run is the one reported
                     ckpt.close()
@@ -277,7 +300,7 @@ def compile_steps(config: ml_collections.ConfigDict, workdir: str) -> None:
     ).compile()
 
 
-def _train(s: Setup, method: method_lib.Method | None, ckpt: ckpt_lib.Checkpointer, child=None) -> dict:
+def _train(s: Setup, method: method_lib.Method | None, ckpt: ckpt_lib.Checkpointer, child=None, lock=None) -> dict:
     config = s.config
     method, tx, schedule, graphdef, state = _build(s, method)
     meta = ckpt_lib.meta_for(config, s.info, runs.num_outputs(config, s.info))
@@ -311,7 +334,7 @@ def _train(s: Setup, method: method_lib.Method | None, ckpt: ckpt_lib.Checkpoint
         )
 
     prior_time = float((found.get("progress") or {}).get("train_time_s", 0.0))
-    checkpointing = Checkpointing(ckpt, meta, config.checkpoint.every_steps, prior_time_s=prior_time)
+    checkpointing = Checkpointing(ckpt, meta, config.checkpoint.every_steps, prior_time_s=prior_time, lock=lock)
     writer = logs.MetricWriter(s.run.path, enabled=writer_proc, keep_through_step=step or 0)
     try:
         with s.soft_labels or contextlib.nullcontext():
@@ -348,8 +371,10 @@ def _train(s: Setup, method: method_lib.Method | None, ckpt: ckpt_lib.Checkpoint
 
 def ensure_trained(config: ml_collections.ConfigDict, workdir: str, *, method: method_lib.Method | None = None) -> dict:
     """The results of the run in `workdir`: read back if it finished, else trained (or resumed) now."""
-    done = runs.RunDir(workdir).results()
+    run = runs.RunDir(workdir)
+    done = run.results()
     if done is not None:
+        resume_lib.check_finished(run, config_lib.validate(config))
         logging.info("[%s] already finished: %s", config.name, workdir)
         return done
     return train_and_evaluate(config, workdir, method=method)
