@@ -1,10 +1,17 @@
 """Serving an exported cascade on Ray Serve: the answers equal the exported cascade's, malformed
-requests get a 400 and leave the service up, a killed teacher replica costs latency and not answers,
-and the HTTP proxy listens on loopback only."""
+requests get a 400 (an oversized body a 413) and leave the service up, a killed teacher replica costs
+latency (a 503 to retry) and not answers, an unavailable teacher a 503 with Retry-After within the
+timeout, and every process of the session listens on loopback only."""
 
 import io
+import ipaddress
 import json
+import os
+import re
+import select
+import shutil
 import socket
+import time
 import urllib.error
 import urllib.request
 
@@ -43,23 +50,39 @@ def served(stage_dirs):
     root, dirs = stage_dirs
     export.export_cascade(dirs, "msp", [0.3], "train[80%:]", str(root / "export"), batch_size=64)
     port = _free_port()
-    serve_main.start(str(root / "export"), port=port, num_cpus=2)
+    serve_main.start(str(root / "export"), port=port, num_cpus=4, max_body_bytes=1 << 20)  # 4: room for 2 apps
     yield f"http://127.0.0.1:{port}/", str(root / "export"), port
     serve_main.stop()
 
 
-def _post(url, body: bytes, timeout=120, content_type="application/json"):
+def _post(url, body: bytes, timeout=120, content_type="application/json", headers=None):
     req = urllib.request.Request(url, data=body, headers={"Content-Type": content_type})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read())
+            return (r.status, json.loads(r.read())) + ((r.headers,) if headers else ())
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+        return (e.code, json.loads(e.read())) + ((e.headers,) if headers else ())
+
+
+def _post_retrying(url, body: bytes, tries=20):
+    """A client that honours 503 + Retry-After."""
+    for _ in range(tries):
+        status, out, headers = _post(url, body, headers=True)
+        if status != 503:
+            return status, out
+        time.sleep(float(headers["Retry-After"]))
+    return status, out
 
 
 def _npy(array, allow_pickle=False) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=allow_pickle)
+    return buf.getvalue()
+
+
+def _npy_header(shape) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "|u1", "fortran_order": False, "shape": shape})
     return buf.getvalue()
 
 
@@ -90,6 +113,9 @@ def test_served_answers_equal_the_exported_cascade(served, images):
         (json.dumps({"images": np.full((1, 8, 8, 1), 300).tolist()}).encode(), "integers in [0, 255]"),
         (json.dumps({"images": np.full((1, 8, 8, 1), 0.5).tolist()}).encode(), "integers in [0, 255]"),
         (json.dumps({"images": np.zeros((300, 8, 8, 1), int).tolist()}).encode(), "1 to 256 images"),
+        (b'{"images": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", "nested 50001 levels deep"),
+        (b'{"images": [[[[1' + b"0" * 400 + b"]]]]}", "401 digits"),
+        (b'{"images": [[[[NaN]]]]}', "got NaN"),
     ],
 )
 def test_malformed_requests_get_a_400_and_the_service_stays_up(served, images, body, message):
@@ -114,7 +140,8 @@ def test_binary_npy_requests_get_the_same_answers(served, images):
         (_npy(np.zeros((2, 8, 8, 1), np.float32)), "uint8 pixels"),
         (_npy(np.zeros((2, 8, 8), np.uint8)), "must have shape"),
         (_npy(np.zeros((300, 8, 8, 1), np.uint8)), "1 to 256 images"),
-        (_npy(np.array([{"a": 1}], dtype=object), allow_pickle=True), "not a .npy array"),  # no unpickling
+        (_npy(np.array([{"a": 1}], dtype=object), allow_pickle=True), "uint8 pixels"),  # never unpickled
+        (_npy_header((10**12, 8, 8, 1)) + bytes(64), "1 to 256 images; got 1000000000000"),
     ],
 )
 def test_malformed_npy_requests_get_a_400(served, images, body, message):
@@ -124,6 +151,8 @@ def test_malformed_npy_requests_get_a_400(served, images, body, message):
 
 
 def test_a_killed_teacher_replica_costs_latency_not_answers(served, images):
+    """Every teacher replica killed: a request whose rows all need the teacher gets the right answer, at
+    once or after 503s (Retry-After) while Serve replaces the replica."""
     import ray
 
     url, export_dir, _ = served
@@ -132,12 +161,83 @@ def test_a_killed_teacher_replica_costs_latency_not_answers(served, images):
     for a in names:
         ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]), no_restart=True)
     noise = np.random.default_rng(0).integers(0, 17, size=(8, 8, 8, 1), dtype=np.uint8)  # all deferred
-    status, out = _post(url, json.dumps({"images": noise.tolist()}).encode(), timeout=300)
+    status, out = _post_retrying(url, json.dumps({"images": noise.tolist()}).encode())
     assert status == 200, out
     want = standalone.load(export_dir).predict(noise)
     assert set(want["answered_by"].tolist()) == {1}  # every row needed the (killed) teacher
     np.testing.assert_array_equal(out["answered_by"], want["answered_by"])
     np.testing.assert_array_equal(out["classes"], want["classes"])
+
+
+def test_an_unavailable_teacher_gets_a_503_with_retry_after_within_the_timeout(served, stage_dirs, images):
+    """A second application on a copy of the export; its teacher stage file removed and its teacher replica
+    killed, so no teacher can start again. A request that needs the teacher gets a 503 with Retry-After
+    after the teacher timeout (3 s here), not an endless wait; one that does not is still answered."""
+    import ray
+    from ray import serve
+
+    from titans.serve import build_app
+
+    root, _ = stage_dirs
+    _, export_dir, port = served
+    copy = root / "export_b"
+    shutil.copytree(export_dir, copy)
+    serve.run(build_app(str(copy), teacher_timeout_s=3, name="B"), name="b", route_prefix="/b")
+    try:
+        os.remove(copy / json.loads((copy / "manifest.json").read_text())["stages"][-1]["file"])
+        for a in ray.util.list_named_actors(all_namespaces=True):
+            if "#TeacherB#" in a["name"]:
+                ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]), no_restart=True)
+        noise = np.random.default_rng(0).integers(0, 17, size=(8, 8, 8, 1), dtype=np.uint8)  # all deferred
+        t0 = time.perf_counter()
+        status, out, headers = _post(f"http://127.0.0.1:{port}/b", _npy(noise), 60, "application/x-npy", True)
+        waited = time.perf_counter() - t0
+        assert status == 503 and "the teacher did not answer within 3 s" in out["error"], out
+        assert int(headers["Retry-After"]) > 0
+        assert 3 <= waited < 30
+        confident = images[standalone.load(export_dir).predict(images)["answered_by"] == 0][:1]
+        assert len(confident)  # an image the student answers alone
+        status, out = _post(f"http://127.0.0.1:{port}/b", _npy(confident), 60, "application/x-npy")
+        assert status == 200 and out["answered_by"] == [0]
+    finally:
+        serve.delete("b")
+
+
+def _raw_post(port: int, head: bytes, chunks) -> bytes:
+    """Sends `head`, then the chunks until the server answers; its answer (status line, headers, body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.sendall(head)
+        for chunk in chunks:
+            if select.select([s], [], [], 0)[0]:
+                break
+            try:
+                s.sendall(chunk)
+            except OSError:
+                break
+        reply = b""
+        while b"\r\n\r\n" not in reply or len(reply.split(b"\r\n\r\n", 1)[1]) < _length(reply):
+            more = s.recv(65536)
+            if not more:
+                break
+            reply += more
+        return reply
+
+
+def _length(reply: bytes) -> int:
+    found = re.search(rb"content-length: *(\d+)", reply, re.IGNORECASE)
+    return int(found.group(1)) if found else 0
+
+
+def test_an_oversized_body_gets_a_413_without_being_read(served):
+    """A declared Content-Length over the limit (1 MiB here) is refused after a few bytes of it; a chunked
+    body without a length is refused once it passes the limit."""
+    _, _, port = served
+    head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    reply = _raw_post(port, head + b"Content-Length: 1000000000000\r\n\r\n", [b'{"images": ['])
+    assert reply.startswith(b"HTTP/1.1 413") and b"1000000000000 bytes; this service takes at most 1048576" in reply
+    chunk = b"%x\r\n%s\r\n" % (65536, b"[" * 65536)
+    reply = _raw_post(port, head + b"Transfer-Encoding: chunked\r\n\r\n", [chunk] * 64 + [b"0\r\n\r\n"])
+    assert reply.startswith(b"HTTP/1.1 413") and b"passed 1048576 bytes" in reply
 
 
 def test_each_replica_admits_enough_requests_to_fill_its_batches():
@@ -152,12 +252,28 @@ def test_each_replica_admits_enough_requests_to_fill_its_batches():
         assert bound[deployment.name + "x"].max_ongoing_requests >= 2 * batch
 
 
-def test_http_proxy_listens_on_loopback_only(served):
+def _is_loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip)
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback  # ::ffff:127.0.0.1 too
+
+
+def test_every_process_of_the_session_listens_on_loopback_only(served):
+    """Every listening socket of the driver and of every process of its Ray session (GCS, raylet, agents,
+    Serve's controller and proxy, each replica) is on loopback. Ray Serve binds a replica's gRPC server
+    to every interface unless the deployment rebinds it (titans.serve.replica_grpc_on_loopback)."""
     import psutil
 
+    from titans.teachers import service
+
     _, _, port = served
-    listening = [c for c in psutil.net_connections(kind="inet") if c.status == "LISTEN" and c.laddr.port == port]
-    assert listening and all(c.laddr.ip in ("127.0.0.1", "::ffff:127.0.0.1") for c in listening)
+    procs = {p.pid: " ".join(p.cmdline()) for p in service._session_processes(service._LOCAL["temp_dir"])}
+    procs[os.getpid()] = "driver"
+    listening = [c for c in psutil.net_connections(kind="inet") if c.status == "LISTEN" and c.pid in procs]
+    replicas = {pid for pid, cmd in procs.items() if "ServeReplica" in cmd}
+    assert replicas and replicas <= {c.pid for c in listening}  # each replica's own server was seen
+    assert port in {c.laddr.port for c in listening}  # the HTTP proxy
+    exposed = [(procs[c.pid][:40], c.laddr) for c in listening if not _is_loopback(c.laddr.ip)]
+    assert exposed == []
 
 
 def test_a_batch_sends_its_deferred_rows_in_one_teacher_call(served, images):

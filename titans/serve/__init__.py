@@ -7,17 +7,19 @@
         --data-binary @images.npy                      # the same as a .npy file (np.save), uint8
 
 Two deployments (one Ray Serve application):
-  CascadeIngress  the HTTP ingress: validates each request (JSON or .npy, shape, dtype, size; a bad one gets a
-                  400 with the reason and never takes the replica down), batches requests across
+  CascadeIngress  the HTTP ingress: bounds each request before it parses it (at most `max_body_bytes`, read
+                  no further; the image count from the .npy header or from the JSON's brackets), validates
+                  it (JSON or .npy, shape, dtype, values; a bad one gets a 400, a body over the limit a
+                  413, both with the reason, and never takes the replica down), batches requests across
                   callers (`serve.batch`), runs every stage but the last with their gates, and sends
                   only the rows they defer to the teacher, in one call per batch (a request with no
                   deferred row is answered without waiting for it);
   Teacher         the export's last stage, in its own deployment whose replicas autoscale on their own
-                  load (`autoscaling_config`); a call that fails because a replica died is retried, so a
-                  lost replica costs latency, not answers.
+                  load (`autoscaling_config`); a call that fails because a replica died is retried, all
+                  within `teacher_timeout_s`, after which the request gets a 503 with Retry-After.
 Answers: {"classes": [...], "probabilities": [[...]], "answered_by": [...], "class_names": [...]}.
 The HTTP proxy binds 127.0.0.1 unless --host says otherwise; the local Ray cluster binds loopback only
-(titans.teachers.service.connect).
+(titans.teachers.service.connect), and so does each replica's gRPC server (`replica_grpc_on_loopback`).
 """
 
 from __future__ import annotations
@@ -26,15 +28,26 @@ import asyncio
 import io
 import json
 import logging
+import re
 
 import numpy as np
 from ray import serve
+from ray.serve._private import replica as serve_replica  # where a replica binds its gRPC port
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from titans.export import standalone
 
 MAX_IMAGES = 256  # per request
+# Bytes per request body. 8 MiB holds 256 CIFAR-sized images as JSON twice over (a .npy body is 5-7x
+# smaller); a replica holds at most `max_ongoing_requests` bodies at once, so on a 2-core host the ingress
+# buffers at most 64 x 8 MiB and parses one body at a time (its event loop).
+MAX_BODY_BYTES = 8 << 20
+# Seconds a request waits for the teacher deployment (retries included) before it is answered 503 with
+# Retry-After: a healthy teacher answers in milliseconds, a replaced replica takes seconds to start, and
+# a teacher that cannot start (a missing stage file) would otherwise hold every deferred request forever.
+TEACHER_TIMEOUT_S = 10.0
+RETRY_AFTER_S = 5
 # Requests per ingress batch and row sets per teacher batch (`serve.batch`). A replica holds at most
 # `max_ongoing_requests` requests at once (Ray's default is 5), so each deployment admits 4 batches' worth:
 # with the default, no batch could ever grow past 5 and a loaded service queued in the proxy instead.
@@ -44,51 +57,140 @@ TEACHER_RETRIES = 3
 
 
 class BadRequest(ValueError):
-    """A request the service answers with 400 and a reason."""
+    """A request the service answers with `status` (400 unless said otherwise) and a reason."""
+
+    status = 400
+
+
+class TooLarge(BadRequest):
+    status = 413
+
+
+class TeacherUnavailable(RuntimeError):
+    """The teacher deployment did not answer in time (or kept failing): the request gets a 503."""
 
 
 NPY_TYPE = "application/x-npy"
+JSON_TYPE = "application/json"
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request's body, or TooLarge without reading past `max_bytes`: a declared Content-Length over the
+    limit is refused before any of the body is read; without one, the chunks are counted as they arrive
+    and the read stops at the first that passes the limit."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise BadRequest(f"Content-Length is not a byte count: {declared[:40]!r}")
+        if int(declared) > max_bytes:
+            raise TooLarge(f"the body has {int(declared)} bytes; this service takes at most {max_bytes}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise TooLarge(f"the body passed {max_bytes} bytes, the most this service takes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _check_rows(shape, input_shape, max_images: int) -> None:
+    want = tuple(input_shape)
+    if len(shape) != 1 + len(want) or tuple(shape[1:]) != want:
+        raise BadRequest(f'"images" must have shape (N, {", ".join(map(str, want))}); got {tuple(shape)}')
+    if not 1 <= shape[0] <= max_images:
+        raise BadRequest(f"a request holds 1 to {max_images} images; got {shape[0]}")
 
 
 def parse_npy(body: bytes, input_shape, max_images: int) -> np.ndarray:
-    """A binary request: one uint8 array of shape (N, H, W, C) in .npy format (no pickled objects)."""
+    """A binary request: one uint8 array of shape (N, H, W, C) in .npy format. Only its header is parsed
+    (dtype, shape and row count are checked there, before any pixel is read; nothing is ever unpickled),
+    and the body must hold exactly the pixels the header declares."""
+    f = io.BytesIO(body)
     try:
-        x = np.load(io.BytesIO(body), allow_pickle=False)
-    except (ValueError, OSError, EOFError):
+        version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(version)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(f)
+    except Exception:  # a malformed header is the client's error, whatever numpy raises for it
         raise BadRequest(f"the body is not a .npy array ({NPY_TYPE}); write it with numpy.save") from None
-    if not isinstance(x, np.ndarray) or x.dtype != np.uint8:
-        raise BadRequest(f"a .npy body must hold uint8 pixels; got dtype {getattr(x, 'dtype', type(x).__name__)}")
-    want = tuple(input_shape)
-    if x.ndim != 1 + len(want) or tuple(x.shape[1:]) != want:
-        raise BadRequest(f'"images" must have shape (N, {", ".join(map(str, want))}); got {x.shape}')
-    if not 1 <= len(x) <= max_images:
-        raise BadRequest(f"a request holds 1 to {max_images} images; got {len(x)}")
-    return np.ascontiguousarray(x)
+    if dtype != np.uint8:
+        raise BadRequest(f"a .npy body must hold uint8 pixels; got dtype {dtype}")
+    _check_rows(shape, input_shape, max_images)
+    pixels = body[f.tell() :]
+    if len(pixels) != int(np.prod(shape)):
+        raise BadRequest(f"the .npy header declares {int(np.prod(shape))} pixels; the body holds {len(pixels)} bytes")
+    return np.frombuffer(pixels, np.uint8).reshape(shape, order="F" if fortran else "C").copy()
 
 
-def parse_images(body: bytes, input_shape, max_images: int, content_type: str = "application/json") -> np.ndarray:
-    """The request's images as uint8 (N, H, W, C), or BadRequest saying what is wrong. A body sent as
-    `application/x-npy` is a .npy array; anything else is read as JSON {"images": [...]}."""
-    if content_type.split(";")[0].strip().lower() == NPY_TYPE:
-        return parse_npy(body, input_shape, max_images)
+def json_structure(body: bytes, input_shape, max_images: int) -> None:
+    """Checks, before the body is parsed, what a parse would cost: the nesting depth and the number of
+    images (the arrays one level inside "images"), from the brackets' running depth over the raw bytes.
+    (Brackets inside strings are counted too: a request whose only string is the key "images" is exact.)"""
+    first = body.lstrip()[:1]
+    if first != b"{":
+        raise BadRequest(
+            'expected a JSON object {"images": [...]}'
+            if first in (b"[", b'"') or first.isdigit()
+            else 'the body is not JSON; send {"images": [...]} with uint8 values'
+        )
+    raw = np.frombuffer(body, np.uint8)
+    opens = (raw == ord("[")) | (raw == ord("{"))
+    closes = (raw == ord("]")) | (raw == ord("}"))
+    depth = np.cumsum(opens.view(np.int8) - closes.view(np.int8), dtype=np.int32)
+    most = 2 + len(input_shape)  # the object, "images", then one level per image axis
+    if depth.max() > most:
+        raise BadRequest(f"the JSON is nested {int(depth.max())} levels deep; a request needs {most}")
+    rows = int(np.count_nonzero(opens & (depth == 3)))
+    if rows > max_images:
+        raise BadRequest(f"a request holds 1 to {max_images} images; got {rows}")
+
+
+def _small_int(text: str) -> int:
+    if len(text.lstrip("-")) > 6:
+        raise BadRequest(f"a pixel value has {len(text)} digits: {text[:12]}...; pixels are uint8")
+    return int(text)
+
+
+def _no_constant(text: str):
+    raise BadRequest(f'"images" must hold integers in [0, 255] (uint8 pixels); got {text}')
+
+
+def parse_json(body: bytes, input_shape, max_images: int) -> np.ndarray:
+    json_structure(body, input_shape, max_images)
+    literal = re.search(rb"true|false|null", body)  # numpy would read true as 1 and null as nan
+    if literal:
+        raise BadRequest(f'"images" must be a rectangular array of numbers; got {literal.group().decode()}')
     try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        payload = json.loads(body, parse_int=_small_int, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        if isinstance(e, BadRequest):
+            raise
         raise BadRequest('the body is not JSON; send {"images": [...]} with uint8 values') from None
     if not isinstance(payload, dict) or "images" not in payload:
         raise BadRequest('expected a JSON object with an "images" field')
     try:
-        x = np.asarray(payload["images"], dtype=np.float64)
-    except (ValueError, TypeError):
+        x = np.asarray(payload["images"])
+    except (ValueError, TypeError, OverflowError):
         raise BadRequest('"images" must be a rectangular array of numbers') from None
-    want = tuple(input_shape)
-    if x.ndim != 1 + len(want) or tuple(x.shape[1:]) != want:
-        raise BadRequest(f'"images" must have shape (N, {", ".join(map(str, want))}); got {x.shape}')
-    if not 1 <= len(x) <= max_images:
-        raise BadRequest(f"a request holds 1 to {max_images} images; got {len(x)}")
+    if x.dtype.kind not in "iuf":
+        raise BadRequest(f'"images" must be a rectangular array of numbers; got {x.dtype.kind!r} values')
+    _check_rows(x.shape, input_shape, max_images)
     if not np.all(np.isfinite(x)) or np.any(x != np.round(x)) or x.min() < 0 or x.max() > 255:
         raise BadRequest('"images" must hold integers in [0, 255] (uint8 pixels)')
     return x.astype(np.uint8)
+
+
+def parse_images(body: bytes, input_shape, max_images: int, content_type: str = JSON_TYPE) -> np.ndarray:
+    """The request's images as uint8 (N, H, W, C), or BadRequest saying what is wrong. A body sent as
+    `application/x-npy` is a .npy array; `application/json` (or no content type) is JSON {"images": [...]};
+    any other content type is refused."""
+    kind = content_type.split(";")[0].strip().lower()
+    if kind == NPY_TYPE:
+        return parse_npy(body, input_shape, max_images)
+    if kind not in (JSON_TYPE, ""):
+        raise BadRequest(f"Content-Type must be {JSON_TYPE} or {NPY_TYPE}; got {kind}")
+    return parse_json(body, input_shape, max_images)
 
 
 def num_cheap_stages(cascade, mode: str) -> int:
@@ -140,6 +242,27 @@ async def run_batch(cascade, mode: str, image_sets: list[np.ndarray], call_teach
     return share_teacher_call([len(s) for s in image_sets], x, *found, call_teacher)
 
 
+def replica_grpc_on_loopback() -> None:
+    """Binds this replica's inter-deployment gRPC server to 127.0.0.1. Ray Serve 2.60 binds it to "[::]:0",
+    every interface, with no setting to change that; titans-serve runs a one-node cluster whose node address
+    is 127.0.0.1, so nothing outside the machine needs it. Called in each deployment's constructor, which
+    runs before the replica starts that server (tests/test_serving.py checks every listening socket)."""
+    add = getattr(serve_replica, "add_port_to_grpc_server", None)
+    if add is None:
+        raise RuntimeError(
+            "this Ray Serve version has no ray.serve._private.replica.add_port_to_grpc_server, so its replicas "
+            "cannot be bound to loopback; titans-serve needs ray[serve]==2.60.0 (pyproject.toml)"
+        )
+    if getattr(add, "loopback", False):
+        return
+
+    def loopback(server, address: str):
+        return add(server, address.replace("[::]:", "127.0.0.1:", 1))
+
+    loopback.loopback = True
+    serve_replica.add_port_to_grpc_server = loopback
+
+
 @serve.deployment(
     autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4},
     max_ongoing_requests=4 * TEACHER_BATCH,
@@ -149,6 +272,7 @@ class Teacher:
     """The export's last stage; called with the deferred rows only."""
 
     def __init__(self, export_dir: str):
+        replica_grpc_on_loopback()
         self.cascade = standalone.load(export_dir)
         self.stage = self.cascade.num_stages - 1
         self.cascade.warm_up([self.stage])  # every batch size it will run at, compiled before it serves
@@ -160,14 +284,60 @@ class Teacher:
         return np.split(logits, np.cumsum(sizes)[:-1])
 
 
+async def call_with_deadline(call, rows: np.ndarray, timeout_s: float, retries: int = TEACHER_RETRIES):
+    """`call(rows)` (a Serve handle's `remote`), retried after a failure (a replica that died), all within
+    `timeout_s`; past it, or after `retries` failures, TeacherUnavailable. A call cut off by the deadline
+    is cancelled, so that it does not stay queued for a teacher that never comes."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    for attempt in range(retries):
+        response = call(rows)
+        try:
+            return await asyncio.wait_for(_result(response), max(deadline - loop.time(), 0.0))
+        except TimeoutError:
+            response.cancel()
+            raise TeacherUnavailable(f"the teacher did not answer within {timeout_s:g} s") from None
+        except Exception as e:
+            logging.warning("teacher call failed (%s: %s)", type(e).__name__, e)
+            if attempt == retries - 1 or loop.time() + 0.2 * (attempt + 1) >= deadline:
+                raise TeacherUnavailable(f"the teacher failed: {type(e).__name__}: {e}") from e
+            await asyncio.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+async def _result(response):
+    return await response
+
+
+def error_response(e: Exception) -> JSONResponse:
+    """A 4xx for a bad request, a 503 with Retry-After for an unavailable teacher."""
+    if isinstance(e, TeacherUnavailable):
+        return JSONResponse(
+            {"error": f"{e}; retry after {RETRY_AFTER_S} s"},
+            status_code=503,
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+    return JSONResponse({"error": str(e)}, status_code=getattr(e, "status", 400))
+
+
 @serve.deployment(max_ongoing_requests=4 * INGRESS_BATCH, ray_actor_options={"num_cpus": 0.5})
 class CascadeIngress:
     """HTTP ingress: validation, the cheap stages, and the teacher for the deferred rows."""
 
-    def __init__(self, export_dir: str, teacher, max_images: int = MAX_IMAGES, mode: str = "cascade"):
+    def __init__(
+        self,
+        export_dir: str,
+        teacher,
+        max_images: int = MAX_IMAGES,
+        mode: str = "cascade",
+        max_body_bytes: int = MAX_BODY_BYTES,
+        teacher_timeout_s: float = TEACHER_TIMEOUT_S,
+    ):
+        replica_grpc_on_loopback()
         self.cascade = standalone.load(export_dir)
         self.teacher = teacher
-        self.max_images = int(max_images)
+        self.max_images, self.max_body_bytes = int(max_images), int(max_body_bytes)
+        self.teacher_timeout_s = float(teacher_timeout_s)
         self.shape = self.cascade.input_shape
         # "cascade"; or, served the same way for benchmarks: "student" (the first stage answers every
         # row) and "teacher" (every row goes to the teacher deployment).
@@ -181,27 +351,19 @@ class CascadeIngress:
         return await run_batch(self.cascade, self.mode, image_sets, self._teacher)
 
     async def _teacher(self, rows: np.ndarray) -> np.ndarray:
-        for attempt in range(TEACHER_RETRIES):
-            try:
-                return await self.teacher.remote(rows)
-            except Exception as e:
-                if attempt == TEACHER_RETRIES - 1:
-                    raise
-                logging.warning("teacher call failed (%s: %s); retrying", type(e).__name__, e)
-                await asyncio.sleep(0.2 * (attempt + 1))
+        return await call_with_deadline(self.teacher.remote, rows, self.teacher_timeout_s)
 
     async def __call__(self, request: Request):
         try:
-            images = parse_images(
-                await request.body(), self.shape, self.max_images, request.headers.get("content-type", "")
-            )
-        except BadRequest as e:
-            return JSONResponse({"error": str(e)}, status_code=400)
-        logits, answered, deferred, shared, positions = await self._cheap_stages(images)
-        logits, answered = logits.copy(), answered.copy()
-        if shared is not None:
-            logits[deferred] = (await shared)[positions]
-            answered[deferred] = self.cascade.num_stages - 1
+            body = await read_body(request, self.max_body_bytes)
+            images = parse_images(body, self.shape, self.max_images, request.headers.get("content-type", ""))
+            logits, answered, deferred, shared, positions = await self._cheap_stages(images)
+            logits, answered = logits.copy(), answered.copy()
+            if shared is not None:
+                logits[deferred] = (await shared)[positions]
+                answered[deferred] = self.cascade.num_stages - 1
+        except (BadRequest, TeacherUnavailable) as e:
+            return error_response(e)
         z = logits - logits.max(-1, keepdims=True)
         probs = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
         return JSONResponse(
@@ -221,10 +383,20 @@ def build_app(
     teacher_max_replicas: int = 2,
     mode: str = "cascade",
     name: str = "",
+    max_body_bytes: int = MAX_BODY_BYTES,
+    teacher_timeout_s: float = TEACHER_TIMEOUT_S,
 ):
-    """The application: an ingress (in `mode`) and its teacher deployment (`name` keeps several apps apart)."""
+    """The application: an ingress (in `mode`) and its teacher deployment (`name` keeps several apps apart).
+    `max_body_bytes` and `max_images` bound a request; `teacher_timeout_s` bounds its wait for the teacher."""
+    if int(max_images) < 1 or int(max_body_bytes) < 1 or not float(teacher_timeout_s) > 0:
+        raise ValueError(
+            f"max_images, max_body_bytes and teacher_timeout_s must be positive; got {max_images}, "
+            f"{max_body_bytes}, {teacher_timeout_s}"
+        )
     teacher = Teacher.options(
         name=f"Teacher{name}",
         autoscaling_config={"min_replicas": 1, "max_replicas": int(teacher_max_replicas), "target_ongoing_requests": 4},
     ).bind(export_dir)
-    return CascadeIngress.options(name=f"CascadeIngress{name}").bind(export_dir, teacher, max_images, mode)
+    return CascadeIngress.options(name=f"CascadeIngress{name}").bind(
+        export_dir, teacher, max_images, mode, max_body_bytes, teacher_timeout_s
+    )

@@ -131,6 +131,7 @@ def connect(address: str = "", *, num_cpus: int | None = None, num_gpus: int | N
     ray_constants.ENABLE_RAY_CLUSTER = False  # read at import in this process, which may have imported Ray
     # Ray makes its own temporary directory world-writable; it lives inside an owner-only one.
     temp_dir = tempfile.mkdtemp(prefix="titans-ray-", dir="/tmp")
+    _LOCAL["temp_dir"] = temp_dir  # before ray.init: a start that fails or is interrupted is cleaned up too
     # address="local": always a new cluster. Without it, ray.init() joins any Ray already running on the
     # machine (it looks for a GCS process), and dies with it when that cluster's owner exits.
     ray.init(
@@ -144,7 +145,6 @@ def connect(address: str = "", *, num_cpus: int | None = None, num_gpus: int | N
         configure_logging=False,
         _temp_dir=os.path.join(temp_dir, "r"),
     )
-    _LOCAL["temp_dir"] = temp_dir
     _restrict(temp_dir)
     return True
 
@@ -160,16 +160,32 @@ def _restrict(temp_dir: str) -> None:
         os.chmod(_TOKEN, 0o600)
 
 
+def _session_processes(temp_dir: str) -> list:
+    """The processes of the local cluster in `temp_dir`: those whose command line names it, and theirs."""
+    found = {}
+    for p in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if temp_dir in " ".join(p.info["cmdline"] or []):
+                found[p.pid] = p
+                found.update((c.pid, c) for c in p.children(recursive=True))
+    found.pop(os.getpid(), None)
+    return list(found.values())
+
+
 def shutdown_local(timeout_s: float = 10.0) -> None:
     """Shuts down the local cluster this process started: Ray first, then any of its processes still
     alive (agents outlive the driver otherwise), then its temporary directory."""
     import ray  # noqa: PLC0415  (deferred: ray is the optional `ray` extra)
 
+    temp_dir = _LOCAL["temp_dir"]
+    # Found before Ray shuts down: its workers (ray::...) name the temp dir nowhere in their command
+    # line; while the raylet lives they are its children, afterwards nobody's.
+    left = _session_processes(temp_dir) if temp_dir else []
     ray.shutdown()
-    temp_dir, _LOCAL["temp_dir"] = _LOCAL["temp_dir"], None
+    _LOCAL["temp_dir"] = None
     if not temp_dir:
         return
-    left = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
+    left = list({p.pid: p for p in left + _session_processes(temp_dir)}.values())
     for p in left:
         with contextlib.suppress(psutil.Error):
             p.terminate()
