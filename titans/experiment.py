@@ -11,12 +11,10 @@ resumes from its checkpoint, so rerunning a pipeline command continues where it 
 
 from __future__ import annotations
 
-import os
-
 import ml_collections
 
 from titans import config as config_lib
-from titans import logs, runs
+from titans import logs, paths, runs
 from titans.cascade import evaluate as cascade_evaluate
 from titans.ensemble import config as ensemble_config
 from titans.ensemble import runner as ensemble_runner
@@ -34,11 +32,12 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    os.makedirs(workdir, exist_ok=True)
+    workdir = paths.text(workdir)  # a local path made absolute; a URL (gs://...) kept as it is
+    paths.makedirs(workdir)
     results = {}
     for name in config.stage_order:
         stage = ml_collections.ConfigDict(config.stages[name].to_dict())
-        stage_dir = os.path.join(workdir, name)
+        stage_dir = paths.join(workdir, name)
         ref = stage.distill.teacher_workdir
         if ref.startswith("@"):
             if ref[1:] not in results:
@@ -46,14 +45,14 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     f"stage '{name}' distils from '{ref}', which must run before it "
                     f"(stage_order: {list(config.stage_order)})."
                 )
-            stage.distill.teacher_workdir = os.path.join(workdir, ref[1:])
+            stage.distill.teacher_workdir = paths.join(workdir, ref[1:])
         results[name] = ensure_trained(stage, stage_dir)
         if results[name].get("preempted"):
             return {"preempted": True, "stage": name, "stages": results}
     table = summary_table(results)
     if logs.is_writer():
-        runs.write_json(os.path.join(workdir, "summary.json"), results)
-        runs.write_text(os.path.join(workdir, "summary.md"), table + "\n")
+        runs.write_json(paths.join(workdir, "summary.json"), results)
+        runs.write_text(paths.join(workdir, "summary.md"), table + "\n")
     out = {"preempted": False, "stages": results}
     if "cascade" in config:
         out["cascade"] = cascade_evaluate.evaluate_cascades(config, workdir)

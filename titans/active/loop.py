@@ -25,9 +25,9 @@ finished round and never re-queries the teacher. Results: WORKDIR/active.json an
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 
@@ -40,7 +40,7 @@ from flax import nnx
 from titans import checkpoint as ckpt_lib
 from titans import config as config_lib
 from titans import data as data_lib
-from titans import figures, parallel, runs
+from titans import figures, parallel, paths, runs
 from titans.active import config as active_config
 from titans.active import selection
 from titans.active import teachers as teachers_lib
@@ -173,12 +173,12 @@ def _check_resume(meta: dict, strategy: str, fields: dict, workdir: str) -> None
 
 def _open_workdir(strategy: str, config, workdir: str) -> None:
     """Creates `workdir`, records which strategy and config its rounds belong to, or checks a resumed one."""
-    os.makedirs(workdir, exist_ok=True)
-    meta_path = os.path.join(workdir, "meta.json")
+    paths.makedirs(workdir)
+    meta_path = paths.join(workdir, "meta.json")
     fields = _resume_fields(config)
-    if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            _check_resume(json.load(f), strategy, fields, workdir)
+    meta = runs.read_json(meta_path)
+    if meta is not None:
+        _check_resume(meta, strategy, fields, workdir)
     else:
         runs.write_text(meta_path, json.dumps({"strategy": strategy, "config": fields}, indent=1))
 
@@ -401,7 +401,7 @@ def run_strategy(
     _open_workdir(strategy, config, workdir)
     abstract = trainer.abstract_variables()
     state = _fresh_state(config, data, *abstract[:2])
-    ckpt = ckpt_lib.TreeCheckpoints(os.path.join(workdir, "rounds"))
+    ckpt = ckpt_lib.TreeCheckpoints(paths.join(workdir, "rounds"))
     teacher = CountingTeacher(teacher_predict, data.pool_images, budget=rounds * config.active.budget_per_round)
     state, start = _resume(ckpt, state, teacher, strategy, log)
     run = _Rounds(strategy, config, data, trainer, teacher, abstract, state)
@@ -420,8 +420,8 @@ def run_strategy(
 
 def _resolve_teacher(config, workdir: str, log) -> tuple[str, dict]:
     t = config.teacher
-    tdir = os.path.abspath(t.workdir.replace("{workdir}", workdir))
-    ready = os.path.exists(os.path.join(tdir, "results.json"))
+    tdir = paths.text(t.workdir.replace("{workdir}", workdir))
+    ready = runs.RunDir(tdir).finished
     if not ready:
         if not len(t.train):
             raise FileNotFoundError(
@@ -446,9 +446,9 @@ def run_active(
     `teacher_predict` (images -> logits) replaces the teacher run (tests).
     """
     config = active_config.validate(config)
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
-    runs.write_text(os.path.join(workdir, "config.json"), config_lib.to_json(config))
+    workdir = paths.text(workdir)  # a local path made absolute; a URL (gs://...) kept as it is
+    paths.makedirs(workdir)
+    runs.write_text(paths.join(workdir, "config.json"), config_lib.to_json(config))
     data = load_data(config)
     teacher_info = {"workdir": None, "test_accuracy": None, "label_noise": float(config.teacher.label_noise)}
     if teacher_predict is None:
@@ -459,7 +459,7 @@ def run_active(
     trainer = StudentTrainer(config.student, data.info, cap)
     results = {}
     for s in active_config.strategies(config):
-        results[s] = run_strategy(s, config, data, teacher_predict, trainer, os.path.join(workdir, s), log=log)
+        results[s] = run_strategy(s, config, data, teacher_predict, trainer, paths.join(workdir, s), log=log)
     out = {
         "name": config.name,
         "seed": int(config.seed),
@@ -472,8 +472,8 @@ def run_active(
         "teacher": teacher_info,
         "strategies": results,
     }
-    runs.write_json(os.path.join(workdir, "active.json"), out)
-    plot(out, os.path.join(workdir, "active.png"))
+    runs.write_json(paths.join(workdir, "active.json"), out)
+    plot(out, paths.join(workdir, "active.png"))
     return out
 
 
@@ -490,4 +490,6 @@ def plot(result: dict, path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    paths.write_bytes(path, buf.getvalue())  # local or in a bucket

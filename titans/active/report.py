@@ -10,23 +10,41 @@ from __future__ import annotations
 
 import argparse
 import glob
+import io
 import json
-import os
 
 import numpy as np
 
-from titans import figures
+from titans import figures, paths
 from titans.stats import claim_verdict, claims_table, mean_sd, paired_difference
 
 
 def load(pattern: str) -> list[dict]:
+    """The active.json of every run directory matching `pattern` (a local glob, or a URL whose last part
+    may hold wildcards, e.g. gs://bucket/active/seed*), in name order; unfinished runs are skipped."""
     runs = []
-    for d in sorted(glob.glob(pattern)):
-        path = os.path.join(d, "active.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                runs.append(json.load(f))
+    for d in _matching_dirs(pattern):
+        run = read_json(paths.join(d, "active.json"))
+        if run is not None:
+            runs.append(run)
     return runs
+
+
+def _matching_dirs(pattern: str) -> list[str]:
+    if not paths.is_remote(pattern):
+        return sorted(glob.glob(pattern))
+    scheme, _, rest = pattern.rstrip("/").partition("://")
+    parts = rest.split("/")  # parts[0] is the bucket, taken literally
+    first = next((i for i in range(1, len(parts)) if any(c in parts[i] for c in "*?[")), len(parts))
+    base = f"{scheme}://" + "/".join(parts[:first])
+    if first == len(parts):
+        return [base] if paths.exists(base) else []
+    return sorted(str(p) for p in paths.resolve(base).glob("/".join(parts[first:])))
+
+
+def read_json(path: str):
+    text = paths.read_text(path)
+    return None if text is None else json.loads(text)
 
 
 def aggregate(runs: list[dict]) -> dict:
@@ -205,7 +223,9 @@ def plot(settings: dict, path: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    paths.write_bytes(path, buf.getvalue())  # local or in a bucket
 
 
 def main():
@@ -223,8 +243,7 @@ def main():
     if args.plot:
         plot(settings, args.plot)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({k: v[1] for k, v in settings.items()}, f, indent=2)
+        paths.write_text(args.json, json.dumps({k: v[1] for k, v in settings.items()}, indent=2))
 
 
 if __name__ == "__main__":

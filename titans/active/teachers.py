@@ -9,13 +9,11 @@ labels) is the plain trainer's.
 
 from __future__ import annotations
 
-import os
-
 import jax.numpy as jnp
 import numpy as np
 
 from titans import data as data_lib
-from titans import losses, runs
+from titans import losses, paths, runs
 from titans.train import Method, ensure_trained, train_and_evaluate
 
 
@@ -60,9 +58,9 @@ def train_teacher(run_config, workdir: str, *, label_noise: float = 0.0) -> dict
     )
     clean = np.fromiter((e["label"] for e in src.__getitems__(range(len(src)))), np.int64, len(src))
     table = noisy_labels(clean, label_noise, info.num_classes, run_config.seed)
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     runs.write_json(
-        os.path.join(workdir, "label_noise.json"),
+        paths.join(workdir, "label_noise.json"),
         {
             "label_noise": label_noise,
             "num_examples": int(len(table)),

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
-import os
 
 import numpy as np
 
-from titans import figures, runs
+from titans import figures, paths, runs
 from titans.analyze import plots
 from titans.analyze.errors import AnalysisError
 from titans.runs import write_text
@@ -32,14 +32,11 @@ def _flat(d, prefix=""):
 def _load(workdir):
     if not runs.RunDir(workdir).exists:
         raise AnalysisError(f"{workdir} is not a Titans run (no config.json)")
-    with open(os.path.join(workdir, "config.json")) as f:
-        config = json.load(f)
+    config = runs.read_json(paths.join(workdir, "config.json"))
     results = {}
-    for name in ("results.json", os.path.join("analysis", "metrics.json")):
-        path = os.path.join(workdir, name)
-        if os.path.exists(path):
-            with open(path) as f:
-                r = json.load(f)
+    for name in ("results.json", "analysis/metrics.json"):
+        r = runs.read_json(paths.join(workdir, name))
+        if r is not None:
             results.update({k: v for k, v in r.items() if k in METRICS})
             if "teacher" in r and isinstance(r["teacher"], dict) and "agreement" in r["teacher"]:
                 results["teacher_agreement"] = r["teacher"]["agreement"]
@@ -50,7 +47,7 @@ def _load(workdir):
 
 def compare_runs(workdirs: list[str], out: str) -> dict:
     """Writes OUT/comparison.md, OUT/runs.csv, OUT/groups.csv and OUT/curves.png; returns the groups."""
-    runs = [(os.path.abspath(w), *_load(w)) for w in workdirs]
+    runs = [(paths.text(w), *_load(w)) for w in workdirs]
     flats = [_flat(c) for _, c, _ in runs]
     keys = sorted(set().union(*flats))
     differing = [k for k in keys if k not in IGNORED and len({f.get(k) for f in flats}) > 1]
@@ -75,7 +72,7 @@ def compare_runs(workdirs: list[str], out: str) -> dict:
                     "n": int(len(vals)),
                 }
         rows.append(row)
-    os.makedirs(out, exist_ok=True)
+    paths.makedirs(out)
     lines = [
         f"Compared {len(runs)} runs; fields that differ: {', '.join(differing) or 'none'} "
         f"(seeds pooled; ignored: {', '.join(IGNORED)}).",
@@ -86,21 +83,37 @@ def compare_runs(workdirs: list[str], out: str) -> dict:
     for row in rows:
         cells = [f"{row[m]['mean']:.4f} ± {row[m]['sd']:.4f}" if m in row else "-" for m in metrics]
         lines.append(f"| {row['setting']} | {row['runs']} | " + " | ".join(cells) + " |")
-    write_text(os.path.join(out, "comparison.md"), "\n".join(lines) + "\n")
-    with open(os.path.join(out, "runs.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["workdir", *differing, *metrics])
-        for (wd, _, res), flat in zip(runs, flats):
-            w.writerow([wd, *(flat.get(k, "") for k in differing), *(res.get(m, "") for m in metrics)])
-    with open(os.path.join(out, "groups.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["setting", "runs", *(f"{m}_{s}" for m in metrics for s in ("mean", "sd"))])
-        for row in rows:
-            w.writerow(
+    write_text(paths.join(out, "comparison.md"), "\n".join(lines) + "\n")
+    write_text(
+        paths.join(out, "runs.csv"),
+        _csv(
+            ["workdir", *differing, *metrics],
+            [
+                [wd, *(flat.get(k, "") for k in differing), *(res.get(m, "") for m in metrics)]
+                for (wd, _, res), flat in zip(runs, flats)
+            ],
+        ),
+    )
+    write_text(
+        paths.join(out, "groups.csv"),
+        _csv(
+            ["setting", "runs", *(f"{m}_{s}" for m in metrics for s in ("mean", "sd"))],
+            [
                 [row["setting"], row["runs"], *(row[m][s] if m in row else "" for m in metrics for s in ("mean", "sd"))]
-            )
-    _overlay(rows, os.path.join(out, "curves.png"))
+                for row in rows
+            ],
+        ),
+    )
+    _overlay(rows, paths.join(out, "curves.png"))
     return {"differing": differing, "groups": rows, "markdown": "\n".join(lines)}
+
+
+def _csv(header: list, rows: list) -> str:
+    table = io.StringIO(newline="")
+    w = csv.writer(table)
+    w.writerow(header)
+    w.writerows(rows)
+    return table.getvalue()
 
 
 def _overlay(rows, path):
@@ -123,4 +136,4 @@ def _overlay(rows, path):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    plots.save_png(fig, path)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import base64
 import html as _html
-import os
+
+from titans import paths
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
@@ -36,8 +37,7 @@ def _table(rows) -> str:
 
 
 def _figure(title: str, png: str) -> str:
-    with open(png, "rb") as f:
-        raw = f.read()
+    raw = paths.resolve(png).read_bytes()
     width = int.from_bytes(raw[16:20], "big") if raw[:8] == b"\x89PNG\r\n\x1a\n" else 0
     style = ' style="max-width:100%"' if width > 800 else ""  # wide plots get the page's width
     data = base64.b64encode(raw).decode()
@@ -51,7 +51,7 @@ def write_report(path: str, title: str, summary_rows, pngs: list[tuple[str, str]
     """pngs: [(caption, file)]; sections: [(name, [items])] from titans.analyze.sections."""
     parts = [f"<h1>{_html.escape(title)}</h1>", _table(summary_rows)]
     if pngs:
-        parts.append("<h2>Plots</h2>" + "".join(_figure(t, p) for t, p in pngs if os.path.exists(p)))
+        parts.append("<h2>Plots</h2>" + "".join(_figure(t, p) for t, p in pngs if paths.exists(p)))
     for name, items in sections:
         parts.append(f"<h2>{_html.escape(name)}</h2>")
         for item in items:
@@ -65,6 +65,5 @@ def write_report(path: str, title: str, summary_rows, pngs: list[tuple[str, str]
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_html.escape(title)}</title>"
         f"<style>{_STYLE}</style><script>{_CHECK}</script></head><body>{''.join(parts)}</body></html>"
     )
-    with open(path, "w") as f:
-        f.write(doc)
+    paths.write_text(path, doc)  # local or in a bucket
     return path

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
 import jax
 import numpy as np
 from flax import nnx
 
 from titans import checkpoint as ckpt_lib
-from titans import models, runs
+from titans import models, paths, runs
 from titans.analyze.errors import AnalysisError
 
 
@@ -36,7 +34,7 @@ def inspect_checkpoint(workdir: str, step: int = -1) -> dict:
         for name, a in _layers(model.params)
     ]
     return {
-        "workdir": os.path.abspath(workdir),
+        "workdir": paths.text(workdir),
         "steps": desc["steps"],
         "step": used,
         "meta": desc["meta"],
@@ -77,8 +75,8 @@ def diff_checkpoints(workdir: str, step_a: int, step_b: int = -1, other_workdir:
         rows.append({"layer": name, "diff_l2": d, "relative": d / max(float(np.linalg.norm(x)), 1e-12)})
     total = float(np.sqrt(sum(r["diff_l2"] ** 2 for r in rows)))
     return {
-        "a": {"workdir": os.path.abspath(workdir), "step": sa},
-        "b": {"workdir": os.path.abspath(other), "step": sb},
+        "a": {"workdir": paths.text(workdir), "step": sa},
+        "b": {"workdir": paths.text(other), "step": sb},
         "total_diff_l2": total,
         "layers": rows,
     }

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-import os
+import io
 
 import numpy as np
 
-from titans import figures, logs
+from titans import figures, logs, paths
 
 
 def read_metrics_jsonl(workdir: str) -> list[dict]:
-    return logs.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    return logs.read_jsonl(paths.join(workdir, "metrics.jsonl"))
+
+
+def save_png(fig, path: str, dpi: int = 100) -> None:
+    """A figure as a PNG file, local or in a bucket (gs://...), written whole and atomically."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    paths.write_bytes(path, buf.getvalue())
 
 
 def learning_curves(rows: list[dict], path: str, label: str = "") -> str | None:
@@ -29,7 +36,7 @@ def learning_curves(rows: list[dict], path: str, label: str = "") -> str | None:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_png(fig, path)
     return path
 
 
@@ -47,7 +54,7 @@ def reliability(metrics: dict, path: str) -> str:
     ax.set_title(f"reliability, ECE {metrics['ece']:.4f}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_png(fig, path)
     return path
 
 
@@ -61,7 +68,7 @@ def confusion(metrics: dict, path: str) -> str:
     ax.set_title("confusion matrix (rows normalised)")
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_png(fig, path)
     return path
 
 
@@ -80,7 +87,7 @@ def per_class(metrics: dict, path: str) -> str:
     ax.set_title("per-class accuracy" + (" and agreement with the teacher" if "teacher" in metrics else ""))
     ax.legend(fontsize=8, loc="upper center", ncol=3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_png(fig, path)
     return path
 
 
@@ -109,17 +116,17 @@ def hardest_grid(images, examples: list[dict], k: int, path: str) -> str | None:
         fontsize=8,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_png(fig, path)
     return path
 
 
 def run_plots(workdir, out, metrics, images, labels, examples, hardest, info) -> list[tuple[str, str]]:
     del labels, info
     made = [
-        ("learning curves", learning_curves(read_metrics_jsonl(workdir), os.path.join(out, "learning_curves.png"))),
-        ("reliability diagram", reliability(metrics, os.path.join(out, "reliability.png"))),
-        ("confusion matrix", confusion(metrics, os.path.join(out, "confusion.png"))),
-        ("per-class accuracy", per_class(metrics, os.path.join(out, "per_class.png"))),
-        ("hardest examples", hardest_grid(images, examples, hardest, os.path.join(out, "hardest.png"))),
+        ("learning curves", learning_curves(read_metrics_jsonl(workdir), paths.join(out, "learning_curves.png"))),
+        ("reliability diagram", reliability(metrics, paths.join(out, "reliability.png"))),
+        ("confusion matrix", confusion(metrics, paths.join(out, "confusion.png"))),
+        ("per-class accuracy", per_class(metrics, paths.join(out, "per_class.png"))),
+        ("hardest examples", hardest_grid(images, examples, hardest, paths.join(out, "hardest.png"))),
     ]
     return [(t, p) for t, p in made if p]

@@ -11,6 +11,7 @@ pipeline itself with the sections methods registered (e.g. the cascade curves).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from titans import data as data_lib
-from titans import losses, parallel, runs
+from titans import losses, parallel, paths, runs
 from titans.analyze import html, plots
 from titans.analyze.errors import AnalysisError
 from titans.analyze.sections import SECTIONS
@@ -31,20 +32,20 @@ def is_run(workdir: str) -> bool:
 
 
 def is_pipeline(workdir: str) -> bool:
-    return os.path.exists(os.path.join(workdir, "summary.json")) and not is_run(workdir)
+    return paths.exists(paths.join(workdir, "summary.json")) and not is_run(workdir)
 
 
 def analyze_path(
     workdir: str, *, split: str | None = None, step: int = -1, hardest: int = 32, batch_size: int = 500
 ) -> list[dict]:
     """Analyses a run, or every stage of a pipeline plus the pipeline page; returns the metrics dicts."""
-    workdir = os.path.abspath(workdir)
+    workdir = paths.text(workdir)  # a local path made absolute; a URL (gs://...) kept as it is
     if is_run(workdir):
         return [analyze_run(workdir, split=split, step=step, hardest=hardest, batch_size=batch_size)]
     if is_pipeline(workdir):
-        stages = [d for d in sorted(os.listdir(workdir)) if is_run(os.path.join(workdir, d))]
+        stages = [d for d in sorted(p.name for p in paths.resolve(workdir).iterdir()) if is_run(paths.join(workdir, d))]
         out = [
-            analyze_run(os.path.join(workdir, d), split=split, step=step, hardest=hardest, batch_size=batch_size)
+            analyze_run(paths.join(workdir, d), split=split, step=step, hardest=hardest, batch_size=batch_size)
             for d in stages
         ]
         _pipeline_page(workdir, out)
@@ -90,7 +91,7 @@ def analyze_run(
     out: str | None = None,
 ) -> dict:
     """Evaluates one run's checkpoint on `split` (default: the run's eval split) and writes its analysis."""
-    workdir = os.path.abspath(workdir)
+    workdir = paths.text(workdir)
     if not is_run(workdir):
         raise AnalysisError(
             f"{workdir} is not a Titans run: no config.json (expected the workdir of a `python -m titans.main` run)."
@@ -121,7 +122,7 @@ def analyze_run(
             cfg.distill.teacher_workdir, info, images, labels, logits, mesh, batch_size
         )
 
-    out = out or os.path.join(workdir, "analysis")
+    out = out or paths.join(workdir, "analysis")
     _write_analysis(out, workdir, metrics, images, labels, logits, teacher_logits, hardest, info)
     print(f"[analyze] {cfg.name}: accuracy {metrics['accuracy']:.4f} on {split} -> {out}/report.html", flush=True)
     return metrics
@@ -174,16 +175,17 @@ def _teacher_metrics(teacher_workdir: str, info, images, labels, logits, mesh, b
 
 def _write_analysis(out, workdir, metrics, images, labels, logits, teacher_logits, hardest, info) -> None:
     """Writes the analysis into `out`: examples.csv, the PNGs, metrics.json and report.html."""
-    os.makedirs(out, exist_ok=True)
+    paths.makedirs(out)
     examples = _examples(logits, teacher_logits, labels, info.num_classes)
-    with open(os.path.join(out, "examples.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(examples[0]))
-        writer.writeheader()
-        writer.writerows(examples)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(examples[0]))
+    writer.writeheader()
+    writer.writerows(examples)
+    write_text(paths.join(out, "examples.csv"), table.getvalue())
     pngs = plots.run_plots(workdir, out, metrics, images, labels, examples, hardest, info)
-    write_text(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=1))
+    write_text(paths.join(out, "metrics.json"), json.dumps(metrics, indent=1))
     sections = _sections(workdir)
-    html.write_report(os.path.join(out, "report.html"), _title(metrics), _summary_rows(metrics), pngs, sections)
+    html.write_report(paths.join(out, "report.html"), _title(metrics), _summary_rows(metrics), pngs, sections)
 
 
 def _examples(logits, teacher_logits, labels, C) -> list[dict]:
@@ -244,10 +246,8 @@ def _summary_rows(m):
             ["teacher accuracy", f"{m['teacher']['accuracy']:.4f}"],
             ["agreement with the teacher", f"{m['teacher']['agreement']:.4f}"],
         ]
-    results = os.path.join(m["workdir"], "results.json")
-    if os.path.exists(results):
-        with open(results) as f:
-            r = json.load(f)
+    r = runs.read_json(paths.join(m["workdir"], "results.json"))
+    if r is not None:
         for key in ("flops_per_example", "param_count", "train_time_s"):
             if key in r:
                 rows.append([key, f"{r[key]:,.0f}" if key != "train_time_s" else f"{r[key]:.0f} s"])
@@ -255,11 +255,11 @@ def _summary_rows(m):
 
 
 def _pipeline_page(workdir, stage_metrics):
-    out = os.path.join(workdir, "analysis")
-    os.makedirs(out, exist_ok=True)
+    out = paths.join(workdir, "analysis")
+    paths.makedirs(out)
     rows = [["stage", "model", "accuracy", "ECE", "agreement with teacher", "report"]]
-    for m in stage_metrics:
-        rel = os.path.relpath(os.path.join(m["workdir"], "analysis", "report.html"), out)
+    for m in stage_metrics:  # a stage's page relative to this one (string arithmetic: URLs alike)
+        rel = os.path.relpath(paths.join(m["workdir"], "analysis", "report.html"), out)
         rows.append(
             [
                 m["name"],
@@ -270,7 +270,7 @@ def _pipeline_page(workdir, stage_metrics):
                 rel,
             ]
         )
-    write_text(os.path.join(out, "metrics.json"), json.dumps({"stages": stage_metrics}, indent=1))
+    write_text(paths.join(out, "metrics.json"), json.dumps({"stages": stage_metrics}, indent=1))
     html.write_report(
-        os.path.join(out, "report.html"), f"Titans analysis: pipeline {workdir}", rows, [], _sections(workdir)
+        paths.join(out, "report.html"), f"Titans analysis: pipeline {workdir}", rows, [], _sections(workdir)
     )

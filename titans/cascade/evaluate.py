@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
-import os
 import time
 
 import flax
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from titans import data as data_lib
-from titans import figures, parallel, runs
+from titans import figures, parallel, paths, runs
 from titans.cascade import cost as cost_lib
 from titans.cascade import curves as curves_lib
 from titans.cascade import gates as gates_lib
@@ -91,10 +91,11 @@ def evaluate_cascades(config, workdir: str) -> dict:
         )
     cc = config.cascade
     t0 = time.perf_counter()
-    teacher_dir = os.path.join(workdir, cc.teacher)
+    workdir = paths.text(workdir)  # a URL (gs://...) kept as it is
+    teacher_dir = paths.join(workdir, cc.teacher)
     teacher, t_cfg, info, _ = runs.load_model(teacher_dir)
     data_dir = t_cfg.dataset.data_dir or None
-    stage_configs = [runs.RunDir(os.path.join(workdir, name)).config for name in (cc.teacher, *cc.students)]
+    stage_configs = [runs.RunDir(paths.join(workdir, name)).config for name in (cc.teacher, *cc.students)]
     check_threshold_split(stage_configs, info, cc.val_split)
     mesh = parallel.make_mesh()
     batch_size = runs.round_up(cc.batch_size, mesh.devices.size)
@@ -123,15 +124,15 @@ def evaluate_cascades(config, workdir: str) -> dict:
     }
     for name in cc.students:
         entry, s_val, s_test = _evaluate_student(
-            os.path.join(workdir, name), teacher, info, data, t_entry, cc, logits_of, timing_images, mesh, batch_size
+            paths.join(workdir, name), teacher, info, data, t_entry, cc, logits_of, timing_images, mesh, batch_size
         )
         raw[f"val/{name}"], raw[f"test/{name}"] = s_val, s_test
         out["students"][name] = entry
         _print_student_summary(name, entry)
     out["eval_time_s"] = time.perf_counter() - t0
     if jax.process_index() == 0:
-        runs.write_text(os.path.join(workdir, "cascade.json"), json.dumps(out, indent=1))
-        write_logits(os.path.join(workdir, LOGITS_FILE), raw)
+        runs.write_text(paths.join(workdir, "cascade.json"), json.dumps(out, indent=1))
+        write_logits(paths.join(workdir, LOGITS_FILE), raw)
         plot(out, workdir)
     return out
 
@@ -143,9 +144,9 @@ def write_logits(path: str, arrays: dict) -> None:
     """Every stage's logits on the threshold and test splits (float16) and the labels (int16), compressed:
     the compact raw output from which the offline curves are recomputed (titans/results)."""
     compact = {k: np.asarray(v, np.int16 if k.endswith("/label") else np.float16) for k, v in sorted(arrays.items())}
-    tmp = path + ".tmp.npz"
-    np.savez_compressed(tmp, **compact)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **compact)
+    paths.write_bytes(path, buf.getvalue())  # atomic, local or in a bucket
 
 
 def _evaluate_teacher(teacher: NormalizedModel, teacher_dir: str, info, val, test, logits_of, timing_images):
@@ -410,4 +411,11 @@ def plot(out: dict, workdir: str) -> None:
         ax.legend(fontsize=6, ncol=2)
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(os.path.join(workdir, f"cascade_accuracy_vs_{tag}.png"), dpi=120)
+        save_png(fig, paths.join(workdir, f"cascade_accuracy_vs_{tag}.png"), dpi=120)
+
+
+def save_png(fig, path: str, *, dpi: int) -> None:
+    """A figure as a PNG file, local or in a bucket (written whole, atomically)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    paths.write_bytes(path, buf.getvalue())

@@ -13,13 +13,13 @@ t-interval and a verdict (titans/stats.py): better, worse, or unresolved when th
 from __future__ import annotations
 
 import argparse
+import io
 import json
-import os
 import warnings
 
 import numpy as np
 
-from titans import figures
+from titans import figures, paths
 from titans.stats import claim_verdict, claims_table, mean_sd, not_worse_verdict, paired_difference
 
 BUDGETS = (0.1, 0.25, 0.5)  # fractions of the teacher's FLOPs in the headline tables
@@ -29,11 +29,11 @@ HEADLINE_GATE = "msp"
 def load(workdirs: list[str]) -> list[dict]:
     runs = []
     for w in workdirs:
-        path = os.path.join(w, "cascade.json")
-        if not os.path.exists(path):
+        path = paths.join(w, "cascade.json")
+        text = paths.read_text(path)
+        if text is None:
             raise FileNotFoundError(f"{path} not found: run the cascade config in {w} first.")
-        with open(path) as f:
-            runs.append(json.load(f))
+        runs.append(json.loads(text))
     return runs
 
 
@@ -315,7 +315,9 @@ def plot_mean_curves(runs: list[dict], out_path: str, gate: str = HEADLINE_GATE)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_path, dpi=120)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    paths.write_bytes(out_path, buf.getvalue())  # local or in a bucket
     return out_path
 
 

@@ -6,11 +6,11 @@ python -m titans.ensemble.report workdirs/bdistil_fmnist/seed0 workdirs/bdistil_
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import numpy as np
 
+from titans import paths
 from titans.stats import claim_verdict, claims_table, mean_sd, paired_difference
 
 ORDER = ("bdistil", "bdistil_noconn", "resched", "no_resched")
@@ -25,11 +25,10 @@ LABEL = {
 def load(workdirs: list[str]) -> list[dict]:
     out = []
     for d in workdirs:
-        path = os.path.join(d, "ensemble.json")
-        if not os.path.exists(path):
+        text = paths.read_text(paths.join(d, "ensemble.json"))
+        if text is None:
             raise FileNotFoundError(f"{d} has no ensemble.json (the run has not finished)")
-        with open(path) as f:
-            out.append(json.load(f))
+        out.append(json.loads(text))
     return out
 
 

@@ -19,8 +19,8 @@ its checkpoint, and finished candidate runs are not retrained.
 from __future__ import annotations
 
 import copy
+import io
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 
 from titans import data as data_lib
-from titans import logs, losses, models, parallel, runs
+from titans import logs, losses, models, parallel, paths, runs
 from titans.ensemble import anytime
 from titans.ensemble import config as ens_config
 from titans.ensemble import members as mem
@@ -42,11 +42,11 @@ class Context:
 
     def __init__(self, config, workdir: str):
         self.e = ens_config.section(config)
-        self.workdir = os.path.abspath(workdir)
+        self.workdir = paths.text(workdir)  # a local path made absolute; a URL (gs://...) kept as it is
         member = ml_collections.ConfigDict(copy.deepcopy(self.e.member.to_dict()))
         ref = member.distill.teacher_workdir
         if ref.startswith("@"):
-            member.distill.teacher_workdir = os.path.join(self.workdir, ref[1:])
+            member.distill.teacher_workdir = paths.join(self.workdir, ref[1:])
         self.member = member
         self.info = data_lib.dataset_info(member.dataset.name)
         data_dir = member.dataset.data_dir or None
@@ -66,17 +66,17 @@ class Context:
 
     def teacher_logits(self, split: str) -> np.ndarray:
         if split not in self._teacher_logits:
-            path = os.path.join(self.workdir, f"teacher_logits_{split}.npy")
-            lpath = os.path.join(self.workdir, f"labels_{split}.npy")
-            if os.path.exists(path) and os.path.exists(lpath):
-                logits, labels = np.load(path), np.load(lpath)
+            path = paths.join(self.workdir, f"teacher_logits_{split}.npy")
+            lpath = paths.join(self.workdir, f"labels_{split}.npy")
+            if paths.exists(path) and paths.exists(lpath):
+                logits, labels = load_npy(path), load_npy(lpath)
             else:
                 logits, labels = runs.predict_split(
                     runs.logits_fn, self.teacher, self.sources[split], self.info, batch_size=self.bs, mesh=self.mesh
                 )
-                os.makedirs(self.workdir, exist_ok=True)
-                np.save(path, logits)
-                np.save(lpath, labels)
+                paths.makedirs(self.workdir)
+                save_npy(path, logits)
+                save_npy(lpath, labels)
             self._teacher_logits[split], self.labels[split] = logits, labels
         return self._teacher_logits[split]
 
@@ -176,9 +176,9 @@ def ordered_candidates(ctx: Context) -> list:
 def run_bdistil(ctx: Context, variant: str, connect: bool) -> dict:
     """Rounds of the boosting game; returns the variant's state (members, log, stopped)."""
     e = ctx.e
-    vdir = os.path.join(ctx.workdir, variant)
-    os.makedirs(vdir, exist_ok=True)
-    state_path = os.path.join(vdir, "state.json")
+    vdir = paths.join(ctx.workdir, variant)
+    paths.makedirs(vdir)
+    state_path = paths.join(vdir, "state.json")
     state = read_json(state_path, {"members": [], "log": [], "stopped": None})
     layer = e.connect.layer if connect else ""
     g = ctx.teacher_logits("train")
@@ -204,8 +204,8 @@ def run_bdistil(ctx: Context, variant: str, connect: bool) -> dict:
             break
         state["members"].append(accepted)
         scores = wp.residual_scores(after_logits, g, e.weights, ctx.member.distill.temperature)
-        np.save(
-            os.path.join(vdir, f"weights_round{w + 1}.npy"), wp.update_weights(weights, scores, eta=e.eta, mix=e.mix)
+        save_npy(
+            paths.join(vdir, f"weights_round{w + 1}.npy"), wp.update_weights(weights, scores, eta=e.eta, mix=e.mix)
         )
         write_json(state_path, state)
     return state
@@ -213,12 +213,24 @@ def run_bdistil(ctx: Context, variant: str, connect: bool) -> dict:
 
 def _round_weights(vdir: str, w: int, shape: tuple[int, int], weights_cfg) -> np.ndarray:
     """The weight player's weights for round `w`: saved by round w - 1, or the initial ones (saved in round 1)."""
-    wpath = os.path.join(vdir, f"weights_round{w}.npy")
+    wpath = paths.join(vdir, f"weights_round{w}.npy")
     n, k = shape
-    weights = np.load(wpath) if os.path.exists(wpath) else wp.initial_weights(n, k, weights_cfg)
+    weights = load_npy(wpath) if paths.exists(wpath) else wp.initial_weights(n, k, weights_cfg)
     if w == 1:
-        np.save(wpath, weights)
+        save_npy(wpath, weights)
     return weights
+
+
+def save_npy(path: str, array: np.ndarray) -> None:
+    """`np.save` to a local path or a URL (gs://...), written whole and atomically."""
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array))
+    paths.write_bytes(path, buf.getvalue())
+
+
+def load_npy(path: str) -> np.ndarray:
+    """`np.load` of a .npy file at a local path or a URL."""
+    return np.load(io.BytesIO(paths.resolve(path).read_bytes()))
 
 
 def _frozen_members(ctx: Context, members: list, layer: str):
@@ -252,7 +264,7 @@ def _find_weak_learner(
             "prev_dim": prev_dim,
             "join": e.connect.join,
             "width": int(e.connect.width),
-            "workdir": os.path.join(vdir, f"round{w}", cname),
+            "workdir": paths.join(vdir, f"round{w}", cname),
         }
         cfg = ctx.member_config(f"{variant}_r{w}_{cname}", cand, ctx.member.seed + 1000 * w + j)
         result = ensure_trained(cfg, spec["workdir"], method=_member_method(False, spec, frozen, weights, ctx))
@@ -307,7 +319,7 @@ def _find_wl_entry(w: int, cname: str, edge: float, gamma, result: dict) -> dict
 
 def run_resched(ctx: Context, sizes: list[dict]) -> dict:
     """Independently distilled members of the given sizes (plain KD from the teacher)."""
-    vdir = os.path.join(ctx.workdir, "resched")
+    vdir = paths.join(ctx.workdir, "resched")
     specs = []
     for i, model in enumerate(sizes, start=1):
         entry = ml_collections.ConfigDict(model)
@@ -316,7 +328,7 @@ def run_resched(ctx: Context, sizes: list[dict]) -> dict:
             "candidate": f"member{i}",
             "model": model,
             "connected": False,
-            "workdir": os.path.join(vdir, f"member{i}"),
+            "workdir": paths.join(vdir, f"member{i}"),
         }
         cfg = ctx.member_config(f"resched_member{i}", entry, ctx.member.seed + 5000 + i)
         result = ensure_trained(cfg, spec["workdir"], method=_member_method(True, spec, None, np.zeros(0), ctx))
@@ -348,7 +360,7 @@ def run_no_resched(ctx: Context, budgets: list[float]) -> dict:
             "candidate": name,
             "model": entries[name].to_dict(),
             "connected": False,
-            "workdir": os.path.join(ctx.workdir, "no_resched", name),
+            "workdir": paths.join(ctx.workdir, "no_resched", name),
         }
         result = ensure_trained(
             ctx.member_config(f"no_resched_{name}", entries[name], ctx.member.seed + 9000),
@@ -467,9 +479,9 @@ def run_ensemble(config, workdir: str) -> dict:
         "seed": int(ctx.member.seed),
     }
     if logs.is_writer():
-        write_json(os.path.join(ctx.workdir, "ensemble.json"), result)
+        write_json(paths.join(ctx.workdir, "ensemble.json"), result)
         table = summary_table(result)
-        runs.write_text(os.path.join(ctx.workdir, "ensemble.md"), table + "\n")
+        runs.write_text(paths.join(ctx.workdir, "ensemble.md"), table + "\n")
         logging.info("B-DISTIL results:\n%s", table)
     return {"preempted": False, **result}
 
