@@ -337,7 +337,7 @@ def test_an_export_killed_midway_leaves_the_old_export_or_none(stage_dirs, test_
     from helpers import REPO
 
     out = tmp_path / "exp"
-    _export([stage_dirs[0], stage_dirs[2]], out, [0.5])  # the previous export, with other stage files
+    _export(stage_dirs, out, [0.5, 0.5])  # the previous export: other stage files, and one more
     x, _ = test_images
     before = standalone.load(str(out)).predict(x)["classes"]
     new = ",".join(stage_dirs[1:])
@@ -356,7 +356,7 @@ def test_an_export_killed_midway_leaves_the_old_export_or_none(stage_dirs, test_
             standalone.load(str(out))
     manifest = _export(stage_dirs[1:], out, [0.3])  # the next export cleans up and succeeds
     assert standalone.load(str(out)).manifest == manifest
-    assert not (out / ".export-partial").exists()
+    assert not (out / ".export-partial").exists() and not (out / "stage2.jaxexport").exists()
 
 
 # ------------------------------------------------------------------------------- unfinished runs
@@ -402,3 +402,31 @@ def test_unfinished_run_is_refused_unless_allowed(stage_dirs, unfinished_dirs, t
     loaded = standalone.load(str(tmp_path / "ok")).manifest
     assert loaded == manifest and loaded["allow_unfinished"] is True
     assert [(s["step"], s["total_steps"], s["finished"]) for s in loaded["stages"]] == [(20, 40, False), (80, 80, True)]
+
+
+@pytest.mark.slow
+def test_export_into_a_bucket(stage_dirs, test_images, tmp_path):
+    """--out=gs://...: the export is written through etils.epath (staging, lock, moves, manifest last);
+    copied down, it loads with every checksum verified and answers as a local export does."""
+    from gcs import emulator, environment
+
+    from titans import paths
+
+    with emulator(str(tmp_path / "gcs")) as (env, bucket), environment(env):
+        out = f"gs://{bucket}/exports/cascade"
+        manifest = _export(stage_dirs[-2:], out, [0.3])
+        remote = paths.resolve(out)
+        names = sorted(p.name for p in remote.iterdir())
+        assert {"manifest.json", "stage0.jaxexport", "stage1.jaxexport", "titans_cascade.py"} <= set(names)
+        assert ".export-partial" not in names
+        local = tmp_path / "copy"
+        local.mkdir()
+        for name in ("manifest.json", "stage0.jaxexport", "stage1.jaxexport"):
+            (local / name).write_bytes((remote / name).read_bytes())
+    assert standalone.load(str(local)).manifest == manifest
+    x, _ = test_images
+    _export(stage_dirs[-2:], tmp_path / "local", [0.3])
+    np.testing.assert_array_equal(
+        standalone.load(str(local)).predict(x)["classes"],
+        standalone.load(str(tmp_path / "local")).predict(x)["classes"],
+    )

@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import re
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +45,7 @@ from jax import export as jax_export
 
 import titans
 from titans import data as data_lib
-from titans import locks, parallel, runs
+from titans import locks, parallel, paths, runs
 from titans.cascade import apply as cascade_apply
 from titans.cascade import evaluate, gates
 from titans.export import standalone
@@ -149,14 +147,6 @@ def check_finished(stage_dirs, loaded, allow_unfinished: bool) -> list[dict]:
     return statuses
 
 
-def _out_path(out) -> epath.Path:
-    """The export directory: a URL (gs://...) as it is, a local path made absolute."""
-    text = os.fspath(out)
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", text):
-        return epath.Path(text.rstrip("/"))
-    return epath.Path(os.path.abspath(os.path.expanduser(text)))
-
-
 def export_cascade(
     stage_dirs, gate_name: str, rates, val_split: str, out, batch_size: int = 512, *, allow_unfinished: bool = False
 ) -> dict:
@@ -165,8 +155,8 @@ def export_cascade(
     loaded, info = cascade_apply.load_stages(stage_dirs, rates)
     statuses = check_finished(stage_dirs, loaded, allow_unfinished)
     evaluate.check_threshold_split([cfg for _, cfg, _, _ in loaded], info, val_split)
-    out = _out_path(out)
-    with locks.WorkdirLock(os.fspath(out), "export"):
+    out = paths.resolve(out)  # an epath.Path: a local directory made absolute, or a bucket's URL as it is
+    with locks.WorkdirLock(out, "export"):
         stages = [evaluate.NormalizedModel.of(m, info) for m, *_ in loaded]
         gate = gates.get_gate(gate_name, num_classes=info.num_classes)
         mesh = parallel.make_mesh()
@@ -257,4 +247,5 @@ def write_export(out: epath.Path, files: dict[str, bytes], manifest: dict) -> No
     for name in files:
         _move(staging / name, out / name)
     _move(staging / standalone.MANIFEST, out / standalone.MANIFEST)
-    staging.rmtree()
+    if staging.exists():  # a bucket has no empty directories: there it is gone already
+        staging.rmtree()
