@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from titans import checkpoint as ckpt_lib
 from titans import data as data_lib
-from titans import logs
+from titans import logs, paths
 from titans.analyze import AnalysisError, analyze_path, compare_runs, diff_checkpoints, inspect_checkpoint
 
 
@@ -46,9 +45,8 @@ def main(argv=None):
                 out[w] = info
                 _print_inspection(info)
             if a.out:
-                os.makedirs(a.out, exist_ok=True)
-                with open(os.path.join(a.out, "inspect.json"), "w") as f:
-                    json.dump(out, f, indent=1)
+                paths.makedirs(a.out)
+                paths.write_text(paths.join(a.out, "inspect.json"), json.dumps(out, indent=1))
         else:
             for w in a.workdirs:
                 analyze_path(w, split=a.split, step=a.step, hardest=a.hardest, batch_size=a.batch_size)

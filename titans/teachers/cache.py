@@ -25,19 +25,28 @@ run (`TeacherCache.check`), and one that is not complete.
 Soft labels are computed on the un-augmented images (the evaluation transform): the cache is keyed
 by example only, and a run that augments its training images refuses it (see
 `titans.teachers.open_soft_labels`); `service` mode labels augmented images.
+
+CACHE_DIR may be a bucket (`--out=gs://bucket/cache`, `distill.cache.dir=gs://...`). ArrayRecord's
+C++ writer and reader take local file names, so there each shard is written to a local temporary file,
+hashed, and uploaded whole under its final name (an object appears all at once: no `.tmp` objects);
+the manifest is one upload too. A reader downloads the shards into a local copy,
+`$XDG_CACHE_HOME/titans/teacher_cache/<SHA-256 of the URL>/` (default `~/.cache/...`), and checks
+every shard against the manifest's SHA-256 before using it: a copy that already matches is reused,
+any other is downloaded again, and a shard in the bucket that fails its checksum is a named error.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
-import glob
 import hashlib
 import json
 import logging
 import os
 import shlex
 import sys
+import tempfile
 import time
 
 import jax
@@ -50,7 +59,7 @@ from flax import nnx
 from titans import checkpoint as ckpt_lib
 from titans import config as config_lib
 from titans import data as data_lib
-from titans import locks, parallel, runs
+from titans import locks, parallel, paths, runs
 from titans.teachers.soft_labels import topk_to_logits
 
 FORMAT = "titans-teacher-cache"
@@ -86,6 +95,13 @@ def shard_name(s: int, num_shards: int) -> str:
     return f"shard-{s:05d}-of-{num_shards:05d}.array_record"
 
 
+def local_copy_dir(url: str) -> str:
+    """Where the shards of the cache at `url` (a bucket) are downloaded to be read:
+    $XDG_CACHE_HOME/titans/teacher_cache/<SHA-256 of the URL> (default ~/.cache/titans/...)."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "titans", "teacher_cache", hashlib.sha256(paths.text(url).encode()).hexdigest())
+
+
 # ----------------------------------------------------------------------------- teacher identity
 
 
@@ -103,7 +119,7 @@ def variables_digest(teacher) -> str:
 
 def load_teacher_with_identity(teacher_workdir: str, step: int, info, dtype=None):
     """(Teacher, teacher config, identity dict) of a teacher run, refusing one for other data."""
-    workdir = os.path.abspath(teacher_workdir)
+    workdir = paths.text(teacher_workdir)
     steps = runs.RunDir(workdir).checkpoint_steps()
     use = (steps[-1] if steps else step) if step < 0 else step
     teacher, t_cfg = runs.load_teacher(workdir, info, dtype=dtype or jnp.float32, step=use)
@@ -127,43 +143,44 @@ class TeacherCache:
     """A complete cache opened for random access: `logits(indices)`, `topk(indices)`."""
 
     def __init__(self, directory: str):
-        self.directory = os.path.abspath(directory or "")
-        path = os.path.join(self.directory, "manifest.json")
-        if not directory or not os.path.exists(path):
+        self.directory = paths.text(directory) if directory else ""
+        path = paths.join(self.directory, "manifest.json") if directory else ""
+        text = paths.read_text(path) if directory else None
+        if text is None:
             raise CacheError(
                 f"No teacher cache at distill.cache.dir={directory!r} (no manifest.json). Write it first with "
                 f"`python -m titans.teachers.cache --teacher_workdir=... --dataset=... --split=... --out={directory}` "
                 f"(or --config=<this run's config>)."
             )
-        with open(path) as f:
-            self.manifest = json.load(f)
+        self.manifest = json.loads(text)
         m = self.manifest
         if m.get("format") != FORMAT or m.get("version") != VERSION:
             raise CacheError(
                 f"{path} is not a Titans teacher cache of version {VERSION} "
                 f"(format={m.get('format')!r}, version={m.get('version')!r})."
             )
-        missing = [name for name in m["shards"] if not os.path.exists(os.path.join(self.directory, name))]
+        missing = [name for name in m["shards"] if not paths.exists(paths.join(self.directory, name))]
         if not m.get("complete") or missing:
             raise CacheError(
                 f"The teacher cache in {self.directory} is incomplete ({len(missing)} of {m['num_shards']} shards "
                 f"missing: the writing job was interrupted). Rerun its command to finish it (finished shards are "
                 f"kept):\n  {m.get('command', 'python -m titans.teachers.cache ...')}"
             )
-        self._verify_shards()
         self.num_classes, self.topk = int(m["num_classes"]), int(m["topk"])
         self.dtype = record_dtype(self.num_classes, self.topk, m["dtype"])
-        paths = [os.path.join(self.directory, name) for name in m["shards"]]
-        self._source = array_record_data_source.ArrayRecordDataSource(paths)
+        self.shard_files = self._checked_local_shards()
+        self._source = array_record_data_source.ArrayRecordDataSource(self.shard_files)
         if len(self._source) != int(m["num_examples"]):
             raise CacheError(
                 f"The teacher cache in {self.directory} holds {len(self._source)} records, "
                 f"its manifest says {m['num_examples']}: rewrite it."
             )
 
-    def _verify_shards(self) -> None:
-        """Each shard's SHA-256 against the manifest: a swapped, foreign, truncated or altered shard is
-        a named error, not wrong soft labels."""
+    def _checked_local_shards(self) -> list[str]:
+        """The shards as local files, each checked against the manifest's SHA-256 (a swapped, foreign,
+        truncated or altered shard is a named error, not wrong soft labels): the cache's own files, or
+        for a cache in a bucket, copies in `local_copy_dir(directory)` (downloaded unless a matching
+        copy is there already)."""
         recorded = self.manifest.get("shard_sha256")
         if recorded is None:
             logging.warning(
@@ -171,15 +188,42 @@ class TeacherCache:
                 "its shards are read unverified.",
                 self.directory,
             )
-            return
-        for name in self.manifest["shards"]:
-            got = ckpt_lib.file_sha256(os.path.join(self.directory, name))
-            if got != recorded.get(name):
-                raise CacheError(
-                    f"Shard {name} of the teacher cache in {self.directory} fails its checksum (SHA-256 {got[:12]}..., "
-                    f"manifest {str(recorded.get(name))[:12]}...): it was altered, truncated or swapped with "
-                    f"another cache's. Rewrite the cache into a fresh directory."
-                )
+        names = self.manifest["shards"]
+        if paths.is_remote(self.directory):
+            local = local_copy_dir(self.directory)
+            os.makedirs(local, exist_ok=True)
+            return [self._download(name, os.path.join(local, name), recorded) for name in names]
+        files = [os.path.join(self.directory, name) for name in names]
+        if recorded is not None:
+            for name, file in zip(names, files):
+                self._check_shard(name, ckpt_lib.file_sha256(file), recorded)
+        return files
+
+    def _download(self, name: str, dest: str, recorded: dict | None) -> str:
+        """Shard `name` of a cache in a bucket as the local file `dest`, verified (with `recorded`)."""
+        if recorded is not None and os.path.exists(dest) and ckpt_lib.file_sha256(dest) == recorded.get(name):
+            return dest  # downloaded before, and still this cache's shard
+        tmp, h = f"{dest}.tmp{os.getpid()}", hashlib.sha256()
+        try:
+            with paths.resolve(paths.join(self.directory, name)).open("rb") as src, open(tmp, "wb") as out:
+                for block in iter(lambda: src.read(1 << 20), b""):
+                    h.update(block)
+                    out.write(block)
+            if recorded is not None:
+                self._check_shard(name, h.hexdigest(), recorded)
+            os.replace(tmp, dest)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return dest
+
+    def _check_shard(self, name: str, got: str, recorded: dict) -> None:
+        if got != recorded.get(name):
+            raise CacheError(
+                f"Shard {name} of the teacher cache in {self.directory} fails its checksum (SHA-256 {got[:12]}..., "
+                f"manifest {str(recorded.get(name))[:12]}...): it was altered, truncated or swapped with "
+                f"another cache's. Rewrite the cache into a fresh directory."
+            )
 
     def __len__(self) -> int:
         return len(self._source)
@@ -251,6 +295,9 @@ class TeacherCache:
 
 
 def _write_json(path: str, obj) -> None:
+    if paths.is_remote(path):  # one upload, which an object store makes visible all at once
+        paths.write_text(path, json.dumps(obj, indent=2, sort_keys=True))
+        return
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
@@ -274,8 +321,8 @@ def _topk_fn(topk: int):
 
 def write_cache(*, out: str, **kwargs) -> dict:
     """Writes (or finishes) the cache; returns its manifest. See the module docstring. One writer at a
-    time: a second job on the same `out` fails at once (titans.locks)."""
-    os.makedirs(out, exist_ok=True)
+    time: a second job on the same `out` fails at once (titans.locks). `out` may be a bucket (gs://...)."""
+    paths.makedirs(out)
     with locks.WorkdirLock(out, "teacher cache"):
         return _write_cache(out=out, **kwargs)
 
@@ -305,9 +352,9 @@ def _write_cache(
         identity, dataset, split, n, info, dtype=dtype, topk=topk, shard_size=shard_size, command=command
     )
     num_shards = manifest["num_shards"]
-    os.makedirs(out, exist_ok=True)
-    mpath = os.path.join(out, "manifest.json")
-    if os.path.exists(mpath):
+    paths.makedirs(out)
+    mpath = paths.join(out, "manifest.json")
+    if paths.exists(mpath):
         old = _read_own_manifest(mpath, out, manifest)
         if old.get("complete"):
             log(f"[cache] {out} is already complete ({n} examples, {num_shards} shards); nothing to do.")
@@ -318,19 +365,21 @@ def _write_cache(
 
     shards = _ShardWriter(src, info, teacher, topk=topk, dtype=dtype, batch_size=batch_size)
     t0 = time.perf_counter()
-    written = 0
+    written, digests = 0, {}
     for s in range(num_shards):
         if s in done:
             continue
-        written += shards.write(
-            os.path.join(out, shard_name(s, num_shards)), s * shard_size, min(n, (s + 1) * shard_size)
-        )
+        name = shard_name(s, num_shards)
+        count, digests[name] = shards.write(paths.join(out, name), s * shard_size, min(n, (s + 1) * shard_size))
+        written += count
         log(f"[cache] shard {s + 1}/{num_shards} written ({written} examples in {time.perf_counter() - t0:.1f} s)")
         if delay_per_shard_s:
             time.sleep(delay_per_shard_s)
     manifest["complete"] = True
     manifest["seconds"] = round(time.perf_counter() - t0, 3)
-    manifest["shard_sha256"] = {name: ckpt_lib.file_sha256(os.path.join(out, name)) for name in manifest["shards"]}
+    manifest["shard_sha256"] = {  # shards kept from an earlier job are hashed where they lie
+        name: digests.get(name) or ckpt_lib.file_sha256(paths.join(out, name)) for name in manifest["shards"]
+    }
     _write_json(mpath, manifest)
     log(f"[cache] complete: {n} examples of {dataset}/{split} in {out}")
     return manifest
@@ -377,8 +426,7 @@ def _new_manifest(
 
 def _read_own_manifest(mpath: str, out: str, manifest: dict) -> dict:
     """The manifest already in `out`, which must be of this job (same fields and teacher): else StaleCacheError."""
-    with open(mpath) as f:
-        old = json.load(f)
+    old = json.loads(paths.read_text(mpath))
     identity = manifest["teacher"]
     diffs = [
         f"{k}: directory has {old.get(k)!r}, this job {manifest[k]!r}" for k in _JOB_FIELDS if old.get(k) != manifest[k]
@@ -396,9 +444,10 @@ def _read_own_manifest(mpath: str, out: str, manifest: dict) -> dict:
 
 def _finished_shards(out: str, num_shards: int, log) -> list[int]:
     """Removes the leftovers of a killed writer (*.tmp) and returns the shards already complete in `out`."""
-    for stale in glob.glob(os.path.join(out, "*.tmp")):
-        os.remove(stale)  # a shard (or manifest) whose writer was killed before it finished
-    done = [s for s in range(num_shards) if os.path.exists(os.path.join(out, shard_name(s, num_shards)))]
+    root = paths.resolve(out)
+    for stale in root.glob("*.tmp"):
+        stale.unlink()  # a shard (or manifest) whose writer was killed before it finished (local caches only)
+    done = [s for s in range(num_shards) if (root / shard_name(s, num_shards)).exists()]
     if done:
         log(f"[cache] resuming: kept {len(done)} finished shard(s) {done}, writing {num_shards - len(done)}.")
     return done
@@ -414,19 +463,29 @@ class _ShardWriter:
         self.store = _np_dtype(dtype)
         self.fn, self.mesh = _topk_fn(topk), parallel.make_mesh()
 
-    def write(self, final: str, start: int, stop: int) -> int:
-        """Writes examples [start, stop) to `final` (as `final`.tmp, renamed once complete); returns their number."""
-        tmp = final + ".tmp"
-        writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
-        written = 0
-        for lo in range(start, stop, self.batch_size):
-            rows = self.records(lo, min(lo + self.batch_size, stop))
-            for r in range(len(rows)):
-                writer.write(rows[r : r + 1].tobytes())
-            written += len(rows)
-        writer.close()
-        os.replace(tmp, final)
-        return written
+    def write(self, final: str, start: int, stop: int) -> tuple[int, str]:
+        """Writes examples [start, stop) to `final`; returns (their number, the shard's SHA-256).
+
+        Local: written as `final`.tmp, renamed once complete. In a bucket: written to a local temporary
+        file (the ArrayRecord writer takes local names), hashed, then uploaded whole as `final`."""
+        remote = paths.is_remote(final)
+        with tempfile.TemporaryDirectory(prefix="titans-shard-") if remote else contextlib.nullcontext() as staging:
+            tmp = os.path.join(staging, "shard.array_record") if remote else final + ".tmp"
+            writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
+            written = 0
+            for lo in range(start, stop, self.batch_size):
+                rows = self.records(lo, min(lo + self.batch_size, stop))
+                for r in range(len(rows)):
+                    writer.write(rows[r : r + 1].tobytes())
+                written += len(rows)
+            writer.close()
+            digest = ckpt_lib.file_sha256(tmp)
+            if remote:
+                with open(tmp, "rb") as f:
+                    paths.write_bytes(final, f.read())
+            else:
+                os.replace(tmp, final)
+        return written, digest
 
     def records(self, start: int, stop: int) -> np.ndarray:
         """The records of examples [start, stop): full logits, or top-k values and classes, in the storage dtype."""
