@@ -160,6 +160,12 @@ def main(argv=None) -> int:
             stop()
             return 0
         return 128 + e.signum  # start() has stopped Ray already
+    except SystemExit:
+        if serving:
+            stop()
+            raise
+        # SIGTERM inside ray.init, whose own handler (sys.exit) holds SIGTERM until start() takes it back
+        return 128 + signal.SIGTERM  # start() has stopped Ray already
     except StartError as e:
         print(f"titans-serve: {e}", file=sys.stderr, flush=True)
         return 1
