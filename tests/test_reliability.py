@@ -352,10 +352,57 @@ def test_an_empty_split_is_named(data_dir, tmp_path):
 # ------------------------------------------------------------------------------- chaos
 
 
+def _chaos_segment(workdir, data_dir, common, target, signals):
+    """Starts the digits run, waits for step >= `target`, sends `signals` (0.05 s apart); (rc, output)."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "titans.main",
+            "--config=configs/digits.py",
+            f"--workdir={workdir}",
+            f"--config.dataset.data_dir={data_dir}",
+            *common,
+        ],
+        cwd=REPO,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "step " in line and "/160" in line and int(line.split("step ")[1].split("/")[0]) >= target:
+            break
+    for i, sig in enumerate(signals):
+        if i:
+            time.sleep(0.05)
+        proc.send_signal(sig)
+    return proc.wait(timeout=120), "".join(lines) + proc.communicate(timeout=120)[0]
+
+
+def _flip_newest_verified(workdir) -> tuple[str, int]:
+    """Flips one byte of the largest file of the newest checksummed step; returns (file, offset)."""
+    sums = os.path.join(workdir, "checkpoints_sha256")
+    step = max(int(n.split(".")[0]) for n in os.listdir(sums))
+    step_dir = os.path.join(workdir, "checkpoints", str(step))
+    victim = max((os.path.join(r, f) for r, _, fs in os.walk(step_dir) for f in fs), key=os.path.getsize)
+    offset = os.path.getsize(victim) // 2
+    with open(victim, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x01]))
+    return victim, offset
+
+
 @pytest.mark.slow
 def test_chaos_kills_and_preemptions_resume_exactly(data_dir, tmp_path):
-    """kill -9 and SIGTERM at random moments (checkpoint steps included), several times, then the
-    run finishes with the parameters of a run never interrupted; every SIGTERM exit is rc 0."""
+    """kill -9, SIGTERM and a double SIGTERM at random moments (checkpoint steps included), and a kill -9
+    followed by a flipped byte in the newest verified checkpoint; then the run finishes with the
+    parameters of a run never interrupted. Every SIGTERM exit is rc 0; the flipped byte is refused by
+    name (the run does not start), and once it is repaired the run goes on."""
     common = [
         "--config.total_steps=160",
         "--config.checkpoint.every_steps=10",
@@ -366,37 +413,20 @@ def test_chaos_kills_and_preemptions_resume_exactly(data_dir, tmp_path):
     assert _cli(straight, data_dir, *common).returncode == 0
     workdir = str(tmp_path / "chaos")
     rng = random.Random(1234)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    signals = [signal.SIGKILL, signal.SIGTERM, signal.SIGTERM, signal.SIGKILL, signal.SIGTERM]
-    for sig in signals:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "titans.main",
-                "--config=configs/digits.py",
-                f"--workdir={workdir}",
-                f"--config.dataset.data_dir={data_dir}",
-                *common,
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+    kill, term = [signal.SIGKILL], [signal.SIGTERM]
+    for signals, flip in ((kill, False), (term, False), (term + term, False), (kill, True), (term, False)):
         target = rng.choice([10, 20, 30, 40, 50]) + rng.choice([0, 0, 5])  # often exactly a checkpoint step
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if "step " in line and "/160" in line and int(line.split("step ")[1].split("/")[0]) >= target:
-                break
-        proc.send_signal(sig)
-        out = "".join(lines) + proc.communicate(timeout=120)[0]
-        if sig == signal.SIGTERM:
-            assert proc.returncode == 0, out
-        else:
-            assert proc.returncode == -signal.SIGKILL
+        rc, out = _chaos_segment(workdir, data_dir, common, target, signals)
+        assert rc == (0 if signals[0] == signal.SIGTERM else -signal.SIGKILL), out
+        if flip:
+            victim, offset = _flip_newest_verified(workdir)
+            refused = _cli(workdir, data_dir, *common)
+            assert refused.returncode != 0 and "checksum" in refused.stderr, refused.stderr[-2000:]
+            with open(victim, "r+b") as f:  # repaired: the same bytes as saved
+                f.seek(offset)
+                byte = f.read(1)
+                f.seek(offset)
+                f.write(bytes([byte[0] ^ 0x01]))
     final = _cli(workdir, data_dir, *common)
     assert final.returncode == 0, final.stdout + final.stderr
     for a, b in zip(_params(straight), _params(workdir)):

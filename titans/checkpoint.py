@@ -32,6 +32,7 @@ from titans import config as config_lib
 from titans import paths
 
 ITEMS = ("model", "train", "loader", "meta")
+TMP_MARK = ".orbax-checkpoint-tmp"  # in the name of a step directory orbax has not committed yet
 
 
 class CheckpointError(RuntimeError):
@@ -133,10 +134,21 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             create=not read_only,
             read_only=read_only,
-            # Leftovers of saves a killed process never finished (STEP.orbax-checkpoint-tmp-*) are removed.
-            cleanup_tmp_directories=not read_only,
         )
+        if not read_only:
+            self._remove_interrupted_saves()
         self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=self._options)
+
+    def _remove_interrupted_saves(self) -> None:
+        """Removes the temporary directories of saves a killed process never finished
+        (checkpoints/STEP.orbax-checkpoint-tmp-*): orbax never reads them, and they would stay forever."""
+        root = paths.resolve(self.directory)
+        if jax.process_index() != 0 or not root.is_dir():
+            return
+        for child in root.iterdir():
+            if TMP_MARK in child.name:
+                logging.warning("Removing %s, left by a save that was interrupted.", child)
+                child.rmtree()
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
