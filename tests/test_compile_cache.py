@@ -5,12 +5,13 @@ the first compiled; `off` and a user's own cache directory are respected. Each c
 import pytest
 from helpers import run_probe
 
-# Through a console script's entry point: what enable() did, and JAX's own cache events while one small
+# After the training commands' set-up (titans.host.apply): what enable() did, and JAX's own cache events while one small
 # program (below JAX's default 1 s threshold) compiles.
 _PROBE = r"""
 import json
 import jax
-from titans import compile_cache, logs
+from titans import compile_cache, host
+host.apply()
 events = []
 jax.monitoring.register_event_listener(lambda name, **kw: events.append(name))
 def entry():
@@ -19,7 +20,7 @@ def entry():
     print(json.dumps({"applied": compile_cache._applied, "dir": jax.config.jax_compilation_cache_dir,
                       "hits": events.count("/jax/compilation_cache/cache_hits"),
                       "misses": events.count("/jax/compilation_cache/cache_misses")}))
-logs.run_cli(entry)
+entry()
 """
 
 
@@ -54,21 +55,3 @@ def test_default_directory_is_under_the_users_cache(tmp_path):
     got = _probe(XDG_CACHE_HOME=str(tmp_path))
     assert got["applied"] == f"on: {tmp_path / 'titans' / 'jax'}"
     assert any((tmp_path / "titans" / "jax").iterdir())
-
-
-@pytest.mark.slow
-def test_compile_after_effect_benchmark_compiles_in_one_child_only(tmp_path):
-    """benchmarks/compile_after_effect.py (two pairs, one short round): the `compiled` child of each pair
-    misses the persistent cache and the `loaded` child only hits it, in both pair orders; both time their
-    steps and report the ratio with an interval."""
-    from helpers import run_benchmark
-
-    args = ("--kind", "student", "--pairs", "2", "--steps", "3", "--rounds", "1")
-    _, result = run_benchmark("compile_after_effect.py", *args, out=tmp_path / "cae.json")
-    assert [q["order"] for q in result["pairs"]] == ["compiled first", "loaded first"]
-    for q in result["pairs"]:
-        assert q["compiled"]["cache_misses"] > 0
-        assert q["loaded"]["cache_misses"] == 0 and q["loaded"]["cache_hits"] > 0
-        assert all(len(q[side]["ms_per_step"]) == 1 and q[side]["median_ms"] > 0 for side in ("compiled", "loaded"))
-    ratio = result["compiled_over_loaded"]
-    assert ratio["n"] == 2 and ratio["low"] <= ratio["geomean"] <= ratio["high"]

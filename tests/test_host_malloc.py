@@ -1,6 +1,7 @@
 """The host allocator setting (titans.host_malloc): a large buffer freed in a worker thread is reused,
 not mapped anew with a page fault per page, measured on the process's own fault counter; jemalloc preloaded
-by re-executing a Titans command, with its settings reaching the allocator."""
+by re-executing the process (titans.host.apply(jemalloc=True), the training commands), with its settings
+reaching the allocator."""
 
 import os
 import subprocess
@@ -17,7 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _PROBE = r"""
 import ctypes, resource, sys, threading
 from titans import host_malloc
-host_malloc.preload()  # re-executes this process under jemalloc for 'jemalloc' (not a Titans command: asked)
+host_malloc.preload()  # re-executes this process under jemalloc for 'auto' and 'jemalloc' where installed
 print(host_malloc.tune(), file=sys.stderr)
 libc = ctypes.CDLL(None)  # the process's malloc: glibc's, or jemalloc's when preloaded
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
@@ -75,11 +76,12 @@ def test_bad_setting_is_named():
     assert p.returncode != 0 and "TITANS_HOST_MALLOC='fast'" in p.stderr and "'reuse'" in p.stderr
 
 
-def test_console_scripts_apply_it_before_their_entry():
-    code = "from titans import host_malloc, logs; logs.run_cli(lambda: print(host_malloc._applied))"
+def test_host_apply_sets_it():
+    code = "from titans import host, host_malloc; host.apply(); print(host_malloc._applied)"
     p = _python(code, TITANS_HOST_MALLOC="reuse")
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == ("tuned" if sys.platform.startswith("linux") else f"not glibc ({sys.platform})")
+    assert "titans process settings: host_malloc " in p.stderr
 
 
 @needs_jemalloc
@@ -88,7 +90,7 @@ def test_jemalloc_reuses_a_large_buffer_freed_by_a_thread():
     assert _faults("jemalloc") < (80 << 20) // 4096 // 10
 
 
-# Prints its pid, re-executes itself under jemalloc (asked for: `python -c` is not a Titans command), then
+# Prints its pid, re-executes itself under jemalloc, then
 # reads jemalloc's own setting of page decay back through its mallctl.
 _PRELOAD_PROBE = r"""
 import ctypes, os
@@ -150,20 +152,28 @@ def test_jemalloc_asked_for_but_missing_is_a_clear_error(tmp_path):
         assert p.returncode != 0 and f"LD_PRELOAD={JEMALLOC}" in p.stderr
 
 
-def test_the_training_commands_are_recognised_from_their_command_lines():
-    cli = host_malloc.is_cli_process
-    assert cli(["python", "-m", "titans.main", "--config=c.py"]) and cli(["python", "-X", "dev", "-m", "titans.main"])
-    assert cli(["/v/bin/python", "/v/bin/titans-train", "--config=c.py"]) and cli(["py", "-m", "titans.active.main"])
-    assert not cli(["python", "-m", "pytest"]) and not cli(["python", "-c", "import titans"])
-    assert not cli(["python", "benchmarks/step_speed.py"]) and not cli(["python", "-m", "titans.results"])
-
-
 @needs_jemalloc
-def test_titans_train_runs_under_jemalloc_and_says_so():
-    """`python -m titans.main` re-executes itself under jemalloc as it imports titans (titans/__init__.py),
-    and its first line on stderr says what the process runs with."""
+def test_titans_train_runs_under_jemalloc_and_says_so(tmp_path):
+    """`python -m titans.main` re-executes itself under jemalloc at the start of its cli() (titans.host.apply),
+    after its flags parsed, and its first line on stderr says what the process runs with. (The override names
+    no field, so the command stops there, exit 2.)"""
+    args = ["--config=configs/digits.py", f"--workdir={tmp_path}", "--config.no_such_field=1"]
     p = subprocess.run(
-        [sys.executable, "-m", "titans.main", "--helpshort"], env=_env(), capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "titans.main", *args], env=_env(), capture_output=True, text=True, timeout=300, cwd=REPO
     )
-    assert "--config" in p.stdout, p.stderr  # absl's help (which exits with 1)
+    assert p.returncode == 2 and "Unknown config field 'no_such_field'" in p.stderr, p.stderr
     assert f"host_malloc jemalloc (MALLOC_CONF={host_malloc.JEMALLOC_CONF})" in p.stderr
+
+
+def test_help_and_a_bad_flag_leave_the_process_alone():
+    """`--help` and a bad flag exit before the settings: no re-execution, no settings line."""
+    for arg, code in (("--help", 0), ("--no_such_flag=1", 2)):
+        p = subprocess.run(
+            [sys.executable, "-m", "titans.main", arg],
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=REPO,
+        )
+        assert p.returncode == code and "titans process settings" not in p.stderr, p.stderr

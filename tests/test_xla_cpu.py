@@ -5,16 +5,17 @@ alone. Each case runs in a fresh process, since XLA reads XLA_FLAGS once, when t
 import os
 
 import pytest
-from helpers import run_benchmark, run_probe
+from helpers import run_probe
 
 from titans import xla_cpu
 
-# Runs through a console script's entry point (logs.run_cli) and prints, as JSON, what tune() did, the
+# Runs after the training commands' set-up (titans.host.apply) and prints, as JSON, what tune() did, the
 # XLA_FLAGS the backend started with and whether the compiled convolutions of a 32 -> 64 conv layer (forward
 # and both gradients) went to YNNPACK.
 _PROBE = r"""
 import json, os, sys
-from titans import logs, xla_cpu
+from titans import host, xla_cpu
+host.apply()
 def entry():
     import jax, jax.numpy as jnp
     conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -22,7 +23,7 @@ def entry():
     hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(jnp.ones((2, 14, 14, 32)), jnp.ones((3, 3, 32, 64))).compile().as_text()
     print(json.dumps({"applied": xla_cpu._applied, "flags": os.environ.get("XLA_FLAGS", ""),
                       "convolutions": hlo.count(" convolution("), "ynn_convolution_fusions": xla_cpu.ynn_convolutions(hlo)}))
-logs.run_cli(entry)
+entry()
 """
 
 
@@ -139,21 +140,3 @@ ENTRY %main (x: f32[2,4,4,8], k: f32[3,3,8,8]) -> f32[2,4,4,8] {
 """
     assert xla_cpu.ynn_convolutions(hlo) == 1  # the entry's own convolution and the loop fusion do not count
     assert xla_cpu.ynn_convolutions(hlo.replace("__ynn_fusion", "__other")) == 0
-
-
-@pytest.mark.slow
-@checked
-def test_conv_kernels_benchmark_compares_both_kernels(tmp_path):
-    """benchmarks/conv_kernels.py (tiny batches, two repeats) in its own process: both programs of each step
-    are timed, and the per-program compiler options really move the convolutions they claim to."""
-    args = ("--steps", "teacher,teacher_eval", "--batch", "16", "--eval_batch", "16", "--repeats", "2", "--inner", "1")
-    drop = ("XLA_FLAGS", "TITANS_XLA_CPU")
-    rows = run_benchmark("conv_kernels.py", *args, out=tmp_path / "kernels.json", drop=drop)[1]["rows"]
-    assert set(rows) == {"teacher", "teacher_eval"}
-    for row in rows.values():
-        assert len(row["ynn_ms"]) == len(row["eigen_ms"]) == 2 and min(row["ynn_ms"] + row["eigen_ms"]) > 0
-    # training: the forward and kernel-gradient convolutions leave YNNPACK (the input gradient stays, fused
-    # into the pool backward's reduction); eval: the one convolution is fused with its pool either way
-    assert rows["teacher"]["ynn_convolutions"] == {"ynn": 3, "eigen": 1}
-    assert rows["teacher_eval"]["ynn_convolutions"] == {"ynn": 1, "eigen": 1}
-    assert rows["teacher_eval"]["verdict"] == "the same convolution kernels in both"

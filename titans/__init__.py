@@ -3,16 +3,12 @@
 The package is laid out in layers (docs/architecture.md): data and models, checkpoints, model loading
 (`titans.runs`), soft-label sources (`titans.teachers`), training (`titans.train`), the methods
 (`titans.cascade`, `titans.ensemble`, `titans.active`), experiments and analysis.
+
+Importing it changes nothing about the process; the training commands apply their CPU settings
+themselves (`titans.host.apply`).
 """
 
 from importlib import metadata
-
-from titans import host_malloc
-
-# The Titans training commands run under jemalloc where it is installed (titans.host_malloc): the process
-# re-executes itself with it preloaded here, before JAX is imported.
-if host_malloc.is_cli_process():
-    host_malloc.preload()
 
 try:
     __version__ = metadata.version("titans")

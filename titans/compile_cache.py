@@ -12,14 +12,13 @@ cache").
 over 1 s, which leaves out the initialisers). JAX keys an entry by the program, the jax/jaxlib version, the
 backend and device, and the XLA flags, so a changed model, flag or version compiles anew. It leaves JAX's
 settings alone when `TITANS_COMPILATION_CACHE=off`, or when a cache directory is already configured
-(`JAX_COMPILATION_CACHE_DIR` or `jax.config`). Every console script calls it (`titans.logs.process_setup`).
+(`JAX_COMPILATION_CACHE_DIR` or `jax.config`). `titans.host.apply()` calls it (the training commands, at
+the start of their `cli()`); importing this module imports nothing heavy and changes nothing.
 """
 
 from __future__ import annotations
 
 import os
-
-import jax
 
 ENV = "TITANS_COMPILATION_CACHE"
 _applied: str | None = None
@@ -45,6 +44,8 @@ def directory() -> str | None:
 
 
 def _decide() -> str:
+    import jax  # noqa: PLC0415  (deferred: a training command re-executes itself under jemalloc before importing JAX)
+
     choice = os.environ.get(ENV, "").strip()
     if choice.lower() == "off":
         return f"off ({ENV}=off)"

@@ -12,8 +12,8 @@ Two remedies, chosen by ``TITANS_HOST_MALLOC``:
 * ``jemalloc``: the Titans commands run under jemalloc (Debian/Ubuntu: ``libjemalloc2``) with page decay
   off (``MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1``: freed pages are kept for reuse). A process
   must load an allocator before its first allocation, so `preload()` re-executes the process with
-  ``LD_PRELOAD`` set, as its first act (titans/__init__.py calls it for the Titans commands, before
-  JAX is imported; the re-execution costs about 0.1 s). A first (cold-cache) 1-epoch quickstart ran
+  ``LD_PRELOAD`` set (`titans.host.apply(jemalloc=True)`, called by the training commands at the start of
+  their `cli()`, before they import JAX; the re-execution costs about 0.1 s). A first (cold-cache) 1-epoch quickstart ran
   0.868 [0.783, 0.962] times as long as under glibc with the `reuse` settings, with a lower peak RSS (4
   pairs, docs/benchmarks.md, "jemalloc").
 * ``reuse``: glibc's `mallopt` set so that freed memory is kept and reused: one arena for every thread
@@ -27,8 +27,8 @@ both remedies: the process's resident memory does not shrink after a peak (peak 
 the quickstart teacher with `reuse`; a 1-epoch quickstart peaked at 1,151-1,228 MB under jemalloc against
 1,339-1,659 MB with `reuse`).
 
-Every console script calls `tune()` before the JAX backend starts (`titans.logs.run_cli`); it reports
-what the process runs with. Child processes inherit ``LD_PRELOAD`` and ``MALLOC_CONF``.
+Nothing here runs on import: `titans.host.apply()` calls `preload()` and `tune()` for the commands that
+ask. Child processes inherit ``LD_PRELOAD`` and ``MALLOC_CONF``.
 """
 
 from __future__ import annotations
@@ -52,9 +52,6 @@ JEMALLOC_PATHS = (
 )
 # Set in the environment of the re-executed process, so that a preload that did not take is not retried.
 _REEXECUTED = "TITANS_HOST_MALLOC_REEXECUTED"
-# The Titans commands whose processes preload jemalloc: the training ones, where it was measured.
-CLI_MODULES = ("titans.main", "titans.active.main")
-CLI_SCRIPTS = ("titans-train", "titans-active")
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
 _SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1))
 _applied: str | None = None
@@ -89,24 +86,6 @@ def jemalloc_loaded() -> bool:
             return any("libjemalloc" in line for line in f)
     except OSError:
         return False
-
-
-def is_cli_process(argv: list[str] | None = None) -> bool:
-    """Whether this process was started as one of the Titans commands of CLI_MODULES / CLI_SCRIPTS
-    (``python -m titans.main ...`` or ``titans-train ...``), from its original command line."""
-    argv = list(sys.orig_argv if argv is None else argv)
-    i = 1
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "-m":
-            return i + 1 < len(argv) and argv[i + 1] in CLI_MODULES
-        if arg in ("-X", "-W"):  # Python's options that take a separate value
-            i += 2
-            continue
-        if arg == "-c" or not arg.startswith("-"):  # the code or the script Python runs
-            return os.path.basename(arg) in CLI_SCRIPTS
-        i += 1
-    return False
 
 
 def preload() -> None:
@@ -146,7 +125,7 @@ def tune() -> str:
             if library is None
             else f"{library} did not load"
             if os.environ.get(_REEXECUTED)
-            else "this process is not a Titans command that preloads it: start it with "
+            else "this process did not preload it (titans.host.apply(jemalloc=True) does): start it with "
             f"LD_PRELOAD={library} MALLOC_CONF={JEMALLOC_CONF}"
         )
         raise RuntimeError(f"{ENV}=jemalloc: {why}.")

@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import time
-import traceback
 
 import jax
 
-from titans import compile_cache, host_malloc, paths, tensorboard, xla_cpu
+from titans import cli, host, paths, tensorboard
 
 
 class MetricWriter:
@@ -138,50 +136,15 @@ class Progress:
         )
 
 
-def setup_cli_logging() -> None:
-    """What a command-line tool shows: Titans' INFO messages (resumed, finished, skipped ...) on
-    stderr; orbax's and absl's own INFO chatter hidden."""
-    logging.getLogger().setLevel(logging.INFO)
-    logging.getLogger("absl").setLevel(logging.WARNING)
+# The console scripts' entry and logging live in titans.cli, their CPU settings in titans.host; these names
+# stay for the callers that use them (titans.export, titans.serve, benchmarks/).
+setup_cli_logging = cli.setup_logging
+run_cli = cli.run
 
 
 def process_setup() -> dict:
-    """What every Titans process sets before the JAX backend starts: the host allocator
-    (titans.host_malloc), XLA:CPU's convolution kernels (titans.xla_cpu) and JAX's persistent compilation
-    cache (titans.compile_cache). Returns what each did."""
-    return {"host_malloc": host_malloc.tune(), "xla_cpu": xla_cpu.tune(), "compile_cache": compile_cache.enable()}
-
-
-def run_cli(entry) -> None:
-    """Runs a CLI's `entry()` (e.g. `lambda: app.run(main)`) and ends the process with its exit code.
-
-    A failure ends the process at once (os._exit after flushing), so that threads a library left
-    behind (orbax's background save threads after a failed write wait forever for a signal) cannot
-    keep a failed job alive until its scheduler's time limit. A success exits normally.
-    Before `entry`, `process_setup()` sets the host allocator to reuse large buffers (titans.host_malloc),
-    moves XLA:CPU's convolutions to Eigen's multi-threaded kernels (titans.xla_cpu) and turns on JAX's
-    persistent compilation cache (titans.compile_cache); what each did is printed on one line to stderr.
-    """
-    try:
-        settings = process_setup()
-        print("titans process settings: " + "; ".join(f"{k} {v}" for k, v in settings.items()), file=sys.stderr)
-        entry()
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    if isinstance(code, str):
-        print(code, file=sys.stderr)
-        code = 1
-    code = int(code or 0)
-    if code == 0:
-        sys.exit(0)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    logging.shutdown()
-    os._exit(code)
+    """`titans.host.apply()`: the CPU process settings of the console scripts (what the benchmarks run with)."""
+    return host.apply()
 
 
 def is_writer() -> bool:

@@ -37,22 +37,28 @@ import time
 from shlex import join, quote
 
 import numpy as np
-from absl import app, flags
 
+from titans import cli as cli_lib
 from titans import config as config_lib
 from titans import locks, paths
 from titans import runs as titans_runs
 
-_CONFIG = flags.DEFINE_string("config", None, "Config file with get_sweep(arg), e.g. configs/digits.py[:ARG].")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Root directory: one sub-directory per run.")
-_PARALLEL = flags.DEFINE_integer("parallel", 1, "Runs at a time (local mode).")
-_SET = flags.DEFINE_multi_string("set", [], "FIELD=VALUE override applied to every run (repeatable).")
-_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the runs' commands and exit.")
-_TPU = flags.DEFINE_string(
-    "tpu", "", "Print one launch/tpu.sh job per run instead of running locally; TPU VMs are named <tpu>-<i>."
-)
-_ZONE = flags.DEFINE_string("zone", "", "Zone of the TPU VMs (with --tpu).")
-flags.mark_flags_as_required(["config", "workdir"])
+
+def parser() -> cli_lib.ArgumentParser:
+    p = cli_lib.parser("titans-sweep", __doc__)
+    p.add_argument("--config", required=True, help="config file with get_sweep(arg), e.g. configs/digits.py[:ARG]")
+    p.add_argument("--workdir", required=True, help="root directory: one sub-directory per run")
+    p.add_argument("--parallel", type=int, default=1, help="runs at a time (local mode)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="FIELD=VALUE", help="override applied to every run (repeatable)"
+    )
+    p.add_argument("--dry_run", action="store_true", help="print the runs' commands and exit")
+    p.add_argument(
+        "--tpu", default="", help="print one launch/tpu.sh job per run instead of running locally; TPU VMs <tpu>-<i>"
+    )
+    p.add_argument("--zone", default="", help="zone of the TPU VMs (with --tpu)")
+    return p
+
 
 METRICS = ("accuracy", "loss", "ece", "teacher_agreement")
 
@@ -287,32 +293,31 @@ def tpu_commands(runs: list[dict], tpu: str, zone: str, config_spec: str, sets: 
     return out
 
 
-def main(argv):
-    del argv
+def main(args) -> None:
     try:
-        sets = _parse_sets(_SET.value)
-        runs = plan(_CONFIG.value, _WORKDIR.value, sets)
+        sets = _parse_sets(args.set)
+        runs = plan(args.config, args.workdir, sets)
     except (SweepError, config_lib.ConfigError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
-    if _TPU.value:
-        if not _ZONE.value:
+    if args.tpu:
+        if not args.zone:
             raise SystemExit("error: --tpu needs --zone")
-        if not _WORKDIR.value.startswith("gs://"):
+        if not args.workdir.startswith("gs://"):
             raise SystemExit("error: with --tpu, --workdir must be a gs:// path")
-        print("\n".join(tpu_commands(runs, _TPU.value, _ZONE.value, _CONFIG.value, sets)))
+        print("\n".join(tpu_commands(runs, args.tpu, args.zone, args.config, sets)))
         return
-    if _DRY_RUN.value:
+    if args.dry_run:
         for run in runs:
             print(("[finished] " if _finished(run) else "") + join(run["command"]))
         return
-    paths.makedirs(_WORKDIR.value)
+    paths.makedirs(args.workdir)
     try:
-        with locks.WorkdirLock(_WORKDIR.value, "sweep"):
-            status = run_local(runs, _PARALLEL.value)
+        with locks.WorkdirLock(args.workdir, "sweep"):
+            status = run_local(runs, args.parallel)
             table, rows = summarize(runs, status)
-            titans_runs.write_text(paths.join(_WORKDIR.value, "sweep_summary.md"), table + "\n")
+            titans_runs.write_text(paths.join(args.workdir, "sweep_summary.md"), table + "\n")
             records = json.loads(json.dumps([{**r, "status": status[r["name"]]} for r in runs], default=str))
-            titans_runs.write_json(paths.join(_WORKDIR.value, "sweep.json"), {"runs": records, "summary": rows})
+            titans_runs.write_json(paths.join(args.workdir, "sweep.json"), {"runs": records, "summary": rows})
     except locks.WorkdirLockedError as e:
         raise SystemExit(f"error: {e}") from None
     print("\n" + table)
@@ -321,9 +326,9 @@ def main(argv):
         raise SystemExit(f"error: {len(failed)} run(s) failed: {', '.join(failed)}")
 
 
-def cli():
-    app.run(main)
+def cli(argv: list[str] | None = None) -> None:
+    main(parser().parse_args(argv))
 
 
 if __name__ == "__main__":
-    cli()
+    cli(sys.argv[1:])

@@ -13,8 +13,9 @@ removes that one type from XLA's defaults and keeps the rest (YNNPACK's reductio
 can still reach YNNPACK as the producer inside a reduce fusion (the teacher's 64 -> 32 input gradient, fused
 with the pool's backward); in one trial each, taking reductions off YNNPACK too (`-reduce`) made the
 teacher's step slower (68 against 40 ms), and so did a fusion fence after the training pool (50-56 ms). It must
-run before JAX starts its backend (XLA reads XLA_FLAGS once, then); every console script calls it
-(`titans.logs.run_cli`), and child processes (Ray workers, launched hosts) inherit the variable. It
+run before JAX starts its backend (XLA reads XLA_FLAGS once, then); `titans.host.apply()` calls it (the
+training commands, at the start of their `cli()`), and child processes (Ray workers, launched hosts)
+inherit the variable. It
 leaves XLA_FLAGS alone when:
 
 * the user already set that flag (their value stands);

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
 from titans import checkpoint as ckpt_lib
+from titans import cli as cli_lib
 from titans import data as data_lib
 from titans import logs, paths
 from titans.analyze import AnalysisError, analyze_path, compare_runs, diff_checkpoints, inspect_checkpoint
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(
-        prog="python -m titans.analyze",
-        description="Analyse finished Titans runs: evaluation, plots, HTML report; compare runs; inspect checkpoints.",
+    p = cli_lib.parser(
+        "titans-analyze",
+        "Analyse finished Titans runs: evaluation, plots, HTML report; compare runs; inspect checkpoints.",
     )
     p.add_argument("workdirs", nargs="+", help="run or pipeline directories")
     p.add_argument("--split", default=None, help="split to evaluate on (default: each run's eval split)")

@@ -18,28 +18,39 @@ per example against the last stage run on everything. ``--out FILE`` writes the 
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
 
+from titans import cli as cli_lib
 from titans import data as data_lib
-from titans import logs, parallel, runs
+from titans import parallel, runs
 from titans.cascade import curves, evaluate, gates
 from titans.cascade.runner import CascadeRunner
 
-_STAGES = flags.DEFINE_list("stages", None, "Run directories, cheapest first; the last one always answers.")
-_GATE = flags.DEFINE_string("gate", "msp", "Gate of every non-final stage: msp, margin, entropy, defer_output.")
-_RATES = flags.DEFINE_list(
-    "rates", ["0.3"], "Per non-final stage: fraction of the examples reaching it to defer, set on the validation split."
-)
-_VAL_SPLIT = flags.DEFINE_string("val_split", "train[90%:]", "Split on which thresholds are chosen.")
-_SPLIT = flags.DEFINE_string("split", "test", "Split the cascade runs on.")
-_BATCH = flags.DEFINE_integer("batch_size", 512, "Global batch (rounded up to a multiple of the device count).")
-_OUT = flags.DEFINE_string("out", "", "Write the results as JSON to this file.")
-flags.mark_flags_as_required(["stages"])
+
+def _comma_list(text: str) -> list[str]:
+    return [x for x in text.split(",") if x]
+
+
+def parser() -> cli_lib.ArgumentParser:
+    p = cli_lib.parser("titans-cascade", __doc__)
+    p.add_argument("--stages", required=True, type=_comma_list, help="run directories, comma-separated, cheapest first")
+    p.add_argument("--gate", default="msp", help="gate of every non-final stage: msp, margin, entropy, defer_output")
+    p.add_argument(
+        "--rates",
+        type=_comma_list,
+        default=["0.3"],
+        help="per non-final stage, comma-separated: fraction of the examples reaching it to defer, set on --val_split",
+    )
+    p.add_argument("--val_split", default="train[90%:]", help="split on which the thresholds are chosen")
+    p.add_argument("--split", default="test", help="split the cascade runs on")
+    p.add_argument("--batch_size", type=int, default=512, help="global batch (rounded up to a multiple of the devices)")
+    p.add_argument("--out", default="", help="write the results as JSON to this file")
+    return p
 
 
 def load_stages(stage_dirs, rates):
@@ -124,11 +135,10 @@ def run_cascade(stage_dirs, gate_name: str, rates, val_split: str, split: str, b
     }
 
 
-def main(argv):
-    del argv
-    logs.setup_cli_logging()
+def main(args) -> None:
+    cli_lib.setup_logging()
     try:
-        out = run_cascade(_STAGES.value, _GATE.value, _RATES.value, _VAL_SPLIT.value, _SPLIT.value, _BATCH.value)
+        out = run_cascade(args.stages, args.gate, args.rates, args.val_split, args.split, args.batch_size)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     print(
@@ -144,13 +154,13 @@ def main(argv):
         f"last stage's; wall {1e6 * out['time_per_example_s']:.1f} us/example vs "
         f"{1e6 * out['last_stage_time_per_example_s']:.1f} for the last stage alone"
     )
-    if _OUT.value:
-        runs.write_text(_OUT.value, json.dumps(out, indent=1))
+    if args.out:
+        runs.write_text(args.out, json.dumps(out, indent=1))
 
 
-def cli():
-    app.run(main)
+def cli(argv: list[str] | None = None) -> None:
+    main(parser().parse_args(argv))
 
 
 if __name__ == "__main__":
-    cli()
+    cli(sys.argv[1:])

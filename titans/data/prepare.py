@@ -11,13 +11,13 @@ ILSVRC2012_img_val.tar (default DATA_DIR/downloads/manual).
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import sys
 
 import tensorflow_datasets as tfds
 
+from titans import cli as cli_lib
 from titans.data import builders, speech
 from titans.data.info import DATASETS
 from titans.data.sources import _auto_prepared_builder, default_data_dir
@@ -53,7 +53,7 @@ def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = Non
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m titans.data.prepare", description=__doc__.split("\n\n")[0])
+    parser = cli_lib.parser("titans-prepare", __doc__)
     parser.add_argument("name", choices=DATASETS)
     parser.add_argument("--data_dir", default=None, help="default: $TFDS_DATA_DIR or ~/tensorflow_datasets")
     parser.add_argument("--manual_dir", default=None, help="imagenet2012's tar files; fashion_mnist's IDX files")

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
+from titans import cli as cli_lib
 from titans.results import studies
 
 
 def cli(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="titans-results", description=__doc__)
+    p = cli_lib.parser("titans-results", __doc__)
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("collect", help="copy one finished run's raw outputs into results/<study>/<dest>")
     c.add_argument("study", choices=sorted(studies.STUDIES))

@@ -57,6 +57,7 @@ from array_record.python import array_record_data_source, array_record_module
 from flax import nnx
 
 from titans import checkpoint as ckpt_lib
+from titans import cli as cli_lib
 from titans import config as config_lib
 from titans import data as data_lib
 from titans import locks, parallel, paths, runs
@@ -501,10 +502,10 @@ class _ShardWriter:
 
 
 def _parse(argv):
-    p = argparse.ArgumentParser(
-        prog="python -m titans.teachers.cache",
-        description="Write a teacher's outputs for a dataset split to a sharded "
-        "ArrayRecord cache (resumable: rerun the same command).",
+    p = cli_lib.parser(
+        "titans-cache",
+        "Write a teacher's outputs for a dataset split to a sharded ArrayRecord cache (resumable: rerun the same "
+        "command).",
     )
     p.add_argument(
         "--config",

@@ -24,7 +24,6 @@ from titans import config as config_lib
 from titans import data as data_lib
 from titans import locks, logs, models, parallel, runs, teachers
 from titans.train import method as method_lib
-from titans.train import precompile
 from titans.train import resume as resume_lib
 from titans.train.loop import Checkpointing, FitResult, fit
 from titans.train.optim import make_optimizer
@@ -232,19 +231,12 @@ def train_and_evaluate(
         done = _finished(s)
         if done is not None:
             return done
-        child = precompile.start(config, s.run.path, method)
+        ckpt = ckpt_lib.Checkpointer(s.run.path, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
         try:
-            ckpt = ckpt_lib.Checkpointer(
-                s.run.path, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
-            )
-            try:
-                return _train(s, method, ckpt, child, lock)
-            finally:
-                with contextlib.suppress(Exception):  # the error that stopped the run is the one reported
-                    ckpt.close()
+            return _train(s, method, ckpt, lock)
         finally:
-            if child is not None:
-                child.stop()
+            with contextlib.suppress(Exception):  # the error that stopped the run is the one reported
+                ckpt.close()
 
 
 def _build(s: Setup, method: method_lib.Method | None):
@@ -264,43 +256,7 @@ def _steps(s: Setup, method: method_lib.Method, graphdef, tx, schedule):
     return train_step, eval_step, frozen
 
 
-def compile_steps(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Compiles the train and eval steps that `train_and_evaluate(config, workdir)` will run, into JAX's
-    persistent compilation cache, and writes nothing else: what `titans.train.precompile`'s child does.
-
-    The steps are built by the same functions as the run's and lowered on the initial state's shapes (placed
-    as the run places them) and one real batch of each split (read from the TFDS source, not loaded into
-    memory), so their cache keys are the run's.
-    """
-    config = config_lib.validate(config)
-    s = _start(config, workdir)
-    built = {}
-
-    def initial_state():
-        built["parts"] = _build(s, None)
-        return built["parts"][-1]
-
-    # Shapes only: the initial values would cost the initialisers' compilations, which the run makes itself.
-    shapes = jax.eval_shape(initial_state)
-    method, tx, schedule, graphdef, _ = built["parts"]
-    on_mesh = parallel.replicated(s.mesh)
-    state = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_mesh, weak_type=x.weak_type), shapes
-    )
-    _open_teacher(s, None)  # the latest teacher step: any step has the same shapes
-    loader = _loader(s, method, source=s.train_src)
-    train_step, eval_step, frozen = _steps(s, method, graphdef, tx, schedule)
-    batch = parallel.to_global(next(loader), s.mesh)
-    train_step.lower(state, batch, s.teacher, frozen).compile()
-    eval_batch = next(
-        iter(data_lib.eval_batches(s.eval_src, s.info, global_batch_size=config.eval_batch_size, prefetch=0))
-    )
-    eval_step.lower(
-        state.params, state.model_state, parallel.to_global(eval_batch, s.mesh), s.teacher, frozen
-    ).compile()
-
-
-def _train(s: Setup, method: method_lib.Method | None, ckpt: ckpt_lib.Checkpointer, child=None, lock=None) -> dict:
+def _train(s: Setup, method: method_lib.Method | None, ckpt: ckpt_lib.Checkpointer, lock=None) -> dict:
     config = s.config
     method, tx, schedule, graphdef, state = _build(s, method)
     meta = ckpt_lib.meta_for(config, s.info, runs.num_outputs(config, s.info))
@@ -317,8 +273,6 @@ def _train(s: Setup, method: method_lib.Method | None, ckpt: ckpt_lib.Checkpoint
         s.run.write_config(config)
     meta = {**meta, "config": config.to_dict(), "teacher": s.teacher_identity}
     train_step, eval_step, frozen = _steps(s, method, graphdef, tx, schedule)
-    if child is not None:
-        child.wait()  # the first call of each step then loads it from the compilation cache
 
     def eval_fn(st):
         return evaluate(
