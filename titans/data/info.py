@@ -19,6 +19,10 @@ class DatasetInfo:
     std: tuple[float, ...]
     splits: dict[str, int]  # split name -> number of examples
     augment: str  # 'none' | 'crop_flip' | 'imagenet'
+    # "image": uint8 pixels, normalised with mean/std. "text": int32 token ids (0 = padding), of at most
+    # `image_shape[0]` tokens, from a vocabulary of `vocab_size` ids; mean/std are empty and unused.
+    modality: str = "image"
+    vocab_size: int = 0
 
 
 def _scaled(values):
