@@ -2,21 +2,22 @@
 # The GPU runs of docs/benchmarks.md, in one go, in order of what they decide (each section has its own
 # time limit, and a failed or cut section does not stop the rest):
 #
-#   1. pool_speed.py --device gpu      the training pool forms on the GPU: time, XLA's FLOPs and bytes, and
+#   1. pool_speed --device gpu         the training pool forms on the GPU: time, XLA's FLOPs and bytes, and
 #                                      the kernels each compiles to (issue 16: the CPU form must not be worse
 #                                      on GPU), for the pool alone and the CNN teacher's training pass;
-#   2. step_speed.py --device gpu      the Fashion-MNIST pair's three training steps against PyTorch (eager,
+#   2. step_speed --device gpu         the Fashion-MNIST pair's three training steps against PyTorch (eager,
 #                                      and torch.compile), batch 128, float32;
-#   3. cascade_speed.py                the cascade runner on the GPU backend, the Fashion-MNIST CNN pair and
+#   3. cascade_speed                   the cascade runner on the GPU backend, the Fashion-MNIST CNN pair and
 #                                      the CIFAR ResNet-56 -> ResNet-20 pair (random weights; the power-of-two
 #                                      capacities only: every capacity is one more compilation);
-#   4. step_speed.py --device gpu      the CIFAR pair's steps against eager PyTorch (no numerics check and no
+#   4. step_speed --device gpu         the CIFAR pair's steps against eager PyTorch (no numerics check and no
 #                                      tuned side: ResNet-56's compilations are what take the time).
 #
 #     benchmarks/gpu_checks.sh OUT_DIR [SECTION...]     # sections: pool_speed step_speed_fmnist
 #                                                        # cascade_speed_fmnist cascade_speed_cifar step_speed_cifar
 #
-# Writes each benchmark's JSON and an env.txt (GPU, driver, versions, the GPU's other processes before and
+# Writes each benchmark's record (OUT_DIR/<benchmark>/<device>.json; copy it to benchmarks/results/ and run
+# `python -m benchmarks report` to publish it) and an env.txt (GPU, driver, versions, the GPU's other processes before and
 # after) into OUT_DIR; the tables go to stdout. Needs the packages of requirements.txt with a CUDA jax and a
 # CUDA torch.
 set -u -o pipefail
@@ -60,19 +61,18 @@ cat "$out/env.txt"
 for name in "${sections[@]}"; do
     case $name in
     pool_speed)
-        section "$name" 80 python3 benchmarks/pool_speed.py --device gpu --repeats 50 --out "$out/pool_speed_gpu.json" ;;
+        section "$name" 80 python3 -m benchmarks run pool_speed --device gpu --repeats 50 --results_dir "$out" ;;
     step_speed_fmnist)
-        section "$name" 170 python3 benchmarks/step_speed.py --device gpu --steps 30 --repeats 5 \
-            --out "$out/step_speed_fmnist_gpu.json" ;;
+        section "$name" 170 python3 -m benchmarks run step_speed --device gpu --steps 30 --repeats 5 \
+            --results_dir "$out" ;;
     cascade_speed_fmnist)
-        section "$name" 70 python3 benchmarks/cascade_speed.py --capacities pow2 --repeats 7 \
-            --out "$out/cascade_speed_fmnist_gpu.json" ;;
+        section "$name" 70 python3 -m benchmarks run cascade_speed --capacities pow2 --repeats 7 --results_dir "$out" ;;
     cascade_speed_cifar)
-        section "$name" 120 python3 benchmarks/cascade_speed.py --model_pair cifar --batch 256 --capacities pow2 \
-            --repeats 5 --out "$out/cascade_speed_cifar_gpu.json" ;;
+        section "$name" 120 python3 -m benchmarks run cascade_speed --model_pair cifar --batch 256 --capacities pow2 \
+            --repeats 5 --results_dir "$out" ;;
     step_speed_cifar)
-        section "$name" 90 python3 benchmarks/step_speed.py --device gpu --model_pair cifar --steps 10 --repeats 3 \
-            --skip_numerics --torch_tuned none --out "$out/step_speed_cifar_gpu.json" ;;
+        section "$name" 90 python3 -m benchmarks run step_speed --device gpu --model_pair cifar --steps 10 --repeats 3 \
+            --skip_numerics --torch_tuned none --results_dir "$out" ;;
     esac
 done
 

@@ -1,59 +1,16 @@
-"""2x2 max-pool forms on XLA, side by side in one run, for training and for eval.
-
-Training (forward + backward, the CNN teacher's two pooled activations, batch 128): XLA's reduce_window
-form (nnx.max_pool, whose backward is select-and-scatter) against the reshape-and-max form Titans trains
-with (titans.models.layers.max_pool_2x2(train=True)).
-
-Eval (forward only, ``--eval``; batch 512 as in benchmarks/cascade_speed.py):
-
-* the pool alone after BatchNorm + ReLU: reshape-and-max against reduce_window (what
-  ``max_pool_2x2(train=False)`` runs);
-* a first stage, conv 1 -> C + BatchNorm + ReLU + pool, C = 8 (the tiny student) and 32 (the teacher):
-  XLA's convolution, the shifted products of `small_cin_conv` followed by the pool, and the four-phase
-  form of `layers.conv_pooled`;
-* the whole CNN teacher (32-64/128) and student (8-16/32) eval forward, with ``conv_impl`` "xla" and
-  "auto", as Titans runs them and with one part changed: every stage in its training form (what eval
-  ran before the eval forms), the eval pool always the training reshape or always reduce_window (Titans
-  picks by channel count), and (auto) no `fusion_fence` after the four-phase stage.
-
-    python benchmarks/pool_speed.py [--repeats 20]
-    python benchmarks/pool_speed.py --eval --out benchmarks/results/pool_speed_eval_DATE.json
-    python benchmarks/pool_speed.py --device gpu --out /tmp/pool_speed_gpu.json
-
-The training table also compares what XLA compiled for the two forms, on the backend it runs on (issue 16
-asks that the CPU form is not worse on GPU/TPU): the FLOPs and bytes of XLA's cost analysis, and the
-kernels of the optimized program (its top-level instructions that do work: each fusion, library call or
-unfused op is one launch on a GPU). It does so for the pool alone and for the CNN teacher's whole
-forward + backward in training mode (batch 128, BatchNorm on batch statistics), with the teacher's pools
-swapped for reduce_window at trace time.
-
-Prints Markdown tables of milliseconds per call (medians over repeats, every form timed once per repeat,
-in a random order each repeat) and the other processes' CPU load before and after (a loaded machine's numbers are not
-results).
-"""
+"""2x2 max-pool forms on XLA, side by side in one run, for training and for eval."""
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
-import statistics
-import sys
-import time
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import re
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from machine_load import banner, is_contaminated, other_cpu_load
 
-from titans import logs as titans_logs
+from benchmarks.harness import Arg, Comparison, Plan, register
 from titans import models
 from titans.models import layers
 
@@ -107,40 +64,20 @@ def compiled_summary(compiled) -> dict:
     }
 
 
-def interleaved(fns: dict, args: dict, repeats: int) -> dict:
-    """Median milliseconds per call of each jitted fn on its args, every fn once per repeat, in a new
-    (seeded) random order each repeat: a call right after a slow one finds colder caches, and a fixed
-    order would charge that to the same fn every time (it did: 40% on one model)."""
-    for k, fn in fns.items():
-        jax.block_until_ready(fn(*args[k]))  # compile
-    samples = {k: [] for k in fns}
-    order = np.random.default_rng(0)
-    for _ in range(repeats):
-        for k in order.permutation(list(fns)):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fns[k](*args[k]))
-            samples[k].append(time.perf_counter() - t0)
-    return {k: 1e3 * statistics.median(v) for k, v in samples.items()}
-
-
-def training_table(batch: int, repeats: int) -> list[dict]:
-    """The pool alone (forward + backward after a ReLU) on the teacher's two pooled activations, and the
-    teacher's whole training forward + backward with each pool form."""
-    rows = []
+def training_fns(batch: int) -> dict:
+    """{side: (compiled fn, its args)}: the pool alone (forward + backward after a ReLU) on the teacher's two
+    pooled activations in both forms, and the teacher's whole training forward + backward with each."""
+    fns = {}
     for shape in [(batch, 28, 28, 32), (batch, 14, 14, 64)]:
         x = jnp.asarray(np.random.default_rng(0).standard_normal(shape).astype(np.float32))
-        fns = {
-            name: jax.jit(jax.grad(lambda v, pool=pool: jnp.sum(pool(jax.nn.relu(v)) ** 2))).lower(x).compile()
-            for name, pool in (("reduce_window", reduce_window), ("reshape_max", reshape_max))
-        }
-        ms = interleaved(fns, dict.fromkeys(fns, (x,)), repeats)
-        hlo = {name: compiled_summary(fn) for name, fn in fns.items()}
-        rows.append({"activation": list(shape), **ms, "hlo": hlo})
-    rows.append(teacher_training_row(batch, repeats))
-    return rows
+        for name, pool in (("reduce_window", reduce_window), ("reshape_max", reshape_max)):
+            grad = jax.jit(jax.grad(lambda v, pool=pool: jnp.sum(pool(jax.nn.relu(v)) ** 2)))
+            fns[f"{name} {shape}"] = (grad.lower(x).compile(), (x,))
+    fns.update(teacher_training_fns(batch))
+    return fns
 
 
-def teacher_training_row(batch: int, repeats: int) -> dict:
+def teacher_training_fns(batch: int) -> dict:
     """The CNN teacher's training forward + backward (cross-entropy, BatchNorm on batch statistics), compiled
     as Titans runs it and with its pools swapped for reduce_window at trace time."""
     shape = (28, 28, 1)
@@ -161,15 +98,10 @@ def teacher_training_row(batch: int, repeats: int) -> dict:
     for name, pool in (("reduce_window", lambda v, train=True: reduce_window(v)), ("reshape_max", real_pool)):
         layers.max_pool_2x2 = pool
         try:
-            fns[name] = jax.jit(jax.grad(loss)).lower(params, rest, x, y).compile()
+            fns[f"{name} teacher"] = (jax.jit(jax.grad(loss)).lower(params, rest, x, y).compile(), (params, rest, x, y))
         finally:
             layers.max_pool_2x2 = real_pool
-    ms = interleaved(fns, dict.fromkeys(fns, (params, rest, x, y)), repeats)
-    return {
-        "activation": "CNN teacher, training fwd+bwd",
-        **ms,
-        "hlo": {k: compiled_summary(f) for k, f in fns.items()},
-    }
+    return fns
 
 
 def _bn_relu(c, rng):
@@ -178,55 +110,53 @@ def _bn_relu(c, rng):
     return lambda y: jax.nn.relu(y * scale + shift)
 
 
-def stage_tables(batch: int, repeats: int) -> tuple[list[dict], list[dict]]:
+def stage_fns(batch: int) -> dict:
+    """The eval pool alone after BatchNorm + ReLU in both forms, and a first stage (conv 1 -> C + BatchNorm +
+    ReLU + pool, C = 8 and 32) as XLA conv, shifted products (`small_cin_conv`) and four phases (`conv_pooled`)."""
     rng = np.random.default_rng(0)
-    pools = []
+    fns = {}
     for shape in [(batch, 28, 28, 32), (batch, 14, 14, 64), (batch, 28, 28, 8), (batch, 14, 14, 16)]:
         x = jnp.asarray(rng.standard_normal(shape).astype(np.float32))
         post = _bn_relu(shape[-1], rng)
-        fns = {
-            "reshape_max": jax.jit(lambda v, post=post: reshape_max(post(v))),
-            "reduce_window": jax.jit(lambda v, post=post: reduce_window(post(v))),
-        }
-        pools.append({"activation": list(shape), **interleaved(fns, dict.fromkeys(fns, (x,)), repeats)})
-    stages = []
+        fns[f"eval pool reshape_max {shape}"] = (jax.jit(lambda v, post=post: reshape_max(post(v))), (x,))
+        fns[f"eval pool reduce_window {shape}"] = (jax.jit(lambda v, post=post: reduce_window(post(v))), (x,))
     x = jnp.asarray(rng.standard_normal((batch, 28, 28, 1)).astype(np.float32))
     for c in (8, 32):
         conv = layers.conv(1, c, 3, rngs=nnx.Rngs(0), dtype=jnp.float32, impl="patches")
-        kernel = conv.kernel[...]
-        post = _bn_relu(c, rng)
+        kernel, post = conv.kernel[...], _bn_relu(c, rng)
 
         def xla_conv(v, kernel=kernel):
             return jax.lax.conv_general_dilated(v, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
-        fns = {
-            "xla conv + reduce_window": jax.jit(lambda v, f=xla_conv, post=post: reduce_window(post(f(v)))),
-            "shifted products + reduce_window": jax.jit(
-                lambda v, kernel=kernel, post=post: reduce_window(post(layers.small_cin_conv(v, kernel)))
+        forms = {
+            "xla conv + reduce_window": lambda v, f=xla_conv, post=post: reduce_window(post(f(v))),
+            "shifted products + reduce_window": lambda v, k=kernel, post=post: reduce_window(
+                post(layers.small_cin_conv(v, k))
             ),
-            "four phases (conv_pooled)": jax.jit(
-                lambda v, conv=conv, post=post: layers.conv_pooled(conv, v, post, train=False)
-            ),
+            "four phases": lambda v, conv=conv, post=post: layers.conv_pooled(conv, v, post, train=False),
         }
-        stages.append({"conv": f"1 -> {c}", **interleaved(fns, dict.fromkeys(fns, (x,)), repeats)})
-    return pools, stages
+        fns.update({f"stage 1 -> {c}: {name}": (jax.jit(fn), (x,)) for name, fn in forms.items()})
+    return fns
 
 
-def model_table(batch: int, repeats: int) -> list[dict]:
-    """Whole-model eval forwards, each variant compiled with one part swapped out at trace time."""
-    shape = (28, 28, 1)
-    x = jax.device_put(np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32))
-    real_pool, real_fence, real_conv_pooled = layers.max_pool_2x2, layers.fusion_fence, layers.conv_pooled
-    variants = {
+def model_variants(real_pool) -> dict:
+    return {
         "as run": {},
-        "training forms (before the eval forms)": {
-            "conv_pooled": lambda conv, v, post, train: real_pool(post(conv(v)), train=True)
-        },
-        "eval pool always the training reshape": {"max_pool_2x2": lambda v, train=True: real_pool(v, train=True)},
+        "training forms": {"conv_pooled": lambda conv, v, post, train: real_pool(post(conv(v)), train=True)},
+        "eval pool always reshape": {"max_pool_2x2": lambda v, train=True: real_pool(v, train=True)},
         "eval pool always reduce_window": {"max_pool_2x2": lambda v, train=True: reduce_window(v)},
         "no fusion_fence": {"fusion_fence": lambda v: v},
     }
-    fns, args = {}, {}
+
+
+def model_fns(batch: int) -> dict:
+    """Whole CNN eval forwards (teacher 32-64/128, student 8-16/32; conv_impl xla and auto), as Titans runs
+    them and with one part swapped at trace time: every stage in its training form, the eval pool always the
+    training reshape or always reduce_window, no `fusion_fence` after the four-phase stage."""
+    shape = (28, 28, 1)
+    x = jax.device_put(np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32))
+    real = layers.max_pool_2x2, layers.fusion_fence, layers.conv_pooled
+    fns = {}
     for role, kw in (
         ("teacher", {"channels": (32, 64), "dense": 128}),
         ("student", {"channels": (8, 16), "dense": 32}),
@@ -237,7 +167,7 @@ def model_table(batch: int, repeats: int) -> list[dict]:
             )
             model.eval()
             graphdef, state = nnx.split(model)
-            for variant, patch in variants.items():
+            for variant, patch in model_variants(real[0]).items():
                 if variant == "no fusion_fence" and impl == "xla":
                     continue  # no four-phase stage to fence
                 for name, fn in patch.items():
@@ -245,87 +175,74 @@ def model_table(batch: int, repeats: int) -> list[dict]:
                 try:
                     fn = jax.jit(lambda s, v, g=graphdef: nnx.merge(g, s)(v)).lower(state, x).compile()
                 finally:
-                    layers.max_pool_2x2, layers.fusion_fence = real_pool, real_fence
-                    layers.conv_pooled = real_conv_pooled
-                key = f"{role}|{impl}|{variant}"
-                fns[key], args[key] = fn, (state, x)
-    ms = interleaved(fns, args, repeats)
-    return [dict(zip(("model", "conv_impl", "variant"), k.split("|")), ms=v) for k, v in ms.items()]
+                    layers.max_pool_2x2, layers.fusion_fence, layers.conv_pooled = real
+                fns[f"{role} {impl}: {variant}"] = (fn, (state, x))
+    return fns
 
 
-def _label(row: dict) -> str:
-    a = row["activation"]
-    return a if isinstance(a, str) else str(tuple(a))
+def timer(fn, args):
+    def run():
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        return time.perf_counter() - t0
+
+    return run
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--batch", type=int, default=0, help="default: 128 for training, 512 for --eval")
-    p.add_argument("--eval", action="store_true", help="time the eval forms (pool, first stage, whole models)")
-    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="the backend XLA compiles for")
-    p.add_argument("--out", default="", help="write the results as JSON here")
-    args = p.parse_args(argv)
-    process = titans_logs.process_setup()  # as the console scripts run (before the backend starts)
+def pool_comparisons(sides, evaluation: bool) -> list[Comparison]:
+    if not evaluation:
+        return [
+            Comparison(f"reduce_window / reshape_max, {s[len('reduce_window ') :]}", (s,), ("reshape_max" + s[13:],))
+            for s in sides
+            if s.startswith("reduce_window ")
+        ]
+    out = [
+        Comparison(
+            f"eval pool reshape_max / reduce_window, {s[len('eval pool reshape_max ') :]}",
+            (s,),
+            (s.replace("reshape_max", "reduce_window"),),
+        )
+        for s in sides
+        if s.startswith("eval pool reshape_max")
+    ]
+    for s in sides:
+        if s.startswith("stage") and not s.endswith("xla conv + reduce_window"):
+            out.append(
+                Comparison(f"{s} / xla conv + reduce_window", (s,), (s.split(":")[0] + ": xla conv + reduce_window",))
+            )
+        if ": " in s and not s.startswith("stage") and not s.endswith("as run"):
+            out.append(Comparison(f"{s} / as run", (s,), (s.split(":")[0] + ": as run",)))
+    return out
+
+
+@register(
+    "pool_speed",
+    Arg("batch", 0, "rows per call; 0: 128 for training, 512 for --eval", int),
+    Arg("eval", False, "time the eval forms (pool, first stage, whole models) instead of the training forms", bool),
+    Arg("device", "cpu", "the backend XLA compiles for", str, ("cpu", "gpu")),
+)
+def pool_speed(args) -> Plan:
+    """The 2x2 max-pool forms on XLA, for training and (`--eval`) for eval.
+
+    Training (forward + backward, batch 128): XLA's reduce_window form (`nnx.max_pool`, whose backward is
+    select-and-scatter) against the reshape-and-max form Titans trains with (`layers.max_pool_2x2(train=True)`),
+    on the CNN teacher's two pooled activations and in the teacher's whole training pass; the record's facts
+    also hold what XLA compiled for each (FLOPs, bytes, kernels: issue 16 asks that the CPU form is not worse
+    on a GPU). Eval (forward only, batch 512 as in cascade_speed): the pool after BatchNorm + ReLU in both
+    forms; a first stage as XLA conv, shifted products or four phases (`layers.conv_pooled`); and whole CNN
+    eval forwards as Titans runs them against each with one part changed. Every side is compiled before
+    timing; the order of the sides is shuffled in every round (a call right after a slow one finds colder
+    caches, and a fixed order would charge that to the same side every time)."""
     jax.config.update("jax_platforms", "cuda" if args.device == "gpu" else "cpu")
-    cores = os.cpu_count() or 1
-    load_before = other_cpu_load()
-    result = {
-        "backend": jax.default_backend(),
-        "device_kind": jax.devices()[0].device_kind,
-        "jax": jax.__version__,
-        "machine": platform.processor() or platform.machine(),
-        "process_setup": process,
-    }
-    if args.eval:
-        batch = args.batch or 512
-        result["pool_after_bn_relu"], result["first_stage"] = stage_tables(batch, args.repeats)
-        result["models"] = model_table(batch, args.repeats)
-    else:
-        batch = args.batch or 128
-        result["training"] = training_table(batch, args.repeats)
-    loads = [load_before, other_cpu_load()]
-    result.update(batch=batch, repeats=args.repeats, other_cpu_load=loads, contaminated=is_contaminated(loads, cores))
-    print(banner(loads, cores), end="")
-    print(
-        f"backend {result['backend']}, jax {result['jax']}, batch {batch}, {cores} CPUs; other processes' load {loads}"
+    batch = args.batch or (512 if args.eval else 128)
+    fns = {**stage_fns(batch), **model_fns(batch)} if args.eval else training_fns(batch)
+    for fn, fn_args in fns.values():
+        jax.block_until_ready(fn(*fn_args))  # compile
+    facts = {"batch": batch}
+    if not args.eval:
+        facts["compiled"] = {side: compiled_summary(fn) for side, (fn, _) in fns.items()}
+    sides = {side: timer(fn, fn_args) for side, (fn, fn_args) in fns.items()}
+    device = None if args.device == "cpu" else jax.devices()[0].device_kind
+    return Plan(
+        sides, pool_comparisons(sides, args.eval), facts, device, shuffle=True, variant="eval" if args.eval else ""
     )
-    print(f"process settings (titans.logs.process_setup): {process}")
-    if args.eval:
-        print(
-            "\n| pool after BN+ReLU (eval) | reshape + max ms | reduce_window ms | reshape / reduce_window |\n|---|---:|---:|---:|"
-        )
-        for r in result["pool_after_bn_relu"]:
-            print(
-                f"| {tuple(r['activation'])} | {r['reshape_max']:.2f} | {r['reduce_window']:.2f} | {r['reshape_max'] / r['reduce_window']:.2f} |"
-            )
-        names = [k for k in result["first_stage"][0] if k != "conv"]
-        print("\n| first stage (eval) | " + " | ".join(f"{n} ms" for n in names) + " |\n|---|" + "---:|" * len(names))
-        for r in result["first_stage"]:
-            print(f"| {r['conv']} | " + " | ".join(f"{r[n]:.2f}" for n in names) + " |")
-        print("\n| model (eval forward) | conv_impl | variant | ms |\n|---|---|---|---:|")
-        for r in result["models"]:
-            print(f"| {r['model']} | {r['conv_impl']} | {r['variant']} | {r['ms']:.2f} |")
-    else:
-        print(
-            "\n| activation (fwd+bwd) | reduce_window ms | reshape + max ms | reduce_window / reshape |\n|---|---:|---:|---:|"
-        )
-        for r in result["training"]:
-            print(
-                f"| {_label(r)} | {r['reduce_window']:.2f} | {r['reshape_max']:.2f} | {r['reduce_window'] / r['reshape_max']:.2f} |"
-            )
-        print("\n| compiled (fwd+bwd) | form | GFLOP | MB accessed | kernels | opcodes |\n|---|---|---:|---:|---:|---|")
-        for r in result["training"]:
-            for form in ("reduce_window", "reshape_max"):
-                h = r["hlo"][form]
-                ops = ", ".join(f"{k} {v}" for k, v in h["ops"].items())
-                print(
-                    f"| {_label(r)} | {form} | {h['flops'] / 1e9:.3f} | {h['bytes_accessed'] / 1e6:.1f} | {h['kernels']} | {ops} |"
-                )
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,33 +1,4 @@
-"""The quickstart end to end: Titans against the same recipe written plainly in PyTorch, on one machine.
-
-    python benchmarks/quickstart_recipe.py [--epochs 3] [--repeats 1] [--threads 2] [--max_steal 5] [--out FILE]
-    python benchmarks/quickstart_recipe.py --conv_impl xla    # Titans' CNNs with XLA's convolutions (default: auto)
-
-Each repeat runs, one after the other and each in its own process so that neither warms the other:
-
-* titans   `python -m titans.main --config=configs/quickstart.py:EPOCHS --workdir=TMP`: the CNN teacher
-           (cross-entropy), the student distilled from it (Hinton KD), both evaluated on the test split,
-           with everything Titans does on the way (checkpoints, logs, FLOPs, the summary);
-* pytorch  the same recipe in eager PyTorch in this file (`--child pytorch`): the same models (the
-           layer-for-layer twins of `benchmarks/step_speed.py`), SGD with Nesterov momentum 0.9 and L2
-           5e-4, learning rate 0.05 with 100 linear warm-up steps then cosine decay to 0, batch 128,
-           the training set reshuffled every epoch, KD at T=4 with alpha=0.9 against the trained teacher
-           in eval mode, and the same test evaluation; no checkpoints.
-
-Reported per repeat: the process's wall time (start to exit, imports and data included), each stage's
-training time and its test accuracy, and the ratios pytorch/titans. The other processes' CPU load is
-measured before and after; a run under load is marked "NOT A RESULT". The order alternates between
-repeats (titans first in even repeats). A repeat in which the hypervisor took more than `--max_steal` CPU
-seconds from either side (a host shared with other guests slows a run without any process here showing it)
-is printed and saved but left out of the ratios, and another repeat is run in its place (at most
-`--repeats` more). Over the kept repeats (two or more), the ratios' geometric means with 95% intervals
-(`titans.stats.time_ratio`).
-
-Titans' persistent compilation cache (`titans.compile_cache`, on by default in its console scripts):
-`--compile_cache fresh` (the default) gives the Titans runs of this invocation a new, empty cache
-directory, so that the first Titans run compiles everything (cold) and the later ones load it (warm);
-each run's state is recorded. `off` compiles in every run; `user` leaves the user's own setting.
-"""
+"""The quickstart end to end: Titans against the same recipe written plainly in PyTorch, on one machine."""
 
 from __future__ import annotations
 
@@ -35,29 +6,14 @@ import argparse
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
 import numpy as np
-from machine_load import (
-    add_max_steal_flag,
-    banner,
-    is_contaminated,
-    other_cpu_load,
-    steal_s,
-    stolen_since,
-    titans_settings,
-    within_steal,
-)
 
-from titans.stats import time_ratio
+from benchmarks.harness import REPO, Arg, Comparison, Plan, register
 
 BATCH, LR, WARMUP, MOMENTUM, WEIGHT_DECAY, T, ALPHA = 128, 0.05, 100, 0.9, 5e-4, 4.0, 0.9
 TEACHER = {"channels": (32, 64), "dense": 128}
@@ -157,7 +113,7 @@ def run_titans(epochs: float, threads: int, conv_impl: str = "", cache: str = ""
                 f.write(CONV_IMPL_CONFIG.format(quickstart=quickstart, conv_impl=conv_impl))
             workdir = os.path.join(workdir, "run")
         cmd = [sys.executable, "-m", "titans.main", f"--config={config}:{epochs:g}", f"--workdir={workdir}"]
-        t0, steal0 = time.perf_counter(), steal_s()
+        t0 = time.perf_counter()
         proc = subprocess.run(
             cmd,
             check=True,
@@ -167,10 +123,9 @@ def run_titans(epochs: float, threads: int, conv_impl: str = "", cache: str = ""
             stderr=subprocess.PIPE,
             text=True,
         )
-        wall, stolen = time.perf_counter() - t0, stolen_since(steal0)
+        wall = time.perf_counter() - t0
         out = {
-            "wall_s": wall,
-            "steal_s": stolen,
+            "s": wall,
             "process_settings": titans_settings(proc.stderr),  # its host allocator and the rest
         }
         for stage in ("teacher", "student"):
@@ -181,17 +136,22 @@ def run_titans(epochs: float, threads: int, conv_impl: str = "", cache: str = ""
 
 
 def run_pytorch(epochs: float, threads: int, seed: int) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--epochs", str(epochs), "--threads", str(threads)]
-    t0, steal0 = time.perf_counter(), steal_s()
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.quickstart_recipe",
+        "--child",
+        "--epochs",
+        str(epochs),
+        "--threads",
+        str(threads),
+    ]
+    t0 = time.perf_counter()
     proc = subprocess.run(
         cmd + ["--seed", str(seed)], check=True, cwd=REPO, env=child_env(threads), capture_output=True, text=True
     )
-    wall, stolen = time.perf_counter() - t0, stolen_since(steal0)
-    return {"wall_s": wall, "steal_s": stolen, **json.loads(proc.stdout.strip().splitlines()[-1])}
-
-
-def _fmt(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds:.1f}"
+    wall = time.perf_counter() - t0
+    return {"s": wall, **json.loads(proc.stdout.strip().splitlines()[-1])}
 
 
 def child_env(threads: int, cache: str = "") -> dict:
@@ -202,106 +162,75 @@ def child_env(threads: int, cache: str = "") -> dict:
     return env
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--epochs", type=float, default=3.0)
-    p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--threads", type=int, default=2, help="PyTorch's intra-op threads (XLA uses every core)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--conv_impl",
-        default="",
-        choices=("", "xla", "patches", "auto"),
-        help="Titans side: both CNNs' conv_impl (titans.models.layers.conv); empty: the quickstart's own",
-    )
-    p.add_argument(
-        "--compile_cache",
-        choices=("fresh", "off", "user"),
-        default="fresh",
-        help="Titans' compilation cache: a new one for this invocation (first run cold, later warm), off, "
-        "or the user's own",
-    )
-    add_max_steal_flag(p, "repeat", "another repeat is run in its place (at most --repeats more)")
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--out", default="")
-    a = p.parse_args(argv)
-    if a.child:
-        print(json.dumps(pytorch_recipe(a.epochs, a.threads, a.seed)))
-        return
-    load_before = other_cpu_load()
-    cache_dir = tempfile.mkdtemp(prefix="titans-qs-jax-cache-") if a.compile_cache == "fresh" else ""
-    cache = {"fresh": cache_dir, "off": "off", "user": ""}[a.compile_cache]
-    runs = []
-    titans_runs = 0
-    rep = 0
-    while sum(got["kept"] for got in runs) < a.repeats and rep < 2 * a.repeats:
-        order = ("titans", "pytorch") if rep % 2 == 0 else ("pytorch", "titans")
-        got = {}
-        for side in order:
-            got[side] = (
-                run_titans(a.epochs, a.threads, a.conv_impl, cache)
-                if side == "titans"
-                else run_pytorch(a.epochs, a.threads, a.seed)
-            )
-            if side == "titans":
-                state = {"fresh": "warm" if titans_runs else "cold", "off": "off", "user": "user's setting"}
-                got[side]["compile_cache"] = state[a.compile_cache]
-                titans_runs += 1
-            print(f"repeat {rep} {side}: {json.dumps(got[side])}", flush=True)
-        got["kept"] = within_steal(got.values(), a.max_steal)
-        runs.append(got)
-        rep += 1
-    load_after = other_cpu_load()
-    if cache_dir:
-        shutil.rmtree(cache_dir, ignore_errors=True)
-    contaminated = is_contaminated((load_before, load_after), os.cpu_count())
-    if contaminated:
-        print(banner((load_before, load_after), os.cpu_count()))
-    print("| repeat | side | wall s | stolen s | teacher train s | teacher acc | student train s | student acc |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|")
-    for rep, got in enumerate(runs):
-        for side in ("titans", "pytorch"):
-            g = got[side]
-            label = f"{side} (cache {g['compile_cache']})" if "compile_cache" in g else side
-            rep_label = f"{rep}" if got["kept"] else f"{rep} (stolen: left out)"
-            print(
-                f"| {rep_label} | {label} | {g['wall_s']:.0f} | {_fmt(g.get('steal_s'))} | {g['teacher']['train_s']:.0f} | "
-                f"{g['teacher']['accuracy']:.4f} | {g['student']['train_s']:.0f} | {g['student']['accuracy']:.4f} |"
-            )
-    times = {"wall_s": lambda g: g["wall_s"]}
+def titans_settings(stderr: str) -> str | None:
+    """What a Titans command's first stderr line (titans.logs.run_cli) says it runs with: its host allocator,
+    XLA:CPU flags and compilation cache; None if it printed none."""
+    prefix = "titans process settings: "
+    return next((line[len(prefix) :] for line in stderr.splitlines() if line.startswith(prefix)), None)
+
+
+def titans_side(args):
+    """The Titans run, with its compilation cache's state: with `fresh`, a new cache for this invocation (the
+    first run compiles, cold; the later ones load, warm)."""
+    cache = {"fresh": tempfile.mkdtemp(prefix="titans-qs-jax-cache-"), "off": "off", "user": ""}[args.compile_cache]
+    runs = [0]
+
+    def run():
+        out = run_titans(args.epochs, args.threads, args.conv_impl, cache)
+        states = {"fresh": "warm" if runs[0] else "cold", "off": "off", "user": "user's setting"}
+        out["compile_cache"] = states[args.compile_cache]
+        runs[0] += 1
+        return out
+
+    return run
+
+
+def recipe_comparisons() -> list[Comparison]:
+    out = [Comparison("PyTorch / Titans, wall time of the whole run", ("pytorch",), ("titans",))]
     for stage in ("teacher", "student"):
-        times[f"{stage}_train_s"] = lambda g, stage=stage: g[stage]["train_s"]
-    kept = [got for got in runs if got["kept"]]
-    ratios, intervals = {}, {}
-    for key, time_of in times.items():
-        ratios[key] = [time_of(got["pytorch"]) / time_of(got["titans"]) for got in runs]
-        shown = ", ".join(f"{v:.2f}" + ("" if got["kept"] else " (stolen)") for v, got in zip(ratios[key], runs))
-        print(f"pytorch time / titans time, {key}: {shown} (>= 1: Titans faster)")
-        if len(kept) >= 2:
-            r = time_ratio([time_of(got["pytorch"]) for got in kept], [time_of(got["titans"]) for got in kept])
-            intervals[key] = r.as_dict("pytorch", "titans")
-            print(f"  over the {len(kept)} kept repeats: {r.describe('pytorch', 'titans')}")
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(
-                {
-                    "args": vars(a),
-                    "runs": runs,
-                    "ratios_pytorch_over_titans": ratios,
-                    # geometric mean and 95% interval over the kept repeats (at most max_steal s stolen)
-                    "kept_ratios_pytorch_over_titans": intervals or None,
-                    "other_load_cores": [load_before, load_after],
-                    "contaminated": contaminated,
-                    "cpu_count": os.cpu_count(),
-                    # titans.main applies titans.logs.process_setup() itself; these choose what it does
-                    "process_env": {
-                        k: os.environ.get(k, "") for k in ("TITANS_HOST_MALLOC", "TITANS_XLA_CPU", "XLA_FLAGS")
-                    },
-                },
-                f,
-                indent=1,
-            )
+        label = f"PyTorch / Titans, {stage} training time"
+        out.append(Comparison(label, ("pytorch",), ("titans",), field=f"{stage}.train_s"))
+    return out
 
 
-if __name__ == "__main__":
-    main()
+@register(
+    "quickstart_recipe",
+    Arg("epochs", 3.0, "epochs of each stage (configs/quickstart.py:EPOCHS)", float),
+    Arg("threads", 2, "PyTorch's intra-op threads (XLA uses every core)", int),
+    Arg("seed", 0, "the PyTorch side's seed", int),
+    Arg("conv_impl", "", "Titans side: both CNNs' conv_impl (titans.models.layers.conv); empty: the quickstart's own"),
+    Arg(
+        "compile_cache",
+        "fresh",
+        "Titans' compilation cache: new for this run, off, or the user's",
+        str,
+        ("fresh", "off", "user"),
+    ),
+)
+def quickstart_recipe(args) -> Plan:
+    """The quickstart end to end: Titans against the same recipe written plainly in PyTorch.
+
+    Each round runs both, each in its own process so that neither warms the other: `python -m titans.main
+    --config=configs/quickstart.py:EPOCHS` (the CNN teacher, then the student distilled from it, both evaluated
+    on the test split, with everything Titans does on the way: checkpoints, logs, FLOPs, the summary), and the
+    same recipe in eager PyTorch (`benchmarks/quickstart_recipe.py`: the layer-for-layer twins of step_speed's
+    models, SGD with Nesterov momentum 0.9 and L2 5e-4, learning rate 0.05 with 100 linear warm-up steps then
+    cosine decay to 0, batch 128, reshuffled every epoch, KD at T=4 with alpha=0.9 against the trained teacher
+    in eval mode, the same test evaluation; no checkpoints). Ratios are PyTorch time / Titans time (> 1:
+    Titans faster) of the process's wall time (imports and data included) and of each stage's training time;
+    each run's accuracies, cache state (`--compile_cache fresh`: the first Titans run compiles, the later ones
+    load) and process settings are in the record's rounds."""
+    sides = {"titans": titans_side(args), "pytorch": lambda: run_pytorch(args.epochs, args.threads, args.seed)}
+    comparisons = recipe_comparisons()
+    env = {k: os.environ.get(k, "") for k in ("TITANS_HOST_MALLOC", "TITANS_XLA_CPU", "XLA_FLAGS")}
+    return Plan(sides, comparisons, facts={"process_env": env})
+
+
+if __name__ == "__main__":  # the PyTorch side's own process
+    p = argparse.ArgumentParser(description="the quickstart recipe in eager PyTorch (one run; JSON to stdout)")
+    p.add_argument("--child", action="store_true", help="run the recipe (the harness's PyTorch side)")
+    p.add_argument("--epochs", type=float, default=3.0, help="epochs per stage")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--seed", type=int, default=0, help="weights and shuffling")
+    a = p.parse_args()
+    print(json.dumps(pytorch_recipe(a.epochs, a.threads, a.seed)))

@@ -47,9 +47,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax
 import jax.numpy as jnp
 import numpy as np
-from machine_load import other_cpu_load, steal_s, stolen_since
 from ray import serve
 
+from benchmarks.harness import other_cpu_load, steal_s, stolen_since
 from titans import data, export, parallel, runs
 from titans import logs as titans_logs
 from titans.cascade import apply as cascade_apply

@@ -1,55 +1,14 @@
-"""Training-step speed: Titans (JAX) against the same steps written plainly in PyTorch.
-
-Three steps, on the same architectures, the same global batch and the same initial weights:
-
-* teacher step   cross-entropy training step of the teacher,
-* student step   cross-entropy training step of the student alone,
-* online-KD step teacher forward (eval mode, no gradient) + the student's Hinton-KD training step.
-
-The Titans side is the real trainer code: `train.make_train_step` / `train.resolve` (the config's objective Method) /
-`train.make_optimizer` on models from `train.build_model`, jitted with the state donated, the
-batch placed with `parallel.to_global`, exactly as `train.train_and_evaluate` runs it. The PyTorch
-side is eager nn.Modules with the same layers (conv3x3-BN-ReLU-maxpool stages, dense, classifier
-for `cnn`; post-activation basic blocks for the CIFAR ResNets), SGD with Nesterov momentum and the
-same learning-rate values, and the loss alpha*T^2*KL(p_t||p_s) + (1-alpha)*CE. Both normalise the
-uint8 images inside the step. Images are random uint8 batches generated beforehand (a few, cycled),
-so data loading is not measured.
-
-A tuned PyTorch side runs too (`--torch_tuned`, default `compile`): channels-last tensors and the models
-wrapped in `torch.compile` (channels-last only if compilation fails, with a note). The measurements are
-interleaved within each repeat (per step kind: JAX, eager torch, tuned torch), and the report gives
-medians over repeats; the ratio columns are medians over repeats of the paired ratio (PyTorch time /
-Titans time, measured back to back). Compile + warm-up times are printed for Titans and the tuned side.
-
-Before timing, a numerics check copies the JAX initial weights into the torch models and compares
-the losses of the first two steps of each kind on the same batch (the second step also checks that
-the optimizers agree).
-
-    python benchmarks/step_speed.py --steps 30 --repeats 5
-    python benchmarks/step_speed.py --model_pair cifar --steps 5 --repeats 3   # resnet56 -> resnet20
-    python benchmarks/step_speed.py --device gpu --batch_size 256 --out /tmp/step_speed.json
-"""
+"""Training-step speed: Titans (JAX) against the same steps written plainly in PyTorch."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
-import shlex
-import statistics
-import sys
 import time
 
-# Runnable as a script from anywhere in the repository.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
 import numpy as np
-from machine_load import banner, is_contaminated, other_cpu_load, write_result
 
-from titans import logs as titans_logs
-from titans import stats
+from benchmarks.harness import Arg, Comparison, Plan, register
 
 PAIRS = {
     # name: dataset, (teacher model, kwargs), (student model, kwargs)
@@ -80,77 +39,6 @@ STEP_LABELS = {
 }
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument(
-        "--model_pair",
-        choices=sorted(PAIRS),
-        default="fmnist",
-        help="default dataset + teacher + student: fmnist (cnn 32-64/128 -> cnn 8-16/32, 28x28x1) "
-        "or cifar (resnet56 -> resnet20, 32x32x3)",
-    )
-    p.add_argument("--dataset", default=None, help="override the pair's dataset (only its shape/classes are used)")
-    p.add_argument("--teacher", default=None, help="teacher model name (Titans registry), overrides the pair")
-    p.add_argument(
-        "--teacher_kwargs", default=None, help='teacher kwargs as JSON, e.g. \'{"channels": [32, 64], "dense": 128}\''
-    )
-    p.add_argument("--student", default=None, help="student model name, overrides the pair")
-    p.add_argument("--student_kwargs", default=None, help="student kwargs as JSON")
-    p.add_argument("--batch_size", type=int, default=128, help="global batch size")
-    p.add_argument("--steps", type=int, default=30, help="timed steps per repeat and benchmark")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
-    p.add_argument("--num_batches", type=int, default=4, help="pre-generated random batches, cycled")
-    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
-    p.add_argument(
-        "--torch_threads",
-        type=int,
-        default=0,
-        help="torch.set_num_threads on CPU; 0 = os.cpu_count() (the pinned cores with --cpu_cores)",
-    )
-    p.add_argument(
-        "--cpu_cores",
-        type=int,
-        default=0,
-        help="pin this process to its first N cores before JAX and torch start (XLA sizes its "
-        "thread pool from them); 0 = all",
-    )
-    p.add_argument("--out", default="", help="write the results as JSON here")
-    p.add_argument("--skip_torch", action="store_true", help="time the Titans steps only")
-    p.add_argument(
-        "--torch_tuned",
-        choices=("none", "channels_last", "compile"),
-        default="compile",
-        help="also time a tuned PyTorch side: channels-last tensors, and with 'compile' the models wrapped in "
-        "torch.compile (falls back to channels-last, with a note, if compilation fails)",
-    )
-    p.add_argument("--skip_numerics", action="store_true", help="skip the JAX-vs-torch loss check")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--reread",
-        nargs="+",
-        default=None,
-        metavar="JSON",
-        help="time nothing: print each saved result's ratios with their 95%% intervals and verdicts against the "
-        "targets (for results saved before the verdicts were recorded)",
-    )
-    args = p.parse_args(argv)
-    for name in ("batch_size", "steps", "repeats", "num_batches"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be >= 1")
-    dataset, (t_name, t_kw), (s_name, s_kw) = PAIRS[args.model_pair]
-    args.dataset = args.dataset or dataset
-    if args.teacher and args.teacher_kwargs is None and args.teacher != t_name:
-        t_kw = {}
-    if args.student and args.student_kwargs is None and args.student != s_name:
-        s_kw = {}
-    args.teacher_spec = (args.teacher or t_name, json.loads(args.teacher_kwargs) if args.teacher_kwargs else t_kw)
-    args.student_spec = (args.student or s_name, json.loads(args.student_kwargs) if args.student_kwargs else s_kw)
-    return args
-
-
 def num_threads() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -165,17 +53,6 @@ def xla_cpu_threads() -> int | None:
     except OSError:
         return None
     return sum(n.startswith("tf_XLAEigen") for n in names) or None
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -618,350 +495,167 @@ def warm_torch(side: TorchSide, kind: str, batches, args) -> dict:
     return {"step": step, "i": 1 + args.warmup, "loss": loss, "warmup_s": time.perf_counter() - t0}
 
 
-def reread(paths) -> list[dict]:
-    """Each saved result's ratios against the targets, from its per-repeat seconds; printed as a table."""
-    rows = []
-    print("| result | threads | repeats | step | against | ratio [95% CI] | target | verdict |")
-    print("|---|---:|---:|---|---|---:|---:|---|")
-    for path in paths:
-        with open(path) as f:
-            r = json.load(f)
-        for kind in STEP_NAMES:
-            e = r["steps_results"][kind]
-            for side in ("torch", "tuned"):
-                if f"{side}_seconds" not in e:
-                    continue
-                row = {"result": os.path.basename(path), "kind": kind, "side": side}
-                row.update(ratio_fields(side, e[f"{side}_seconds"], e["jax_seconds"], TARGETS[(side, kind)]))
-                rows.append(row)
-                print(
-                    f"| {row['result']} | {r.get('jax_cpu_threads')} | {r['repeats']} | {STEP_LABELS[kind]} | "
-                    f"{target_cells(row, side)} |"
-                )
-    return rows
+def resolve_specs(args) -> None:
+    """args.dataset, args.teacher_spec and args.student_spec from the pair and the overrides."""
+    dataset, (t_name, t_kw), (s_name, s_kw) = PAIRS[args.model_pair]
+    args.dataset = args.dataset or dataset
+    if args.teacher and not args.teacher_kwargs and args.teacher != t_name:
+        t_kw = {}
+    if args.student and not args.student_kwargs and args.student != s_name:
+        s_kw = {}
+    args.teacher_spec = (args.teacher or t_name, json.loads(args.teacher_kwargs) if args.teacher_kwargs else t_kw)
+    args.student_spec = (args.student or s_name, json.loads(args.student_kwargs) if args.student_kwargs else s_kw)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.reread:
-        return reread(args.reread)
+def warm_titans(titans: TitansSide, kind: str, batches, args) -> dict:
+    """Builds one Titans step and runs its compiling and warm-up steps."""
+    step, state, teacher = titans.make(kind)
+    t0 = time.perf_counter()
+    for i in range(1 + args.warmup):
+        state, metrics = step(state, batches[i % args.num_batches], teacher)
+    titans.sync((state, metrics))
+    return {
+        "step": step,
+        "state": state,
+        "teacher": teacher,
+        "i": 1 + args.warmup,
+        "warmup_s": time.perf_counter() - t0,
+    }
+
+
+def titans_timer(titans: TitansSide, r: dict, batches, steps: int):
+    """One measurement: `steps` steps of a warmed Titans step, its state carried over between measurements."""
+
+    def run():
+        state, i = r["state"], r["i"]
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            state, metrics = r["step"](state, batches[i % len(batches)], r["teacher"])
+            i += 1
+        titans.sync((state, metrics))
+        r.update(state=state, i=i)
+        return time.perf_counter() - t0
+
+    return run
+
+
+def torch_timer(side: TorchSide, r: dict, batches, steps: int):
+    def run():
+        i = r["i"]
+        side.sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            r["step"](batches[i % len(batches)])
+            i += 1
+        side.sync()
+        r["i"] = i
+        return time.perf_counter() - t0
+
+    return run
+
+
+def torch_sides(args, titans: TitansSide, images, labels, jax_batches) -> tuple[dict, dict]:
+    """The eager and tuned PyTorch steps, warmed up ({side: {kind: run}}), and facts (numerics, notes)."""
+    distill = titans.configs["student"].distill
+    eager = TorchSide(args, titans, distill)
+    batches = eager.batches(images, labels)
+    facts = {"numerics": None if args.skip_numerics else numerics_check(titans, eager, jax_batches, batches)}
+    runs = {"eager": {k: warm_torch(eager, k, batches, args) for k in STEP_NAMES}}
+    sides = {"eager": eager}
+    if args.torch_tuned != "none":
+        tuned = TorchSide(args, titans, distill, tuned=args.torch_tuned)
+        try:
+            runs["tuned"] = {k: warm_torch(tuned, k, batches, args) for k in STEP_NAMES}
+        except Exception as e:  # torch.compile needs a working C++ toolchain
+            if args.torch_tuned != "compile":
+                raise
+            facts["note"] = f"torch.compile failed ({type(e).__name__}: {str(e)[:200]}); tuned = channels-last only"
+            tuned = TorchSide(args, titans, distill, tuned="channels_last")
+            runs["tuned"] = {k: warm_torch(tuned, k, batches, args) for k in STEP_NAMES}
+        sides["tuned"] = tuned
+    facts["torch_tuned"] = sides["tuned"].tuned if "tuned" in sides else None
+    facts["torch_threads"] = eager.torch.get_num_threads() if args.device == "cpu" else None
+    facts["compile_and_warmup_s"] = {f"{s} {k}": r["warmup_s"] for s, rs in runs.items() for k, r in rs.items()}
+    timers = {s: {k: torch_timer(sides[s], r, batches, args.steps) for k, r in rs.items()} for s, rs in runs.items()}
+    return timers, facts
+
+
+def step_comparisons(torch_kinds) -> list[Comparison]:
+    return [
+        Comparison(
+            f"PyTorch {side} / Titans, {STEP_LABELS[kind]}",
+            (f"{side} {kind}",),
+            (f"titans {kind}",),
+            target=TARGETS[("torch" if side == "eager" else "tuned", kind)],
+        )
+        for kind in STEP_NAMES
+        for side in torch_kinds
+    ]
+
+
+@register(
+    "step_speed",
+    Arg("model_pair", "fmnist", "fmnist: cnn 32-64/128 -> cnn 8-16/32; cifar: resnet56 -> resnet20", str, tuple(PAIRS)),
+    Arg("dataset", "", "override the pair's dataset (only its shape and classes are used)"),
+    Arg("teacher", "", "teacher model name (Titans registry), overrides the pair"),
+    Arg("teacher_kwargs", "", 'teacher kwargs as JSON, e.g. \'{"channels": [32, 64], "dense": 128}\''),
+    Arg("student", "", "student model name, overrides the pair"),
+    Arg("student_kwargs", "", "student kwargs as JSON"),
+    Arg("batch_size", 128, "global batch size", int),
+    Arg("steps", 30, "steps per timed measurement", int),
+    Arg("warmup", 3, "untimed steps after compilation", int),
+    Arg("num_batches", 4, "pre-generated random batches, cycled", int),
+    Arg("device", "cpu", "where both sides run", str, ("cpu", "gpu")),
+    Arg("torch_threads", 0, "torch.set_num_threads on CPU; 0: os.cpu_count() (the pinned cores with --cpu_cores)", int),
+    Arg("cpu_cores", 0, "pin the process to its first N cores before JAX and torch start; 0: all", int),
+    Arg("skip_torch", False, "time the Titans steps only", bool),
+    Arg("torch_tuned", "compile", "the tuned PyTorch side", str, ("none", "channels_last", "compile")),
+    Arg("skip_numerics", False, "skip the JAX-vs-PyTorch loss check", bool),
+    Arg("seed", 0, "weights and batches", int),
+)
+def step_speed(args) -> Plan:
+    """Training-step speed: Titans (JAX) against the same steps written plainly in PyTorch.
+
+    Three steps on the same architectures, global batch and initial weights: the teacher's cross-entropy
+    step, the student's, and the online-KD step (teacher forward in eval mode + the student's Hinton-KD step,
+    alpha 0.9, T 4). The Titans side is the trainer's own `train.make_train_step` (jitted, state donated,
+    batch placed by `parallel.to_global`, SGD with Nesterov momentum from `train.make_optimizer`); the PyTorch
+    side is eager `nn.Module`s with the same layers, optimizer settings and learning-rate values, and a tuned
+    side (channels-last and `torch.compile`). Random uint8 batches are made beforehand and normalised inside
+    both steps; both compute in float32 (TF32 allowed on both on a GPU). Before timing, the JAX initial weights
+    are copied into the torch models and the losses of the first two steps of each kind compared (the
+    record's `numerics`). A ratio is PyTorch time / Titans time (> 1: Titans faster); the targets are issue
+    16's. The Titans step also computes its metrics (accuracy, gradient norm, non-finite guard)."""
+    resolve_specs(args)
     if args.cpu_cores:
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cpu_cores])
-    # As every Titans console script does (titans.logs.run_cli); the process's allocator, so the PyTorch
-    # sides run under it too. TITANS_HOST_MALLOC=default measures both under glibc's defaults, and
-    # TITANS_XLA_CPU=default Titans under XLA's own convolution kernels (YNNPACK's, single-threaded here).
-    process_settings = titans_logs.process_setup()
     import jax
 
     jax.config.update("jax_platforms", "cuda" if args.device == "gpu" else "cpu")
-    command = "python " + shlex.join(
-        [
-            os.path.relpath(sys.argv[0]) if argv is None else "benchmarks/step_speed.py",
-            *(sys.argv[1:] if argv is None else argv),
-        ]
-    )
-    load_before = other_cpu_load()
-    total_steps = 2 + (1 + args.warmup + args.steps * args.repeats)  # numerics + compile + warm-up + timed
+    total_steps = 3 + args.warmup + args.steps * 2 * args.repeats  # numerics + compile + warm-up + timed
     titans = TitansSide(args, total_steps)
-    info = titans.info
-
     rng = np.random.default_rng(args.seed)
-    images = [
-        rng.integers(0, 256, size=(args.batch_size, *info.image_shape), dtype=np.uint8) for _ in range(args.num_batches)
-    ]
-    labels = [
-        rng.integers(0, info.num_classes, size=(args.batch_size,)).astype(np.int32) for _ in range(args.num_batches)
-    ]
+    shape, classes = titans.info.image_shape, titans.info.num_classes
+    images = [rng.integers(0, 256, size=(args.batch_size, *shape), dtype=np.uint8) for _ in range(args.num_batches)]
+    labels = [rng.integers(0, classes, size=(args.batch_size,)).astype(np.int32) for _ in range(args.num_batches)]
     jax_batches = titans.batches(images, labels)
-
-    torch_side = tuned_side = None
-    tuned_note = ""
-    if not args.skip_torch:
-        import torch
-
-        torch_side = TorchSide(args, titans, titans.configs["student"].distill)
-        torch_batches = torch_side.batches(images, labels)
-        if args.torch_tuned != "none":
-            tuned_side = TorchSide(args, titans, titans.configs["student"].distill, tuned=args.torch_tuned)
-
-    numerics = None
-    if torch_side is not None and not args.skip_numerics:
-        numerics = numerics_check(titans, torch_side, jax_batches, torch_batches)
-
-    # Build all six steps, compile and warm up.
-    jax_runs, torch_runs, tuned_runs = {}, {}, {}
+    timers, facts = ({}, {}) if args.skip_torch else torch_sides(args, titans, images, labels, jax_batches)
+    sides, warm = {}, {}
     for kind in STEP_NAMES:
-        step, state, teacher = titans.make(kind)
-        t0 = time.perf_counter()
-        for i in range(1 + args.warmup):
-            state, metrics = step(state, jax_batches[i % args.num_batches], teacher)
-        titans.sync((state, metrics))
-        jax_runs[kind] = {
-            "step": step,
-            "state": state,
-            "teacher": teacher,
-            "i": 1 + args.warmup,
-            "warmup_s": time.perf_counter() - t0,
-        }
-        if torch_side is not None:
-            torch_runs[kind] = warm_torch(torch_side, kind, torch_batches, args)
-        if tuned_side is not None:
-            try:
-                tuned_runs[kind] = warm_torch(tuned_side, kind, torch_batches, args)
-            except Exception as e:  # torch.compile needs a working C++ toolchain
-                if tuned_side.tuned != "compile":
-                    raise
-                tuned_note = f"torch.compile failed ({type(e).__name__}: {str(e)[:200]}); tuned = channels-last only"
-                tuned_side = TorchSide(args, titans, titans.configs["student"].distill, tuned="channels_last")
-                tuned_runs.clear()
-                for done in [*STEP_NAMES[: STEP_NAMES.index(kind)], kind]:
-                    tuned_runs[done] = warm_torch(tuned_side, done, torch_batches, args)
-
-    def time_jax(kind):
-        r = jax_runs[kind]
-        step, state, teacher, i = r["step"], r["state"], r["teacher"], r["i"]
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            state, metrics = step(state, jax_batches[i % args.num_batches], teacher)
-            i += 1
-        titans.sync((state, metrics))
-        dt = time.perf_counter() - t0
-        r.update(state=state, i=i, loss=metrics["loss"])
-        return dt
-
-    def time_torch(side, runs, kind):
-        r = runs[kind]
-        step, i = r["step"], r["i"]
-        side.sync()
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            loss = step(torch_batches[i % args.num_batches])
-            i += 1
-        side.sync()
-        dt = time.perf_counter() - t0
-        r.update(i=i, loss=loss)
-        return dt
-
-    times = {("jax", k): [] for k in STEP_NAMES}
-    times.update({("torch", k): [] for k in STEP_NAMES} if torch_side is not None else {})
-    times.update({("tuned", k): [] for k in STEP_NAMES} if tuned_side is not None else {})
-    for _ in range(args.repeats):
-        for kind in STEP_NAMES:
-            times[("jax", kind)].append(time_jax(kind))
-            if torch_side is not None:
-                times[("torch", kind)].append(time_torch(torch_side, torch_runs, kind))
-            if tuned_side is not None:
-                times[("tuned", kind)].append(time_torch(tuned_side, tuned_runs, kind))
-
-    # ------------------------------------------------------------------ report
-    n = args.steps * args.batch_size
-    jax_threads = xla_cpu_threads() or num_threads()
-    if args.device == "gpu":
-        device = f"{jax.devices()[0].device_kind} (JAX)"
-        if torch_side is not None:
-            device += f", {torch.cuda.get_device_name(0)} (PyTorch)"
-    else:
-        device = f"CPU: {cpu_name()}, {os.cpu_count()} logical cores, {num_threads()} schedulable"
-    torch_threads = None if torch_side is None else (torch.get_num_threads() if args.device == "cpu" else None)
-    result = {
-        "command": command,
-        "device": device,
-        "jax_version": jax.__version__,
-        "jaxlib_backend": jax.default_backend(),
-        "torch_version": None if torch_side is None else torch.__version__,
-        "jax_cpu_threads": jax_threads if args.device == "cpu" else None,
-        "torch_cpu_threads": torch_threads,
-        "dataset": args.dataset,
-        "input_shape": list(info.image_shape),
-        "num_classes": info.num_classes,
-        "teacher": {
-            "model": args.teacher_spec[0],
-            "kwargs": args.teacher_spec[1],
-            "flops_per_example": titans.flops["teacher"],
-            "params": titans.params["teacher"],
-        },
-        "student": {
-            "model": args.student_spec[0],
-            "kwargs": args.student_spec[1],
-            "flops_per_example": titans.flops["student"],
-            "params": titans.params["student"],
-        },
-        "batch_size": args.batch_size,
-        "steps": args.steps,
-        "repeats": args.repeats,
-        "warmup": args.warmup,
-        "dtype": "float32",
-        "numerics": numerics,
-        "torch_tuned": None if tuned_side is None else tuned_side.tuned,
-        "torch_tuned_note": tuned_note,
-        "other_load_cores": {"before": load_before, "after": other_cpu_load()},
-        **process_settings,
-        "steps_results": {},
-    }
-    # Other processes busy on this machine make every number here a statement about them, not us.
-    threads = max(1, jax_threads or 1)
-    result["contaminated"] = is_contaminated(result["other_load_cores"].values(), threads)
-
-    for kind in STEP_NAMES:
-        j = times[("jax", kind)]
-        entry = {
-            "jax_seconds": j,
-            "jax_examples_per_s": [n / t for t in j],
-            "jax_median_examples_per_s": statistics.median(n / t for t in j),
-            "jax_compile_and_warmup_s": jax_runs[kind]["warmup_s"],
-            "jax_last_loss": float(jax.device_get(jax_runs[kind]["loss"])),
-        }
-        if torch_side is not None:
-            t = times[("torch", kind)]
-            ratios = [tt / jj for tt, jj in zip(t, j)]
-            entry.update(
-                {
-                    "torch_seconds": t,
-                    "torch_examples_per_s": [n / x for x in t],
-                    "torch_median_examples_per_s": statistics.median(n / x for x in t),
-                    "torch_over_jax_time_per_repeat": ratios,
-                    "torch_over_jax_time_median": statistics.median(ratios),
-                    **ratio_fields("torch", t, j, TARGETS[("torch", kind)]),
-                    "torch_last_loss": float(torch_runs[kind]["loss"].cpu()),
-                }
-            )
-        if tuned_side is not None:
-            t = times[("tuned", kind)]
-            ratios = [tt / jj for tt, jj in zip(t, j)]
-            entry.update(
-                {
-                    "tuned_seconds": t,
-                    "tuned_median_examples_per_s": statistics.median(n / x for x in t),
-                    "tuned_compile_and_warmup_s": tuned_runs[kind]["warmup_s"],
-                    "tuned_over_jax_time_per_repeat": ratios,
-                    "tuned_over_jax_time_median": statistics.median(ratios),
-                    **ratio_fields("tuned", t, j, TARGETS[("tuned", kind)]),
-                }
-            )
-        result["steps_results"][kind] = entry
-
-    print_report(result, args, threads)
-    if args.out:
-        write_result(args.out, result, indent=2)
-    return result
-
-
-def target_cells(e: dict, side: str) -> str:
-    """The Markdown cells 'against | ratio [95% CI] | target | verdict' of one step's entry for one side."""
-    lo, hi = e[f"{side}_over_jax_time_ci95"]
-    return (
-        f"{'eager' if side == 'torch' else 'tuned'} | {e[f'{side}_over_jax_time_geomean']:.3f} [{lo:.3f}, {hi:.3f}] "
-        f"| >= {e[f'{side}_target']:g} | {e[f'{side}_verdict']}"
+        r = warm_titans(titans, kind, jax_batches, args)
+        warm[f"titans {kind}"] = r["warmup_s"]
+        sides[f"titans {kind}"] = titans_timer(titans, r, jax_batches, args.steps)
+        sides.update({f"{s} {kind}": timers[s][kind] for s in timers})
+    facts["compile_and_warmup_s"] = {**warm, **facts.get("compile_and_warmup_s", {})}
+    facts.update(
+        dataset=args.dataset,
+        batch_size=args.batch_size,
+        examples_per_measurement=args.steps * args.batch_size,
+        models={role: {"model": titans.specs[role][0], "kwargs": titans.specs[role][1]} for role in titans.specs},
+        flops_per_example=titans.flops,
+        params=titans.params,
+        jax_cpu_threads=(xla_cpu_threads() or num_threads()) if args.device == "cpu" else None,
     )
-
-
-def ratio_fields(side: str, side_times, jax_times, target: float) -> dict:
-    """The paired ratio side time / Titans time over the repeats: geometric mean, 95% interval, verdict."""
-    r = stats.time_ratio(side_times, jax_times, target)
-    return {
-        f"{side}_over_jax_time_geomean": r.geomean,
-        f"{side}_over_jax_time_ci95": [r.low, r.high],
-        f"{side}_target": target,
-        f"{side}_verdict": r.verdict,
-    }
-
-
-def print_report(r, args, threads: int):
-    t, s = r["teacher"], r["student"]
-    warning = banner(r["other_load_cores"].values(), threads)
-    if warning:
-        print("\n" + warning)
-    print("\n## Training-step speed: Titans (JAX) vs plain PyTorch\n")
-    print(
-        f"- other processes' CPU load (cores): before {r['other_load_cores']['before']}, "
-        f"after {r['other_load_cores']['after']}"
-    )
-    print(f"- command: `{r['command']}`")
-    print(f"- device: {r['device']}")
-    versions = f"jax {r['jax_version']} ({r['jaxlib_backend']})"
-    if r["torch_version"]:
-        versions += f", torch {r['torch_version']} (eager)"
-    print(f"- versions: {versions}; python {platform.python_version()}")
-    print(f"- host allocator (titans.host_malloc, both sides): {r.get('host_malloc', 'not recorded')}")
-    print(f"- XLA:CPU convolutions (titans.xla_cpu, Titans side): {r.get('xla_cpu', 'not recorded')}")
-    print(
-        f"- data: {r['dataset']} shape {tuple(r['input_shape'])}, {r['num_classes']} classes, random uint8 "
-        f"batches normalised inside the step; global batch {r['batch_size']}; float32"
-    )
-    print(
-        f"- teacher: {t['model']} {json.dumps(t['kwargs'])}: {t['flops_per_example'] / 1e6:.3f} MFLOPs/example "
-        f"(eval forward, XLA count), {t['params']:,} params"
-    )
-    print(
-        f"- student: {s['model']} {json.dumps(s['kwargs'])}: {s['flops_per_example'] / 1e6:.3f} MFLOPs/example "
-        f"(eval forward, XLA count), {s['params']:,} params"
-    )
-    print(
-        f"- timing: {r['repeats']} repeats x {r['steps']} steps each, after compilation + {r['warmup']} warm-up "
-        f"steps; the runs interleaved in every repeat; medians over repeats"
-    )
-    if args.device == "cpu":
-        j_thr = f"XLA CPU, {r['jax_cpu_threads']} threads"
-        t_thr = f"{r['torch_cpu_threads']} threads" if r["torch_cpu_threads"] else ""
-    else:
-        j_thr, t_thr = "GPU", "GPU"
-    print()
-    tuned = r.get("torch_tuned")
-    head, rule = f"| step | Titans (JAX, {j_thr}) ex/s |", "|---|---:|"
-    if r["torch_version"]:
-        head += f" PyTorch eager ({t_thr}) ex/s | eager time / Titans time |"
-        rule += "---:|---:|"
-    if tuned:
-        head += (
-            f" PyTorch {tuned.replace('compile', 'channels-last + torch.compile')} ex/s | tuned time / Titans time |"
-        )
-        rule += "---:|---:|"
-    print(head + " Titans compile + warm-up, s |" + (" tuned compile + warm-up, s |" if tuned else ""))
-    print(rule + "---:|" + ("---:|" if tuned else ""))
-    for kind in STEP_NAMES:
-        e = r["steps_results"][kind]
-        row = f"| {STEP_LABELS[kind]} | {e['jax_median_examples_per_s']:,.0f} |"
-        for side in ("torch", "tuned") if tuned else ("torch",) if r["torch_version"] else ():
-            rat = e[f"{side}_over_jax_time_per_repeat"]
-            row += (
-                f" {e[f'{side}_median_examples_per_s']:,.0f} | {e[f'{side}_over_jax_time_median']:.2f} "
-                f"({min(rat):.2f}-{max(rat):.2f}) |"
-            )
-        row += f" {e['jax_compile_and_warmup_s']:.1f} |"
-        if tuned:
-            row += f" {e['tuned_compile_and_warmup_s']:.1f} |"
-        print(row)
-    if r["torch_version"]:
-        print("\nRatio columns: median (min-max) over repeats of the back-to-back ratio; > 1 means Titans is faster.")
-        print(
-            "\nAgainst the targets (PyTorch time / Titans time, geometric mean over repeats with its 95% interval; "
-            "met / not met only when the whole interval is on one side of the target):\n"
-        )
-        print("| step | against | ratio [95% CI] | target | verdict |\n|---|---|---:|---:|---|")
-        for kind in STEP_NAMES:
-            e = r["steps_results"][kind]
-            for side in ("torch", "tuned") if tuned else ("torch",):
-                print(f"| {STEP_LABELS[kind]} | {target_cells(e, side)} |")
-    if r.get("torch_tuned_note"):
-        print(f"\nNote: {r['torch_tuned_note']}")
-    if r["numerics"]:
-        print(
-            "\nNumerics check (same initial weights, same batches, float32 'highest' precision; "
-            "losses of steps 1 and 2):"
-        )
-        ok = r["numerics"]["pass"]
-        for kind in STEP_NAMES:
-            e = r["numerics"][kind]
-            print(
-                f"- {STEP_LABELS[kind]}: JAX {', '.join(f'{v:.7f}' for v in e['jax'])} | "
-                f"torch {', '.join(f'{v:.7f}' for v in e['torch'])} | step-1 |diff| {e['step1_abs_diff']:.1e}, "
-                f"step-2 relative diff {e['step2_rel_diff']:.1e}"
-            )
-        print(
-            f"- {'PASS' if ok else 'FAIL'} (step 1: |diff| <= {STEP1_TOL:g} x max(1, |loss|); step 2, after one "
-            f"optimizer update: relative diff <= {STEP2_RTOL:g})"
-        )
-
-
-if __name__ == "__main__":
-    main()
+    device = jax.devices()[0].device_kind if args.device == "gpu" else None
+    variant = "" if args.model_pair == "fmnist" else args.model_pair
+    return Plan(sides, step_comparisons(list(timers)), facts, device, variant=variant)

@@ -35,9 +35,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import machine_load
-
+from benchmarks import harness as machine_load
 from titans import logs as titans_logs
 
 

@@ -22,21 +22,9 @@ def run_probe(code: str, *, drop=(), **env_changes) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def run_benchmark(script: str, *args: str, out, drop=("XLA_FLAGS",), timeout: int = 600) -> tuple[str, dict]:
-    """Runs benchmarks/`script` with `args` and ``--out out`` in its own process (this environment without the
-    variables in `drop`), fails the test with its stderr if it fails, and returns (its stdout, the JSON it
-    wrote)."""
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    cmd = [sys.executable, os.path.join(REPO, "benchmarks", script), *args, "--out", str(out)]
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert p.returncode == 0, p.stderr[-3000:]
-    with open(out) as f:
-        return p.stdout, json.load(f)
-
-
 def load_benchmark(script: str):
-    """benchmarks/`script` imported as a module (benchmarks/ on sys.path while it loads, for its
-    `machine_load` import), to test its functions directly."""
+    """benchmarks/`script` (a standalone script, e.g. serving.py) imported as a module, to test its functions
+    directly; benchmarks/ is on sys.path while it loads."""
     where = os.path.join(REPO, "benchmarks")
     sys.path.insert(0, where)
     try:

@@ -1,0 +1,1 @@
+"""Speed benchmarks: registered units timed by one harness (benchmarks/harness.py); `python -m benchmarks`."""
