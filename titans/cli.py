@@ -53,6 +53,7 @@ def parse_with_overrides(p: argparse.ArgumentParser, argv: list[str] | None = No
     """`p`'s flags (`config_arguments`), and `args.overrides`: the `--config.FIELD=VALUE` arguments in their
     order. Any other unknown argument, or a config file that does not exist, is an error (exit 2)."""
     args, extra = p.parse_known_args(sys.argv[1:] if argv is None else argv)
+    extra = [a for a in extra if a != "--"]
     bad = [a for a in extra if not a.startswith(OVERRIDE_PREFIX)]
     if bad:
         p.error(f"unrecognized arguments: {' '.join(bad)}")
