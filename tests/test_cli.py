@@ -34,7 +34,6 @@ FLAGS = {
 # subprocess. The others parse before anything runs, so they are called in this process.
 IN_SUBPROCESS = ("titans-export", "titans-serve")
 # Their owners have not moved them to titans.cli.parser yet: argparse's usage lines come before the error.
-MULTI_LINE_ERROR = ("titans-export", "titans-serve")
 
 
 def test_every_console_script_is_checked():
@@ -122,12 +121,7 @@ def test_help_exits_0_and_names_the_flags(name, subprocess_results):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="not on titans.cli.parser yet"))
-        if n in MULTI_LINE_ERROR
-        else n
-        for n in sorted(FLAGS)
-    ],
+    sorted(FLAGS),
 )
 def test_a_bad_flag_exits_2_with_one_line(name, subprocess_results):
     code, err = _bad_flag(name, subprocess_results)

@@ -9,16 +9,16 @@ locked by another export, whose holder the message names); 1 any other failure.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
-from titans import locks, logs
+from titans import cli as cli_lib
+from titans import host, locks, logs
 from titans.export import UnfinishedRunError, export_cascade
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="titans-export", description=__doc__.split("\n\n")[0])
+    p = cli_lib.parser("titans-export", __doc__)
     p.add_argument("--stages", required=True, help="run directories, cheapest first, comma-separated")
     p.add_argument("--gate", default="msp", help="gate of every non-final stage: msp, margin, entropy, defer_output")
     p.add_argument(
@@ -57,7 +57,8 @@ def main(argv=None) -> int:
 
 
 def cli():
-    logs.run_cli(main)
+    host.apply()
+    cli_lib.run(main)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ import threading
 
 from ray import serve
 
-from titans import logs
+from titans import cli as cli_lib
+from titans import host, logs
 from titans.serve import MAX_BODY_BYTES, MAX_IMAGES, TEACHER_TIMEOUT_S, build_app
 from titans.teachers import service
 
@@ -110,7 +111,7 @@ def is_loopback(host: str) -> bool:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="titans-serve", description=__doc__.split("\n\n")[0])
+    p = cli_lib.parser("titans-serve", __doc__)
     p.add_argument("--export", required=True, help="an export directory written by titans-export")
     p.add_argument("--host", default="127.0.0.1", help="address the HTTP proxy binds (default: loopback only)")
     p.add_argument("--public", action="store_true", help="allow a --host other than loopback (no authentication!)")
@@ -176,7 +177,8 @@ def main(argv=None) -> int:
 
 
 def cli():
-    logs.run_cli(main)
+    host.apply()
+    cli_lib.run(main)
 
 
 if __name__ == "__main__":
