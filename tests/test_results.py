@@ -246,3 +246,24 @@ def test_the_serving_table_is_regenerated_from_its_raw_outputs():
     with open(os.path.join(REPO, "docs", "serving.md")) as f:
         page = f.read()
     assert load_benchmark("serving_table.py").table() in page
+
+
+def test_the_readme_results_table_is_generated_and_checked(tmp_path):
+    """README's results table is the generated one; a hand edit (or a stale count) fails the check, and the
+    table's counts are the verdicts of the pages' claims tables."""
+    root = str(tmp_path)
+    shutil.copytree(os.path.join(REPO, "results"), os.path.join(root, "results"))
+    shutil.copytree(os.path.join(REPO, "docs", "results"), os.path.join(root, "docs", "results"))
+    shutil.copy(os.path.join(REPO, "README.md"), root)
+    assert studies.rebuild(root, check=True) == []
+    readme = os.path.join(root, "README.md")
+    with open(readme) as f:
+        text = f.read()
+    row = next(line for line in text.splitlines() if line.startswith("| [Cascades on Fashion-MNIST]"))
+    with open(readme, "w") as f:
+        f.write(text.replace(row, row.replace("| 12 |", "| 13 |", 1)))
+    assert studies.rebuild(root, check=True) == [readme]
+    page = studies.render_page(studies.STUDIES["titans_fmnist"], root)
+    verdicts = studies.claim_verdicts(page)
+    assert len(verdicts) == page.split("## Claims and verdicts")[1].split("\n## ")[0].count("\n| ") - 1
+    assert set(verdicts) <= set(studies.VERDICTS)
