@@ -1,8 +1,11 @@
-"""docs/serving.md's table of the ResNet-56 runs, regenerated from the raw outputs of benchmarks/serving.py.
+"""docs/serving.md's tables of the served benchmark, regenerated from the raw outputs of benchmarks/serving.py.
 
-    python benchmarks/serving_table.py            # prints the table as docs/serving.md holds it
+    python benchmarks/serving_table.py            # prints both tables as docs/serving.md holds them
 
-Reads only the committed JSONs (json, no JAX, no Ray); tests/test_serving.py checks the page against it.
+`table()`: the ResNet-56 teacher's runs (open loops at fractions of the teacher's capacity);
+`table(HOP_RUNS, HOP_HEADER)`: the ResNet-20 teacher's runs (open loops at fixed request rates). Reads only
+the committed JSONs (json, no JAX, no Ray); tests/test_results.py and tests/test_docs.py check the page
+against them.
 """
 
 from __future__ import annotations
@@ -24,6 +27,13 @@ HEADER = (
     "cascade - teacher [95% CI], at 0.3 / 0.6 / 0.9 of the teacher's capacity "
     "| served test accuracy: teacher / student / cascade |\n|---|---:|---|---|---|---|---|---|"
 )
+HOP_RUNS = (
+    ("tiny student, run 1", "serving_fmnist_strong_tiny_thread_2026-12-03.json"),
+    ("tiny student, run 2", "serving_fmnist_strong_tiny_thread_rerun_2026-12-03.json"),
+    ("tiny student, run 3", "serving_fmnist_strong_tiny_thread_rerun2_2026-12-03.json"),
+    ("medium student", "serving_fmnist_strong_medium_thread_2026-12-03.json"),
+)
+HOP_HEADER = HEADER.replace("at 0.3 / 0.6 / 0.9 of the teacher's capacity", "per offered rate")
 
 
 def ideal_ratios(d: dict) -> list[float]:
@@ -41,8 +51,9 @@ def row(name: str, d: dict) -> str:
     loops = []
     for rps, o in d["open_loop"].items():
         x = o["cascade_minus_teacher_p99"]
+        load = f"{d['open_loads'][rps]:g} ({float(rps):.1f} req/s)" if "open_loads" in d else f"{float(rps):g} req/s"
         loops.append(
-            f"{d['open_loads'][rps]:g} ({float(rps):.1f} req/s): {o['teacher']['p99_ms']:.0f} / "
+            f"{load}: {o['teacher']['p99_ms']:.0f} / "
             f"{o['cascade']['p99_ms']:.0f}, {x['diff_ms']:+.0f} [{x['ci95_ms'][0]:+.0f}, {x['ci95_ms'][1]:+.0f}] "
             f"{x['verdict']}"
         )
@@ -56,13 +67,13 @@ def row(name: str, d: dict) -> str:
     )
 
 
-def table() -> str:
+def table(runs=RUNS, header: str = HEADER) -> str:
     rows = []
-    for name, file in RUNS:
+    for name, file in runs:
         with open(os.path.join(RESULTS, file)) as f:
             rows.append(row(name, json.load(f)))
-    return "\n".join([HEADER, *rows])
+    return "\n".join([header, *rows])
 
 
 if __name__ == "__main__":
-    print(table())
+    print(table(), table(HOP_RUNS, HOP_HEADER), sep="\n\n")
