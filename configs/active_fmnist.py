@@ -28,10 +28,10 @@ ResNet-20 of configs/fmnist_strong_teacher.py as teacher_dir, validation=500, ro
 budgets up to 5,000 of a 5,300-image pool.
 Output: WORKDIR/active.json (accuracy vs queries per strategy), WORKDIR/active.png; rerunning the
 command resumes after the last finished round.
-Runtime: about 3 minutes a seed on the 2-core CPU alone, about 8 minutes when it is shared with other
-jobs (as in the 3-seed sweep of docs/results/active_fmnist.md), +1-2 minutes to train the imperfect
-teacher. Expected (docs/results/active_fmnist.md): the student goes from about 74% (200 labels)
-to 80-84% with 1,000 bought soft labels; see that file for which strategy wins with which teacher.
+Runtime: about 3 minutes a seed on 2 idle CPU cores (up to 8 when they are shared), +1-2 minutes to
+train the imperfect teacher. Expected (docs/results/active_fmnist.md): the student goes from about 74%
+(200 labels) to 80-84% with 1,000 bought soft labels; see that file for which strategy wins with which
+teacher.
 """
 
 import os

@@ -18,7 +18,7 @@ testing_list.txt the test split, all others train.
 
 arg: comma-separated key=value: seed (0), teacher ("" = train one), teacher_epochs (15), epochs (10),
 rounds (4), weights (example | example_class), gamma (0.02).
-Runtime, an ESTIMATE (not run here: the archive is 2.3 GB and this workplace is offline): preparing
+Runtime, an ESTIMATE (not run in this repository; the archive is 2.3 GB): preparing
 the features about 10-20 min on 2 cores; then, on 2 CPU cores, roughly 1-2 min per member-epoch,
 so several hours a seed; minutes on a GPU. Expected result: not measured here.
 """

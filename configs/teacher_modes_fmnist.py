@@ -14,7 +14,8 @@ student: cnn 8-16/32 (0.61 MFLOPs/example, 13x cheaper), Hinton KD (T=4, alpha=0
 arg: comma-separated key=value: mode (online | cache | service), seed (0), epochs (1),
 teacher_root (workdirs/titans_fmnist: the teacher is TEACHER_ROOT/seed{seed}/teacher),
 cache_root (workdirs/teacher_modes/caches: the cache is CACHE_ROOT/seed{seed}).
-Runtime on a shared 2-core CPU: 2-4 minutes a run. Results (3 seeds, archived: raw outputs not kept): docs/archive/teacher_modes_2026-11-23.md.
+Runtime on 2 CPU cores: 2-4 minutes a run. Expected: the three modes give the same student (the same
+soft labels; tests/test_teachers.py checks it); speed per mode: benchmarks/teacher_modes.py.
 """
 
 import os

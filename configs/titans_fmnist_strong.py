@@ -23,7 +23,7 @@ logits), so no student step runs the ResNet. Thresholds and operating points are
 arg: comma-separated key=value: seed (0), epochs (3), sizes (linear+mlp64+tiny+small+medium),
 objectives (standard+easy+flatten+defer+defer_cost), baselines (large+resnet8),
 teacher_dir (workdirs/fmnist_strong/teacher), cache_dir (workdirs/fmnist_strong/cache).
-Runtime, measured on 2 CPU cores shared with one other study job (2026-12-03): 25-45 s a student for the
+Runtime on 2 CPU cores: 25-45 s a student for the
 linear to small sizes, about 1-2 minutes for medium and large, 8 minutes for resnet8: about 30 minutes of
 training a seed; then the cascade evaluation (the ResNet over 16,000 images once, every gate of every
 student, the real runner with the msp gate) about 18 minutes. Results: docs/results/titans_fmnist_strong.md.
