@@ -4,8 +4,8 @@ by the next process that needs it.
 A Titans run compiles dozens of programs: its train and eval steps, and one small program per parameter
 shape for the initialisers. On this project's 2-core machine the quickstart's 53 compilations took 8.3 s
 (0.26 s for even a tiny initialiser), about a third of a short run; a second run of the same config with
-the cache took 14.5 s against 24.0 s (docs/benchmarks.md, "One read of the split, and the compilation
-cache").
+the cache took 14.5 s against 24.0 s (docs/benchmarks.md's "One read of the split, and the
+compilation cache", in git before b2b70dd).
 
 `enable()` points JAX at `$TITANS_COMPILATION_CACHE` (default: `$XDG_CACHE_HOME/titans/jax`, else
 `~/.cache/titans/jax`) and caches every compilation, however short (JAX's own default keeps only those

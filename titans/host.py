@@ -5,7 +5,7 @@ environment variable, no XLA flag, no allocator setting (tests/test_cli.py check
 console scripts that train (`titans-train`, `titans-active`) call `apply(jemalloc=True)` at the start
 of their `cli()`, after parsing their flags and before importing JAX; a notebook or a script may call
 `apply()` itself, before JAX's backend starts. Each setting was kept because its own benchmark showed a
-gain whose 95% interval excludes 1 (docs/benchmarks.md):
+gain whose 95% interval excludes 1 (one-off benchmarks, in git before b2b70dd: docs/benchmarks.md there):
 
 * the host allocator (`titans.host_malloc`): jemalloc with page decay off where it is installed, the
   process re-executed with it preloaded (`jemalloc=True`; a 1-epoch quickstart took 0.868 [0.783, 0.962]

@@ -5,7 +5,7 @@ quickstart teacher at batch 128) with `posix_memalign` from one of its worker th
 worker thread from a per-thread arena whose heaps hold at most 64 MiB, so a larger request falls back to
 `mmap`, is unmapped again when freed, and every one of its 4 KiB pages faults on first touch the next
 step: about 20,000 minor page faults a step, a quarter of the run's CPU time spent in the kernel
-(docs/benchmarks.md, "Runtime overhead").
+(docs/benchmarks.md's "Runtime overhead", in git before b2b70dd).
 
 Two remedies, chosen by ``TITANS_HOST_MALLOC``:
 
@@ -15,7 +15,7 @@ Two remedies, chosen by ``TITANS_HOST_MALLOC``:
   ``LD_PRELOAD`` set (`titans.host.apply(jemalloc=True)`, called by the training commands at the start of
   their `cli()`, before they import JAX; the re-execution costs about 0.1 s). A first (cold-cache) 1-epoch quickstart ran
   0.868 [0.783, 0.962] times as long as under glibc with the `reuse` settings, with a lower peak RSS (4
-  pairs, docs/benchmarks.md, "jemalloc").
+  pairs; docs/benchmarks.md's "jemalloc", in git before b2b70dd).
 * ``reuse``: glibc's `mallopt` set so that freed memory is kept and reused: one arena for every thread
   (M_ARENA_MAX=1, whose heap grows with brk and has no size limit), no mmap for large blocks
   (M_MMAP_MAX=0) and no trimming of the heap's free top (M_TRIM_THRESHOLD at its maximum). `tune()`

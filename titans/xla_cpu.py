@@ -5,8 +5,8 @@ jax 0.10's XLA:CPU hands every single convolution to YNNPACK (its default YNN fu
 32 -> 64 convolution and its two gradients on one thread: the same time at 1 and at 2 threads
 (forward 10.6 / 10.9 ms, kernel gradient 13.7 / 16.0 ms at batch 128), where XLA's Eigen path uses both.
 Without that fusion type the teacher's training step took 41.9 ms instead of 58.5 ms at 2 threads, the
-two compiled side by side in one process (benchmarks/conv_kernels.py; docs/benchmarks.md, "XLA:CPU's
-convolutions off YNNPACK").
+two compiled side by side in one process (the one-off benchmarks/conv_kernels.py and docs/benchmarks.md's
+"XLA:CPU's convolutions off YNNPACK", in git before b2b70dd).
 
 `tune()` appends `--xla_cpu_experimental_ynn_fusion_type=-individual_convolution` to XLA_FLAGS, which
 removes that one type from XLA's defaults and keeps the rest (YNNPACK's reductions and dots). A convolution
@@ -25,7 +25,7 @@ leaves XLA_FLAGS alone when:
 * the backend has already started (too late to matter; reported, not raised).
 
 The flag only concerns XLA:CPU; GPU and TPU compilations do not read it. Eigen's kernels sum in another
-order than YNNPACK's, so CPU runs round differently from runs made without the flag (before 2026-12-04).
+order than YNNPACK's, so CPU runs round differently from runs made without the flag.
 """
 
 from __future__ import annotations

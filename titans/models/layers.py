@@ -90,7 +90,7 @@ def small_cin_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     1->8 at 28x28, batch 128), the backward pass as im2col + matmul (`im2col_conv`'s gradient; the
     shifted products' own gradient is slower), except the kernel gradient of a layer with at most
     SMALL_CIN_CONV_KERNEL_GRAD_MAX_OUT output channels, which is XLA's convolution gradient. Same function
-    as `im2col_conv`; benchmarks/conv_layers.py times both."""
+    as `im2col_conv`; the one-off benchmarks/conv_layers.py timed both (in git before b2b70dd)."""
     return _taps_conv(x, kernel)
 
 
@@ -129,8 +129,8 @@ class PatchConv(nnx.Conv):
     in eval, followed by a 2x2 pool, `conv_pooled` computes the convolution, BatchNorm, ReLU and pool as
     one elementwise pass over four phases.
     XLA:CPU runs convolutions with few input channels far below its matmul speed
-    (benchmarks/conv_layers.py and benchmarks/pool_speed.py measure each form); this form's gradient is
-    slices and matmuls too. Any other configuration falls back to ``nnx.Conv``.
+    (benchmarks/pool_speed.py measures the pool forms; the one-off conv_layers.py, in git before b2b70dd,
+    measured the convolutions); this form's gradient is slices and matmuls too. Any other configuration falls back to ``nnx.Conv``.
     Checkpoints are interchangeable with ``nnx.Conv``'s (same kernel layout, HWIO)."""
 
     def form_applies(self, inputs) -> bool:
@@ -171,8 +171,8 @@ def conv(
 ) -> nnx.Conv:
     """A k x k 'same' convolution; `impl` "patches" computes it as im2col + matmul (`PatchConv`), "auto"
     does so only for layers with at most PATCHES_MAX_IN_CHANNELS input channels and only on the CPU
-    backend, where XLA's own convolution is slowest (benchmarks/conv_layers.py, 2026-12-04: 0.30-0.55x
-    its time for such a layer's forward + backward; im2col is 1.4x slower for 32 -> 64). The forms were
+    backend, where XLA's own convolution is slowest (the one-off benchmarks/conv_layers.py, in git before
+    b2b70dd: 0.30-0.55x its time for such a layer's forward + backward; im2col is 1.4x slower for 32 -> 64). The forms were
     measured on XLA:CPU only, so on GPU and TPU "auto" is XLA's convolution (the backend is read when the
     layer is built)."""
     if impl not in CONV_IMPLS:
