@@ -127,7 +127,8 @@ def build_model(model_cfg, info, *, seed: int, dtype=jnp.float32, outputs: int |
 # XLA options of `initialise`'s one program on CPU: LLVM's optimisation level 0. The initialisers' random
 # normals (threefry + an inverse-erf polynomial) took XLA:CPU 0.3-1.5 s to compile each at the default level;
 # in a fresh process the CNN teacher's whole initialiser compiles and runs in 0.80 s at level 0, against 2.17 s
-# at the default level and 2.97 s op by op (medians of 5, benchmarks/init_speed.py). It runs once per model.
+# at the default level and 2.97 s op by op (medians of 5, the one-off benchmarks/init_speed.py,
+# in git before b2b70dd). It runs once per model.
 INIT_COMPILER_OPTIONS_CPU = {"xla_backend_optimization_level": 0}
 _TOP_LEVEL_TRACE = jax.extend.core.get_opaque_trace_state()  # no jit, eval_shape, grad or vmap tracing
 
