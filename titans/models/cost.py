@@ -23,7 +23,9 @@ def flops_per_example(model: nnx.Module, input_shape, batch_size: int = 8) -> fl
     """FLOPs of one example in eval mode (``train=False``), as XLA's cost analysis counts them.
 
     The forward pass is lowered and compiled for a float32 batch of ``batch_size`` examples
-    on the default backend and the total is divided by ``batch_size``. XLA counts a
+    (int32 token ids for a text model, ``model.modality == "text"``, with ``input_shape = (L,)``: the
+    cost at that length, since attention and convolutions over tokens grow with it) on the default
+    backend and the total is divided by ``batch_size``. XLA counts a
     multiply-add as 2 FLOPs, skips the taps of a convolution that fall on zero padding (so a
     padded 3x3 conv on a 32x32 map counts ~4% less than the textbook ``2*H*W*9*Cin*Cout``),
     and includes elementwise work (BatchNorm, activations, pooling); a dense layer costs
@@ -37,7 +39,8 @@ def flops_per_example(model: nnx.Module, input_shape, batch_size: int = 8) -> fl
         return nnx.merge(graphdef, state)(x, train=False)
 
     abstract_state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
-    x = jax.ShapeDtypeStruct((batch_size, *tuple(input_shape)), jnp.float32)
+    input_dtype = jnp.int32 if getattr(model, "modality", "image") == "text" else jnp.float32
+    x = jax.ShapeDtypeStruct((batch_size, *tuple(input_shape)), input_dtype)
     cost = jax.jit(forward).lower(abstract_state, x).compile().cost_analysis()
     # Older jax versions return one dict per computation.
     if isinstance(cost, (list, tuple)):

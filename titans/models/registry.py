@@ -21,6 +21,8 @@ from titans.models.mobilenet import MobileNetV2
 from titans.models.resnet_cifar import CifarResNet
 from titans.models.resnet_imagenet import ImageNetResNet
 from titans.models.simple import CNN, MLP
+from titans.models.text import TextBag, TextCNN
+from titans.models.transformer import TextTransformer, ViT
 from titans.models.wide_resnet import WideResNet
 
 
@@ -46,12 +48,23 @@ _REGISTRY: dict[str, _Entry] = {
     },
     "mobilenet_v2": _Entry(MobileNetV2, {}),
     **{a: _Entry(ImageNetResNet, {"arch": a}) for a in ("resnet18", "resnet34", "resnet50")},
+    "vit": _Entry(ViT, {}),
+    # Text models: int32 token ids (B, L), input_shape (max_tokens,), vocab_size from the dataset.
+    "text_bag": _Entry(TextBag, {}),
+    "text_cnn": _Entry(TextCNN, {}),
+    "transformer": _Entry(TextTransformer, {}),
+    "transformer_small": _Entry(TextTransformer, {"depth": 2, "width": 64, "heads": 2}),
 }
 
 MODEL_NAMES: list[str] = sorted(_REGISTRY)
 
-# Arguments every model takes from create_model itself rather than from **kwargs.
-_COMMON = ("num_classes", "input_shape", "rngs", "dtype")
+# Arguments every model takes from create_model itself rather than from **kwargs (vocab_size: text models).
+_COMMON = ("num_classes", "input_shape", "rngs", "dtype", "vocab_size")
+
+
+def modality(name: str) -> str:
+    """What model ``name`` reads: ``"image"`` (float (B, H, W, C)) or ``"text"`` (int32 token ids (B, L))."""
+    return getattr(_lookup(name).cls, "modality", "image")
 
 
 def model_kwargs(name: str) -> dict[str, Any]:
@@ -77,9 +90,11 @@ def create_model(
     input_shape: tuple[int, int, int],
     rngs: nnx.Rngs,
     dtype=jnp.float32,
+    vocab_size: int = 0,
     **kwargs,
 ) -> nnx.Module:
-    """Build a registered model. ``dtype`` is the compute dtype; parameters are float32."""
+    """Build a registered model. ``dtype`` is the compute dtype; parameters are float32. ``vocab_size``
+    (the dataset's) goes to text models, which need it; image models ignore it."""
     entry = _lookup(name)
     accepted = model_kwargs(name)
     fixed = sorted(set(kwargs) & set(entry.fixed))
@@ -98,6 +113,8 @@ def create_model(
         raise ValueError(f"dtype must be a floating dtype, got {dtype}")
     if int(num_classes) < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if modality(name) == "text":
+        kwargs["vocab_size"] = int(vocab_size)
     return entry.cls(
         num_classes=int(num_classes),
         input_shape=tuple(input_shape),
@@ -112,6 +129,12 @@ def build_model(model_cfg, info, *, seed: int, dtype=jnp.float32, outputs: int |
     """The model a config's `model` section names, for dataset `info`, with `outputs` logits
     (default: the dataset's classes). Parameters are initialised from `seed`, by `initialise`."""
     kwargs = model_cfg.kwargs.to_dict() if hasattr(model_cfg.kwargs, "to_dict") else dict(model_cfg.kwargs)
+    data_modality = getattr(info, "modality", "image")
+    if modality(model_cfg.name) != data_modality:
+        raise ValueError(
+            f"model.name {model_cfg.name!r} reads {modality(model_cfg.name)} inputs, but dataset {info.name!r} "
+            f"holds {data_modality} (DatasetInfo.modality)"
+        )
     return initialise(
         lambda: create_model(
             model_cfg.name,
@@ -119,6 +142,7 @@ def build_model(model_cfg, info, *, seed: int, dtype=jnp.float32, outputs: int |
             input_shape=tuple(info.image_shape),
             rngs=nnx.Rngs(seed),
             dtype=dtype,
+            vocab_size=getattr(info, "vocab_size", 0),
             **kwargs,
         )
     )
