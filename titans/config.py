@@ -13,7 +13,7 @@ import hashlib
 import importlib.util
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import ml_collections
@@ -23,6 +23,82 @@ from titans import models
 
 class ConfigError(ValueError):
     """A config that cannot be run: unknown field, bad value, or inconsistent choices."""
+
+
+class Registry(Mapping):
+    """Named choices a config field selects (objectives, gates): the only place a name is looked up.
+
+        OBJECTIVES = Registry("objective", "distill.objective")
+
+        @OBJECTIVES.register("my_objective")
+        class MyObjective: ...
+
+    A name is registered once (a second registration is refused, so two plug-ins cannot silently
+    replace each other); `get` refuses an unknown name with its close matches. `meta` holds the
+    keyword arguments a name was registered with (e.g. what a gate needs from the student).
+    """
+
+    def __init__(self, kind: str, field: str):
+        self.kind, self.field = kind, field
+        self._entries: dict[str, Any] = {}
+        self._meta: dict[str, dict[str, Any]] = {}
+
+    def register(self, name: str, **meta):
+        """Decorator: adds the decorated object under `name` and returns it unchanged."""
+
+        def add(obj):
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"a {self.kind} name must be a non-empty string, got {name!r}")
+            if name in self._entries:
+                raise ValueError(f"{self.kind} {name!r} is already registered ({self._entries[name]!r})")
+            self._entries[name] = obj
+            self._meta[name] = dict(meta)
+            return obj
+
+        return add
+
+    def unregister(self, name: str) -> None:
+        """Removes `name` (a plug-in defined for one session or one test)."""
+        del self._entries[name], self._meta[name]
+
+    def get(self, name: str, where: str = "the config"):
+        """The entry called `name`; ConfigError naming `field`, the close matches and every registered name."""
+        if isinstance(name, str) and name in self._entries:
+            return self._entries[name]
+        raise self.unknown(name, where)
+
+    def unknown(self, name, where: str = "the config", also: Iterable[str] = ()) -> ConfigError:
+        """The error for a name that is not registered (`also`: other valid names of the field)."""
+        known = [*self._entries, *also]
+        close = difflib.get_close_matches(str(name), known, n=3, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        return ConfigError(
+            f"{where}: {self.field}={name!r} is not a registered {self.kind}.{hint} Registered: {', '.join(known)}."
+        )
+
+    def meta(self, name: str) -> dict[str, Any]:
+        return dict(self._meta[name])
+
+    def __getitem__(self, name: str):
+        return self._entries[name]
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+# Checks of a run config that the layers above the schema add (titans.losses: `distill.objective` against the
+# objective registry, and the chosen objective's own checks); `validate` runs them after its own.
+_EXTRA_CHECKS: list[Callable[[ml_collections.ConfigDict, str], None]] = []
+
+
+def register_check(check: Callable[[ml_collections.ConfigDict, str], None]):
+    """Adds `check(run_config, where)` (raising ConfigError) to every `validate` of a run config."""
+    if check not in _EXTRA_CHECKS:
+        _EXTRA_CHECKS.append(check)
+    return check
 
 
 # Sub-configs whose keys are free-form (passed on to a constructor that checks them itself).
@@ -134,8 +210,8 @@ def _distill_section() -> ml_collections.ConfigDict:
     d.loss = "kd"  # kd (Hinton) | hard (CE on teacher argmax)
     d.alpha = 0.9  # weight of the distillation term; (1 - alpha) on labelled CE
     d.temperature = 4.0
-    # Student objective (docs/methods.md#cascades): standard | easy_weighted | flatten | defer.
-    # easy_weighted and flatten read their per-example easiness from `easy` (flatten: hardness = 1 - easiness).
+    # Student objective (docs/methods.md#cascades): a name in titans.losses.OBJECTIVES (built in: standard |
+    # easy_weighted | flatten | defer; a plug-in registers its own). easy_weighted and flatten read their per-example easiness from `easy` (flatten: hardness = 1 - easiness).
     d.objective = "standard"
     d.easy = _distill_easy_section()
     d.defer_weight = 1.0  # scales the "defer" term of the learning-to-defer surrogate
@@ -264,7 +340,9 @@ def validate(config: ml_collections.ConfigDict | dict, where: str = "the config"
     """Checks a run config against `base_config()`; returns it as a ConfigDict.
 
     Raises ConfigError naming the first unknown field and its close matches, or a bad value.
-    A config with `stages` (a pipeline) has each stage validated on its own.
+    A config with `stages` (a pipeline) has each stage validated on its own. The checks that layers
+    above add with `register_check` run too: titans.losses checks `distill.objective` against its
+    registry (every module that trains or loads a run imports titans.losses).
     """
     if isinstance(config, dict):
         config = ml_collections.ConfigDict(config)
@@ -294,14 +372,7 @@ def _check_values(c: ml_collections.ConfigDict, where: str) -> None:
     choice("dataset.augmentation", c.dataset.augmentation, ("", "none", "crop_flip"))
     choice("dataset.in_memory", c.dataset.in_memory, IN_MEMORY)
     choice("dtype", c.dtype, ("auto", "float32", "bfloat16"))
-    choice("distill.objective", c.distill.objective, ("standard", "easy_weighted", "flatten", "defer"))
     choice("distill.easy.rule", c.distill.easy.rule, ("confidence", "margin", "correctness", "agreement"))
-    if c.distill.objective != "standard" and not c.distill.teacher_workdir:
-        raise ConfigError(
-            f"{where}: distill.objective={c.distill.objective!r} needs a teacher (set distill.teacher_workdir)."
-        )
-    if c.distill.objective == "flatten" and c.distill.loss != "kd":
-        raise ConfigError(f"{where}: distill.objective='flatten' flattens soft targets; it needs distill.loss='kd'.")
     _check_teacher_mode(c, where, choice)
     if (c.total_steps > 0) == (c.total_epochs > 0):
         raise ConfigError(
@@ -318,6 +389,8 @@ def _check_values(c: ml_collections.ConfigDict, where: str) -> None:
         raise ConfigError(f"{where}: batch sizes must be positive.")
     _check_numbers(c, where)
     _check_model_kwargs(c, where)
+    for check in _EXTRA_CHECKS:
+        check(c, where)
 
 
 def _check_numbers(c: ml_collections.ConfigDict, where: str) -> None:

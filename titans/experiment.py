@@ -15,6 +15,7 @@ import ml_collections
 
 from titans import config as config_lib
 from titans import logs, paths, runs
+from titans.cascade import config as cascade_config
 from titans.cascade import evaluate as cascade_evaluate
 from titans.ensemble import config as ensemble_config
 from titans.ensemble import runner as ensemble_runner
@@ -26,6 +27,8 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str) -> dict:
     config = config_lib.validate(config)
     if "ensemble" in config:
         ensemble_config.validate(config)  # before any stage trains, so a bad field fails fast
+    if "cascade" in config:
+        cascade_config.validate(config)
     if "stages" not in config:
         return train_and_evaluate(config, workdir)
     return run_pipeline(config, workdir)

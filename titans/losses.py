@@ -3,12 +3,19 @@
 Every loss returns one value per example, so that callers can weight examples (the cascade's
 easy-focused objectives do) before averaging. Teacher logits are passed through `stop_gradient`
 here as well as by the trainer: a loss never trains the teacher, whoever calls it.
+
+`OBJECTIVES` is the registry of student objectives a run config selects by name (`distill.objective`):
+each is one `Objective` class holding its loss, its extra outputs and its config checks.
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
+
+from titans import config as config_lib
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
@@ -174,6 +181,141 @@ def flattened_distillation(
     kl = jnp.sum(jnp.where(q > 0, q * (jnp.log(jnp.where(q > 0, q, 1.0)) - log_s), 0.0), axis=-1)
     ce = -jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), labels[:, None], axis=-1)[:, 0]
     return alpha * temperature**2 * kl + (1.0 - alpha) * (1.0 - h[:, 0]) * ce
+
+
+# --- Objectives: what `distill.objective` selects, each defined (loss, outputs, checks) in one class. ---
+
+OBJECTIVES = config_lib.Registry("objective", "distill.objective")
+
+
+class Objective:
+    """A student objective, selected by a run config's `distill.objective` and defined in one place:
+
+        @losses.OBJECTIVES.register("my_objective")
+        class MyObjective(losses.Objective):
+            extra_outputs = 0        # outputs beyond the classes (learning to defer: 1)
+            def validate(self, where): ...          # optional: super().validate(where), then own checks
+            def loss(self, logits, teacher_logits, labels, step):
+                return per_example_loss, per_example_weights
+
+    An instance holds the run config (`self.config`, `self.distill`). The registry is read by the
+    trainer's default Method loss (titans/train/method.py), by `runs.num_outputs` (the model's width)
+    and by `config.validate` (the name, then `validate`). The trainer's batch objective is
+    sum(weights * loss) / sum(weights); `logits` has `num_classes + extra_outputs` columns.
+    """
+
+    extra_outputs: ClassVar[int] = 0
+    needs_teacher: ClassVar[bool] = True  # refused without distill.teacher_workdir
+
+    def __init__(self, config):
+        self.config = config
+        self.distill = config.distill
+
+    def validate(self, where: str) -> None:
+        """Raises ConfigError where the run config cannot train this objective."""
+        if self.needs_teacher and not self.distill.teacher_workdir:
+            raise config_lib.ConfigError(
+                f"{where}: distill.objective={self.distill.objective!r} needs a teacher (set distill.teacher_workdir)."
+            )
+
+    def loss(self, logits, teacher_logits, labels, step) -> tuple[jax.Array, jax.Array]:
+        raise NotImplementedError(f"{type(self).__name__} defines no loss")
+
+    def distillation(self, logits, teacher_logits, labels) -> jax.Array:
+        """The config's distillation loss (`distill.loss`, alpha, temperature, label smoothing), per example."""
+        d = self.distill
+        return distillation_loss(
+            logits,
+            teacher_logits,
+            labels,
+            kind=d.loss,
+            alpha=d.alpha,
+            temperature=d.temperature,
+            label_smoothing=self.config.label_smoothing,
+        )
+
+    def easiness(self, teacher_logits, labels, logits, floor: float) -> jax.Array:
+        """`easy_weights` with the config's rule and sharpness (`distill.easy`)."""
+        e = self.distill.easy
+        return easy_weights(teacher_logits, labels, logits, rule=e.rule, sharpness=e.sharpness, floor=floor)
+
+
+def objective(config, where: str = "the config") -> Objective:
+    """The objective `config.distill.objective` names, for `config` (ConfigError with close matches if unknown)."""
+    return OBJECTIVES.get(config.distill.get("objective", "standard"), where)(config)
+
+
+def _check_objective(config, where: str) -> None:
+    objective(config, where).validate(where)
+
+
+config_lib.register_check(_check_objective)
+
+
+@OBJECTIVES.register("standard")
+class Standard(Objective):
+    """Distillation (`distill.loss`: Hinton KD or hard KD) mixed with CE; CE alone for a run without a teacher."""
+
+    needs_teacher = False
+
+    def loss(self, logits, teacher_logits, labels, step):
+        ones = jnp.ones(labels.shape, jnp.float32)
+        if teacher_logits is None:
+            return cross_entropy(logits, labels, self.config.label_smoothing), ones
+        return self.distillation(logits, teacher_logits, labels), ones
+
+
+@OBJECTIVES.register("easy_weighted")
+class EasyWeighted(Objective):
+    """The standard distillation loss weighted by `easy_weights` (weight 1 before `easy.warmup_steps` for
+    the "agreement" rule, whose easiness is the student's own)."""
+
+    def loss(self, logits, teacher_logits, labels, step):
+        e = self.distill.easy
+        weights = self.easiness(teacher_logits, labels, logits, e.floor)
+        if e.rule == "agreement" and e.warmup_steps:
+            weights = jnp.where(step < e.warmup_steps, jnp.ones(labels.shape, jnp.float32), weights)
+        return self.distillation(logits, teacher_logits, labels), weights
+
+
+@OBJECTIVES.register("flatten")
+class Flatten(Objective):
+    """`flattened_distillation` with hardness 1 - easiness (the config's rule, no floor)."""
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        if self.distill.loss != "kd":
+            raise config_lib.ConfigError(
+                f"{where}: distill.objective='flatten' flattens soft targets; it needs distill.loss='kd'."
+            )
+
+    def loss(self, logits, teacher_logits, labels, step):
+        d = self.distill
+        hardness = 1.0 - self.easiness(teacher_logits, labels, logits, 0.0)
+        per_example = flattened_distillation(
+            logits, teacher_logits, labels, hardness, alpha=d.alpha, temperature=d.temperature
+        )
+        return per_example, jnp.ones(labels.shape, jnp.float32)
+
+
+@OBJECTIVES.register("defer")
+class Defer(Objective):
+    """Learning to defer (`defer_surrogate`): the student has one more output, "defer"."""
+
+    extra_outputs = 1
+
+    def loss(self, logits, teacher_logits, labels, step):
+        d = self.distill
+        per_example = defer_surrogate(
+            logits,
+            teacher_logits,
+            labels,
+            alpha=d.alpha,
+            defer_weight=d.defer_weight,
+            temperature=d.temperature,
+            defer_cost=d.defer_cost,
+        )
+        return per_example, jnp.ones(labels.shape, jnp.float32)
 
 
 # --- Progressive ensemble distillation (B-DISTIL, docs/methods.md#b-distil): a member fits what the ensemble misses. ---

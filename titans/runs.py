@@ -32,7 +32,7 @@ from flax import nnx
 from titans import checkpoint as ckpt_lib
 from titans import config as config_lib
 from titans import data as data_lib
-from titans import logs, models, parallel, paths
+from titans import logs, losses, models, parallel, paths
 
 
 class TeacherMismatchError(ValueError):
@@ -55,8 +55,8 @@ def compute_dtype(name: str):
 
 
 def num_outputs(config, info) -> int:
-    """Classes, plus one "defer" output for a learning-to-defer student."""
-    return info.num_classes + (1 if config.distill.get("objective", "standard") == "defer" else 0)
+    """Classes, plus the outputs the run's objective adds (losses.OBJECTIVES: one "defer" output for learning to defer)."""
+    return info.num_classes + losses.objective(config).extra_outputs
 
 
 def build_run_model(config, info, *, seed: int, dtype) -> nnx.Module:

@@ -22,14 +22,18 @@ import functools
 import io
 import json
 import time
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from titans import data as data_lib
 from titans import figures, parallel, paths, runs
+from titans.cascade import config as cascade_config
 from titans.cascade import cost as cost_lib
 from titans.cascade import curves as curves_lib
 from titans.cascade import gates as gates_lib
@@ -89,7 +93,7 @@ def evaluate_cascades(config, workdir: str) -> dict:
             "The cascade evaluation runs in a single process; the training stages are finished. "
             "Re-run the same command on one host (finished stages are skipped) to evaluate."
         )
-    cc = config.cascade
+    cc = cascade_config.section(config)
     t0 = time.perf_counter()
     workdir = paths.text(workdir)  # a URL (gs://...) kept as it is
     teacher_dir = paths.join(workdir, cc.teacher)
@@ -105,9 +109,26 @@ def evaluate_cascades(config, workdir: str) -> dict:
     logits_of = functools.partial(runs.predict, stage_logits, mesh=mesh, batch_size=batch_size)
     timing_images = test_x[:batch_size]
     t_val, t_test, t_entry = _evaluate_teacher(
-        teacher, teacher_dir, info, (val_x, y_val), (test_x, y_test), logits_of, timing_images
+        teacher,
+        teacher_dir,
+        info=info,
+        val=(val_x, y_val),
+        test=(test_x, y_test),
+        logits_of=logits_of,
+        timing_images=timing_images,
     )
-    data = {"val": (val_x, y_val, t_val), "test": (test_x, y_test, t_test)}
+    setup = _Setup(
+        cc=cc,
+        info=info,
+        teacher=teacher,
+        t_entry=t_entry,
+        val=_Split(val_x, y_val, t_val),
+        test=_Split(test_x, y_test, t_test),
+        logits_of=logits_of,
+        timing_images=timing_images,
+        mesh=mesh,
+        batch_size=batch_size,
+    )
     raw = {"val/label": y_val, "test/label": y_test, "val/teacher": t_val, "test/teacher": t_test}
 
     out = {
@@ -119,16 +140,14 @@ def evaluate_cascades(config, workdir: str) -> dict:
         "batch_size": batch_size,
         "num_devices": int(mesh.devices.size),
         "backend": jax.default_backend(),
-        "baselines": list(cc.get("baselines", ())),
+        "baselines": list(cc.baselines),
         "students": {},
     }
     for name in cc.students:
-        entry, s_val, s_test = _evaluate_student(
-            paths.join(workdir, name), teacher, info, data, t_entry, cc, logits_of, timing_images, mesh, batch_size
-        )
-        raw[f"val/{name}"], raw[f"test/{name}"] = s_val, s_test
-        out["students"][name] = entry
-        _print_student_summary(name, entry)
+        student = _evaluate_student(setup, paths.join(workdir, name))
+        raw[f"val/{name}"], raw[f"test/{name}"] = student.val_logits, student.test_logits
+        out["students"][name] = student.entry
+        _print_student_summary(name, student.entry)
     out["eval_time_s"] = time.perf_counter() - t0
     if jax.process_index() == 0:
         runs.write_text(paths.join(workdir, "cascade.json"), json.dumps(out, indent=1))
@@ -149,7 +168,42 @@ def write_logits(path: str, arrays: dict) -> None:
     paths.write_bytes(path, buf.getvalue())  # atomic, local or in a bucket
 
 
-def _evaluate_teacher(teacher: NormalizedModel, teacher_dir: str, info, val, test, logits_of, timing_images):
+@dataclasses.dataclass(frozen=True)
+class _Split:
+    """A split's images, labels and teacher logits."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    teacher: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+    """What the evaluation of every student and gate shares."""
+
+    cc: ml_collections.ConfigDict  # the cascade section, completed with its defaults (cascade/config.py)
+    info: Any  # the dataset's DatasetInfo
+    teacher: NormalizedModel
+    t_entry: dict  # the teacher's entry of cascade.json
+    val: _Split  # where thresholds are chosen
+    test: _Split
+    logits_of: Callable  # (stage, images) -> logits, batched on the mesh
+    timing_images: np.ndarray  # one batch, to time each model on
+    mesh: Any
+    batch_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Student:
+    """A loaded student, its entry of cascade.json and its logits on the validation and test splits."""
+
+    model: NormalizedModel
+    entry: dict
+    val_logits: np.ndarray
+    test_logits: np.ndarray
+
+
+def _evaluate_teacher(teacher: NormalizedModel, teacher_dir: str, *, info, val, test, logits_of, timing_images):
     """The teacher's logits on the validation and test splits, and its entry of cascade.json.
 
     `val` and `test` are (images, labels); returns (validation logits, test logits, entry), the entry
@@ -171,31 +225,28 @@ def _evaluate_teacher(teacher: NormalizedModel, teacher_dir: str, info, val, tes
     return t_val, t_test, entry
 
 
-def _evaluate_student(s_dir, teacher, info, data, t_entry, cc, logits_of, timing_images, mesh, batch_size) -> dict:
-    """One student's entry of cascade.json (its own accuracies and costs, and every gate it supports) and
-    its validation and test logits."""
-    (val_x, y_val, _), (test_x, y_test, _) = data["val"], data["test"]
-    C = info.num_classes
-    student, s_cfg, _, _ = runs.load_model(s_dir)
-    student = NormalizedModel.of(student, info)
-    s_val, s_test = logits_of(student, val_x), logits_of(student, test_x)
-    c_student = flops_of(student.model, info)
+def _evaluate_student(setup: _Setup, s_dir: str) -> _Student:
+    """One student: its entry of cascade.json (its own accuracies and costs, and every gate it supports)
+    and its validation and test logits."""
+    C = setup.info.num_classes
+    model, s_cfg, _, _ = runs.load_model(s_dir)
+    model = NormalizedModel.of(model, setup.info)
+    s_val, s_test = setup.logits_of(model, setup.val.images), setup.logits_of(model, setup.test.images)
     entry = {
         "objective": s_cfg.distill.get("objective", "standard"),
         "model_kwargs": s_cfg.model.kwargs.to_dict(),
-        "flops_per_example": c_student,
-        "time_per_example_s": _time_per_example(student, timing_images),
-        "val_accuracy": float(np.mean(s_val[:, :C].argmax(-1) == y_val)),
-        "test_accuracy": float(np.mean(s_test[:, :C].argmax(-1) == y_test)),
+        "flops_per_example": flops_of(model.model, setup.info),
+        "time_per_example_s": _time_per_example(model, setup.timing_images),
+        "val_accuracy": float(np.mean(s_val[:, :C].argmax(-1) == setup.val.labels)),
+        "test_accuracy": float(np.mean(s_test[:, :C].argmax(-1) == setup.test.labels)),
         "gates": {},
     }
-    for gate_name in cc.gates:
-        if gate_name == "defer_output" and s_val.shape[-1] == C:
-            continue  # only students trained with the defer objective have that output
-        entry["gates"][gate_name] = _evaluate_gate(
-            gate_name, student, teacher, s_val, s_test, data, C, entry, t_entry, cc, mesh, batch_size
-        )
-    return entry, s_val, s_test
+    student = _Student(model, entry, s_val, s_test)
+    for gate_name in setup.cc.gates:
+        if not gates_lib.supports(gate_name, s_val.shape[-1] - C):
+            continue  # e.g. defer_output: only students trained with the defer objective have that output
+        entry["gates"][gate_name] = _evaluate_gate(setup, student, gate_name)
+    return student
 
 
 def _print_student_summary(name: str, entry: dict) -> None:
@@ -248,10 +299,12 @@ class _Sweep:
         }
 
 
-def _evaluate_gate(gate_name, student, teacher, s_val, s_test, data, C, s_entry, t_entry, cc, mesh, batch_size):
+def _evaluate_gate(setup: _Setup, student: _Student, gate_name: str) -> dict:
     """One gate of one student: its curves, its operating points, and the real runner at the target rates."""
-    _, y_val, t_val = data["val"]
-    _, y_test, t_test = data["test"]
+    C, cc = setup.info.num_classes, setup.cc
+    s_val, s_test, s_entry, t_entry = student.val_logits, student.test_logits, student.entry, setup.t_entry
+    y_val, t_val = setup.val.labels, setup.val.teacher
+    y_test, t_test = setup.test.labels, setup.test.teacher
     # Thresholds are chosen on validation examples the gate was not fitted on (see `_fit_gate`).
     score_fn, c_gate, sel = _fit_gate(gate_name, s_val, t_val, y_val, C)
     s_val, t_val, y_val = s_val[sel], t_val[sel], y_val[sel]
@@ -262,7 +315,7 @@ def _evaluate_gate(gate_name, student, teacher, s_val, s_test, data, C, s_entry,
     s_test_pred = s_test[:, :C].argmax(-1)
     val_curve = curves_lib.sweep(v_scores, s_val[:, :C].argmax(-1), t_val.argmax(-1), y_val, thresholds, C)
     test_curve = curves_lib.sweep(x_scores, s_test_pred, t_test.argmax(-1), y_test, thresholds, C)
-    sweep = _with_costs(rates, thresholds, val_curve, test_curve, c_gate, s_entry, t_entry)
+    sweep = _with_costs(rates, thresholds, val_curve, test_curve, c_gate=c_gate, s_entry=s_entry, t_entry=t_entry)
     return {
         "gate_flops_per_example": float(c_gate),
         "threshold_val_examples": int(len(sel)),
@@ -273,9 +326,9 @@ def _evaluate_gate(gate_name, student, teacher, s_val, s_test, data, C, s_entry,
         # The real runner runs the teacher over the deferred test rows at every target rate: checked for
         # `cascade.runner_gates` only (default: every gate), which a costly teacher makes worth limiting.
         "at_deferral_rate": _runner_at_target_rates(
-            gate_name, [student, teacher], score_fn, sweep, x_scores, s_test_pred, data["test"], cc, mesh, batch_size
+            setup, student, sweep, gate_name=gate_name, score_fn=score_fn, x_scores=x_scores
         )
-        if gate_name in cc.get("runner_gates", cc.gates)
+        if gate_name in cc.runner_gates
         else {},
     }
 
@@ -283,18 +336,14 @@ def _evaluate_gate(gate_name, student, teacher, s_val, s_test, data, C, s_entry,
 def _fit_gate(gate_name, s_val, t_val, y_val, C):
     """The gate's score function, its FLOPs per example, and the validation indices to threshold it on.
 
-    The learned gate is fitted on the even-indexed validation examples and thresholded on the odd ones;
-    the other gates have nothing to fit and are thresholded on the whole validation split.
+    A fitted gate (`gates.FITTED_GATES`: the learned gate, fitted on the even-indexed validation examples)
+    is thresholded on the examples it was not fitted on; a fixed gate (`gates.GATES`) has nothing to fit
+    and is thresholded on the whole validation split.
     """
-    sel = np.arange(len(y_val))
-    if gate_name == "learned":
-        fit, sel = sel[0::2], sel[1::2]
-        gate = gates_lib.train_learned_gate(s_val[fit], t_val[fit], y_val[fit], seed=0)
-        score_fn, c_gate = gate.score, gate.flops_per_example(s_val.shape[-1])
-    else:
-        score_fn = gates_lib.get_gate(gate_name, num_classes=C)
-        c_gate = gates_lib.gate_flops(score_fn, s_val.shape[-1])
-    return score_fn, c_gate, sel
+    if gate_name in gates_lib.FITTED_GATES:
+        return gates_lib.FITTED_GATES[gate_name](s_val, t_val, y_val)
+    score_fn = gates_lib.get_gate(gate_name, num_classes=C)
+    return score_fn, gates_lib.gate_flops(score_fn, s_val.shape[-1]), np.arange(len(y_val))
 
 
 def _thresholds(v_scores, num_thresholds: int):
@@ -306,7 +355,7 @@ def _thresholds(v_scores, num_thresholds: int):
     return rates, thresholds
 
 
-def _with_costs(rates, thresholds, val_curve, test_curve, c_gate, s_entry, t_entry) -> _Sweep:
+def _with_costs(rates, thresholds, val_curve, test_curve, *, c_gate, s_entry, t_entry) -> _Sweep:
     """The sweep with its amortized cost per test example, in FLOPs and in measured seconds."""
     c_student, c_teacher = s_entry["flops_per_example"], t_entry["flops_per_example"]
     t_student, t_teacher = s_entry["time_per_example_s"], t_entry["time_per_example_s"]
@@ -339,18 +388,20 @@ def _at_cost_fractions(sweep: _Sweep, c_student: float, c_gate: float) -> dict:
     return out
 
 
-def _runner_at_target_rates(gate_name, stages, score_fn, sweep, x_scores, s_test_pred, test, cc, mesh, batch_size):
+def _runner_at_target_rates(setup: _Setup, student: _Student, sweep: _Sweep, *, gate_name, score_fn, x_scores):
     """The operating points at `cc.target_deferral_rates`, each checked against the real cascade runner.
 
     One runner (compiled once) runs the test split at every rate, its threshold changed in place; its
     accuracy, deferral rate and time per example are added to the point, with the number of examples
     where it disagrees with the offline sweep (an AssertionError if more than float noise explains).
     """
-    test_x, y_test, t_test = test
-    runner = CascadeRunner(stages, [score_fn], [0.0], mesh=mesh)
+    test_x, y_test, t_test = setup.test.images, setup.test.labels, setup.test.teacher
+    s_test_pred = student.test_logits[:, : setup.info.num_classes].argmax(-1)
+    batch_size = setup.batch_size
+    runner = CascadeRunner([student.model, setup.teacher], [score_fn], [0.0], mesh=setup.mesh)
     runner.warmup(test_x[:batch_size])
     out = {}
-    for r in cc.target_deferral_rates:
+    for r in setup.cc.target_deferral_rates:
         idx = int(np.argmin(np.abs(sweep.rates - r)))
         p = sweep.point(idx)
         p["per_class_test_deferral_rate"] = np.asarray(sweep.test_curve["per_class_deferral_rate"][idx]).tolist()

@@ -9,6 +9,9 @@ Students with a defer output: the confidence gates (``msp``, ``margin``, ``entro
 ``num_classes`` keyword. With ``num_classes=C`` they read only the first ``C`` logits, so the
 same gate works on ``(C,)`` and ``(C + 1,)`` rows; without it they read the whole row.
 ``get_gate(name, num_classes=C)`` returns the gate with that keyword bound (the form to vmap).
+``GATES`` is the registry of these fixed gates and ``FITTED_GATES`` of the gates fitted on held-out data
+(``learned``); a new gate is one registered function (``@GATES.register("name")``), and a cascade
+config's ``cascade.gates`` is checked against both (``check_gate_name``).
 ``defer_output`` always reads the whole row (it needs the defer entry), and with ``num_classes``
 it checks that the row has ``C + 1`` entries.
 
@@ -35,18 +38,25 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from titans import config as config_lib
+
 __all__ = [
+    "FITTED_GATES",
     "GATES",
     "LearnedGate",
     "auroc",
+    "check_gate_name",
     "defer_output",
     "deferral_targets",
     "entropy",
+    "fit_learned_gate",
     "gate_flops",
+    "gate_names",
     "get_gate",
     "learned_gate_features",
     "margin",
     "msp",
+    "supports",
     "train_learned_gate",
 ]
 
@@ -67,23 +77,32 @@ def _head(logits, num_classes):
     return logits[:num_classes]
 
 
+# The fixed gates: name -> per-example score. `extra_outputs`: outputs beyond the classes the student must
+# have (a cascade evaluation skips the gate for students without them).
+GATES = config_lib.Registry("gate", "cascade.gates")
+
+
+@GATES.register("msp")
 def msp(logits, num_classes: int | None = None):
     """Chow's rule: ``1 - max softmax probability``."""
     return 1.0 - jnp.max(jax.nn.softmax(_head(logits, num_classes)))
 
 
+@GATES.register("margin")
 def margin(logits, num_classes: int | None = None):
     """Minus the gap between the two largest softmax probabilities (a small gap means doubt)."""
     top2 = jax.lax.top_k(jax.nn.softmax(_head(logits, num_classes)), 2)[0]
     return -(top2[0] - top2[1])
 
 
+@GATES.register("entropy")
 def entropy(logits, num_classes: int | None = None):
     """Shannon entropy (nats) of the softmax."""
     logp = jax.nn.log_softmax(_head(logits, num_classes))
     return -jnp.sum(jnp.exp(logp) * logp)
 
 
+@GATES.register("defer_output", extra_outputs=1)
 def defer_output(logits, num_classes: int | None = None):
     """Defer logit minus the largest class logit of a ``C + 1``-output student: ``log(p_defer / max_k p_k)``.
 
@@ -100,9 +119,6 @@ def defer_output(logits, num_classes: int | None = None):
             f"'defer'); got a row of {logits.shape[0]} logits"
         )
     return logits[-1] - jnp.max(logits[:-1])
-
-
-GATES: dict[str, Callable] = {"msp": msp, "margin": margin, "entropy": entropy, "defer_output": defer_output}
 
 
 def get_gate(name: str, num_classes: int | None = None) -> Callable:
@@ -308,6 +324,37 @@ def train_learned_gate(
         target=target,
         train_loss=float(final),
     )
+
+
+# Gates fitted on held-out data before they score: name -> fit(student_logits, teacher_logits, labels) ->
+# (per-example score, its FLOPs per example, the indices of the held-out rows to choose thresholds on).
+FITTED_GATES = config_lib.Registry("gate", "cascade.gates")
+
+
+@FITTED_GATES.register("learned")
+def fit_learned_gate(student_logits, teacher_logits, labels):
+    """A `LearnedGate` fitted on the even-indexed rows, to be thresholded on the odd ones."""
+    rows = np.arange(len(labels))
+    fit, rest = rows[0::2], rows[1::2]
+    gate = train_learned_gate(student_logits[fit], teacher_logits[fit], labels[fit], seed=0)
+    return gate.score, gate.flops_per_example(student_logits.shape[-1]), rest
+
+
+def gate_names() -> tuple[str, ...]:
+    """Every name `cascade.gates` may hold: the fixed gates, then the fitted ones."""
+    return (*GATES, *FITTED_GATES)
+
+
+def check_gate_name(name: str, where: str = "the config") -> None:
+    """Raises ConfigError (with close matches) unless `name` is a registered gate, fixed or fitted."""
+    if name not in GATES and name not in FITTED_GATES:
+        raise GATES.unknown(name, where, also=FITTED_GATES)
+
+
+def supports(name: str, extra_outputs: int) -> bool:
+    """Whether gate `name` can score a student with `extra_outputs` outputs beyond the classes."""
+    registry = GATES if name in GATES else FITTED_GATES
+    return registry.meta(name).get("extra_outputs", 0) <= extra_outputs
 
 
 def auroc(scores, targets) -> float:

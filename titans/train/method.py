@@ -3,8 +3,9 @@
 A `Method` is the whole contract between the trainer and a method. The trainer owns the loop, the
 state, the optimizer, the data order, checkpoints, logging and evaluation; a method supplies only the
 parts that differ. Every field has a default, and `objective_method(config)` is the method that
-teachers (cross-entropy) and plain students (Hinton KD, hard KD, easy-weighted KD, flattened KD,
-learning to defer) use, built from the run config's `distill` section:
+teachers (cross-entropy) and plain students use: the objective the run config's `distill.objective`
+names in `titans.losses.OBJECTIVES` (Hinton KD, hard KD, easy-weighted KD, flattened KD, learning to
+defer, or one a plug-in registers):
 
     build_model  (config, info, seed, dtype, outputs) -> the nnx.Module to train
                  (default: the config's `model` section);
@@ -25,8 +26,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from typing import Any
-
-import jax.numpy as jnp
 
 from titans import losses, models, runs
 
@@ -50,50 +49,12 @@ def default_build_model(config, info, seed: int, dtype, outputs: int):
 
 
 def objective_loss(config) -> Callable:
-    """The run config's objective as a Method loss: cross-entropy for a teacher, else distillation."""
-    d = config.distill
+    """The run config's objective (`distill.objective`, looked up in `losses.OBJECTIVES`) as a Method loss."""
+    objective = losses.objective(config)
 
     def loss(logits, aux, teacher_logits, batch, frozen, step):
         del aux, frozen
-        labels = batch["label"]
-
-        def easiness(floor):  # the config's easiness rule (easy_weighted: its weights; flatten: 1 - hardness)
-            return losses.easy_weights(
-                teacher_logits, labels, logits, rule=d.easy.rule, sharpness=d.easy.sharpness, floor=floor
-            )
-
-        ones = jnp.ones(labels.shape, jnp.float32)
-        if teacher_logits is None:
-            return losses.cross_entropy(logits, labels, config.label_smoothing), ones
-        if d.objective == "defer":
-            return losses.defer_surrogate(
-                logits,
-                teacher_logits,
-                labels,
-                alpha=d.alpha,
-                defer_weight=d.defer_weight,
-                temperature=d.temperature,
-                defer_cost=d.defer_cost,
-            ), ones
-        if d.objective == "flatten":
-            return losses.flattened_distillation(
-                logits, teacher_logits, labels, 1.0 - easiness(0.0), alpha=d.alpha, temperature=d.temperature
-            ), ones
-        per_example = losses.distillation_loss(
-            logits,
-            teacher_logits,
-            labels,
-            kind=d.loss,
-            alpha=d.alpha,
-            temperature=d.temperature,
-            label_smoothing=config.label_smoothing,
-        )
-        if d.objective != "easy_weighted":
-            return per_example, ones
-        weights = easiness(d.easy.floor)
-        if d.easy.rule == "agreement" and d.easy.warmup_steps:
-            weights = jnp.where(step < d.easy.warmup_steps, ones, weights)
-        return per_example, weights
+        return objective.loss(logits, teacher_logits, batch["label"], step)
 
     return loss
 
