@@ -11,7 +11,7 @@ import pytest
 from helpers import digits_config
 from scipy.optimize import linprog
 
-from titans import checkpoint
+from titans import checkpoint, provenance, runs
 from titans import config as config_lib
 from titans.active import config as active_config
 from titans.active import loop, selection, teachers
@@ -238,6 +238,54 @@ def test_teacher_trained_with_label_noise_learns_the_noisy_labels(data_dir, tmp_
     assert meta["num_changed"] == round(0.95 * 1437)
 
 
+def test_noisy_labels_confined_to_classes_move_each_to_the_next_class():
+    labels = np.random.default_rng(1).integers(0, 10, 2000)
+    noisy = teachers.noisy_labels(labels, 0.5, 10, seed=3, classes=(6, 2, 4))
+    changed = noisy != labels
+    in_group = np.isin(labels, [6, 2, 4])
+    assert not changed[~in_group].any()  # every other class keeps its labels
+    assert changed.sum() == round(0.5 * in_group.sum())
+    successor = {6: 2, 2: 4, 4: 6}
+    assert all(successor[int(a)] == int(b) for a, b in zip(labels[changed], noisy[changed]))
+    for c in (6, 2, 4):  # spread over the group's classes, not taken from one of them
+        assert 0.35 < changed[labels == c].mean() < 0.65
+    with pytest.raises(ValueError, match="noise classes"):
+        teachers.noisy_labels(labels, 0.5, 10, seed=3, classes=(6, 12))
+
+
+def test_teacher_noise_confined_to_classes_puts_its_mistakes_there(data_dir, tmp_path):
+    """teacher.noise_classes='3,5,8' with label_noise=0.8 (the active config's option, through the loop's
+    teacher training): on the active run's validation split the teacher is wrong mostly on 3, 5 and 8
+    (each predicted as the next class of the list), and right on the other classes."""
+    cfg = _active_config(data_dir, **{"teacher.label_noise": 0.8, "teacher.noise_classes": "3,5,8"})
+    cfg.teacher.workdir = str(tmp_path / "teacher")
+    cfg.teacher.train = digits_config(data_dir, total_steps=120)
+    cfg = active_config.validate(cfg)
+    tdir, info = loop._resolve_teacher(cfg, str(tmp_path), lambda s: None)
+    assert info["noise_classes"] == [3, 5, 8] and info["label_noise"] == 0.8
+    meta = json.load(open(tmp_path / "teacher" / "label_noise.json"))
+    assert [c for c, k in enumerate(meta["num_changed_per_class"]) if k] == [3, 5, 8]
+    data = loop.load_data(cfg)
+    teacher, _ = runs.load_teacher(tdir, data.info)
+    images, labels = data.validation
+    pred = np.argmax(loop.teacher_predict_fn(teacher, 256)(images), -1)
+    group = np.isin(labels, [3, 5, 8])
+    wrong = pred != labels
+    assert wrong[group].mean() > 0.6 and wrong[~group].mean() < 0.25
+    assert wrong[group].sum() / wrong.sum() > 0.75  # most of its mistakes are in the group
+    successor = {3: 5, 5: 8, 8: 3}
+    moved = [successor[int(y)] == int(p_) for y, p_ in zip(labels[group & wrong], pred[group & wrong])]
+    assert np.mean(moved) > 0.8
+
+
+def test_active_config_refuses_bad_noise_classes(data_dir):
+    for text, match in (("3", "two or more"), ("3,x", "separated by commas"), ("3,3", "distinct")):
+        with pytest.raises(config_lib.ConfigError, match=match):
+            active_config.validate(_active_config(data_dir, **{"teacher.noise_classes": text}))
+    with pytest.raises(config_lib.ConfigError, match="label_noise, which is 0"):
+        active_config.validate(_active_config(data_dir, **{"teacher.noise_classes": "3,5"}))
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -307,6 +355,14 @@ def test_loop_counts_queries_and_runs_teacher_only_on_bought_points(data_dir, tm
     val_rows = _rows(data.validation[0])
     assert _rows(seen) <= bought_rows | val_rows
     assert os.path.exists(tmp_path / "run" / "active.json") and os.path.exists(tmp_path / "run" / "active.png")
+    # The raw output names the code and the settings that made it: the full resolved config and the
+    # package's git revision (with its dirty flag), as provenance() reports them for this checkout.
+    written = json.load(open(tmp_path / "run" / "active.json"))
+    assert written["config"] == json.loads(config_lib.to_json(active_config.validate(cfg)))
+    assert written["config"]["active"]["budget_per_round"] == 40
+    here = provenance.provenance()
+    assert {k: written[k] for k in ("revision", "dirty", "titans_version")} == here
+    assert here["revision"] is None or (len(here["revision"]) == 40 and isinstance(here["dirty"], bool))
 
 
 def test_counting_teacher_refuses_rebuying_and_overspending():
@@ -422,6 +478,26 @@ def test_m_zero_reaches_the_game_and_makes_robust_plain_top_b(data_dir, tmp_path
     robust = out["strategies"]["robust"]
     for r in range(1, cfg.active.rounds + 1):
         assert robust["m"][r] == 0.0 and robust["overlap_margin"][r] == 1.0
+
+
+def test_active_fmnist_pool_config_has_a_large_pool_and_a_confused_teacher():
+    """The pool is at least 10x the final budget (Fashion-MNIST's train split has 60,000 images; the
+    pool is train[50%:] less the labelled and validation images), disjoint from the teacher's data, and
+    the confused teacher's label noise is confined to shirt, pullover and coat."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "active_fmnist_pool.py")
+    c = active_config.validate(config_lib.load_config_file(path + ":seed=1"))
+    a = c.active
+    assert c.dataset.split == "train[50%:]" and c.teacher.train.dataset.train_split == "train[:50%]"
+    pool = 30_000 - a.num_labelled - a.num_validation
+    assert a.pool_size == 0 and pool >= 10 * a.rounds * a.budget_per_round == 20_000
+    assert c.teacher.label_noise == 0.35 and active_config.noise_classes(c) == (6, 2, 4)
+    assert c.teacher.workdir == "{workdir}/teacher" and c.teacher.train.seed == 1 and c.seed == 1
+    assert c.active.strategies == "random,margin,entropy,kcenter,robust"
+    clean = active_config.validate(config_lib.load_config_file(path + ":teacher=clean,m=informative,teacher_dir=/t"))
+    assert clean.teacher.label_noise == 0.0 and clean.teacher.noise_classes == "" and clean.teacher.workdir == "/t"
+    assert clean.active.m_estimate == "informative" and clean.teacher.train.dataset.train_split == "train[:50%]"
+    with pytest.raises(ValueError, match="teacher='good'"):
+        config_lib.load_config_file(path + ":teacher=good")
 
 
 def test_active_cifar100_config_validates_and_needs_its_teacher():

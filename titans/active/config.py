@@ -6,6 +6,8 @@
                 m_estimate, informative_fraction, informativeness, kcenter_chunk, predict_batch_size
     c.teacher   workdir (a Titans run; trained there from `train` when it has no checkpoint yet),
                 label_noise (fraction of the teacher's training labels replaced by a wrong class),
+                noise_classes (empty: noise over every class; '6,2,4': only those classes' labels,
+                each moved to the next class of the list),
                 train (a base_config() run config, or empty)
     c.student   a base_config() run config: model, optimizer, batch_size, steps a round
                 (total_steps, or total_epochs over that round's data), distill.loss/temperature
@@ -49,6 +51,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.teacher = ml_collections.ConfigDict()
     c.teacher.workdir = ""
     c.teacher.label_noise = 0.0
+    c.teacher.noise_classes = ""  # "" = every class; "6,2,4" = only these, each label moved to the next one
     c.teacher.train = ml_collections.ConfigDict()  # empty, or a base_config() run config
 
     c.student = config_lib.base_config()
@@ -77,6 +80,22 @@ def strategies(config) -> list[str]:
     if len(set(names)) != len(names):
         raise config_lib.ConfigError(f"active.strategies names a strategy twice: {names}.")
     return names
+
+
+def noise_classes(config) -> tuple[int, ...]:
+    """teacher.noise_classes as class numbers: '6,2,4' (or '6+2+4') -> (6, 2, 4); '' -> ()."""
+    text = str(config.teacher.noise_classes)
+    try:
+        classes = tuple(int(c) for c in text.replace("+", ",").split(",") if c.strip())
+    except ValueError:
+        raise config_lib.ConfigError(
+            f"teacher.noise_classes={text!r}: expected class numbers separated by commas, e.g. '6,2,4'."
+        ) from None
+    if len(set(classes)) != len(classes) or len(classes) == 1 or min(classes, default=0) < 0:
+        raise config_lib.ConfigError(
+            f"teacher.noise_classes={text!r}: name two or more distinct classes (>= 0), or none."
+        )
+    return classes
 
 
 def validate(config) -> ml_collections.ConfigDict:
@@ -128,6 +147,8 @@ def validate(config) -> ml_collections.ConfigDict:
         raise config_lib.ConfigError(f"teacher.label_noise={config.teacher.label_noise} must be in [0, 1).")
     if config.teacher.label_noise and not len(config.teacher.train):
         raise config_lib.ConfigError("teacher.label_noise applies when the teacher is trained here: set teacher.train.")
+    if noise_classes(config) and not config.teacher.label_noise:
+        raise config_lib.ConfigError("teacher.noise_classes confines teacher.label_noise, which is 0: set both.")
     if not config.teacher.workdir:
         raise config_lib.ConfigError("teacher.workdir is empty: name a Titans teacher run (or where to train one).")
     if not 0.0 < a.informative_fraction <= 1.0:

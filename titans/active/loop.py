@@ -19,7 +19,9 @@ what was bought).
 
 Every round is checkpointed with orbax (`checkpoint.TreeCheckpoints`, WORKDIR/<strategy>/rounds/<r>: bought indices, bought
 logits, query counters, history, the student's variables), so a rerun resumes after the last
-finished round and never re-queries the teacher. Results: WORKDIR/active.json and active.png.
+finished round and never re-queries the teacher. Results: WORKDIR/active.json (per strategy the
+history; the full resolved config; the git revision of the package, its dirty flag and the installed
+version, from the call that wrote it) and active.png.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from flax import nnx
 from titans import checkpoint as ckpt_lib
 from titans import config as config_lib
 from titans import data as data_lib
-from titans import figures, parallel, paths, runs
+from titans import figures, parallel, paths, provenance, runs
 from titans.active import config as active_config
 from titans.active import selection
 from titans.active import teachers as teachers_lib
@@ -428,10 +430,21 @@ def _resolve_teacher(config, workdir: str, log) -> tuple[str, dict]:
                 f"teacher.workdir={tdir!r} holds no finished Titans run and teacher.train is "
                 f"empty: train the teacher first, or set teacher.train."
             )
-        log(f"[teacher] training in {tdir} (label noise {t.label_noise})")
-        teachers_lib.train_teacher(t.train, tdir, label_noise=t.label_noise)
+        classes = active_config.noise_classes(config)
+        log(f"[teacher] training in {tdir} (label noise {t.label_noise}, classes {list(classes) or 'all'})")
+        teachers_lib.train_teacher(t.train, tdir, label_noise=t.label_noise, noise_classes=classes)
     res = runs.RunDir(tdir).results()
-    return tdir, {"workdir": tdir, "test_accuracy": res.get("accuracy"), "label_noise": float(t.label_noise)}
+    return tdir, {**_teacher_info(config), "workdir": tdir, "test_accuracy": res.get("accuracy")}
+
+
+def _teacher_info(config) -> dict:
+    t = config.teacher
+    return {
+        "workdir": None,
+        "test_accuracy": None,
+        "label_noise": float(t.label_noise),
+        "noise_classes": list(active_config.noise_classes(config)),
+    }
 
 
 def run_active(
@@ -450,7 +463,7 @@ def run_active(
     paths.makedirs(workdir)
     runs.write_text(paths.join(workdir, "config.json"), config_lib.to_json(config))
     data = load_data(config)
-    teacher_info = {"workdir": None, "test_accuracy": None, "label_noise": float(config.teacher.label_noise)}
+    teacher_info = _teacher_info(config)
     if teacher_predict is None:
         tdir, teacher_info = _resolve_teacher(config, workdir, log)
         teacher, _ = runs.load_teacher(tdir, data.info)
@@ -471,6 +484,8 @@ def run_active(
         "rounds": int(config.active.rounds),
         "teacher": teacher_info,
         "strategies": results,
+        "config": json.loads(config_lib.to_json(config)),  # the full resolved config
+        **provenance.provenance(),  # revision, dirty, titans_version of the call that wrote this file
     }
     runs.write_json(paths.join(workdir, "active.json"), out)
     plot(out, paths.join(workdir, "active.png"))
