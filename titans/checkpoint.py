@@ -29,6 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from titans import config as config_lib
+from titans import data as data_lib
 from titans import paths
 
 ITEMS = ("model", "train", "loader", "meta")
@@ -376,6 +377,8 @@ def meta_for(config, info, num_outputs: int | None = None) -> dict:
         "optimizer.name": config.optimizer.name,
         "dataset.name": config.dataset.name,
     }
+    if getattr(info, "modality", "image") == "text":  # token ids mean nothing under another tokenizer
+        fields["tokenizer.sha256"] = data_lib.tokenizer_for(config.dataset.data_dir or None)[1]
     return {"fields": fields, "fingerprint": config_lib.fingerprint(fields)}
 
 

@@ -86,6 +86,8 @@ class FrozenModel:
 
     def normalize(self, images):
         """Raw (uint8-valued) images normalised with the run's dataset statistics, float32."""
+        if not self.mean:  # a text run's int32 token ids (no statistics) pass through unchanged
+            return jnp.asarray(images)
         mean = np.asarray(self.mean, np.float32)
         inv_std = 1.0 / np.asarray(self.std, np.float32)
         return (jnp.asarray(images).astype(jnp.float32) - mean) * inv_std

@@ -8,8 +8,10 @@
     batch = next(loader); state = loader.get_state(); loader.set_state(state)
     for batch in eval_batches(src, info, global_batch_size=..., ...): ...
     x = normalize(batch['image'], info)                 # on device, inside jit
+    tokenizer, sha256 = tokenizer_for(data_dir)         # text (wordnet): the dataset's tokenizer
 
-Pipelines ship uint8 images; TensorFlow is never imported.
+Pipelines ship uint8 images, or for text (`info.modality == "text"`) int32 token ids cut to a length
+bucket (titans/data/text.py); TensorFlow is never imported.
 """
 
 from titans.data.augment import normalize
@@ -19,12 +21,15 @@ from titans.data.sources import (
     ArraySource,
     DatasetNotFoundError,
     Source,
+    check_tokenizer,
     default_data_dir,
     get_source,
     load_in_memory,
     overlap,
     split_ranges,
+    tokenizer_for,
 )
+from titans.data.text import TokenizerMismatchError
 
 __all__ = [
     "ArraySource",
@@ -32,7 +37,9 @@ __all__ = [
     "DatasetInfo",
     "DatasetNotFoundError",
     "Source",
+    "TokenizerMismatchError",
     "TrainLoader",
+    "check_tokenizer",
     "dataset_info",
     "default_data_dir",
     "eval_batches",
@@ -43,4 +50,5 @@ __all__ = [
     "num_eval_batches",
     "overlap",
     "split_ranges",
+    "tokenizer_for",
 ]

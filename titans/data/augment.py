@@ -123,6 +123,8 @@ def imagenet_eval_one(image: np.ndarray, size: int = IMAGENET_SIZE, resize: int 
 
 def normalize(images, info, dtype=None):
     """(images - mean) / std per channel, mean/std on the [0, 255] scale; jit-friendly."""
+    if getattr(info, "modality", "image") == "text":  # int32 token ids pass through unchanged
+        return jnp.asarray(images)
     dtype = dtype or jnp.float32
     mean = np.asarray(info.mean, dtype=np.float32)
     inv_std = 1.0 / np.asarray(info.std, dtype=np.float32)

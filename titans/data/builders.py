@@ -10,6 +10,9 @@ time would need TensorFlow.
   `dataset-fashion-mnist` package installs. TFDS's own `fashion_mnist` cannot be used with
   those files: its prepare needs TF, and Debian re-compressed the files so their checksums
   differ from upstream.
+
+The text benchmark's builder, `titans_wordnet` (WordNet synsets from Debian's `wordnet-base` files, with
+its trained tokenizer), is in `text.py`.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import dataclasses
 class DatasetInfo:
     name: str
     num_classes: int
-    image_shape: tuple[int, int, int]  # (H, W, C) of the batches the loaders yield
+    image_shape: tuple[int, ...]  # (H, W, C) of the batches the loaders yield; text: (max tokens,)
     mean: tuple[float, ...]  # per channel, on the [0, 255] scale
     std: tuple[float, ...]
     splits: dict[str, int]  # split name -> number of examples
@@ -82,6 +82,18 @@ _INFOS = {
         std=_scaled((0.229, 0.224, 0.225)),
         splits={"train": 1281167, "validation": 50000},
         augment="imagenet",
+    ),
+    # WordNet 3.0 synsets ("lemmas : gloss") -> their 45 lexicographer files (titans/data/text.py): int32
+    # WordPiece ids, at most 128 a text; the split sizes are those of text.split_of's synset-id hash.
+    "wordnet": dict(
+        num_classes=45,
+        image_shape=(128,),
+        mean=(),
+        std=(),
+        splits={"train": 94080, "validation": 11819, "test": 11760},
+        augment="none",
+        modality="text",
+        vocab_size=8192,
     ),
 }
 

@@ -22,6 +22,7 @@ import grain
 import numpy as np
 
 from titans.data import augment as aug
+from titans.data import text
 from titans.data.info import DatasetInfo
 
 
@@ -166,10 +167,23 @@ class TrainLoader:
         return np.fromiter((order[first + j] for j in range(rows)), dtype=np.int64, count=rows)
 
     def _batch(self, order, seed: int, step: int) -> dict:
+        if self.info.modality == "text":
+            return self._token_batch(order, step)
         indices = self._indices(order, step, self.process_index * self.local_batch_size, self.local_batch_size)
         batch = self._batch_examples(indices, seed, step)
         if self.with_index:
             batch["index"] = indices.astype(np.int32)
+        return batch
+
+    def _token_batch(self, order, step: int) -> dict:
+        """Token ids cut to the bucket of the GLOBAL batch's longest example (`text.bucket_length`), so
+        that every process hands out the same length: each reads the whole global batch's rows."""
+        indices = self._indices(order, step, 0, self.global_batch_size)
+        tokens, labels = self._rows(indices)
+        rows = slice(self.process_index * self.local_batch_size, (self.process_index + 1) * self.local_batch_size)
+        batch = {"image": tokens[rows, : text.bucket_length(tokens)], "label": labels[rows]}
+        if self.with_index:
+            batch["index"] = indices[rows].astype(np.int32)
         return batch
 
     def _rows(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -289,6 +303,8 @@ def eval_batches(
             mask[: stop - start] = True
         return {"image": images, "label": labels, "mask": mask}
 
+    if info.modality == "text":
+        batch = functools.partial(_token_eval_batch, src, info, global_batch_size, process_index, lbs)
     prefetcher = _Prefetcher(batch, 0, num_eval_batches(n, global_batch_size), prefetch, num_threads)
     try:
         while True:
@@ -299,3 +315,16 @@ def eval_batches(
             yield item
     finally:
         prefetcher.close()
+
+
+def _token_eval_batch(src, info: DatasetInfo, global_batch_size: int, process_index: int, lbs: int, b: int) -> dict:
+    """Eval batch `b` of a text split: every process reads the whole global batch, so that all cut the
+    token ids to the same bucket (that of the batch's longest example); rows past the end are all padding."""
+    start, n = b * global_batch_size, len(src)
+    stop = min(start + global_batch_size, n)
+    tokens = np.zeros((global_batch_size, *info.image_shape), np.int32)
+    labels = np.zeros((global_batch_size,), np.int32)
+    mask = np.arange(global_batch_size) < stop - start
+    tokens[: stop - start], labels[: stop - start] = eval_images(src.__getitems__(range(start, stop)), info)
+    rows = slice(process_index * lbs, (process_index + 1) * lbs)
+    return {"image": tokens[rows, : text.bucket_length(tokens)], "label": labels[rows], "mask": mask[rows]}

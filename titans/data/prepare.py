@@ -1,6 +1,7 @@
 """Prepares a dataset as ArrayRecord in a TFDS data_dir:  python -m titans.data.prepare NAME --data_dir=DIR
 
-`digits`, `speech_commands` (from the extracted WAV archive, titans/data/speech.py), and `fashion_mnist` when Debian's IDX files (or `$TITANS_FMNIST_DIR`) are present,
+`digits`, `speech_commands` (from the extracted WAV archive, titans/data/speech.py), `wordnet` (from
+Debian's wordnet-base files or --manual_dir, titans/data/text.py), and `fashion_mnist` when Debian's IDX files (or `$TITANS_FMNIST_DIR`) are present,
 use Titans' own builders and need no TensorFlow (they are also prepared automatically on
 first use). Everything else runs TFDS's own builder,
 `tfds.builder(name, data_dir=..., file_format='array_record').download_and_prepare()`, which
@@ -18,7 +19,7 @@ import sys
 import tensorflow_datasets as tfds
 
 from titans import cli as cli_lib
-from titans.data import builders, speech
+from titans.data import builders, speech, text
 from titans.data.info import DATASETS
 from titans.data.sources import _auto_prepared_builder, default_data_dir
 
@@ -32,6 +33,12 @@ def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = Non
         raw = manual_dir or builders.fmnist_raw_dir()
         builder = _auto_prepared_builder(builders.FashionMnistOffline, data_dir, manual_dir=raw)
         return os.fspath(builder.data_dir)
+
+    if name == "wordnet":
+        raw = manual_dir or text.wordnet_dir()
+        if not text.wordnet_available(raw):
+            raise SystemExit(text.missing_message(raw))
+        return os.fspath(_auto_prepared_builder(text.TitansWordnet, data_dir, manual_dir=raw).data_dir)
 
     if name == "speech_commands":
         raw = manual_dir or speech.raw_dir()

@@ -1,8 +1,8 @@
 """Random-access sources: `get_source(name, split)` over TFDS ArrayRecord data, without TF.
 
-Every dataset is read with `builder.as_data_source` (ArrayRecord). `digits` and, when the raw
-IDX files are on disk, `fashion_mnist` are prepared on first use by our own builders
-(`builders.py`); the others must have been prepared beforehand with
+Every dataset is read with `builder.as_data_source` (ArrayRecord). `digits`, `wordnet` (from Debian's
+`wordnet-base` files, `text.py`) and, when the raw IDX files are on disk, `fashion_mnist` are prepared on
+first use by our own builders (`builders.py`, `text.py`); the others must have been prepared beforehand with
 `python -m titans.data.prepare NAME --data_dir=DIR` (which needs TensorFlow), and a missing
 one raises `DatasetNotFoundError` naming that command.
 """
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
-from titans.data import builders, speech
+from titans.data import builders, speech, text
 from titans.data.info import DATASETS
 
 
@@ -227,9 +227,44 @@ def get_source(name: str, split: str, data_dir: str | None = None) -> Source:
         ds = _fashion_mnist(split, data_dir)
     elif name == "speech_commands":
         ds = _speech_commands(split, data_dir)
+    elif name == "wordnet":
+        return Source(
+            _wordnet(data_dir).as_data_source(split=split),
+            name=name,
+            split=split,
+            data_dir=data_dir,
+            image_key="tokens",
+        )
     else:
         ds = _tfds_data_source(name, name, split, data_dir)
     return Source(ds, name=name, split=split, data_dir=data_dir)
+
+
+def _wordnet(data_dir: str):
+    """The `titans_wordnet` builder over data_dir, prepared from the WordNet files on first use."""
+    builder = text.TitansWordnet(data_dir=data_dir, file_format="array_record")
+    if not (builder.is_prepared() or text.wordnet_available()):
+        raise DatasetNotFoundError(
+            f"Dataset 'wordnet' (Titans' builder 'titans_wordnet') is not prepared in data_dir {data_dir!r}. "
+            + text.missing_message(text.wordnet_dir())
+            + f" It is then prepared on first use, or with: {prepare_command('wordnet', data_dir)}"
+        )
+    return _auto_prepared_builder(text.TitansWordnet, data_dir, manual_dir=text.wordnet_dir())
+
+
+def tokenizer_for(data_dir: str | None = None):
+    """(tokenizer, SHA-256 of its JSON) of the `wordnet` dataset in data_dir (prepared on first use)."""
+    data_dir = os.path.expanduser(os.fspath(data_dir or default_data_dir()))
+    return text.read_tokenizer(_wordnet(data_dir).data_path)
+
+
+def check_tokenizer(recorded_sha: str, data_dir: str | None = None) -> str:
+    """The tokenizer's SHA-256 in data_dir; raises `TokenizerMismatchError` unless it is `recorded_sha`."""
+    _, current = tokenizer_for(data_dir)
+    if current != recorded_sha:
+        where = f"data_dir {os.fspath(data_dir or default_data_dir())!r}"
+        raise text.TokenizerMismatchError(text.mismatch_message(recorded_sha, current, where))
+    return current
 
 
 def _speech_commands(split: str, data_dir: str):
