@@ -3,6 +3,8 @@ padding invariance, masks, bfloat16 compute, dropout state, cost at real lengths
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -27,6 +29,7 @@ WORDNET = DatasetInfo(
     vocab_size=8000,
 )
 TINY = {"depth": 2, "width": 16, "heads": 2}  # a transformer small enough to compile in a moment
+ONE = {**TINY, "depth": 1}
 TEXT_MODELS = [
     ("text_bag", {"embed_dim": 16, "hidden": (16,)}),
     ("text_cnn", {"embed_dim": 16, "channels": (16, 16), "kernel": 3, "dense": 16}),
@@ -39,6 +42,12 @@ TEXT_MODELS = [
 def build(name, info=WORDNET, seed=0, dtype=jnp.float32, **kwargs):
     cfg = ml_collections.ConfigDict({"name": name, "kwargs": kwargs})
     return models.build_model(cfg, info, seed=seed, dtype=dtype)
+
+
+@functools.cache
+def built(name, **kwargs):
+    """`build` (for wordnet, or for Fashion-MNIST for the ViT), shared by the tests that only read the model."""
+    return build(name, _fmnist() if name == "vit" else WORDNET, **kwargs)
 
 
 def sequences(lengths, vocab=WORDNET.vocab_size, seed=0) -> list[np.ndarray]:
@@ -57,7 +66,7 @@ def padded(seqs, length) -> np.ndarray:
 def test_padding_changes_nothing(name, kwargs):
     """A sequence's logits are the same whatever padding follows it (0, 5 or 100 extra tokens), and the
     padding mask is what makes them so: without it (every position real) the extra padding moves them."""
-    model = build(name, **kwargs)
+    model = built(name, **kwargs)
     seqs = sequences([3, 11, 17])
     forward = jax.jit(lambda m, t: m(t))
     unmasked = jax.jit(lambda m, t: m.forward(t, jnp.ones(t.shape, bool), False)[0])
@@ -74,22 +83,25 @@ def test_padding_changes_nothing(name, kwargs):
 
 def test_transformer_masks_keys_and_pooling_separately():
     """The key mask and the masked mean each matter: with either one dropped, padding moves the logits."""
-    model = build("transformer", **TINY)
+    model = built("transformer", **TINY)
     seqs = sequences([4, 9])
     short, long = padded(seqs, 9), padded(seqs, 40)
 
+    @functools.partial(jax.jit, static_argnums=(1, 2))
     def logits(tokens, attn_mask: bool, pool_mask: bool):
         mask = jnp.asarray(tokens != 0)
-        x = model.encoder.pos[: tokens.shape[1]] + model.embed(jnp.asarray(tokens)).astype(jnp.float32)
+        x = model.encoder.pos[: tokens.shape[1]] + model.embed(tokens).astype(jnp.float32)
         for block in model.encoder.blocks:  # the encoder's own loop, with either mask left out
             x = block(x, mask if attn_mask else None, None)
         x = model.encoder.norm(x)
         pooled = T.masked_mean(x, mask) if pool_mask else jnp.mean(x, axis=1)
-        return np.asarray(model.classifier(pooled))
+        return model.classifier(pooled)
 
-    np.testing.assert_allclose(logits(long, True, True), model(short), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(logits(long, True, True), jax.jit(model)(short), rtol=1e-5, atol=1e-5)
     for attn_mask, pool_mask in ((False, True), (True, False)):
-        assert np.max(np.abs(logits(long, attn_mask, pool_mask) - logits(short, attn_mask, pool_mask))) > 1e-3
+        assert (
+            np.max(np.abs(np.asarray(logits(long, attn_mask, pool_mask) - logits(short, attn_mask, pool_mask)))) > 1e-3
+        )
 
 
 def test_attention_matches_a_numpy_reference():
@@ -170,11 +182,11 @@ def _fmnist() -> DatasetInfo:
 
 def test_models_build_from_a_config_and_refuse_the_wrong_modality():
     for name, kwargs in TEXT_MODELS:
-        model = build(name, **kwargs)
+        model = built(name, **kwargs)
         assert models.modality(name) == "text" and model.input_shape == (128,)
         assert model.embed.embedding.shape[0] == WORDNET.vocab_size  # the vocabulary came from the info
         assert "vocab_size" not in models.model_kwargs(name)  # the dataset's, never the config's
-    vit = build("vit", _fmnist(), patch=7, **TINY)
+    vit = built("vit", patch=7, **TINY)
     logits, acts = vit(np.zeros((3, 28, 28, 1), np.float32), capture=True)
     assert logits.shape == (3, 10) and list(acts) == ["block1", "block2", "features"]
     assert vit.encoder.pos.shape == (16, 16)  # (28 / 7)^2 patches
@@ -187,10 +199,11 @@ def test_models_build_from_a_config_and_refuse_the_wrong_modality():
         build("vit", _fmnist(), patch=5)
     with pytest.raises(TypeError, match="fixes depth"):
         build("transformer_small", depth=3)
+    bag = built(*TEXT_MODELS[0][:1], **TEXT_MODELS[0][1])
     with pytest.raises(TypeError, match="integer token ids"):
-        build("text_bag")(np.zeros((1, 4), np.float32))
+        bag(np.zeros((1, 4), np.float32))
     with pytest.raises(ValueError, match="at most 128 tokens"):
-        build("text_bag")(np.zeros((1, 129), np.int32))
+        bag(np.zeros((1, 129), np.int32))
 
 
 def test_vit_patches_are_the_image_tiles_in_row_major_order():
@@ -216,7 +229,7 @@ def test_text_flops_at_real_lengths_span_a_hundredfold():
     assert flops["text_bag"] < flops["text_cnn"] < flops["transformer_small"] < flops["transformer"]
     assert flops["transformer"] / flops["text_bag"] >= 100
     assert flops["transformer"] / flops["transformer_small"] >= 10
-    small = build("transformer", **TINY)
+    small = built("transformer", **TINY)
     f16, f64 = (models.flops_per_example(small, (n,)) for n in (16, 64))
     assert f64 > 4 * f16
 
@@ -225,26 +238,27 @@ def test_dropout_state_is_plain_integers_and_advances():
     """Dropout draws from a seed and a step count kept as int arrays among the non-parameter state (the
     trainer casts that state to float32); each training call advances the step, so two calls differ; eval is
     deterministic and equals the model without dropout."""
-    model = build("transformer", dropout=0.3, **TINY)
-    no_drop = build("transformer", **TINY)
+    model = build("transformer", dropout=0.3, **ONE)
+    no_drop = built("transformer", **ONE)
     _, _, rest = nnx.split(model, nnx.Param, ...)
     leaves = jax.tree.leaves(rest)
     assert leaves and all(jnp.issubdtype(x.dtype, jnp.integer) for x in leaves)
     jax.tree.map(lambda x: x.astype(jnp.float32), rest)  # what make_train_step does with model_state
     tokens = padded(sequences([6, 10]), 10)
-    np.testing.assert_allclose(model(tokens), no_drop(tokens), rtol=1e-6, atol=1e-6)
-    first, second = model(tokens, train=True), model(tokens, train=True)
+    run = nnx.jit(lambda m, t, train: m(t, train=train), static_argnums=2)
+    np.testing.assert_allclose(run(model, tokens, False), run(no_drop, tokens, False), rtol=1e-6, atol=1e-6)
+    first, second = run(model, tokens, True), run(model, tokens, True)
     assert int(model.rng.step[...]) == 2
     assert np.max(np.abs(np.asarray(first) - np.asarray(second))) > 1e-3
-    assert np.max(np.abs(np.asarray(first) - np.asarray(model(tokens)))) > 1e-3
-    again = build("transformer", dropout=0.3, **TINY)
-    np.testing.assert_array_equal(again(tokens, train=True), first)  # same seed, same masks
+    assert np.max(np.abs(np.asarray(first) - np.asarray(run(model, tokens, False)))) > 1e-3
+    again = build("transformer", dropout=0.3, **ONE)
+    np.testing.assert_array_equal(run(again, tokens, True), first)  # same seed, same masks
 
 
 def _train_step_on(devices, tokens, labels):
     """One jitted SGD step of a dropout transformer on a data-parallel mesh over `devices`."""
     mesh = parallel.make_mesh(devices)
-    graphdef, params, rest = nnx.split(build("transformer", dropout=0.1, **TINY), nnx.Param, ...)
+    graphdef, params, rest = nnx.split(build("transformer", dropout=0.1, **ONE), nnx.Param, ...)
     tx = optax.sgd(0.5)  # not Adam: its first step is sign(g), which turns rounding noise of tiny gradients into lr
     opt_state = tx.init(params)
 
@@ -279,5 +293,5 @@ def test_eight_devices_equal_one_device():
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
     assert jax.tree.leaves(r8) == jax.tree.leaves(r1)
     assert int(r8["rng"]["step"]) == 1
-    p0 = nnx.to_pure_dict(nnx.split(build("transformer", dropout=0.1, **TINY), nnx.Param, ...)[1])
+    p0 = nnx.to_pure_dict(nnx.split(built("transformer", **ONE), nnx.Param, ...)[1])  # same parameters
     assert max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p0))) > 1e-3
