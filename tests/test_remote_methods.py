@@ -21,6 +21,7 @@ from titans.active import config as active_config
 from titans.active import loop
 from titans.active import report as active_report
 from titans.analyze import analyze_path
+from titans.cascade import report as cascade_report
 from titans.ensemble import runner as ensemble_runner
 from titans.teachers import cache as cache_lib
 
@@ -133,6 +134,7 @@ def test_a_pipeline_with_a_cascade_writes_its_outputs_to_the_bucket_only(pipelin
         logits = np.load(io.BytesIO(paths.resolve(f"{url}/cascade_logits.npz").read_bytes()))
         assert logits["test/teacher"].shape == (cascade["test_examples"], 10)
         assert paths.resolve(f"{url}/cascade_accuracy_vs_flops.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert cascade_report.load([url]) == [cascade]  # the study's report reads the bucket too
 
 
 @pytest.mark.slow
