@@ -90,6 +90,21 @@ def not_worse_verdict(d: PairedDifference, margin: float) -> str:
     return "unresolved"
 
 
+def non_inferiority_verdict(d: PairedDifference, margin: float) -> str:
+    """The test of "A is non-inferior to B within `margin`" (a tolerance declared before looking), given the
+    paired d = A - B: "non-inferior" when the lower end of the 95% interval is above -margin, "inferior" when
+    its upper end is below -margin, else "unresolved" (also with fewer than two pairs)."""
+    if margin < 0:
+        raise ValueError(f"a non-inferiority margin is >= 0, got {margin}")
+    if d.n < 2 or not math.isfinite(d.low):
+        return "unresolved"
+    if d.low > -margin:
+        return "non-inferior"
+    if d.high < -margin:
+        return "inferior"
+    return "unresolved"
+
+
 @dataclasses.dataclass(frozen=True)
 class TimeRatio:
     """The geometric mean over paired repeats of time_a / time_b, its 95% interval (a t-interval on the log

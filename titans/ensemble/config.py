@@ -5,19 +5,24 @@ or none when the teacher run exists) plus an `ensemble` section:
 
   member          a full run config (titans.config.base_config) for every member: data, optimizer,
                   duration, distill.teacher_workdir ("@stage" or a path), distill.loss/alpha/temperature;
-  candidates      FIND-WL's candidate architectures: name -> {name, kwargs}; tried smallest first
-                  (by XLA-measured FLOPs);
+  candidates      FIND-WL's candidate architectures: name -> {name, kwargs[, epochs]}; tried smallest
+                  first (by XLA-measured FLOPs); `epochs` (optional) is that architecture's own training
+                  budget (the member run's total_epochs), else `member`'s duration applies;
   rounds          the most members;
   weights         "example" or "example_class": what the weight player weighs;
   eta, mix        the weight player's step size and uniform mix;
   gamma           the weak-learning condition: a member must remove this fraction of the weighted
                   residual loss left by the members before it;
+  edge_split      where FIND-WL measures that edge: "" = on the members' own training rows
+                  (member.dataset.train_split), or a split of rows the members do not train on (e.g.
+                  "train[80%:90%]" with member.dataset.train_split "train[:80%]"; checked disjoint at run
+                  time): the weight player weighs those rows too, and only their edge accepts a candidate;
   barrier_weight, barrier_t   the log-barrier relaxation of that condition in the member's loss;
   connect.layer   "" (no connection) or the previous member's activation to feed forward
                   ("features", "stage2", ...); connect.join "concat" | "add"; connect.width;
   variants        which of bdistil, bdistil_noconn, resched, no_resched to run;
   no_resched      candidate single students for the no-resched curve (for each B-DISTIL prefix, the
-                  one whose FLOPs are closest to the prefix's is trained);
+                  one whose FLOPs are closest to the prefix's is trained), entries as in `candidates`;
   val_split, test_split, predict_batch_size, num_thresholds, budgets (fractions of the full
                   ensemble's FLOPs for the anytime budget curves).
 """
@@ -43,6 +48,7 @@ def defaults() -> ml_collections.ConfigDict:
     e.eta = 1.0
     e.mix = 0.1
     e.gamma = 0.05
+    e.edge_split = ""
     e.barrier_weight = 0.1
     e.barrier_t = 5.0
     e.connect = ml_collections.ConfigDict(dict(layer="features", join="concat", width=16))
@@ -56,9 +62,19 @@ def defaults() -> ml_collections.ConfigDict:
     return e
 
 
-def model_entry(name: str, **kwargs) -> ml_collections.ConfigDict:
-    """A candidate architecture: {name, kwargs} as in a run config's `model` section."""
-    return ml_collections.ConfigDict(dict(name=name, kwargs=ml_collections.ConfigDict(kwargs)))
+def model_entry(name: str, *, epochs: float | None = None, **kwargs) -> ml_collections.ConfigDict:
+    """A candidate architecture: {name, kwargs} as in a run config's `model` section, plus `epochs`, its own
+    training budget, when given."""
+    entry = ml_collections.ConfigDict(dict(name=name, kwargs=ml_collections.ConfigDict(kwargs)))
+    if epochs is not None:
+        entry.epochs = float(epochs)
+    return entry
+
+
+def model_only(entry) -> dict:
+    """{name, kwargs} of a candidate entry (a ConfigDict or dict), without its training budget."""
+    d = entry.to_dict() if hasattr(entry, "to_dict") else dict(entry)
+    return {"name": d["name"], "kwargs": dict(d.get("kwargs") or {})}
 
 
 def _flat(cfg, prefix=""):
@@ -97,9 +113,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         for cname, cand in (e.get(group) or {}).items():
             if not isinstance(cand, ml_collections.ConfigDict) or "name" not in cand:
                 fail(f"{group}.{cname} must be a {{name, kwargs}} model entry (see model_entry)")
-            extra = set(cand) - {"name", "kwargs"}
+            extra = set(cand) - {"name", "kwargs", "epochs"}
             if extra:
-                fail(f"{group}.{cname} has unknown field(s) {sorted(extra)}; expected name and kwargs")
+                fail(f"{group}.{cname} has unknown field(s) {sorted(extra)}; expected name, kwargs and epochs")
+            if "epochs" in cand and not (isinstance(cand.epochs, (int, float)) and cand.epochs > 0):
+                fail(f"{group}.{cname}.epochs={cand.epochs!r} must be a number > 0 (the member's total_epochs)")
+    _check_edge_split(e, fail)
     if e.get("weights", "example") not in WEIGHT_MODES:
         fail(f"weights={e.weights!r} is not one of {list(WEIGHT_MODES)}")
     if e.get("rounds", 1) < 1:
@@ -118,6 +137,22 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if "no_resched" in e.get("variants", VARIANTS) and not e.get("no_resched"):
         fail("variant no_resched needs `no_resched` candidate architectures")
     return config
+
+
+def _check_edge_split(e, fail) -> None:
+    """The edge split, when given, is none of the member's training split, the validation or the test split."""
+    edge = e.get("edge_split", "")
+    if not isinstance(edge, str):
+        fail(f"edge_split={edge!r} must be a split name ('' = the members' training rows)")
+    if not edge:
+        return
+    for field, other in (
+        ("member.dataset.train_split", e.member.dataset.train_split),
+        ("val_split", e.get("val_split", "")),
+        ("test_split", e.get("test_split", "")),
+    ):
+        if edge == other:
+            fail(f"edge_split={edge!r} is the same split as {field}: the edge needs rows the members do not train on")
 
 
 def section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

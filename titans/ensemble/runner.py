@@ -4,12 +4,14 @@
 
 Layout under WORKDIR (after the pipeline's stages, e.g. WORKDIR/teacher):
   bdistil/, bdistil_noconn/   state.json (members, FIND-WL log, why it stopped), weights_round{w}.npy
-                              (the weight player's weights for round w), round{w}/{candidate}/ (a
-                              member run: an ordinary Titans run directory, orbax checkpoints)
+                              (the weight player's weights for round w over the training rows;
+                              edge_weights_round{w}.npy over the edge split's rows when there is one),
+                              round{w}/{candidate}/ (a member run: an ordinary Titans run directory)
   resched/member{i}/          independently distilled members of the B-DISTIL members' sizes
   no_resched/{name}/          the no-resched curve: per B-DISTIL prefix, the single student closest in FLOPs
   teacher_logits_*.npy        the teacher's logits per split (computed once)
-  ensemble.json, ensemble.md  accuracy vs members and vs cumulative FLOPs, anytime curves
+  ensemble.json, ensemble.md  accuracy vs members and vs cumulative FLOPs, anytime curves; ensemble.json
+                              also holds the whole config and the code revision (titans.provenance)
 Every member is trained by `titans.train.train_and_evaluate` (with a Method that adds the
 frozen earlier members, the weight player's weights and the weak-learner loss). Rerunning the
 command resumes: finished rounds are read from state.json, an interrupted member run resumes from
@@ -26,13 +28,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import tensorflow_datasets as tfds
 
+from titans import config as config_lib
 from titans import data as data_lib
 from titans import logs, losses, models, parallel, paths, runs
 from titans.ensemble import anytime
 from titans.ensemble import config as ens_config
 from titans.ensemble import members as mem
 from titans.ensemble import weights as wp
+from titans.provenance import provenance
 from titans.runs import read_json, write_json
 from titans.train import Method, ensure_trained
 
@@ -55,6 +60,9 @@ class Context:
             "val": data_lib.get_source(member.dataset.name, self.e.val_split, data_dir=data_dir),
             "test": data_lib.get_source(member.dataset.name, self.e.test_split, data_dir=data_dir),
         }
+        if self.e.edge_split:
+            check_edge_rows(member.dataset.name, self.e.edge_split, member.dataset.train_split, data_dir)
+            self.sources["edge"] = data_lib.get_source(member.dataset.name, self.e.edge_split, data_dir=data_dir)
         self.mesh = parallel.make_mesh()
         self.bs = int(self.e.predict_batch_size)
         parallel.check_batch_size(self.bs, self.mesh)
@@ -81,12 +89,60 @@ class Context:
         return self._teacher_logits[split]
 
     def member_config(self, name: str, model_entry, seed: int) -> ml_collections.ConfigDict:
+        """The run config of one member: `member` with the entry's model and, if it has one, its epochs."""
         c = ml_collections.ConfigDict(copy.deepcopy(self.member.to_dict()))
         c.name = name
         c.seed = int(seed)
-        c.model.name = model_entry.name
-        c.model.kwargs = ml_collections.ConfigDict(model_entry.get("kwargs", ml_collections.ConfigDict()).to_dict())
+        model = ens_config.model_only(model_entry)
+        c.model.name = model["name"]
+        c.model.kwargs = ml_collections.ConfigDict(model["kwargs"])
+        epochs = model_entry.get("epochs")
+        if epochs:
+            c.total_epochs, c.total_steps = float(epochs), 0
         return c
+
+
+def _split_rows(dataset: str, split: str, data_dir) -> dict[str, list[tuple[int, int]]]:
+    """{base split: [(first row, end row), ...]} of a TFDS split expression such as "train[:80%]+test"."""
+    names = {i.splitname for i in tfds.core.ReadInstruction.from_spec(split).to_absolute(_AnySize())}
+    sizes = {n: _Size(len(data_lib.get_source(dataset, n, data_dir=data_dir))) for n in names}
+    out: dict[str, list[tuple[int, int]]] = {}
+    for i in tfds.core.ReadInstruction.from_spec(split).to_absolute(sizes):
+        n = sizes[i.splitname].num_examples
+        out.setdefault(i.splitname, []).append((i.from_ or 0, n if i.to is None else i.to))
+    return out
+
+
+class _Size:
+    def __init__(self, n: int):
+        self.num_examples = n
+
+
+class _AnySize(dict):
+    """A split-size table that answers any name (only the names are wanted)."""
+
+    def __getitem__(self, name):
+        return _Size(1)
+
+    def __contains__(self, name):
+        return True
+
+
+def check_edge_rows(dataset: str, edge_split: str, train_split: str, data_dir) -> None:
+    """Refuses an edge split that shares rows with the members' training split (ConfigError naming both)."""
+    edge, train = _split_rows(dataset, edge_split, data_dir), _split_rows(dataset, train_split, data_dir)
+    shared = sum(
+        max(0, min(b1, b2) - max(a1, a2))
+        for name in edge.keys() & train.keys()
+        for a1, b1 in edge[name]
+        for a2, b2 in train[name]
+    )
+    if shared:
+        raise config_lib.ConfigError(
+            f"ensemble.edge_split={edge_split!r} shares {shared} rows of {dataset} with "
+            f"ensemble.member.dataset.train_split={train_split!r}: the edge must be measured on rows the members "
+            "do not train on (or set edge_split='' to measure it on the training rows)"
+        )
 
 
 def _member_method(build_only: bool, spec: dict, frozen_members, weights: np.ndarray, ctx: Context):
@@ -164,13 +220,16 @@ def weighted_edge(before, after, weights) -> float:
 
 
 def ordered_candidates(ctx: Context) -> list:
-    """FIND-WL's candidates, smallest first by XLA-measured FLOPs (ConfigDict keys carry no order)."""
+    """FIND-WL's candidates, smallest first by XLA-measured FLOPs: [(name, entry, FLOPs per example)]
+    (ConfigDict keys carry no order)."""
     sized = []
     for name, entry in ctx.e.candidates.items():
-        model = mem.build_member({"model": entry.to_dict(), "connected": False}, ctx.info, seed=0, dtype=jnp.float32)
+        model = mem.build_member(
+            {"model": ens_config.model_only(entry), "connected": False}, ctx.info, seed=0, dtype=jnp.float32
+        )
         sized.append((models.flops_per_example(model, ctx.info.image_shape), name, entry))
     sized.sort(key=lambda t: (t[0], t[1]))
-    return [(name, entry) for _, name, entry in sized]
+    return [(name, entry, float(flops)) for flops, name, entry in sized]
 
 
 def run_bdistil(ctx: Context, variant: str, connect: bool) -> dict:
@@ -181,12 +240,11 @@ def run_bdistil(ctx: Context, variant: str, connect: bool) -> dict:
     state_path = paths.join(vdir, "state.json")
     state = read_json(state_path, {"members": [], "log": [], "stopped": None})
     layer = e.connect.layer if connect else ""
-    g = ctx.teacher_logits("train")
     candidates = ordered_candidates(ctx)
     for w in range(len(state["members"]) + 1, e.rounds + 1):
         if state["stopped"]:
             break
-        weights = _round_weights(vdir, w, g.shape, e.weights)
+        weights = {s: _round_weights(vdir, w, ctx.teacher_logits(s).shape, e.weights, s) for s in _game_splits(ctx)}
         state["log"] = [r for r in state["log"] if r["round"] != w]
         found = _find_weak_learner(ctx, variant, vdir, w, state, candidates, weights, layer)
         if found is None:
@@ -203,17 +261,30 @@ def run_bdistil(ctx: Context, variant: str, connect: bool) -> dict:
             write_json(state_path, state)
             break
         state["members"].append(accepted)
-        scores = wp.residual_scores(after_logits, g, e.weights, ctx.member.distill.temperature)
-        save_npy(
-            paths.join(vdir, f"weights_round{w + 1}.npy"), wp.update_weights(weights, scores, eta=e.eta, mix=e.mix)
-        )
+        for s in weights:  # the weight player's next move, on every row of the game
+            scores = wp.residual_scores(
+                after_logits[s], ctx.teacher_logits(s), e.weights, ctx.member.distill.temperature
+            )
+            save_npy(
+                paths.join(vdir, f"{_WEIGHT_FILES[s]}_round{w + 1}.npy"),
+                wp.update_weights(weights[s], scores, eta=e.eta, mix=e.mix),
+            )
         write_json(state_path, state)
     return state
 
 
-def _round_weights(vdir: str, w: int, shape: tuple[int, int], weights_cfg) -> np.ndarray:
-    """The weight player's weights for round `w`: saved by round w - 1, or the initial ones (saved in round 1)."""
-    wpath = paths.join(vdir, f"weights_round{w}.npy")
+# The weight player weighs the training rows and, when the edge is held out, the edge split's rows too.
+_WEIGHT_FILES = {"train": "weights", "edge": "edge_weights"}
+
+
+def _game_splits(ctx: Context) -> tuple[str, ...]:
+    return ("train", "edge") if "edge" in ctx.sources else ("train",)
+
+
+def _round_weights(vdir: str, w: int, shape: tuple[int, int], weights_cfg, split: str = "train") -> np.ndarray:
+    """The weight player's weights for round `w` over `split`'s rows: saved by round w - 1, or the initial
+    ones (saved in round 1)."""
+    wpath = paths.join(vdir, f"{_WEIGHT_FILES[split]}_round{w}.npy")
     n, k = shape
     weights = load_npy(wpath) if paths.exists(wpath) else wp.initial_weights(n, k, weights_cfg)
     if w == 1:
@@ -244,22 +315,23 @@ def _frozen_members(ctx: Context, members: list, layer: str):
 
 
 def _find_weak_learner(
-    ctx: Context, variant: str, vdir: str, w: int, state: dict, candidates: list, weights: np.ndarray, layer: str
+    ctx: Context, variant: str, vdir: str, w: int, state: dict, candidates: list, weights: dict, layer: str
 ):
-    """FIND-WL for round `w`: trains the candidates, smallest first, until one meets the weak-learning condition.
+    """FIND-WL for round `w`: trains the candidates, smallest first, until one meets the weak-learning condition
+    on the edge rows (the edge split when there is one, else the training rows).
 
     Appends each candidate's entry to state["log"]. Returns (accepted spec or None, (best edge, its candidate),
-    the ensemble logits with the last candidate tried), or None if a member run was preempted.
+    {split: the ensemble logits with the last candidate tried}), or None if a member run was preempted.
     """
     e = ctx.e
-    g, labels = ctx.teacher_logits("train"), ctx.labels["train"]
     frozen, prev_dim = _frozen_members(ctx, state["members"], layer)
     best, after_logits = None, None
-    for j, (cname, cand) in enumerate(candidates):
+    for j, (cname, cand, flops) in enumerate(candidates):
         spec = {
             "round": w,
             "candidate": cname,
-            "model": cand.to_dict(),
+            "model": ens_config.model_only(cand),
+            "epochs": cand.get("epochs"),
             "connected": bool(layer and frozen),
             "prev_dim": prev_dim,
             "join": e.connect.join,
@@ -267,11 +339,13 @@ def _find_weak_learner(
             "workdir": paths.join(vdir, f"round{w}", cname),
         }
         cfg = ctx.member_config(f"{variant}_r{w}_{cname}", cand, ctx.member.seed + 1000 * w + j)
-        result = ensure_trained(cfg, spec["workdir"], method=_member_method(False, spec, frozen, weights, ctx))
+        result = ensure_trained(cfg, spec["workdir"], method=_member_method(False, spec, frozen, weights["train"], ctx))
         if result.get("preempted"):
             return None
-        edge, after_logits = _candidate_edge(ctx, state["members"] + [spec], layer, g, labels, weights)
-        entry = _find_wl_entry(w, cname, edge, e.gamma, result)
+        edges, after_logits = _candidate_edges(ctx, state["members"] + [spec], layer, weights)
+        edge = edges.get("edge", edges["train"])  # held out when there is an edge split
+        entry = _find_wl_entry(w, cname, edge, e.gamma, result, rows=e.edge_split or "training rows")
+        entry.update(edge_rows=e.edge_split or "training rows", train_edge=edges["train"], flops=flops)
         state["log"].append(entry)
         logging.info("[FIND-WL %s] round %d, candidate %s: %s", variant, w, cname, entry["reason"])
         best = max(best or (edge, cname), (edge, cname))
@@ -280,27 +354,25 @@ def _find_weak_learner(
     return None, best, after_logits
 
 
-def _candidate_edge(ctx: Context, specs: list, layer: str, g, labels, weights) -> tuple[float, np.ndarray]:
-    """(weighted edge of the last member of `specs` over the ones before it, the ensemble's summed logits)."""
-    own, _ = mem.member_logits(
-        mem.load_ensemble(specs, ctx.info, layer=layer).frozen(),
-        ctx.sources["train"],
-        ctx.info,
-        batch_size=ctx.bs,
-        mesh=ctx.mesh,
-    )
-    after_logits = own.sum(axis=1)
-    before_logits = own[:, :-1].sum(axis=1)
-    edge = weighted_edge(
-        residual_loss(before_logits, g, labels, weights, ctx),
-        residual_loss(after_logits, g, labels, weights, ctx),
-        weights,
-    )
-    return edge, after_logits
+def _candidate_edges(ctx: Context, specs: list, layer: str, weights: dict) -> tuple[dict, dict]:
+    """({split: weighted edge of the last member of `specs` over the ones before it}, {split: the ensemble's
+    summed logits}) on every split of the game (the training rows, and the edge split's when there is one)."""
+    frozen = mem.load_ensemble(specs, ctx.info, layer=layer).frozen()
+    edges, after = {}, {}
+    for split, w in weights.items():
+        own, _ = mem.member_logits(frozen, ctx.sources[split], ctx.info, batch_size=ctx.bs, mesh=ctx.mesh)
+        g, labels = ctx.teacher_logits(split), ctx.labels[split]
+        after[split] = own.sum(axis=1)
+        edges[split] = weighted_edge(
+            residual_loss(own[:, :-1].sum(axis=1), g, labels, w, ctx),
+            residual_loss(after[split], g, labels, w, ctx),
+            w,
+        )
+    return edges, after
 
 
-def _find_wl_entry(w: int, cname: str, edge: float, gamma, result: dict) -> dict:
-    """The FIND-WL log entry of one candidate: its edge, whether it is accepted, and why."""
+def _find_wl_entry(w: int, cname: str, edge: float, gamma, result: dict, rows: str = "training rows") -> dict:
+    """The FIND-WL log entry of one candidate: its edge (measured on `rows`), whether it is accepted, and why."""
     meets = edge >= gamma
     return {
         "round": w,
@@ -309,24 +381,28 @@ def _find_wl_entry(w: int, cname: str, edge: float, gamma, result: dict) -> dict
         "gamma": float(gamma),
         "accepted": meets,
         "reason": (
-            f"edge {edge:.4f} >= gamma {gamma}: weak-learning condition met"
+            f"edge {edge:.4f} on {rows} >= gamma {gamma}: weak-learning condition met"
             if meets
-            else f"edge {edge:.4f} < gamma {gamma}: condition not met, trying the next size"
+            else f"edge {edge:.4f} on {rows} < gamma {gamma}: condition not met, trying the next size"
         ),
         "test_accuracy": result.get("accuracy"),
     }
 
 
 def run_resched(ctx: Context, sizes: list[dict]) -> dict:
-    """Independently distilled members of the given sizes (plain KD from the teacher)."""
+    """Independently distilled members of the given sizes (plain KD from the teacher); `sizes`: the B-DISTIL
+    members' specs, whose model and epochs each resched member takes."""
     vdir = paths.join(ctx.workdir, "resched")
     specs = []
-    for i, model in enumerate(sizes, start=1):
-        entry = ml_collections.ConfigDict(model)
+    for i, size in enumerate(sizes, start=1):
+        entry = ml_collections.ConfigDict(
+            dict(size["model"], **({"epochs": size["epochs"]} if size.get("epochs") else {}))
+        )
         spec = {
             "round": i,
             "candidate": f"member{i}",
-            "model": model,
+            "model": ens_config.model_only(size["model"]),
+            "epochs": size.get("epochs"),
             "connected": False,
             "workdir": paths.join(vdir, f"member{i}"),
         }
@@ -350,7 +426,9 @@ def run_no_resched(ctx: Context, budgets: list[float]) -> dict:
     entries = dict(ctx.e.no_resched.items())
     sized = []
     for name, entry in entries.items():
-        model = mem.build_member({"model": entry.to_dict(), "connected": False}, ctx.info, seed=0, dtype=jnp.float32)
+        model = mem.build_member(
+            {"model": ens_config.model_only(entry), "connected": False}, ctx.info, seed=0, dtype=jnp.float32
+        )
         sized.append((models.flops_per_example(model, ctx.info.image_shape), name))
     picks = match_budgets(sized, budgets)
     specs = {}
@@ -358,7 +436,8 @@ def run_no_resched(ctx: Context, budgets: list[float]) -> dict:
         spec = {
             "round": len(specs) + 1,
             "candidate": name,
-            "model": entries[name].to_dict(),
+            "model": ens_config.model_only(entries[name]),
+            "epochs": entries[name].get("epochs"),
             "connected": False,
             "workdir": paths.join(ctx.workdir, "no_resched", name),
         }
@@ -449,7 +528,7 @@ def run_ensemble(config, workdir: str) -> dict:
         if boosted is None:
             logging.warning("[resched] skipped: no B-DISTIL variant produced members to match in size")
         else:
-            states["resched"] = run_resched(ctx, [m["model"] for m in boosted["members"]])
+            states["resched"] = run_resched(ctx, boosted["members"])
             if states["resched"].get("preempted"):
                 return {"preempted": True, "variant": "resched"}
     evaluated = {v: evaluate_variant(ctx, v, s) for v, s in states.items()}
@@ -477,6 +556,11 @@ def run_ensemble(config, workdir: str) -> dict:
         "connect_layer": e.connect.layer,
         "num_test": len(ctx.labels["test"]),
         "seed": int(ctx.member.seed),
+        "weights": e.weights,  # the game: "example" or "example_class"
+        "gamma": float(e.gamma),
+        "edge_split": e.edge_split,  # "" = the edge was measured on the members' training rows
+        "config": config.to_dict(),
+        **provenance(),  # revision, dirty, titans_version
     }
     if logs.is_writer():
         write_json(paths.join(ctx.workdir, "ensemble.json"), result)
