@@ -428,6 +428,7 @@ def digits_cascade(data_dir, tmp_path_factory):
         s.model.kwargs.hidden = (8,)
         s.distill.teacher_workdir = "@teacher"
         s.distill.objective = objective
+        s.distill.allow_in_sample_teacher = True  # the defer target reads the teacher's own training rows
         c.stages[name] = s
     c.cascade = ml_collections.ConfigDict(
         dict(

@@ -175,3 +175,27 @@ def test_flattened_distillation(batch):
     assert float(jnp.abs(g_flat).max()) < 1e-6 and float(jnp.abs(g_std).max()) > 0.01
     g_t = jax.grad(lambda tt: losses.flattened_distillation(s, tt, y, jnp.asarray(h)).sum())(jnp.asarray(t))
     assert float(jnp.abs(g_t).max()) == 0.0
+
+
+def test_mozannar_sontag_defer_matches_a_hand_computed_3_class_example():
+    """p = (0.1, 0.2, 0.3 | defer 0.4), teacher q = (0.7, 0.2, 0.1): L = -sum q log p_{1..3} - 1[expert right] log p_defer,
+    both terms at weight 1 (by hand: 2.054095 + 0.916291 = 2.970386 where the teacher is right, 2.054095 where it
+    is wrong, and 2.054095 + 0.75 * 0.916291 with a deferral cost of 0.25)."""
+    student = jnp.log(jnp.array([[0.1, 0.2, 0.3, 0.4]] * 2))
+    teacher = jnp.log(jnp.array([[0.7, 0.2, 0.1]] * 2))
+    labels = jnp.array([0, 1])  # the teacher's argmax is class 0: right on row 0, wrong on row 1
+    got = losses.mozannar_sontag_defer(student, teacher, labels)
+    np.testing.assert_allclose(got, [2.970386, 2.054095], atol=1e-5)
+    costly = losses.mozannar_sontag_defer(student, teacher, labels, defer_cost=0.25)
+    np.testing.assert_allclose(costly, [2.054095 + 0.75 * 0.916291, 2.054095], atol=1e-5)
+
+
+def test_easy_weight_strength_raises_the_whole_weight_to_a_power():
+    """weight = (floor + (1 - floor) s^sharpness)^strength: strength 16 turns a weight of 0.9468 (a teacher 0.97 sure)
+    into 0.4166, and strength 1 leaves it."""
+    teacher = jnp.log(jnp.array([[0.97, 0.02, 0.01]]))
+    labels = jnp.array([0])
+    w1 = losses.easy_weights(teacher, labels, None, rule="confidence", sharpness=2.0, floor=0.1)
+    w16 = losses.easy_weights(teacher, labels, None, rule="confidence", sharpness=2.0, floor=0.1, strength=16.0)
+    np.testing.assert_allclose(w1, [0.1 + 0.9 * 0.97**2], rtol=1e-5)
+    np.testing.assert_allclose(w16, [(0.1 + 0.9 * 0.97**2) ** 16], rtol=1e-4)

@@ -306,6 +306,7 @@ def test_cascade_objectives_train(teacher_run, data_dir, tmp_path, objective):
     c.distill.teacher_workdir = teacher_run[0]
     c.distill.objective = objective
     c.distill.easy.rule = "margin"
+    c.distill.allow_in_sample_teacher = True  # defer reads the teacher's correctness on its own training rows
     result = train.train_and_evaluate(c, str(tmp_path))
     assert result["accuracy"] > 0.6 and result["objective"] == objective
     outputs = 11 if objective == "defer" else 10

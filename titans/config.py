@@ -211,11 +211,20 @@ def _distill_section() -> ml_collections.ConfigDict:
     d.alpha = 0.9  # weight of the distillation term; (1 - alpha) on labelled CE
     d.temperature = 4.0
     # Student objective (docs/methods.md#cascades): a name in titans.losses.OBJECTIVES (built in: standard |
-    # easy_weighted | flatten | defer; a plug-in registers its own). easy_weighted and flatten read their per-example easiness from `easy` (flatten: hardness = 1 - easiness).
+    # easy_weighted | flatten | defer | defer_ms | easy_budget; a plug-in registers its own). easy_weighted and
+    # flatten read their per-example easiness from `easy` (flatten: hardness = 1 - easiness); easy_budget `budget`.
     d.objective = "standard"
     d.easy = _distill_easy_section()
     d.defer_weight = 1.0  # scales the "defer" term of the learning-to-defer surrogate
     d.defer_cost = 0.0  # cost of one deferral in [0, 1]: deferring pays only the teacher's advantage above it
+    d.budget = _distill_budget_section()
+    # Cross-fitting (titans/teachers/crossfit.py): comma-separated teacher runs trained on different folds of
+    # the training split; each training row's teacher outputs (soft labels, correctness) come from a listed
+    # teacher that did not train on it. "" = the one teacher of teacher_workdir.
+    d.crossfit_teachers = ""
+    # Objectives that read "is the teacher right on this row" refuse a teacher that trained on the student's
+    # rows (it is right and sure almost everywhere there) unless this is set.
+    d.allow_in_sample_teacher = False
     # Where the soft labels come from (titans/teachers, docs/teachers.md): online (the teacher's forward
     # inside the student step) | cache (outputs written beforehand by `python -m titans.teachers.cache`)
     # | service (an elastic pool of teacher actors on Ray).
@@ -232,7 +241,18 @@ def _distill_easy_section() -> ml_collections.ConfigDict:
     e.sharpness = 2.0  # weight = floor + (1 - floor) * easiness ** sharpness
     e.floor = 0.1
     e.warmup_steps = 0  # "agreement" uses weight 1 before this step
+    e.strength = 1.0  # the strength sweep: weight ** strength (1 = the weight above; larger = fewer rows kept)
     return e
+
+
+def _distill_budget_section() -> ml_collections.ConfigDict:
+    """`distill.budget`: the "easy_budget" objective's subset sized to the cascade's deferral rate."""
+    b = ml_collections.ConfigDict()
+    b.rate = 0.25  # the hardest round(rate * N) training rows are the teacher's
+    b.score = "teacher_loss"  # teacher_loss | student_loss | teacher_right_student_wrong (titans.losses)
+    b.treatment = "drop"  # drop (weight 0) | flatten (uniform target) | defer (abstain target, C + 1 outputs)
+    b.reference_workdir = ""  # a finished standard-KD student run (the first pass), for the student scores
+    return b
 
 
 def _distill_cache_section() -> ml_collections.ConfigDict:

@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from titans import config as config_lib
 
@@ -96,7 +97,14 @@ EASY_RULES = ("confidence", "margin", "correctness", "agreement")
 
 
 def easy_weights(
-    teacher_logits, labels, student_logits, *, rule: str, sharpness: float = 1.0, floor: float = 0.0
+    teacher_logits,
+    labels,
+    student_logits,
+    *,
+    rule: str,
+    sharpness: float = 1.0,
+    floor: float = 0.0,
+    strength: float = 1.0,
 ) -> jax.Array:
     """Per-example weights that concentrate the student's loss on examples it can get right.
 
@@ -106,8 +114,11 @@ def easy_weights(
       correctness  the teacher's probability of the true label (needs labelled data),
       agreement    the student's own probability of the teacher's top class (meaningful after a
                    warm-up; the trainer uses weight 1 before `easy.warmup_steps`).
-    weight = floor + (1 - floor) * s ** sharpness. sharpness 0 gives standard distillation; larger
-    values push the weight further onto the easy examples; floor keeps some signal on the hard ones.
+    weight = (floor + (1 - floor) * s ** sharpness) ** strength. sharpness 0 gives standard distillation;
+    larger values push the weight further onto the easy examples; floor keeps some signal on the hard
+    ones. `strength` (the strength sweep, `distill.easy.strength`) raises the whole weight, floor included,
+    to a power: 1 is the weight above, larger values leave weight only where the teacher is sure (a teacher
+    confident at 0.97 everywhere gives weights near 0.95 at strength 1 and 0.42 at strength 16).
     """
     t = jax.nn.softmax(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32))
     if rule == "confidence":
@@ -122,7 +133,7 @@ def easy_weights(
         s = jnp.take_along_axis(p_s, jnp.argmax(t, -1)[:, None], axis=-1)[:, 0]
     else:
         raise ValueError(f"Unknown easy-weighting rule '{rule}'; expected one of {EASY_RULES}.")
-    return floor + (1.0 - floor) * jnp.power(s, sharpness)
+    return jnp.power(floor + (1.0 - floor) * jnp.power(s, sharpness), strength)
 
 
 def defer_surrogate(
@@ -183,6 +194,111 @@ def flattened_distillation(
     return alpha * temperature**2 * kl + (1.0 - alpha) * (1.0 - h[:, 0]) * ce
 
 
+def mozannar_sontag_defer(logits, teacher_logits, labels, *, defer_cost: float = 0.0) -> jax.Array:
+    """The consistent learning-to-defer surrogate of Mozannar & Sontag (ICML 2020), with the teacher as
+    the expert and the teacher's soft labels as the classifier's targets, per example:
+
+        L = - sum_{k <= C} q_k log p_k  -  max(1[argmax g = y] - c, 0) * log p_defer,
+
+    p = softmax over all C + 1 outputs (temperature 1, the scale the deferral rule
+    "defer iff p_defer > max_k p_k" reads), q = softmax(g) the teacher's distribution over the C classes
+    (their -log p_y with the label replaced by the teacher's soft label), 1[argmax g = y] the expert's
+    correctness on the row (their 1[m = y]) and c (`distill.defer_cost`) the cost of one deferral. Both
+    terms weigh 1, as in the surrogate: no extra factor on the classifier or the defer term, no T^2.
+    The expert's correctness must come from a teacher that did not train on the row (cross-fitted
+    teacher outputs, `distill.crossfit_teachers`), or it is 1 almost everywhere.
+    """
+    num_classes = logits.shape[-1] - 1
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+    g = jax.lax.stop_gradient(teacher_logits).astype(jnp.float32)
+    q = jax.nn.softmax(g)
+    expert_right = (jnp.argmax(g, -1) == labels).astype(jnp.float32)
+    classify = -jnp.sum(q * logp[:, :num_classes], axis=-1)
+    return classify - jnp.maximum(expert_right - defer_cost, 0.0) * logp[:, num_classes]
+
+
+# --- Budget-sized easy subsets: the hardest `rate` of the training rows are the teacher's. ---
+
+HARDNESS_SCORES = ("teacher_loss", "student_loss", "teacher_right_student_wrong")
+BUDGET_TREATMENTS = ("drop", "flatten", "defer")
+
+
+def _np_cross_entropy(logits, labels) -> np.ndarray:
+    z = np.asarray(logits, np.float64)
+    z = z - z.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    return -np.take_along_axis(logp, np.asarray(labels)[:, None], -1)[:, 0]
+
+
+def hardness_scores(
+    score: str, labels, teacher_logits=None, reference_logits=None, num_classes: int | None = None
+) -> np.ndarray:
+    """Per-row hardness over a whole training split (numpy, float64; higher = harder):
+
+    teacher_loss                 the teacher's cross-entropy on the label;
+    student_loss                 a reference standard-KD student's cross-entropy on the label (two
+                                 passes: the reference run trained first, its logits on the rows);
+    teacher_right_student_wrong  1 where the teacher's argmax is the label and the reference student's
+                                 is not, else 0; ties are ordered by the teacher's advantage
+                                 (student loss - teacher loss), squashed into [0, 0.5) so that it never
+                                 outranks the indicator.
+    """
+    labels = np.asarray(labels)
+    if score not in HARDNESS_SCORES:
+        raise ValueError(f"Unknown hardness score {score!r}; expected one of {HARDNESS_SCORES}.")
+    need_teacher = score != "student_loss"
+    need_reference = score != "teacher_loss"
+    if (need_teacher and teacher_logits is None) or (need_reference and reference_logits is None):
+        raise ValueError(f"hardness score {score!r} needs the teacher's and/or the reference student's logits")
+    if score == "teacher_loss":
+        return _np_cross_entropy(teacher_logits, labels)
+    s = np.asarray(reference_logits)[:, :num_classes]  # a defer reference: its C class outputs
+    s_loss = _np_cross_entropy(s, labels)
+    if score == "student_loss":
+        return s_loss
+    t = np.asarray(teacher_logits)
+    indicator = (t.argmax(-1) == labels) & (s.argmax(-1) != labels)
+    advantage = s_loss - _np_cross_entropy(t, labels)
+    return indicator.astype(np.float64) + 0.5 / (1.0 + np.exp(-np.clip(advantage, -50, 50)))
+
+
+def budget_rows(scores, rate: float) -> np.ndarray:
+    """A 0/1 float32 mask of exactly round(rate * N) rows: those with the highest `scores` (ties: the
+    lower index first). These are the rows a cascade deferring a fraction `rate` hands to the teacher."""
+    scores = np.asarray(scores, np.float64)
+    n = len(scores)
+    k = int(round(rate * n))
+    hard = np.zeros(n, np.float32)
+    hard[np.argsort(-scores, kind="stable")[:k]] = 1.0
+    return hard
+
+
+def budget_loss(
+    logits, teacher_logits, labels, hard, *, treatment: str, alpha: float = 0.9, temperature: float = 4.0
+) -> tuple[jax.Array, jax.Array]:
+    """(per-example loss, weight) with the rows marked `hard` (0/1, per example) treated as the teacher's:
+
+    drop     standard Hinton KD, weight 0 on the hard rows (the easy rows keep weight 1);
+    flatten  `flattened_distillation` with hardness = hard: uniform targets and no label term there;
+    defer    a student with C + 1 outputs: the easy rows get (1 - alpha) (-log p_y) + alpha T^2 KL on
+             the C class outputs (p over all C + 1), the hard rows -log p_defer (the abstain target).
+    """
+    hard = jax.lax.stop_gradient(jnp.asarray(hard, jnp.float32))
+    ones = jnp.ones(labels.shape, jnp.float32)
+    if treatment == "drop":
+        return distillation_loss(logits, teacher_logits, labels, alpha=alpha, temperature=temperature), 1.0 - hard
+    if treatment == "flatten":
+        return flattened_distillation(logits, teacher_logits, labels, hard, alpha=alpha, temperature=temperature), ones
+    if treatment == "defer":
+        num_classes = logits.shape[-1] - 1
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+        ce = -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
+        kd = kd_divergence(logits[:, :num_classes], teacher_logits, temperature)
+        easy = (1.0 - alpha) * ce + alpha * kd
+        return (1.0 - hard) * easy - hard * logp[:, num_classes], ones
+    raise ValueError(f"Unknown treatment {treatment!r}; expected one of {BUDGET_TREATMENTS}.")
+
+
 # --- Objectives: what `distill.objective` selects, each defined (loss, outputs, checks) in one class. ---
 
 OBJECTIVES = config_lib.Registry("objective", "distill.objective")
@@ -206,6 +322,11 @@ class Objective:
 
     extra_outputs: ClassVar[int] = 0
     needs_teacher: ClassVar[bool] = True  # refused without distill.teacher_workdir
+    # Per-row inputs over the whole training split, computed before training (titans/train/method.py):
+    # "teacher" (the teacher's logits on every training row, cross-fitted where distill.crossfit_teachers
+    # names the fold teachers) and "reference" (distill.budget.reference_workdir's logits). An objective
+    # that names any gets `rows(...)`'s arrays gathered per batch: loss(..., step, rows=...).
+    row_inputs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config):
         self.config = config
@@ -220,6 +341,17 @@ class Objective:
 
     def loss(self, logits, teacher_logits, labels, step) -> tuple[jax.Array, jax.Array]:
         raise NotImplementedError(f"{type(self).__name__} defines no loss")
+
+    def reads_teacher_correctness(self) -> bool:
+        """Whether the objective reads "is the teacher right on this row" (its probability of the label, its
+        argmax against the label, or agreement with it). Such an objective is refused teacher outputs on
+        rows the teacher trained on (titans/teachers/crossfit.py) unless distill.allow_in_sample_teacher."""
+        return False
+
+    def rows(self, labels, teacher=None, reference=None) -> dict[str, np.ndarray]:
+        """Per-row arrays over the training split (the `row_inputs` given as numpy arrays), frozen into the
+        steps and gathered by the batch's row indices into `loss(..., rows=...)`."""
+        return {}
 
     def distillation(self, logits, teacher_logits, labels) -> jax.Array:
         """The config's distillation loss (`distill.loss`, alpha, temperature, label smoothing), per example."""
@@ -237,7 +369,15 @@ class Objective:
     def easiness(self, teacher_logits, labels, logits, floor: float) -> jax.Array:
         """`easy_weights` with the config's rule and sharpness (`distill.easy`)."""
         e = self.distill.easy
-        return easy_weights(teacher_logits, labels, logits, rule=e.rule, sharpness=e.sharpness, floor=floor)
+        return easy_weights(
+            teacher_logits,
+            labels,
+            logits,
+            rule=e.rule,
+            sharpness=e.sharpness,
+            floor=floor,
+            strength=e.get("strength", 1.0),
+        )
 
 
 def objective(config, where: str = "the config") -> Objective:
@@ -270,6 +410,15 @@ class EasyWeighted(Objective):
     """The standard distillation loss weighted by `easy_weights` (weight 1 before `easy.warmup_steps` for
     the "agreement" rule, whose easiness is the student's own)."""
 
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        strength = self.distill.easy.get("strength", 1.0)
+        if not strength > 0:
+            raise config_lib.ConfigError(f"{where}: distill.easy.strength={strength!r} must be > 0.")
+
+    def reads_teacher_correctness(self) -> bool:
+        return self.distill.easy.rule in ("correctness", "agreement")
+
     def loss(self, logits, teacher_logits, labels, step):
         e = self.distill.easy
         weights = self.easiness(teacher_logits, labels, logits, e.floor)
@@ -289,6 +438,9 @@ class Flatten(Objective):
                 f"{where}: distill.objective='flatten' flattens soft targets; it needs distill.loss='kd'."
             )
 
+    def reads_teacher_correctness(self) -> bool:
+        return self.distill.easy.rule in ("correctness", "agreement")
+
     def loss(self, logits, teacher_logits, labels, step):
         d = self.distill
         hardness = 1.0 - self.easiness(teacher_logits, labels, logits, 0.0)
@@ -304,6 +456,9 @@ class Defer(Objective):
 
     extra_outputs = 1
 
+    def reads_teacher_correctness(self) -> bool:
+        return True
+
     def loss(self, logits, teacher_logits, labels, step):
         d = self.distill
         per_example = defer_surrogate(
@@ -316,6 +471,77 @@ class Defer(Objective):
             defer_cost=d.defer_cost,
         )
         return per_example, jnp.ones(labels.shape, jnp.float32)
+
+
+@OBJECTIVES.register("defer_ms")
+class DeferMozannarSontag(Objective):
+    """Learning to defer weighted as the surrogate it reads (`mozannar_sontag_defer`): classifier term and
+    defer term at weight 1, teacher soft labels as the classifier's targets, the teacher's correctness
+    (held out) as the expert's."""
+
+    extra_outputs = 1
+
+    def reads_teacher_correctness(self) -> bool:
+        return True
+
+    def loss(self, logits, teacher_logits, labels, step):
+        per_example = mozannar_sontag_defer(logits, teacher_logits, labels, defer_cost=self.distill.defer_cost)
+        return per_example, jnp.ones(labels.shape, jnp.float32)
+
+
+@OBJECTIVES.register("easy_budget")
+class EasyBudget(Objective):
+    """Budget-sized easy subset: the hardest `distill.budget.rate` of the training rows by
+    `distill.budget.score` (`hardness_scores`, ranked over the whole split before training) are the
+    teacher's; `distill.budget.treatment` says what the student learns on them (`budget_loss`)."""
+
+    row_inputs = ("teacher", "reference")
+
+    @property
+    def extra_outputs(self) -> int:
+        return int(self.distill.budget.treatment == "defer")
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        b = self.distill.budget
+        if not 0.0 < b.rate < 1.0:
+            raise config_lib.ConfigError(f"{where}: distill.budget.rate={b.rate!r} must be in (0, 1).")
+        for field, value, options in (
+            ("score", b.score, HARDNESS_SCORES),
+            ("treatment", b.treatment, BUDGET_TREATMENTS),
+        ):
+            if value not in options:
+                raise config_lib.ConfigError(
+                    f"{where}: distill.budget.{field}={value!r} is not one of {list(options)}."
+                )
+        if b.score != "teacher_loss" and not b.reference_workdir:
+            raise config_lib.ConfigError(
+                f"{where}: distill.budget.score={b.score!r} reads a reference standard-KD student: set "
+                f"distill.budget.reference_workdir to its finished run (the first of the two passes)."
+            )
+        if b.treatment == "flatten" and self.distill.loss != "kd":
+            raise config_lib.ConfigError(f"{where}: distill.budget.treatment='flatten' needs distill.loss='kd'.")
+
+    def reads_teacher_correctness(self) -> bool:
+        return self.distill.budget.score != "student_loss"
+
+    def rows(self, labels, teacher=None, reference=None) -> dict[str, np.ndarray]:
+        b = self.distill.budget
+        num_classes = None if teacher is None else teacher.shape[-1]
+        scores = hardness_scores(b.score, labels, teacher, reference, num_classes=num_classes)
+        return {"hard": budget_rows(scores, b.rate)}
+
+    def loss(self, logits, teacher_logits, labels, step, rows=None):
+        d = self.distill
+        return budget_loss(
+            logits,
+            teacher_logits,
+            labels,
+            rows["hard"],
+            treatment=d.budget.treatment,
+            alpha=d.alpha,
+            temperature=d.temperature,
+        )
 
 
 # --- Progressive ensemble distillation (B-DISTIL, docs/methods.md#b-distil): a member fits what the ensemble misses. ---

@@ -14,6 +14,7 @@ after the stages by `titans.cascade.evaluate.evaluate_cascades`:
   batch_size            global batch of the predictions and of the runner
   num_thresholds        thresholds of each curve (validation deferral rates evenly spaced in [0, 1])
   target_deferral_rates the operating points checked with the runner
+  fair                  the shared training recipe of every student (titans/cascade/fair.py), as applied
 
 Unknown fields are refused with their close matches, as for run configs; `validate` runs before any
 stage trains (titans/experiment.py).
@@ -43,7 +44,18 @@ def defaults() -> ml_collections.ConfigDict:
     c.batch_size = 512
     c.num_thresholds = 201
     c.target_deferral_rates = (0.1, 0.2, 0.3, 0.5)
+    c.fair = fair_defaults()  # the shared recipe of titans/cascade/fair.py (empty: none recorded)
     return c
+
+
+def fair_defaults() -> ml_collections.ConfigDict:
+    """`cascade.fair`: the recipe `titans.cascade.fair.apply_recipe` gave every student (recorded, not applied)."""
+    f = ml_collections.ConfigDict()
+    f.epochs = 0.0
+    f.augment = False
+    f.learning_rates = ()
+    f.select_split = ""
+    return f
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

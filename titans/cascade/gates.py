@@ -17,7 +17,9 @@ it checks that the row has ``C + 1`` entries.
 
 The learned gate (Jitkrittum et al., NeurIPS 2023) is a small MLP over features of the student's
 output, trained post hoc on held-out data to predict where the teacher beats the student; see
-:func:`train_learned_gate`.
+:func:`train_learned_gate`. ``posthoc_diff`` is that paper's "Diff-01" estimator: an MLP over the
+student's probability vector regressing the gain of deferring, 1[teacher right] - 1[student right]
+(:func:`train_posthoc_estimator`).
 
 Gate cost: :func:`gate_flops` asks XLA for the FLOPs of the jitted, vmapped gate, per example.
 XLA's ``flops`` excludes transcendentals (the ``exp`` of a softmax); those are reported
@@ -50,14 +52,17 @@ __all__ = [
     "deferral_targets",
     "entropy",
     "fit_learned_gate",
+    "fit_posthoc_estimator",
     "gate_flops",
     "gate_names",
     "get_gate",
     "learned_gate_features",
     "margin",
     "msp",
+    "posthoc_features",
     "supports",
     "train_learned_gate",
+    "train_posthoc_estimator",
 ]
 
 
@@ -338,6 +343,73 @@ def fit_learned_gate(student_logits, teacher_logits, labels):
     fit, rest = rows[0::2], rows[1::2]
     gate = train_learned_gate(student_logits[fit], teacher_logits[fit], labels[fit], seed=0)
     return gate.score, gate.flops_per_example(student_logits.shape[-1]), rest
+
+
+def posthoc_features(logits, num_classes: int):
+    """Features of one student row for the post-hoc deferral estimator: its full probability vector over the
+    classes (sorted top-k probabilities, entropy, margin and max logit, `learned_gate_features`) and the
+    one-hot of its predicted class, so that the estimator can learn class-dependent deferral."""
+    logits = jnp.asarray(logits, jnp.float32)
+    head = _head(logits, num_classes)
+    p = jax.nn.softmax(head)
+    return jnp.concatenate(
+        [learned_gate_features(logits, num_classes), p, jax.nn.one_hot(jnp.argmax(head), num_classes)]
+    )
+
+
+def train_posthoc_estimator(
+    student_logits, teacher_logits, labels, *, hidden: int = 32, steps: int = 500, seed: int = 0
+):
+    """Jitkrittum et al. (NeurIPS 2023)'s post-hoc deferral estimator "Diff-01": an MLP over the student's
+    probability vector regressing 1[teacher right] - 1[student right] (in {-1, 0, 1}) with the squared loss;
+    its prediction is the expected gain of deferring, the score (defer the largest). Returns
+    (score(logits_row), params) with the features standardised on the fitting rows."""
+    s = jnp.asarray(student_logits, jnp.float32)
+    t = jnp.asarray(teacher_logits, jnp.float32)
+    y = jnp.asarray(labels, jnp.int32)
+    C = int(t.shape[-1])
+    gain = (jnp.argmax(t, -1) == y).astype(jnp.float32) - (jnp.argmax(s[:, :C], -1) == y).astype(jnp.float32)
+    feats = jax.vmap(lambda r: posthoc_features(r, C))(s)
+    mean, std = feats.mean(0), feats.std(0) + 1e-6
+    x = (feats - mean) / std
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    d = x.shape[-1]
+    params = {
+        "w1": jax.random.normal(k1, (d, hidden)) * jnp.sqrt(2.0 / d),
+        "b1": jnp.zeros(hidden),
+        "w2": jax.random.normal(k2, (hidden, 1)) * jnp.sqrt(1.0 / hidden),
+        "b2": jnp.zeros(1),
+    }
+    tx = optax.adamw(1e-2, weight_decay=1e-4)
+
+    def loss_fn(p):
+        return jnp.mean((_mlp(p, x) - gain) ** 2)
+
+    @jax.jit
+    def fit(params):
+        def step(carry, _):
+            p, o = carry
+            g = jax.grad(loss_fn)(p)
+            u, o = tx.update(g, o, p)
+            return (optax.apply_updates(p, u), o), None
+
+        return jax.lax.scan(step, (params, tx.init(params)), None, length=steps)[0][0]
+
+    params = fit(params)
+
+    def score(row):
+        return _mlp(params, (posthoc_features(row, C) - mean) / std)
+
+    return score, params
+
+
+@FITTED_GATES.register("posthoc_diff")
+def fit_posthoc_estimator(student_logits, teacher_logits, labels):
+    """`train_posthoc_estimator` fitted on the even-indexed held-out rows, to be thresholded on the odd ones."""
+    rows = np.arange(len(labels))
+    fit, rest = rows[0::2], rows[1::2]
+    score, _ = train_posthoc_estimator(student_logits[fit], teacher_logits[fit], labels[fit])
+    return score, gate_flops(score, student_logits.shape[-1]), rest
 
 
 def gate_names() -> tuple[str, ...]:

@@ -9,6 +9,9 @@
   service  teacher inference on a pool of Ray actors (`titans.teachers.service`), elastic and fault
            tolerant, that the trainer streams its batches through.
 
+`distill.crossfit_teachers` (titans/teachers/crossfit.py) replaces all three: every training row's soft
+label comes from a listed teacher that did not train on that row, assembled before training.
+
 For `cache` and `service` the trainer wraps its `TrainLoader` in a `SoftLabelLoader`: every batch
 it hands out carries `batch["teacher_logits"]` (float32, (local batch, classes)), which the train
 step uses instead of calling the teacher (see `titans.train.steps.make_train_step`). The wrapper keeps a bounded
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 from titans import config as config_lib
 from titans.teachers import cache as cache_lib
+from titans.teachers import crossfit
 from titans.teachers.soft_labels import (
     MODES,
     CacheLabeler,
@@ -43,6 +47,8 @@ def open_soft_labels(config, info, train_src) -> SoftLabelSource | None:
     """
     d = config.distill
     mode = d.get("teacher_mode", "online")
+    if d.teacher_workdir and crossfit.teacher_dirs(config):  # each row from a teacher that did not train on it
+        return crossfit.open_crossfit(config, info, train_src)
     if not d.teacher_workdir or mode == "online":
         return None
     if mode == "cache":
