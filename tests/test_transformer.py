@@ -125,14 +125,13 @@ def test_attention_matches_a_numpy_reference():
     np.testing.assert_allclose(attn(jnp.asarray(x), jnp.asarray(mask)), expected, rtol=1e-5, atol=1e-5)
 
 
-def _dot_dtypes(fn, *args) -> list[str]:
-    """The operand dtypes of every dot_general in ``fn``'s jaxpr (nested jaxprs included)."""
+def _eqns(fn, *args) -> list:
+    """Every equation of ``fn``'s jaxpr, nested jaxprs included."""
     found = []
 
     def walk(jaxpr):
         for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "dot_general":
-                found.append("/".join(str(v.aval.dtype) for v in eqn.invars))
+            found.append(eqn)
             for param in eqn.params.values():
                 for sub in param if isinstance(param, (list, tuple)) else (param,):
                     sub = getattr(sub, "jaxpr", sub)
@@ -143,11 +142,18 @@ def _dot_dtypes(fn, *args) -> list[str]:
     return found
 
 
+def _dot_dtypes(fn, *args) -> list[str]:
+    """The operand dtypes of every dot_general in ``fn``."""
+    eqns = [e for e in _eqns(fn, *args) if e.primitive.name == "dot_general"]
+    return ["/".join(str(v.aval.dtype) for v in e.invars) for e in eqns]
+
+
 @pytest.mark.parametrize("name", ["transformer", "vit"])
-def test_bfloat16_compute_keeps_float32_params(name):
+def test_bfloat16_compute_keeps_float32_params(name, monkeypatch):
     """dtype=bfloat16: every parameter stays float32, every matmul but the classifier's runs on bfloat16
-    operands (6 per block: qkv, scores, weighted values, output, two MLP layers), logits are float32 and
-    close to the float32 model's with the same parameters."""
+    operands (6 per block: qkv, scores, weighted values, output, two MLP layers), the residual stream (which
+    the LayerNorms read) stays float32, logits are float32 and close to the float32 model's with the same
+    parameters."""
     info = WORDNET if name == "transformer" else _fmnist()
     x = (
         padded(sequences([5, 12]), 12)
@@ -162,6 +168,14 @@ def test_bfloat16_compute_keeps_float32_params(name):
     assert dots[:-1] == ["bfloat16/bfloat16"] * 6 * TINY["depth"] + ["bfloat16/bfloat16"] * (name == "vit")
     assert dots[-1] == "float32/float32"
     assert _dot_dtypes(lambda t: m32(t), x) == ["float32/float32"] * len(dots)
+    # What each LayerNorm reads: the residual stream, float32 (2 per block and the final one).
+    seen, layer_norm = [], nnx.LayerNorm.__call__
+    monkeypatch.setattr(
+        nnx.LayerNorm, "__call__", lambda self, v, **kw: seen.append(v.dtype) or layer_norm(self, v, **kw)
+    )
+    jax.eval_shape(lambda t: m16(t), x)
+    assert seen == [jnp.float32] * (2 * TINY["depth"] + 1)
+    monkeypatch.undo()
     logits, acts = m16(x, capture=True)
     assert logits.dtype == jnp.float32 and acts["block1"].dtype == jnp.bfloat16
     assert acts["features"].dtype == jnp.float32
