@@ -9,11 +9,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
-from titans import models, parallel
+from titans import models, parallel, train
+from titans.config import base_config
 from titans.data.info import DatasetInfo
 from titans.models import transformer as T
 
@@ -269,43 +269,40 @@ def test_dropout_state_is_plain_integers_and_advances():
     np.testing.assert_array_equal(run(again, tokens, True), first)  # same seed, same masks
 
 
-def _train_step_on(devices, tokens, labels):
-    """One jitted SGD step of a dropout transformer on a data-parallel mesh over `devices`."""
+def _train_step_on(devices, config, batch):
+    """One step of the trainer's own train step (titans.train.make_train_step: the config's objective,
+    optimizer and NaN guard) on a data-parallel mesh over `devices`; (params, rest of the state, metrics)."""
     mesh = parallel.make_mesh(devices)
-    graphdef, params, rest = nnx.split(build("transformer", dropout=0.1, **ONE), nnx.Param, ...)
-    tx = optax.sgd(0.5)  # not Adam: its first step is sign(g), which turns rounding noise of tiny gradients into lr
-    opt_state = tx.init(params)
-
-    @jax.jit
-    def step(params, rest, opt_state, batch):
-        def loss_fn(params):
-            model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, rest))  # as make_train_step
-            logits = model(batch["image"], train=True)
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-            return loss, nnx.state(model, nnx.Not(nnx.Param))
-
-        (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), rest, loss
-
-    args = parallel.replicate((params, rest, opt_state), mesh)
-    params, rest, loss = step(*args, parallel.to_global({"image": tokens, "label": labels}, mesh))
-    return jax.device_get(nnx.to_pure_dict(params)), jax.device_get(nnx.to_pure_dict(rest)), float(loss)
+    model = models.build_model(config.model, WORDNET, seed=0, dtype=jnp.float32)
+    tx, schedule = train.make_optimizer(config, 10, 1000)
+    graphdef, state = train.TrainState.create(model, tx)
+    state = parallel.replicate(state, mesh)
+    step = jax.jit(train.make_train_step(graphdef, tx, train.resolve(None, config), WORDNET, jnp.float32, schedule))
+    new_state, metrics = step(state, parallel.to_global(batch, mesh), None)
+    assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(new_state.params))
+    params, rest = (jax.device_get(nnx.to_pure_dict(t)) for t in (new_state.params, new_state.model_state))
+    return params, rest, jax.device_get(metrics)
 
 
 def test_eight_devices_equal_one_device():
-    """The step on a batch of 16 token rows sharded over 8 devices equals the step on one device: gradients
-    over all rows and the same dropout masks (keys from the replicated state, bits independent of sharding)."""
+    """The trainer's step on a batch of 16 token rows sharded over 8 devices equals the step on one device:
+    gradients over all rows and the same dropout masks (keys from the replicated state, bits independent of
+    sharding). The default optimizer is SGD with momentum: Adam's first step, sign(g), would turn rounding
+    noise of near-zero gradients into whole learning-rate steps."""
     assert jax.device_count() == 8
+    config = base_config()
+    config.model.name = "transformer"
+    config.model.kwargs = ml_collections.ConfigDict({**ONE, "dropout": 0.1})
+    config.optimizer.learning_rate = 0.5
     rng = np.random.default_rng(0)
     tokens = padded(sequences(rng.integers(1, 24, size=16)), 24)
-    labels = rng.integers(0, 45, size=16).astype(np.int32)
-    p8, r8, l8 = _train_step_on(jax.devices(), tokens, labels)
-    p1, r1, l1 = _train_step_on(jax.devices()[:1], tokens, labels)
-    np.testing.assert_allclose(l8, l1, rtol=1e-6)
+    batch = {"image": tokens, "label": rng.integers(0, 45, size=16).astype(np.int32)}
+    p8, r8, m8 = _train_step_on(jax.devices(), config, batch)
+    p1, r1, m1 = _train_step_on(jax.devices()[:1], config, batch)
+    np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-6)
     for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1)):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
     assert jax.tree.leaves(r8) == jax.tree.leaves(r1)
-    assert int(r8["rng"]["step"]) == 1
+    assert int(r8["rng"]["step"]) == 1  # the step drew dropout masks, and the NaN guard kept its state
     p0 = nnx.to_pure_dict(nnx.split(built("transformer", **ONE), nnx.Param, ...)[1])  # same parameters
     assert max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p0))) > 1e-3
