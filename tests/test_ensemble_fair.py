@@ -217,7 +217,7 @@ def test_the_edge_on_the_edge_split_is_weighted_by_the_edge_rows_weights(memoris
     rng = np.random.default_rng(0)
     w = {s: rng.uniform(0.1, 3.0, len(ctx.sources[s])).astype(np.float32) for s in ("train", "edge")}
     edges, after = runner._candidate_edges(ctx, [spec], "", w)
-    for s in ("train", "edge"):
+    for s in ("edge", "train"):
         g, y = jnp.asarray(ctx.teacher_logits(s)), jnp.asarray(ctx.labels[s])
         before = np.asarray(losses.distillation_loss(jnp.zeros_like(g), g, y, kind="kd", alpha=0.9, temperature=4.0))
         now = np.asarray(losses.distillation_loss(jnp.asarray(after[s]), g, y, kind="kd", alpha=0.9, temperature=4.0))
