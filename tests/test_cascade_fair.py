@@ -6,7 +6,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from helpers import REPO, digits_config
@@ -258,3 +257,55 @@ def test_fair_recipe_gives_every_student_and_baseline_the_same_budget():
     assert lrs == set(c.cascade.fair.learning_rates), lrs
     assert all(c.stages[n].dataset.eval_split == c.cascade.fair.select_split for n in students)
     assert c.cascade.fair.epochs == 30.0 and not c.cascade.fair.augment
+
+
+# --- 6. The cascade page's statistics ---------------------------------------------------------------------------
+
+
+def test_test_image_bootstrap_widens_the_seed_interval_by_the_test_sampling():
+    """Per-image differences that vary widen the seeds' t-interval by 1.96 x the bootstrap sd of their mean
+    (sqrt(p (1 - p) / N) for a ±1 difference on a fraction p of the rows), in quadrature; none that vary do not."""
+    from titans.cascade import report
+    from titans.stats import paired_difference
+
+    d = paired_difference([0.51, 0.52, 0.53], [0.5, 0.5, 0.5])
+    n = 4000
+    rng = np.random.default_rng(0)
+    diffs = [np.where(rng.random(n) < 0.1, rng.choice([-1.0, 1.0], n), 0.0) for _ in range(3)]
+    wide = report.bootstrap_difference(d, diffs)
+    same = report.bootstrap_difference(d, [np.full(n, 0.02)] * 3)
+    assert same.low == pytest.approx(d.low) and same.high == pytest.approx(d.high)
+    expected_sd = np.std(np.mean(diffs, 0)) / np.sqrt(n)
+    want = np.hypot(d.high - d.mean, 1.96 * expected_sd)
+    assert wide.high - wide.mean == pytest.approx(want, rel=0.1) and wide.high - wide.mean > d.high - d.mean
+
+
+def test_oracle_gate_defers_exactly_the_rows_the_teacher_wins_at_the_cascades_rate():
+    """A 10-row split: the student is wrong on 4 rows, the teacher right on 3 of those; at a test deferral rate
+    of 0.2 the oracle gains 2 rows (0.6 + 0.2), at 0.5 all 3 (0.6 + 0.3)."""
+    from titans.cascade import report
+
+    y = np.zeros(10, int)
+    student = np.tile([5.0, 0.0], (10, 1))
+    student[:4] = [0.0, 5.0]  # wrong on rows 0-3
+    teacher = np.tile([5.0, 0.0], (10, 1))
+    teacher[0] = [0.0, 5.0]  # the teacher is wrong on row 0 too
+    logits = {"test/label": y, "test/teacher": teacher, "test/s": student}
+
+    def run(rate):
+        curve = {"val_deferral_rate": [0.0, rate], "test_deferral_rate": [0.0, rate]}
+        gate = {"gate_flops_per_example": 0.0, "curve": curve}
+        return {
+            "teacher": {"flops_per_example": 1.0},
+            "students": {"s": {"flops_per_example": 0.0, "gates": {"g": gate}}},
+        }
+
+    assert report.oracle_accuracy(run(0.2), logits, "s", "g", 1.0) == pytest.approx(0.8)
+    assert report.oracle_accuracy(run(0.5), logits, "s", "g", 1.0) == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize("page", ["titans_fmnist", "titans_fmnist_strong"])
+def test_each_cascade_page_declares_exactly_one_primary_claim(page):
+    with open(os.path.join(REPO, "docs", "results", f"{page}.md")) as f:
+        text = f.read()
+    assert text.count("| primary |") == 1 and text.count("| exploratory |") > 5

@@ -26,7 +26,9 @@ def _run_dirs(study_dir: str) -> list[str]:
 
 
 def _cascade_page(study_dir: str) -> str:
-    return cascade_report.render(cascade_report.load(_run_dirs(study_dir)))
+    dirs = _run_dirs(study_dir)
+    logits = [logits_codec.load(os.path.join(d, LOGITS_FILE)) for d in dirs]
+    return cascade_report.render(cascade_report.load(dirs), logits)
 
 
 def _ensemble_page(study_dir: str) -> str:
