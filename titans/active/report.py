@@ -8,14 +8,13 @@ Each `--runs LABEL=GLOB` is one setting (e.g. one teacher); its runs must share 
 
 from __future__ import annotations
 
-import argparse
 import glob
 import io
 import json
 
 import numpy as np
 
-from titans import figures, paths
+from titans import cli, figures, paths
 from titans.stats import claim_verdict, claims_table, mean_sd, paired_difference
 
 
@@ -228,12 +227,12 @@ def plot(settings: dict, path: str) -> None:
     paths.write_bytes(path, buf.getvalue())  # local or in a bucket
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None):
+    ap = cli.parser("python -m titans.active.report", __doc__)
     ap.add_argument("--runs", action="append", required=True, help="LABEL=GLOB of run workdirs")
     ap.add_argument("--plot", default="")
     ap.add_argument("--json", default="")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     settings = {}
     for spec in args.runs:
         label, _, pattern = spec.partition("=")

@@ -6,10 +6,9 @@ if it is one that Titans prepares itself).
 
 from __future__ import annotations
 
-import argparse
 import time
 
-from titans import data
+from titans import cli, data
 
 
 def measure(
@@ -39,7 +38,7 @@ def measure(
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m titans.data.throughput")
+    p = cli.parser("python -m titans.data.throughput", __doc__)
     p.add_argument("name", choices=data.DATASETS)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=200)

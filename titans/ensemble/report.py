@@ -6,11 +6,10 @@ python -m titans.ensemble.report workdirs/bdistil_fmnist/seed0 workdirs/bdistil_
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 
-from titans import paths
+from titans import cli, paths
 from titans.stats import claim_verdict, claims_table, mean_sd, non_inferiority_verdict, paired_difference
 
 ORDER = ("bdistil", "bdistil_noconn", "resched", "no_resched")
@@ -302,10 +301,9 @@ def render(runs: list[dict]) -> str:
 
 
 def main(argv=None) -> None:
-    dirs = argv if argv is not None else sys.argv[1:]
-    if not dirs:
-        raise SystemExit(__doc__)
-    print(render(load(dirs)))
+    p = cli.parser("python -m titans.ensemble.report", __doc__)
+    p.add_argument("dirs", nargs="+", metavar="WORKDIR", help="ensemble run directories (one per seed)")
+    print(render(load(p.parse_args(argv).dirs)))
 
 
 if __name__ == "__main__":
