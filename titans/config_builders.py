@@ -10,18 +10,25 @@ from collections.abc import Callable
 import ml_collections
 
 # Student objectives of the cascade configs: name -> (distill.objective, distill.easy fields, other distill fields).
+# The committed studies read teacher correctness on the teacher's own training rows (in-sample): those
+# objectives say so with allow_in_sample_teacher; configs/titans_fmnist_strong_fair.py cross-fits instead.
+_IN_SAMPLE = dict(allow_in_sample_teacher=True)
 STUDENT_OBJECTIVES = {
     "standard": ("standard", {}, {}),
     "easy": ("easy_weighted", dict(rule="confidence", sharpness=2.0, floor=0.1), {}),
-    "easy_correct": ("easy_weighted", dict(rule="correctness", sharpness=4.0, floor=0.1), {}),
+    "easy_correct": ("easy_weighted", dict(rule="correctness", sharpness=4.0, floor=0.1), _IN_SAMPLE),
     # The student's own probability of the teacher's class, after 200 steps of plain KD.
-    "easy_agree": ("easy_weighted", dict(rule="agreement", sharpness=2.0, floor=0.1, warmup_steps=200), {}),
+    "easy_agree": (
+        "easy_weighted",
+        dict(rule="agreement", sharpness=2.0, floor=0.1, warmup_steps=200),
+        _IN_SAMPLE,
+    ),
     # Soft targets flattened towards uniform by the hardness 1 - p_teacher(label): the student learns to be
     # unsure where the teacher is wrong or unsure, which a confidence gate can read.
-    "flatten": ("flatten", dict(rule="correctness", sharpness=1.0, floor=0.0), {}),
-    "defer": ("defer", {}, {}),
+    "flatten": ("flatten", dict(rule="correctness", sharpness=1.0, floor=0.0), _IN_SAMPLE),
+    "defer": ("defer", {}, _IN_SAMPLE),
     # The cost-sensitive surrogate: a deferral pays only the teacher's advantage above c = 0.1.
-    "defer_cost": ("defer", {}, dict(defer_cost=0.1)),
+    "defer_cost": ("defer", {}, dict(defer_cost=0.1, **_IN_SAMPLE)),
 }
 
 
