@@ -6,6 +6,8 @@ A text model is called as ``model(tokens, train=False, capture=False)`` with int
 ``L`` may be any length up to the ``max_tokens`` of ``input_shape = (max_tokens,)``: the loaders hand
 out length buckets. The padding mask is ``tokens != 0``, derived here; every model gives the same
 logits for a sequence whatever padding follows it (``tests/test_transformer.py`` checks each one).
+Embeddings have ``vocab_size`` rows (``DatasetInfo.vocab_size``); an id outside them reads NaN (``jnp.take``'s
+fill), which the trainer's NaN guard stops, rather than some other token's row.
 
 * ``TextBag`` (``text_bag``): embedding, masked mean, a ReLU MLP, the classifier.
 * ``TextCNN`` (``text_cnn``): embedding, 1-D 'same' convolutions over tokens with ReLU (padding
