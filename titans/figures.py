@@ -7,6 +7,10 @@ a second of every start-up."""
 
 from __future__ import annotations
 
+import io
+
+from titans import paths
+
 
 def subplots(*args, figsize=None, **kwargs):
     """(figure, axes) like `pyplot.subplots`, for `fig.savefig(path)`; nothing to close."""
@@ -16,6 +20,13 @@ def subplots(*args, figsize=None, **kwargs):
     return fig, fig.subplots(*args, **kwargs)
 
 
+def save_png(fig, path, *, dpi: int = 120) -> None:
+    """A figure as a PNG file, local or in a bucket (gs://...), written whole and atomically."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    paths.write_bytes(path, buf.getvalue())
+
+
 def color_cycle() -> list[str]:
     """The colours of matplotlib's default property cycle, in order."""
     from matplotlib import rcParams  # noqa: PLC0415
@@ -23,4 +34,4 @@ def color_cycle() -> list[str]:
     return rcParams["axes.prop_cycle"].by_key()["color"]
 
 
-__all__ = ["color_cycle", "subplots"]
+__all__ = ["color_cycle", "save_png", "subplots"]

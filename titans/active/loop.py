@@ -27,7 +27,6 @@ version, from the call that wrote it) and active.png.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import time
@@ -505,6 +504,4 @@ def plot(result: dict, path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    paths.write_bytes(path, buf.getvalue())  # local or in a bucket
+    figures.save_png(fig, path, dpi=120)

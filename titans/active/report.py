@@ -9,7 +9,6 @@ Each `--runs LABEL=GLOB` is one setting (e.g. one teacher); its runs must share 
 from __future__ import annotations
 
 import glob
-import io
 import json
 
 import numpy as np
@@ -222,9 +221,7 @@ def plot(settings: dict, path: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    paths.write_bytes(path, buf.getvalue())  # local or in a bucket
+    figures.save_png(fig, path, dpi=120)
 
 
 def main(argv=None):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 
 from titans import figures, logs, paths
@@ -14,10 +12,8 @@ def read_metrics_jsonl(workdir: str) -> list[dict]:
 
 
 def save_png(fig, path: str, dpi: int = 100) -> None:
-    """A figure as a PNG file, local or in a bucket (gs://...), written whole and atomically."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    paths.write_bytes(path, buf.getvalue())
+    """A figure as a PNG file, local or in a bucket (gs://...): `titans.figures.save_png`."""
+    figures.save_png(fig, path, dpi=dpi)
 
 
 def learning_curves(rows: list[dict], path: str, label: str = "") -> str | None:

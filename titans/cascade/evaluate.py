@@ -462,11 +462,4 @@ def plot(out: dict, workdir: str) -> None:
         ax.legend(fontsize=6, ncol=2)
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        save_png(fig, paths.join(workdir, f"cascade_accuracy_vs_{tag}.png"), dpi=120)
-
-
-def save_png(fig, path: str, *, dpi: int) -> None:
-    """A figure as a PNG file, local or in a bucket (written whole, atomically)."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    paths.write_bytes(path, buf.getvalue())
+        figures.save_png(fig, paths.join(workdir, f"cascade_accuracy_vs_{tag}.png"), dpi=120)

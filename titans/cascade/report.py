@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import io
 import json
 import warnings
 
@@ -430,9 +429,7 @@ def plot_mean_curves(runs: list[dict], out_path: str, gate: str = HEADLINE_GATE)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    paths.write_bytes(out_path, buf.getvalue())  # local or in a bucket
+    figures.save_png(fig, out_path, dpi=120)
     return out_path
 
 
