@@ -2,8 +2,8 @@
 
     python -m titans.main --config=configs/wordnet_smoke.py --workdir=workdirs/wordnet_smoke
 
-The dataset (`wordnet`, docs/text.md) is prepared on first use from Debian's `wordnet-base` files (about
-half a minute, once per data_dir). Token ids reach the model in length buckets of 16/32/64/128.
+The dataset (`wordnet`, docs/text.md) is prepared on first use from Debian's `wordnet-base` files (about a
+minute, once per data_dir). Token ids reach the model in length buckets of 16/32/64/128.
 Runtime: about 10 s on 2 CPU cores after preparation, most of it compilation (one program per bucket).
 Expected: about 40% accuracy on validation[:1000] (the largest class, noun.act, is 12%).
 """

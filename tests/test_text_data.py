@@ -137,6 +137,7 @@ def test_tokens_lengths_and_padding_are_stored_as_documented(records, wordnet):
 # ------------------------------------------------------------------------------------------ tokenizer
 
 
+@pytest.mark.slow
 def test_the_tokenizer_is_trained_on_train_only_lower_cased_with_the_info_vocab_size(wordnet, records):
     tok, sha = data.tokenizer_for(wordnet.data_dir_root)
     assert tok.get_vocab_size() == data.dataset_info("wordnet").vocab_size == text.VOCAB_SIZE
@@ -271,6 +272,7 @@ def test_missing_wordnet_files_name_the_package(tmp_path, monkeypatch):
         text.read_synsets()
 
 
+@pytest.mark.slow
 def test_the_tfidf_reference_command_exits_2_naming_the_package_without_the_files(tmp_path):
     env = {**os.environ, "TITANS_WORDNET_DIR": str(tmp_path)}
     proc = subprocess.run(
@@ -290,6 +292,7 @@ def _smoke_config(data_dir):
     return config
 
 
+@pytest.mark.slow
 def test_the_smoke_config_trains_and_its_run_is_refused_under_another_tokenizer(
     data_dir, other_tokenizer_dir, tmp_path
 ):

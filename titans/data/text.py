@@ -11,9 +11,10 @@ builder `titans_wordnet` writes them as ArrayRecord, read through `tfds.data_sou
   train, 10 % validation, 10 % test; the same files give the same split on every machine (`split_of`).
   Within a split the synsets are in the order of that hash, so a slice such as `train[:2000]` is a
   uniform sample.
-- tokens: a lower-cased WordPiece tokenizer (Hugging Face `tokenizers`, 8,192 ids, 0 = [PAD]) trained on
-  the train split's texts only, with its vocabulary put in a canonical order, so the same files give a
-  byte-identical `tokenizer.json`. It is saved in the prepared dataset's directory and named by the
+- tokens: a lower-cased WordPiece tokenizer (Hugging Face `tokenizers`, 8,192 ids, 0 = [PAD]) whose
+  vocabulary is learnt from the train split's texts only by deterministic byte-pair merges
+  (`learn_vocabulary`) and numbered in a canonical order, so the same files give a byte-identical
+  `tokenizer.json`. It is saved in the prepared dataset's directory and named by the
   SHA-256 of that JSON (`tokenizer_sha256`); a checkpoint records it (`titans.checkpoint.meta_for`).
   An example stores its ids truncated to `MAX_TOKENS` and padded with 0 (`tokens`), the number kept
   (`length`) and the number before truncation (`num_tokens`).
@@ -23,8 +24,10 @@ builder `titans_wordnet` writes them as ArrayRecord, read through `tfds.data_sou
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
+import heapq
 import json
 import os
 import re
@@ -32,7 +35,7 @@ import re
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 WORDNET_DEFAULT_DIR = "/usr/share/wordnet"
 POS_FILES = (("noun", "n"), ("verb", "v"), ("adj", "a"), ("adv", "r"))
@@ -190,19 +193,85 @@ def _empty_tokenizer(vocab: dict[str, int] | None = None) -> Tokenizer:
     return tok
 
 
-def train_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE) -> Tokenizer:
-    """A lower-cased WordPiece tokenizer of `vocab_size` ids trained on `texts`; [PAD] = 0, [UNK] = 1.
+def word_counts(texts: list[str]) -> collections.Counter:
+    """How often each word occurs in `texts`, as the tokenizer's normaliser and pre-tokeniser cut them."""
+    tok = _empty_tokenizer()
+    norm, pre = tok.normalizer, tok.pre_tokenizer
+    return collections.Counter(w for t in texts for w, _ in pre.pre_tokenize_str(norm.normalize_str(t)))
 
-    The trainer numbers its vocabulary in an order that varies from run to run (it iterates hash maps);
-    the tokens are renumbered here in a canonical order (the special tokens, then the rest sorted), so
-    the same texts always give the same `tokenizer.json`. WordPiece encodes by longest match in the
-    vocabulary, whatever its order, so the renumbering changes ids, not tokenizations.
+
+def _merge_pair(seqs, freq, where, counts, pair, new) -> set:
+    """Merges `pair` into `new` in every word that holds it, updating the pair counts around each merge;
+    returns the pairs whose counts changed."""
+    a, b = pair
+    changed = set()
+    for i in where.pop(pair):
+        seq, f, out, j = seqs[i], freq[i], [], 0
+        while j < len(seq):
+            if j + 1 < len(seq) and seq[j] == a and seq[j + 1] == b:
+                around = [((out[-1], a), (out[-1], new))] if out else []
+                if j + 2 < len(seq):
+                    around.append(((b, seq[j + 2]), (new, seq[j + 2])))
+                for old, merged in around:
+                    counts[old] -= f
+                    counts[merged] += f
+                    where[merged].add(i)
+                    changed.update((old, merged))
+                out.append(new)
+                j += 2
+            else:
+                out.append(seq[j])
+                j += 1
+        seqs[i] = out
+    counts.pop(pair, None)
+    changed.discard(pair)
+    return changed
+
+
+def learn_vocabulary(counts_by_word: dict[str, int], vocab_size: int) -> list[str]:
+    """WordPiece's vocabulary by byte-pair merges over the words (first character as is, the others with
+    "##"), the most frequent pair first and, among equally frequent pairs, the one of the smallest symbol
+    ids (the alphabet's ids in sorted order, merged symbols' in order of creation): deterministic, unlike
+    the `tokenizers` trainer, whose tie-breaks depend on hash-map order and vary between runs."""
+    words = sorted(counts_by_word)
+    names = sorted({w[0] for w in words} | {"##" + c for w in words for c in w[1:]})
+    ids = {name: i for i, name in enumerate(names)}
+    seqs = [[ids[w[0]], *(ids["##" + c] for c in w[1:])] for w in words]
+    freq = [counts_by_word[w] for w in words]
+    counts, where = collections.defaultdict(int), collections.defaultdict(set)
+    for i, seq in enumerate(seqs):
+        for pair in zip(seq, seq[1:]):
+            counts[pair] += freq[i]
+            where[pair].add(i)
+    heap = [(-c, pair) for pair, c in counts.items()]
+    heapq.heapify(heap)
+    vocab = [PAD, UNK, *names]
+    while len(vocab) < vocab_size and heap:
+        neg, pair = heapq.heappop(heap)
+        if counts.get(pair, 0) != -neg:  # an outdated entry: the pair's count changed since
+            continue
+        name = names[pair[0]] + names[pair[1]][2:]
+        if name not in ids:  # the same string may arise from two different pairs
+            ids[name] = len(names)
+            names.append(name)
+            vocab.append(name)
+        for p in _merge_pair(seqs, freq, where, counts, pair, ids[name]):
+            if counts.get(p, 0) > 0:
+                heapq.heappush(heap, (-counts[p], p))
+            else:
+                counts.pop(p, None)
+    return vocab
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE) -> Tokenizer:
+    """A lower-cased WordPiece tokenizer of `vocab_size` ids learnt from `texts`; [PAD] = 0, [UNK] = 1.
+
+    The vocabulary comes from `learn_vocabulary` (deterministic) and is numbered in a canonical order (the
+    special tokens, then the rest sorted), so the same texts always give the same `tokenizer.json`.
+    WordPiece encodes by longest match in the vocabulary, whatever its order.
     """
-    trained = _empty_tokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=[PAD, UNK], show_progress=False)
-    trained.train_from_iterator(texts, trainer=trainer)
-    rest = sorted(set(trained.get_vocab()) - {PAD, UNK})
-    tok = _empty_tokenizer({t: i for i, t in enumerate([PAD, UNK, *rest])})
+    vocab = learn_vocabulary(word_counts(texts), vocab_size)
+    tok = _empty_tokenizer({t: i for i, t in enumerate([PAD, UNK, *sorted(set(vocab) - {PAD, UNK})])})
     tok.add_special_tokens([PAD, UNK])
     return tok
 
