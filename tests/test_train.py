@@ -338,3 +338,13 @@ def test_teacher_with_other_classes_refused(teacher_run):
     info = dataclasses.replace(data.dataset_info("digits"), num_classes=100, name="digits100")
     with pytest.raises(runs.TeacherMismatchError, match=r"10 classes.*'digits100' has 100 classes"):
         runs.load_teacher(teacher_run[0], info, dtype=jnp.float32)
+
+
+def test_a_model_with_dropout_trains(data_dir, tmp_path):
+    """A dropout stream keeps a typed PRNG key in the model state; the step's finiteness check cast every
+    state leaf to float32 and failed on it ("Cannot convert_element_type from key<fry> to float32")."""
+    c = digits_config(data_dir, total_steps=4, **{"log_every_steps": 2, "checkpoint.every_steps": 4})
+    c.model.name = "mobilenet_v2"
+    c.model.kwargs = ml_collections.ConfigDict({"width_mult": 0.25, "dropout": 0.2})
+    out = train.train_and_evaluate(c, str(tmp_path))
+    assert out["steps"] == 4 and np.isfinite(out["loss"])

@@ -27,6 +27,13 @@ def _teacher_logits(batch, teacher: FrozenModel | None, images):
     return teacher.apply(images) if teacher is not None else None
 
 
+def _numbers(tree):
+    """The floating-point leaves of a state as float32 (BatchNorm statistics); PRNG keys and integer counters
+    (a dropout stream's state) are left out of the finiteness check, which they cannot fail."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return [x.astype(jnp.float32) for x in leaves]
+
+
 def _keep_if_finite(finite, new, old):
     return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
@@ -56,7 +63,7 @@ def make_train_step(graphdef, tx, method: Method, info, dtype, schedule):
         grad_norm = optax.tree.norm(grads)
         # The update itself must be finite too: a finite loss and gradient can still overflow the
         # parameters (a huge learning rate), and such a state must never reach a checkpoint.
-        new_norm = optax.tree.norm(params) + optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), model_state))
+        new_norm = optax.tree.norm(params) + optax.tree.norm(_numbers(model_state))
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(new_norm) & (state.nonfinite_step < 0)
         new_state = state.replace(
             step=state.step + 1,
