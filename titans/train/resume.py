@@ -55,13 +55,18 @@ def allowed(config) -> set[str]:
     return {f.strip() for f in config.checkpoint.allow_changes.split(",") if f.strip()}
 
 
+def _refused(changes: dict, config) -> tuple[dict, str]:
+    """The changes `checkpoint.allow_changes` does not name, and how they read in an error."""
+    ok = allowed(config)
+    refused = {k: v for k, v in changes.items() if k not in ok and "*" not in ok}
+    return refused, "; ".join(f"{k}: {v[0]!r} -> {v[1]!r}" for k, v in refused.items())
+
+
 def check_changes(changes: dict, config, step: int, where: str) -> dict:
     """Raises ResumeMismatchError for changes `checkpoint.allow_changes` does not name; returns the
     allowed ones (to be recorded)."""
-    ok = allowed(config)
-    refused = {k: v for k, v in changes.items() if k not in ok and "*" not in ok}
+    refused, shown = _refused(changes, config)
     if refused:
-        shown = "; ".join(f"{k}: {v[0]!r} -> {v[1]!r}" for k, v in refused.items())
         raise ckpt_lib.ResumeMismatchError(
             f"Resuming {where} from step {step} would change what the run computes: {shown}. Rerun with the "
             f"checkpoint's values, use a fresh workdir, or say the change is intended with "
@@ -77,12 +82,8 @@ def check_finished(run: runs.RunDir, config) -> None:
     a field that changes what is computed (learning rate, seed, model, teacher's step...) raises
     ResumeMismatchError listing each difference, unless `checkpoint.allow_changes` names it.
     """
-    saved = run.config.to_dict() if run.exists else None
-    changes = config_changes(saved, config)
-    ok = allowed(config)
-    refused = {k: v for k, v in changes.items() if k not in ok and "*" not in ok}
+    refused, shown = _refused(config_changes(run.config.to_dict() if run.exists else None, config), config)
     if refused:
-        shown = "; ".join(f"{k}: {v[0]!r} -> {v[1]!r}" for k, v in refused.items())
         raise ckpt_lib.ResumeMismatchError(
             f"{run.path} holds a finished run of another config: {shown}. Its results are not this config's. "
             f"Use a fresh workdir, or rerun with the finished run's values."
