@@ -51,3 +51,20 @@ def digits_config(data_dir, **overrides):
             node = node[p]
         node[leaf] = value
     return c
+
+
+def flip_largest_file(directory) -> tuple[str, int]:
+    """Flips one bit of the byte in the middle of the largest file under `directory` (a damaged checkpoint);
+    returns (the file, the offset). Flipping it again repairs it."""
+    victim = max((os.path.join(r, f) for r, _, fs in os.walk(directory) for f in fs), key=os.path.getsize)
+    offset = os.path.getsize(victim) // 2
+    flip_byte(victim, offset)
+    return victim, offset
+
+
+def flip_byte(path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x01]))

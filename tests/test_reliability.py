@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import REPO, digits_config
+from helpers import REPO, digits_config, flip_byte, flip_largest_file
 
 from titans import checkpoint as ckpt_lib
 from titans import config as config_lib
@@ -304,13 +304,7 @@ def test_results_are_strict_json(tmp_path):
 def test_a_flipped_byte_in_a_checkpoint_is_a_named_error(data_dir, tmp_path):
     workdir = str(tmp_path)
     train.train_and_evaluate(digits_config(data_dir, total_steps=20), workdir)
-    step_dir = os.path.join(workdir, "checkpoints", "20", "model")
-    victim = max((os.path.join(r, f) for r, _, fs in os.walk(step_dir) for f in fs), key=os.path.getsize)
-    with open(victim, "r+b") as f:
-        f.seek(os.path.getsize(victim) // 2)
-        byte = f.read(1)
-        f.seek(-1, 1)
-        f.write(bytes([byte[0] ^ 0x01]))
+    victim, _ = flip_largest_file(os.path.join(workdir, "checkpoints", "20", "model"))
     with pytest.raises(ckpt_lib.CorruptCheckpointError, match=os.path.basename(victim)):
         runs.RunDir(workdir).load_model()
     c = digits_config(data_dir, total_steps=40, **{"checkpoint.allow_changes": "total_steps"})
@@ -386,15 +380,7 @@ def _flip_newest_verified(workdir) -> tuple[str, int]:
     """Flips one byte of the largest file of the newest checksummed step; returns (file, offset)."""
     sums = os.path.join(workdir, "checkpoints_sha256")
     step = max(int(n.split(".")[0]) for n in os.listdir(sums))
-    step_dir = os.path.join(workdir, "checkpoints", str(step))
-    victim = max((os.path.join(r, f) for r, _, fs in os.walk(step_dir) for f in fs), key=os.path.getsize)
-    offset = os.path.getsize(victim) // 2
-    with open(victim, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0x01]))
-    return victim, offset
+    return flip_largest_file(os.path.join(workdir, "checkpoints", str(step)))
 
 
 @pytest.mark.slow
@@ -422,11 +408,7 @@ def test_chaos_kills_and_preemptions_resume_exactly(data_dir, tmp_path):
             victim, offset = _flip_newest_verified(workdir)
             refused = _cli(workdir, data_dir, *common)
             assert refused.returncode != 0 and "checksum" in refused.stderr, refused.stderr[-2000:]
-            with open(victim, "r+b") as f:  # repaired: the same bytes as saved
-                f.seek(offset)
-                byte = f.read(1)
-                f.seek(offset)
-                f.write(bytes([byte[0] ^ 0x01]))
+            flip_byte(victim, offset)  # repaired: the same bytes as saved
     final = _cli(workdir, data_dir, *common)
     assert final.returncode == 0, final.stdout + final.stderr
     for a, b in zip(_params(straight), _params(workdir)):

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import REPO, digits_config
+from helpers import REPO, digits_config, flip_largest_file
 
 from titans import checkpoint as ckpt_lib
 from titans import config as config_lib
@@ -30,16 +30,6 @@ from titans.results import studies
 
 def _params(workdir):
     return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(runs.RunDir(workdir).load_model().params))]
-
-
-def _flip_largest(step_dir) -> str:
-    victim = max((os.path.join(r, f) for r, _, fs in os.walk(step_dir) for f in fs), key=os.path.getsize)
-    with open(victim, "r+b") as f:
-        f.seek(os.path.getsize(victim) // 2)
-        byte = f.read(1)
-        f.seek(-1, 1)
-        f.write(bytes([byte[0] ^ 0x01]))
-    return victim
 
 
 # ------------------------------------------------------------------- checksums part of the save
@@ -69,7 +59,7 @@ def test_an_unverified_newest_step_is_not_resumed_from(data_dir, tmp_path, caplo
     train.train_and_evaluate(digits_config(data_dir), workdir)  # saves 20 and 40
     os.remove(os.path.join(workdir, "results.json"))  # as if killed after the save of step 40
     os.remove(os.path.join(workdir, "checkpoints_sha256", "40.json"))  # ... before it was hashed
-    _flip_largest(os.path.join(workdir, "checkpoints", "40", "model"))
+    flip_largest_file(os.path.join(workdir, "checkpoints", "40", "model"))
 
     with pytest.raises(ckpt_lib.UnverifiedCheckpointError, match="no recorded checksums"):
         runs.RunDir(workdir).load_model(step=40)
