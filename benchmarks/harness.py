@@ -108,7 +108,7 @@ class Benchmark:
 
 
 REGISTRY: dict[str, Benchmark] = {}
-UNITS = ("step_speed", "quickstart_recipe", "cascade_speed", "pool_speed", "selection_speed")
+UNITS = ("step_speed", "transformer_step", "quickstart_recipe", "cascade_speed", "pool_speed", "selection_speed")
 
 
 def register(name: str, *args: Arg):

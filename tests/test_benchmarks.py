@@ -21,7 +21,14 @@ from benchmarks.harness import Comparison
 
 def test_the_registry_holds_every_kept_benchmark_and_refuses_a_second_one_by_the_same_name():
     names = set(harness.load_all())
-    assert names == {"step_speed", "quickstart_recipe", "cascade_speed", "pool_speed", "selection_speed"}
+    assert names == {
+        "step_speed",
+        "transformer_step",
+        "quickstart_recipe",
+        "cascade_speed",
+        "pool_speed",
+        "selection_speed",
+    }
     for bench in harness.REGISTRY.values():
         assert bench.doc and all(a.help for a in bench.args), bench.name
     with pytest.raises(ValueError, match="registered twice"):
@@ -213,3 +220,170 @@ def harness_strategies():
     from benchmarks import selection_speed
 
     return selection_speed.STRATEGIES
+
+
+# ---------------------------------------------------------------------------------------------- transformer_step
+
+TINY_TEACHER = {"depth": 2, "width": 32, "heads": 4, "mlp_ratio": 2.0}
+TINY_STUDENT = {"depth": 1, "width": 16, "heads": 2}
+
+
+def tiny_transformer_args(**changes):
+    """transformer_step's arguments at test sizes (8 rows: one per simulated device)."""
+    from benchmarks import transformer_step
+
+    bench = harness.load_all()["transformer_step"]
+    args = argparse.Namespace(**{a.name: a.default for a in bench.args}, repeats=2, max_steal=-1.0)
+    args.__dict__.update(batch_size=8, max_tokens=16, min_len=2, vocab=64, classes=5, steps=1, warmup=1)
+    args.__dict__.update(teacher_kwargs=json.dumps(TINY_TEACHER), student_kwargs=json.dumps(TINY_STUDENT))
+    args.__dict__.update(changes)
+    transformer_step.resolve_args(args)
+    return args
+
+
+def flax_text_model(name, kwargs, dtype, max_tokens=16, vocab=64, classes=5):
+    import jax.numpy as jnp
+    import ml_collections
+
+    from benchmarks import transformer_step
+    from titans import models
+
+    args = argparse.Namespace(classes=classes, max_tokens=max_tokens, vocab=vocab)
+    cfg = ml_collections.ConfigDict({"name": name, "kwargs": kwargs})
+    return models.build_model(cfg, transformer_step.text_info(args), seed=3, dtype=jnp.dtype(dtype))
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "dtype", "tol"),
+    [
+        ("transformer", TINY_TEACHER, "float32", 1e-4),
+        ("transformer_small", {}, "float32", 1e-4),
+        ("transformer", TINY_TEACHER, "bfloat16", 3e-2),  # the GPU path's autocast, run on the CPU
+    ],
+)
+def test_the_torch_twin_gives_the_flax_transformers_logits(name, kwargs, dtype, tol):
+    """The PyTorch Transformer, loaded with the Flax model's initial parameters, gives its logits on token
+    rows of every length (padding after them, one row a single token); bfloat16 within bfloat16's rounding."""
+    import torch
+    from flax import nnx
+
+    from benchmarks import torch_transformer, transformer_step
+
+    flax_model = flax_text_model(name, kwargs, dtype)
+    desc = transformer_step.model_desc(flax_model)
+    twin = torch_transformer.build(desc)
+    _, params, _ = nnx.split(flax_model, nnx.Param, ...)
+    n = torch_transformer.load_flax_weights(twin, nnx.to_pure_dict(params))
+    assert n == len(list(twin.parameters())) == 6 + 12 * desc["depth"]  # embedding, positions, final LN, classifier
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, 64, size=(6, 16)).astype(np.int32)
+    tokens[np.arange(16)[None, :] >= np.array([16, 1, 5, 9, 12, 3])[:, None]] = 0
+    want = np.asarray(flax_model(tokens), np.float64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+        got = twin(torch.from_numpy(tokens.astype(np.int64))).float().numpy()
+    assert np.abs(got - want).max() <= tol * max(1.0, np.abs(want).max()), np.abs(got - want).max()
+
+
+def test_loading_flax_weights_refuses_a_missing_or_misshaped_parameter():
+    from flax import nnx
+
+    from benchmarks import torch_transformer, transformer_step
+
+    flax_model = flax_text_model("transformer", TINY_TEACHER, "float32")
+    _, params, _ = nnx.split(flax_model, nnx.Param, ...)
+    pure = nnx.to_pure_dict(params)
+    twin = torch_transformer.build(transformer_step.model_desc(flax_model))
+    del pure["encoder"]["blocks"][1]["fc2"]["bias"]
+    with pytest.raises(ValueError, match=r"not loaded from the Flax model: \['encoder.blocks.1.fc2.bias'\]"):
+        torch_transformer.load_flax_weights(twin, pure)
+    pure["encoder"]["pos"] = np.zeros((8, 32), np.float32)
+    with pytest.raises(ValueError, match=r"encoder.pos: torch \(16, 32\) vs Flax \(8, 32\)"):
+        torch_transformer.load_flax_weights(twin, pure)
+    with pytest.raises(NotImplementedError, match="pool='cls'"):
+        torch_transformer.build({**transformer_step.model_desc(flax_model), "pool": "cls"})
+
+
+def test_synthetic_token_batches_are_padded_rows_of_the_asked_lengths():
+    from benchmarks import transformer_step
+
+    args = argparse.Namespace(num_batches=3, batch_size=256, max_tokens=16, min_len=4, vocab=50, classes=5)
+    tokens, labels = transformer_step.token_batches(args, np.random.default_rng(0))
+    for t, y in zip(tokens, labels):
+        assert t.shape == (256, 16) and t.dtype == np.int32 and y.shape == (256,) and 0 <= y.min() <= y.max() < 5
+        lengths = (t != 0).sum(1)
+        assert (t[np.arange(16)[None, :] < lengths[:, None]] != 0).all()  # real tokens first, padding after
+        assert lengths.min() == 4 and lengths.max() == 16 and t.max() < 50
+
+
+def test_model_flops_count_every_matmul_of_the_step():
+    """Closed form for a 1-block, width-8, MLP-16 model on 2 rows of 4 tokens and 3 classes: q,k,v and the
+    output projection 2*4*(4*8*8), the MLP 2*4*(2*8*16), scores and mixing 2*2*4*4*8, the classifier 2*8*3;
+    a training step is 3 forwards, the KD step adds the teacher's forward."""
+    from benchmarks import transformer_step
+
+    desc = {"width": 8, "mlp_dim": 16, "depth": 1, "num_classes": 3}
+    one_row = 2 * 4 * 4 * 8 * 8 + 2 * 4 * 2 * 8 * 16 + 2 * 2 * 4 * 4 * 8 + 2 * 8 * 3
+    assert transformer_step.model_flops(desc, 2, 4) == 2 * one_row
+    student = {**desc, "width": 4, "mlp_dim": 8}
+    descs = {"teacher": desc, "student": student}
+    assert transformer_step.step_model_flops(descs, "teacher", 2, 4) == 3 * 2 * one_row
+    kd = transformer_step.step_model_flops(descs, "kd", 2, 4)
+    assert kd == 3 * transformer_step.model_flops(student, 2, 4) + 2 * one_row
+
+
+def test_the_gpu_path_is_guarded_and_its_peak_known():
+    from benchmarks import transformer_step
+
+    assert transformer_step.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert transformer_step.peak_flops("NVIDIA H200") == 989e12
+    assert transformer_step.peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert transformer_step.peak_flops("NVIDIA A100-SXM4-40GB") == 312e12
+    assert transformer_step.peak_flops("NVIDIA L40S") is None and transformer_step.peak_flops("Tesla T4") is None
+    with pytest.raises(SystemExit, match="JAX sees no GPU"):
+        transformer_step.require_gpu(["cpu"], None)
+    with pytest.raises(SystemExit, match="torch sees no CUDA device"):
+        transformer_step.require_gpu(["gpu"], False)
+    transformer_step.require_gpu(["gpu"], True)
+    transformer_step.require_gpu(["gpu"], None)  # --skip_torch
+
+
+def test_numerics_pass_uses_the_dtypes_tolerance():
+    from benchmarks import transformer_step
+
+    def out(dtype, logit_diff, step1, step2):
+        steps = {k: {"jax": [2.0, 1.0], "step1_abs_diff": step1, "step2_rel_diff": step2} for k in ("teacher", "kd")}
+        logits = {f"{r}_logits_max_abs_diff": logit_diff for r in ("teacher", "student")}
+        return {"dtype": dtype, **steps, **logits, **{f"{r}_logits_max_abs": 1.0 for r in ("teacher", "student")}}
+
+    assert transformer_step.numerics_pass(out("float32", 5e-5, 1e-4, 1e-4))
+    assert not transformer_step.numerics_pass(out("float32", 5e-3, 1e-4, 1e-4))
+    assert not transformer_step.numerics_pass(out("float32", 5e-5, 5e-4, 1e-4))  # 2.5e-4 relative to |loss| 2
+    assert not transformer_step.numerics_pass(out("float32", 5e-5, 1e-4, 2e-3))
+    assert transformer_step.numerics_pass(out("bfloat16", 5e-3, 1e-2, 2e-2))
+
+
+def test_the_transformer_plan_times_titans_and_torch_steps_that_agree(tmp_path):
+    """At test sizes, without torch.compile, with a weight decay large enough to show in one step: the plan's
+    numerics check passes (the same logits, and the same losses over two AdamW steps of each kind), XLA's FLOPs
+    of each compiled step (summed over the devices) are at least the model's matmul FLOPs and not far above,
+    every side runs and reports its FLOP/s, and the ratios pair each PyTorch step with the Titans step of its
+    kind."""
+    from benchmarks import transformer_step
+
+    args = tiny_transformer_args(skip_compile=True, learning_rate=0.01, weight_decay=0.5)
+    plan = transformer_step.transformer_step(args)
+    numerics = plan.facts["numerics"]
+    assert numerics["pass"], numerics
+    assert numerics["teacher"]["jax"][1] != numerics["teacher"]["jax"][0]  # the update changed the loss
+    for kind in ("teacher", "kd"):
+        xla, model = plan.facts["xla_flops_per_step"][kind], plan.facts["model_flops_per_step"][kind]
+        assert model <= xla <= 2 * model, (kind, xla, model)  # 8 devices: the optimizer's update counts 8 times
+    assert set(plan.sides) == {"titans teacher", "eager teacher", "titans kd", "eager kd"}
+    for name, side in plan.sides.items():
+        out = side()
+        assert out["s"] > 0 and out["xla_gflop_per_s"] > 0 and "mfu" not in out, name
+    assert [(c.num, c.den, c.target) for c in plan.comparisons] == [
+        (("eager teacher",), ("titans teacher",), 1.0),
+        (("eager kd",), ("titans kd",), 1.0),
+    ]
+    assert plan.variant == "custom" and plan.facts["models"]["student"]["width"] == 16
