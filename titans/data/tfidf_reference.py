@@ -22,8 +22,8 @@ from titans.data import text
 
 NGRAMS = (2, 5)
 MIN_DF = 2
-C = 10.0
-MAX_ITER = 300
+C = 1.0
+MAX_ITER = 100
 
 
 def reference_text(synset: text.Synset) -> str:
