@@ -83,6 +83,9 @@ def test_dataset_info():
     for name in data.DATASETS:
         info = data.dataset_info(name)
         assert info.name == name
+        if info.modality == "text":  # token ids: a vocabulary, no pixel statistics
+            assert info.vocab_size > 0 and not info.mean and not info.std and len(info.image_shape) == 1
+            continue
         assert len(info.mean) == len(info.std) == info.image_shape[-1]
         assert all(0 < m < 255 and 0 < s < 255 for m, s in zip(info.mean, info.std))
         assert info.augment in ("none", "crop_flip", "imagenet")
