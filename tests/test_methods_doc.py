@@ -89,8 +89,8 @@ def _valid_cascade():
 
 
 def _check_cascade(c):
-    # The section has no validator of its own; its one enumerated choice is the gates.
-    known = set(gates_lib.GATES) | {"learned"}  # "learned" is fitted in titans/cascade/evaluate.py
+    # Its one enumerated choice is the gates: the registered ones, per-example and fitted.
+    known = set(gates_lib.GATES) | set(gates_lib.FITTED_GATES)
     for field in ("gates", "runner_gates"):
         unknown = set(c.cascade[field]) - known
         if unknown:
