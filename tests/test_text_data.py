@@ -10,9 +10,11 @@ import sys
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from titans import checkpoint as ckpt_lib
-from titans import data, runs
+from titans import config as config_lib
+from titans import data, models, runs
 from titans.config import load_config_file
 from titans.data import text
 from titans.data import tfidf_reference as tfidf
@@ -311,3 +313,13 @@ def test_the_smoke_config_trains_and_its_run_is_refused_under_another_tokenizer(
     (workdir / "config.json").write_text(json.dumps(config))
     with pytest.raises(ckpt_lib.IncompatibleCheckpointError, match="tokenizer.sha256: checkpoint has"):
         runs.load_model(str(workdir))
+
+
+def test_the_teacher_config_validates_and_builds_a_transformer():
+    """configs/wordnet_teacher.py is a valid run config whose model is the Transformer encoder, built with the
+    dataset's vocabulary and its 128 positions (no data needed)."""
+    config = config_lib.validate(load_config_file(str(ROOT / "configs" / "wordnet_teacher.py")))
+    info = data.dataset_info("wordnet")
+    model = nnx.eval_shape(lambda: models.build_model(config.model, info, seed=0))
+    assert config.model.name == "transformer" and models.modality(config.model.name) == "text"
+    assert models.param_count(model) > 1_000_000
