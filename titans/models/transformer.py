@@ -146,6 +146,20 @@ class Encoder(nnx.Module):
         return pooled, acts
 
 
+def _attach_encoder(module, positions: int, *, width: int, rngs, dtype, **encoder_kwargs) -> None:
+    """The encoder, the classifier and (with dropout) the dropout stream of a Transformer classifier, in
+    this order, so a model with dropout has the same parameters as one without."""
+    module.encoder = Encoder(positions, width=width, rngs=rngs, dtype=dtype, **encoder_kwargs)
+    module.classifier = L.head(int(width), module.num_classes, rngs=rngs)
+    module.rng = nnx.data(DropoutRng(rngs) if module.encoder.rate > 0 else None)
+
+
+def _encode(module, x, mask, train: bool):
+    """(pooled, acts) of `module.encoder` over embedded inputs, with a dropout key in training."""
+    key = module.rng.next_key() if train and module.rng is not None else None
+    return module.encoder(x, mask, key)
+
+
 class TextTransformer(TextClassifier):
     """Transformer encoder over tokens: embedding (``width`` wide), the ``Encoder`` with ``max_tokens``
     learned positions, the classifier. Registered as ``transformer`` (defaults: the teacher, 4 x 256 x 4
@@ -171,7 +185,8 @@ class TextTransformer(TextClassifier):
         self.dtype = dtype
         self.embed = embedding(vocab_size, width, rngs=rngs, dtype=dtype, init=_embed_init)
         positions = self.input_shape[0] + (pool == "cls")
-        self.encoder = Encoder(
+        _attach_encoder(
+            self,
             positions,
             depth=depth,
             width=width,
@@ -182,12 +197,9 @@ class TextTransformer(TextClassifier):
             rngs=rngs,
             dtype=dtype,
         )
-        self.classifier = L.head(int(width), self.num_classes, rngs=rngs)
-        self.rng = nnx.data(DropoutRng(rngs) if self.encoder.rate > 0 else None)  # last: same params as without
 
     def forward(self, tokens, mask, train):
-        key = self.rng.next_key() if train and self.rng is not None else None
-        pooled, acts = self.encoder(self.embed(tokens), mask, key)
+        pooled, acts = _encode(self, self.embed(tokens), mask, train)
         return self.classifier(pooled), acts
 
 
@@ -230,7 +242,8 @@ class ViT(L.Classifier):
             raise ValueError(f"vit's patch ({patch}) must divide the image's height and width, got {h}x{w}")
         self.embed = _linear(self.patch * self.patch * c, int(width), rngs=rngs, dtype=dtype)
         positions = (h // self.patch) * (w // self.patch) + (pool == "cls")
-        self.encoder = Encoder(
+        _attach_encoder(
+            self,
             positions,
             depth=depth,
             width=width,
@@ -241,10 +254,7 @@ class ViT(L.Classifier):
             rngs=rngs,
             dtype=dtype,
         )
-        self.classifier = L.head(int(width), self.num_classes, rngs=rngs)
-        self.rng = nnx.data(DropoutRng(rngs) if self.encoder.rate > 0 else None)  # last: same params as without
 
     def forward(self, x, train):
-        key = self.rng.next_key() if train and self.rng is not None else None
-        pooled, acts = self.encoder(self.embed(patchify(x, self.patch)), None, key)
+        pooled, acts = _encode(self, self.embed(patchify(x, self.patch)), None, train)
         return self.classifier(pooled), acts
