@@ -57,7 +57,7 @@ class WorkdirLock:
         """What is flocked: the workdir, or for a bucket a local stand-in named by the URL's hash."""
         if not self.remote:
             return self.directory
-        local = os.path.join(os.path.expanduser("~/.cache/titans/locks"))
+        local = os.path.expanduser("~/.cache/titans/locks")
         os.makedirs(local, exist_ok=True)
         name = os.path.join(local, hashlib.sha256(self.directory.encode()).hexdigest()[:32])
         with open(name, "a"):
