@@ -259,6 +259,29 @@ def test_fair_recipe_gives_every_student_and_baseline_the_same_budget():
     assert c.cascade.fair.epochs == 30.0 and not c.cascade.fair.augment
 
 
+def test_fair_recipe_overrides_each_students_own_budget():
+    """Students that came with different durations, augmentation and learning rates all leave apply_recipe with
+    the recipe's (the shipped config's students already agree, so that test alone would not see it)."""
+    import ml_collections
+
+    from titans.cascade import fair
+
+    c = ml_collections.ConfigDict()
+    c.stage_order = ("teacher", "a", "b")
+    c.stages = ml_collections.ConfigDict()
+    c.stages.teacher = config_lib.base_config()
+    for name, epochs, lr in (("a", 3.0, 0.5), ("b", 7.0, 0.01)):
+        st = config_lib.base_config()
+        st.total_epochs, st.total_steps, st.optimizer.learning_rate = epochs, 0, lr
+        c.stages[name] = st
+    c.cascade = ml_collections.ConfigDict(dict(teacher="teacher", students=("a", "b"), baselines=()))
+    out = fair.apply_recipe(c, epochs=12.0, augment=False, learning_rates=(0.1, 0.2), select_split="train[90%:]")
+    students = [n for n in out.stage_order if n != "teacher"]
+    assert len(students) == 4
+    assert {(out.stages[n].total_epochs, out.stages[n].total_steps) for n in students} == {(12.0, 0)}
+    assert {out.stages[n].optimizer.learning_rate for n in students} == {0.1, 0.2}
+
+
 # --- 6. The cascade page's statistics ---------------------------------------------------------------------------
 
 
