@@ -2,6 +2,7 @@
 docs/benchmarks.md, and one tiny benchmark end to end through `python -m benchmarks`."""
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -228,6 +229,12 @@ TINY_TEACHER = {"depth": 2, "width": 32, "heads": 4, "mlp_ratio": 2.0}
 TINY_STUDENT = {"depth": 1, "width": 16, "heads": 2}
 
 
+# The PyTorch twin's tests need the optional `bench` extra (torch); the README's set-up does not install it.
+needs_torch = pytest.mark.skipif(
+    importlib.util.find_spec("torch") is None, reason="torch is not installed: pip install -r requirements-bench.txt"
+)
+
+
 def tiny_transformer_args(**changes):
     """transformer_step's arguments at test sizes (8 rows: one per simulated device)."""
     from benchmarks import transformer_step
@@ -253,6 +260,7 @@ def flax_text_model(name, kwargs, dtype, max_tokens=16, vocab=64, classes=5):
     return models.build_model(cfg, transformer_step.text_info(args), seed=3, dtype=jnp.dtype(dtype))
 
 
+@needs_torch
 @pytest.mark.parametrize(
     ("name", "kwargs", "dtype", "tol"),
     [
@@ -284,6 +292,7 @@ def test_the_torch_twin_gives_the_flax_transformers_logits(name, kwargs, dtype, 
     assert np.abs(got - want).max() <= tol * max(1.0, np.abs(want).max()), np.abs(got - want).max()
 
 
+@needs_torch
 def test_loading_flax_weights_refuses_a_missing_or_misshaped_parameter():
     from flax import nnx
 
@@ -362,6 +371,7 @@ def test_numerics_pass_uses_the_dtypes_tolerance():
     assert transformer_step.numerics_pass(out("bfloat16", 5e-3, 1e-2, 2e-2))
 
 
+@needs_torch
 def test_the_transformer_plan_times_titans_and_torch_steps_that_agree(tmp_path):
     """At test sizes, without torch.compile, with a weight decay large enough to show in one step: the plan's
     numerics check passes (the same logits, and the same losses over two AdamW steps of each kind), XLA's FLOPs
