@@ -239,6 +239,54 @@ def test_the_text_train_loader_resumes_from_its_state_with_the_same_batches(data
         assert all(np.array_equal(got[k], want[k]) for k in ("image", "label", "index"))
 
 
+def test_grouping_by_length_keeps_each_epoch_a_permutation_and_shrinks_the_buckets(data_dir, wordnet):
+    """`group_by_length`: every epoch still uses each kept row exactly once (the same rows as without grouping),
+    batches hold rows of similar length so their buckets shrink, the order depends on the seed and epoch, a
+    resumed loader continues it, and two processes' rows concatenate to the global batch."""
+    src = data.load_in_memory(data.get_source("wordnet", "train[:2048]", data_dir=data_dir))
+    info = data.dataset_info("wordnet")
+    lengths = _stored_lengths(wordnet, "train[:2048]")
+
+    def loader(group, seed=1, **kw):
+        return data.TrainLoader(src, info, global_batch_size=32, seed=seed, group_by_length=group, prefetch=0, **kw)
+
+    plain, grouped = loader(0), loader(16)
+    steps = plain.steps_per_epoch  # 64
+    for epoch in range(2):
+        a = [plain.global_indices(epoch * steps + k) for k in range(steps)]
+        b = [grouped.global_indices(epoch * steps + k) for k in range(steps)]
+        assert sorted(np.concatenate(b).tolist()) == sorted(np.concatenate(a).tolist())  # same rows, once each
+        assert len(set(np.concatenate(b).tolist())) == steps * 32
+    spread = [np.ptp(lengths[grouped.global_indices(k)]) for k in range(steps)]
+    plain_spread = [np.ptp(lengths[plain.global_indices(k)]) for k in range(steps)]
+    assert np.mean(spread) < 0.25 * np.mean(plain_spread), (np.mean(spread), np.mean(plain_spread))
+    widths = [next(grouped)["image"].shape[1] for _ in range(steps)]
+    plain_widths = [next(plain)["image"].shape[1] for _ in range(steps)]
+    assert np.mean(widths) < 0.75 * np.mean(plain_widths), (np.mean(widths), np.mean(plain_widths))
+    # The batches are in a random order, not shortest first, and the order changes with the epoch and seed.
+    first = [lengths[grouped.global_indices(k)].max() for k in range(steps)]
+    assert first != sorted(first)
+    assert not np.array_equal(grouped.global_indices(0), grouped.global_indices(steps))
+    assert not np.array_equal(grouped.global_indices(0), loader(16, seed=2).global_indices(0))
+    # Resumed mid-epoch 1, and split over two processes: the same rows.
+    state = grouped.get_state()
+    want = [grouped.global_indices(state["step"] + k) for k in range(3)]
+    resumed = loader(16, with_index=True)
+    resumed.set_state(state)
+    halves = [loader(16, process_index=p, process_count=2, with_index=True) for p in (0, 1)]
+    for h in halves:
+        h.set_state(state)
+    for k in range(3):
+        assert np.array_equal(next(resumed)["index"], want[k])
+        assert np.array_equal(np.concatenate([next(h)["index"] for h in halves]), want[k])
+
+
+def test_grouping_by_length_is_refused_for_images():
+    src = data.ArraySource(np.zeros((64, 28, 28, 1), np.uint8), np.zeros(64, np.int32))
+    with pytest.raises(ValueError, match="group_by_length applies to text datasets"):
+        data.TrainLoader(src, data.dataset_info("fashion_mnist"), global_batch_size=8, group_by_length=4)
+
+
 def test_eval_batches_are_cut_to_the_bucket_of_the_global_batch(data_dir, wordnet):
     src = data.get_source("wordnet", "test[:100]", data_dir=data_dir)
     info = data.dataset_info("wordnet")

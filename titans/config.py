@@ -165,6 +165,10 @@ def _dataset_section() -> ml_collections.ConfigDict:
     # take at most 1 GiB, e.g. Fashion-MNIST's 47 MB; "always"; "never"): TFDS's per-record reads cost
     # 5.6 ms a batch of 128, on a thread that competes with the step for the cores.
     d.in_memory = "auto"
+    # Text only: sort each window of this many training batches by length before cutting it into batches (the
+    # batches then come in a random order), so that a batch's bucket fits its rows; 0 = off. With random
+    # batches of 128 WordNet rows, 79% land in the 128-token bucket while the median row has 22 tokens.
+    d.group_by_length = 0
     return d
 
 

@@ -95,6 +95,7 @@ class StudentTrainer:
             augment=self.cfg.dataset.augment,
             augmentation=self.cfg.dataset.augmentation or None,
             with_index=True,
+            group_by_length=self.cfg.dataset.group_by_length,
         ) as loader:
             fitted = fit(
                 state,

@@ -16,6 +16,7 @@ import collections
 import concurrent.futures
 import functools
 import math
+import threading
 from collections.abc import Callable, Iterator
 
 import grain
@@ -129,6 +130,7 @@ class TrainLoader:
         num_threads: int = 1,
         with_index: bool = False,
         augmentation: str | None = None,
+        group_by_length: int = 0,
     ):
         self.local_batch_size = _check_layout(global_batch_size, process_index, process_count)
         self.src, self.info = src, info
@@ -145,12 +147,29 @@ class TrainLoader:
         # kept outside the batch, such as a boosting weight player's weights.
         self.with_index = bool(with_index)
         self._prefetch, self._threads = prefetch, num_threads
+        # Text: each epoch's rows are sorted by length within windows of `group_by_length` batches, so that a
+        # batch's longest row (which sets its bucket) is close to its typical row (`_grouped_epoch`).
+        self.group_by_length = int(group_by_length)
+        self._lengths = self._row_lengths() if self.group_by_length else None
         self._set(seed=seed, step=0)
+
+    def _row_lengths(self) -> np.ndarray:
+        if self.group_by_length < 0:
+            raise ValueError(f"group_by_length must be >= 0 (batches per sorting window), got {self.group_by_length}")
+        if self.info.modality != "text":
+            raise ValueError(f"group_by_length applies to text datasets; {self.info.name!r} holds images")
+        lengths = np.empty(self.num_examples, np.int32)
+        for a in range(0, self.num_examples, 8192):
+            b = min(a + 8192, self.num_examples)
+            lengths[a:b] = (self._rows(np.arange(a, b))[0] != 0).sum(axis=1)
+        return lengths
 
     def _set(self, seed: int, step: int):
         self.seed = int(seed)
         self.step = int(step)
         self._order = grain.MapDataset.range(self.num_examples).shuffle(seed=_shuffle_seed(self.seed)).repeat()
+        self._grouped = {}  # (order, seed, epoch) -> that epoch's batches of indices, when grouping by length
+        self._grouped_lock = threading.Lock()
         # Bound now, so a batch still being computed for a replaced state cannot mix states.
         fn = functools.partial(self._batch, self._order, self.seed)
         self._prefetcher = _Prefetcher(fn, self.step, None, self._prefetch, self._threads)
@@ -159,26 +178,52 @@ class TrainLoader:
 
     def global_indices(self, step: int) -> np.ndarray:
         """The example indices of global batch `step`, in row order."""
-        return self._indices(self._order, step, 0, self.global_batch_size)
+        return self._indices(self._order, step, 0, self.global_batch_size, self.seed)
 
-    def _indices(self, order, step: int, row0: int, rows: int) -> np.ndarray:
+    def _indices(self, order, step: int, row0: int, rows: int, seed: int) -> np.ndarray:
         epoch, k = divmod(step, self.steps_per_epoch)
+        if self._lengths is not None:
+            return self._grouped_epoch(order, seed, epoch)[k, row0 : row0 + rows]
         first = epoch * self.num_examples + k * self.global_batch_size + row0
         return np.fromiter((order[first + j] for j in range(rows)), dtype=np.int64, count=rows)
 
+    def _grouped_epoch(self, order, seed: int, epoch: int) -> np.ndarray:
+        """Epoch `epoch`'s batches when grouping by length, a function of (seed, epoch) only: the epoch's
+        shuffled order (the same as without grouping), its dropped tail left out, each window of
+        `group_by_length` batches stably sorted by row length and cut into batches, then the batches of the
+        epoch put in a random order."""
+        key = (id(order), seed, epoch)
+        with self._grouped_lock:
+            cached = self._grouped.get(key)
+            if cached is None:
+                cached = self._grouped[key] = self._group_epoch(order, seed, epoch)
+                while len(self._grouped) > 2:  # the prefetcher reaches at most one epoch ahead
+                    self._grouped.pop(next(iter(self._grouped)))
+            return cached
+
+    def _group_epoch(self, order, seed: int, epoch: int) -> np.ndarray:
+        n, b, steps = self.num_examples, self.global_batch_size, self.steps_per_epoch
+        perm = np.fromiter((order[epoch * n + j] for j in range(steps * b)), dtype=np.int64, count=steps * b)
+        window = self.group_by_length * b
+        for a in range(0, len(perm), window):
+            chunk = perm[a : a + window]
+            perm[a : a + window] = chunk[np.argsort(self._lengths[chunk], kind="stable")]
+        rng = np.random.default_rng([seed % 2**64, epoch, 0x1E46])
+        return perm.reshape(steps, b)[rng.permutation(steps)]
+
     def _batch(self, order, seed: int, step: int) -> dict:
         if self.info.modality == "text":
-            return self._token_batch(order, step)
-        indices = self._indices(order, step, self.process_index * self.local_batch_size, self.local_batch_size)
+            return self._token_batch(order, seed, step)
+        indices = self._indices(order, step, self.process_index * self.local_batch_size, self.local_batch_size, seed)
         batch = self._batch_examples(indices, seed, step)
         if self.with_index:
             batch["index"] = indices.astype(np.int32)
         return batch
 
-    def _token_batch(self, order, step: int) -> dict:
+    def _token_batch(self, order, seed: int, step: int) -> dict:
         """Token ids cut to the bucket of the GLOBAL batch's longest example (`text.bucket_length`), so
         that every process hands out the same length: each reads the whole global batch's rows."""
-        indices = self._indices(order, step, 0, self.global_batch_size)
+        indices = self._indices(order, step, 0, self.global_batch_size, seed)
         tokens, labels = self._rows(indices)
         rows = slice(self.process_index * self.local_batch_size, (self.process_index + 1) * self.local_batch_size)
         batch = {"image": tokens[rows, : text.bucket_length(tokens)], "label": labels[rows]}

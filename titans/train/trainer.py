@@ -120,6 +120,7 @@ def _loader(s: Setup, method: method_lib.Method, source=None):
         augment=s.config.dataset.augment,
         augmentation=s.config.dataset.augmentation or None,
         with_index=needs_index,
+        group_by_length=s.config.dataset.group_by_length,
     )
     return s.soft_labels.wrap(loader) if s.soft_labels is not None else loader
 
