@@ -1,6 +1,7 @@
 """docs/results is recomputable: its pages equal what `titans-results rebuild` makes from results/, the raw
 outputs reproduce the curves they summarise, and the statistics behind every verdict are right."""
 
+import functools
 import glob
 import json
 import math
@@ -267,3 +268,41 @@ def test_the_readme_results_table_is_generated_and_checked(tmp_path):
     verdicts = studies.claim_verdicts(page)
     assert len(verdicts) == page.split("## Claims and verdicts")[1].split("\n## ")[0].count("\n| ") - 1
     assert set(verdicts) <= set(studies.VERDICTS)
+
+
+def test_numbers_in_hand_written_heads_and_the_readme_are_backed_by_the_generated_tables(tmp_path, monkeypatch, capsys):
+    """No committed head or README sentence states a result number the generated tables do not give; a
+    changed accuracy in a head, a ratio no table gives (the old "about 40x"), or a wrong number in README's
+    Results prose is named, and `titans-results rebuild --check` then exits 1."""
+    from titans.results import claims
+
+    assert studies.unbacked_claims(REPO) == {}
+    root = tmp_path / "repo"
+    shutil.copytree(os.path.join(REPO, "results"), root / "results")
+    shutil.copytree(os.path.join(REPO, "docs", "results"), root / "docs" / "results")
+    shutil.copy(os.path.join(REPO, "README.md"), root)
+    assert studies.unbacked_claims(str(root)) == {}
+    head = root / "results" / "bdistil_fmnist_strong" / "README.md"
+    text = head.read_text()
+    assert "0.9435" in text
+    head.write_text(text.replace("0.9435", "0.9535", 1).replace("56.9 MFLOPs", "56.9 MFLOPs, about 40x", 1))
+    readme = root / "README.md"
+    readme.write_text(readme.read_text().replace("## Results\n", "## Results\n\nThe teacher reaches 0.9512.\n", 1))
+    assert studies.unbacked_claims(str(root)) == {
+        "results/bdistil_fmnist_strong/README.md": ["0.9535", "40x"],
+        "README.md": ["0.9512"],
+    }
+    # Rounding: a stated number is backed by a generated one that rounds to it; a ratio within 5%, or the
+    # inverse of a generated fraction; code blocks are not prose.
+    assert claims.unbacked("acc 0.944 and 0.9435", "| 0.94351 |") == []
+    assert claims.unbacked("-0.0043 [-0.0061, +0.0002]", "-0.00431 -0.00608 0.00024") == []
+    assert claims.unbacked("about 100x cheaper", "0.010") == [] and claims.unbacked("40x", "0.010") == ["40x"]
+    assert claims.unbacked("```\npython x.py --lr=0.1234\n```\n", "") == []
+    from titans.results import __main__ as results_cli
+
+    monkeypatch.setattr(studies, "unbacked_claims", functools.partial(studies.unbacked_claims, str(root)))
+    monkeypatch.setattr(studies, "rebuild", functools.partial(studies.rebuild, str(root)))
+    assert results_cli.cli(["rebuild", "--check"]) == 1
+    assert "results/bdistil_fmnist_strong/README.md states numbers no generated table gives: 0.9535, 40x" in (
+        capsys.readouterr().err
+    )

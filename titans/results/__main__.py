@@ -34,11 +34,14 @@ def cli(argv=None) -> int:
     if a.plots:
         for path in studies.plot_all(only=tuple(a.only)):
             print(f"drew {path}")
+    unbacked = studies.unbacked_claims()
+    for path, numbers in unbacked.items():
+        print(f"{path} states numbers no generated table gives: {', '.join(numbers)}", file=sys.stderr)
     if a.check and changed:
         print("Stale result pages (run `titans-results rebuild` and commit):\n  " + "\n  ".join(changed))
         return 1
     print(("rewrote " if changed else "up to date: no page changed") + ", ".join(changed))
-    return 0
+    return 1 if unbacked else 0
 
 
 if __name__ == "__main__":

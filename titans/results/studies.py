@@ -13,6 +13,7 @@ from titans import paths
 from titans.active import report as active_report
 from titans.cascade import report as cascade_report
 from titans.ensemble import report as ensemble_report
+from titans.results import claims
 from titans.results import logits as logits_codec
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -246,6 +247,27 @@ def rebuild(root: str = REPO, check: bool = False, only: tuple[str, ...] = ()) -
         with open(readme) as f:
             _update(readme, _with_readme_table(f.read(), readme_table(pages)), check, changed)
     return changed
+
+
+def unbacked_claims(root: str = REPO) -> dict[str, list[str]]:
+    """{file: its unbacked numbers} for every study head (results/<study>/README.md) and README.md's Results
+    section: the result numbers they state that no generated table gives (`claims.unbacked`; a head may cite
+    another study's numbers, e.g. a teacher's accuracy)."""
+    generated = {
+        name: study.render(study.raw_dir(root)) for name, study in STUDIES.items() if os.path.isdir(study.raw_dir(root))
+    }
+    everything = "\n".join(generated.values())
+    texts = {}  # file -> (its prose, the generated text that backs it)
+    for name in generated:
+        with open(os.path.join(STUDIES[name].raw_dir(root), "README.md")) as f:
+            texts[os.path.join("results", name, "README.md")] = (f.read(), generated[name])
+    readme = os.path.join(root, "README.md")
+    if os.path.exists(readme):
+        with open(readme) as f:
+            section = f.read().split("\n## Results", 1)[-1].split("\n## ", 1)[0]
+        texts["README.md"] = (section.split(README_BEGIN, 1)[0] + section.split(README_END, 1)[-1], everything)
+    found = {path: claims.unbacked(text, own, everything) for path, (text, own) in texts.items()}
+    return {path: numbers for path, numbers in found.items() if numbers}
 
 
 def plot_all(root: str = REPO, only: tuple[str, ...] = ()) -> list[str]:
