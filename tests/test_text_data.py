@@ -363,6 +363,32 @@ def test_the_smoke_config_trains_and_its_run_is_refused_under_another_tokenizer(
         runs.load_model(str(workdir))
 
 
+_TRACED_WIDTHS = []
+
+
+def _traced_logits(model, tokens):
+    _TRACED_WIDTHS.append(tokens.shape[1])  # runs once per compiled shape
+    return model(tokens)
+
+
+def test_a_text_split_predicts_in_length_order_at_its_buckets_and_in_row_order(data_dir):
+    """`runs.split_arrays` gives a text split as one (N, 128) array; `runs.predict` runs it sorted by length
+    with each batch cut to its bucket (a program per bucket, not one at 128) and returns the rows' outputs
+    in the split's order, equal to the model on each full-width row."""
+    info = data.dataset_info("wordnet")
+    tokens, labels = runs.split_arrays(data.get_source("wordnet", "validation[:300]", data_dir=data_dir), info)
+    assert tokens.shape == (300, 128) and tokens.dtype == np.int32 and len(labels) == 300
+    model_cfg = config_lib.base_config().model
+    model_cfg.name = "text_cnn"
+    model = models.build_model(model_cfg, info, seed=0)
+    model.eval()
+    _TRACED_WIDTHS.clear()
+    got = runs.predict(_traced_logits, model, tokens, batch_size=64)
+    assert min(_TRACED_WIDTHS) <= 32 and len(set(_TRACED_WIDTHS)) >= 2, _TRACED_WIDTHS
+    want = np.concatenate([np.asarray(model(tokens[a : a + 100])) for a in range(0, 300, 100)])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_the_teacher_config_validates_and_builds_a_transformer():
     """configs/wordnet_teacher.py is a valid run config whose model is the Transformer encoder, built with the
     dataset's vocabulary and its 128 positions (no data needed)."""

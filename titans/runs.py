@@ -33,6 +33,7 @@ from titans import checkpoint as ckpt_lib
 from titans import config as config_lib
 from titans import data as data_lib
 from titans import logs, losses, models, parallel, paths
+from titans.data import text as text_lib
 
 
 class TeacherMismatchError(ValueError):
@@ -237,22 +238,43 @@ def predict(fn: Callable, model, images: np.ndarray, *, batch_size: int, mesh=No
     padded to `batch_size` rows, so one shape compiles; the padding is dropped. `batch_size` is
     rounded up to a multiple of the mesh's devices. With `progress`, a bar with that label and an
     ETA is drawn on stderr. Single process.
+
+    Token ids (int (N, L), 0 = padding at the end; `split_arrays` of a text split) go through in order of
+    length, each batch cut to its bucket (`data.text.bucket_length`: one program per bucket), and the
+    outputs are put back in the rows' order: text models give the same outputs whatever padding follows.
     """
     _single_process("predict")
     mesh = mesh or parallel.make_mesh()
     batch_size = round_up(batch_size, mesh.devices.size)
     model = parallel.replicate(model, mesh)
     apply, outs, t0 = _jitted(fn), [], time.perf_counter()
-    n = len(images)
+    n, order = len(images), _by_length(images)
+    rows_in = images if order is None else np.asarray(images)[order]
     for start in range(0, n, batch_size):
         rows = min(batch_size, n - start)
-        x = parallel.to_global({"x": pad_batch(np.asarray(images[start : start + batch_size]), batch_size)}, mesh)["x"]
+        chunk = np.asarray(rows_in[start : start + batch_size])
+        if order is not None:
+            chunk = chunk[:, : text_lib.bucket_length(chunk, (*text_lib.BUCKETS, images.shape[1]))]
+        x = parallel.to_global({"x": pad_batch(chunk, batch_size)}, mesh)["x"]
         outs.append(jax.tree.map(lambda a, r=rows: np.asarray(jax.device_get(a))[:r], apply(model, x)))
         if progress:
             logs.progress_bar(progress, start + rows, n, t0)
     if progress:
         print(file=sys.stderr)
-    return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
+    out = jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
+    if order is None:
+        return out
+    back = np.empty_like(order)
+    back[order] = np.arange(n)
+    return jax.tree.map(lambda a: a[back], out)
+
+
+def _by_length(images) -> np.ndarray | None:
+    """For token ids (int (N, L)), the rows in order of their number of tokens (stable); else None."""
+    images = np.asarray(images)
+    if images.ndim != 2 or not np.issubdtype(images.dtype, np.integer):
+        return None
+    return np.argsort((images != 0).sum(axis=1), kind="stable")
 
 
 def predict_split(fn: Callable, model, src, info, *, batch_size: int, mesh=None, progress: str = ""):
@@ -262,11 +284,15 @@ def predict_split(fn: Callable, model, src, info, *, batch_size: int, mesh=None,
 
 
 def split_arrays(src, info, batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:
-    """A whole split as (uint8 images (N, H, W, C), int labels (N,)), in the split's order."""
+    """A whole split as (uint8 images (N, H, W, C), int labels (N,)), in the split's order; for a text split,
+    int32 token ids (N, info.image_shape[0]) padded with 0 after each row's tokens."""
     images, labels = [], []
     for batch in data_lib.eval_batches(src, info, global_batch_size=batch_size):
         keep = np.asarray(batch["mask"])
-        images.append(np.asarray(batch["image"])[keep])
+        x = np.asarray(batch["image"])[keep]
+        if info.modality == "text":  # each batch is cut to its own bucket
+            x = np.pad(x, ((0, 0), (0, info.image_shape[0] - x.shape[1])))
+        images.append(x)
         labels.append(np.asarray(batch["label"])[keep])
     return np.concatenate(images), np.concatenate(labels)
 
