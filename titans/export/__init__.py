@@ -22,6 +22,15 @@ writes one directory:
 The thresholds are chosen on validation data exactly as `titans-cascade` chooses them, so the exported
 cascade defers the same examples as the in-process one (tests/test_export.py).
 
+Text. A cascade of text runs (`dataset.name = "wordnet"`) exports with its tokenizer, and the manifest
+says so (version 3, `modality` "text"): each stage takes int32 token ids (b, l), batch and token length
+both symbolic (l <= the dataset's `max_tokens`, 128; one program serves every length bucket); the last
+stage's dataset's tokenizer.json is copied in, its size and SHA-256 recorded under `tokenizer`, with
+`max_tokens`, `token_buckets` (16/32/64/128) and `vocab_size`. Every stage's run must have recorded that
+tokenizer's SHA-256 in its checkpoint meta: a stage trained over another tokenizer is refused
+(`TokenizerMismatchError`), since its token ids would mean other words. The loader then takes strings:
+`load(dir).predict_texts(["..."])` (tests/test_text_export.py).
+
 Safety. Every stage run must have finished (results.json, and its checkpoint at the run's last step);
 an unfinished one is refused (`UnfinishedRunError`) unless `allow_unfinished`, which the manifest
 records. The export holds the output directory's `WorkdirLock` ("export"), so a second export into it
@@ -36,6 +45,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import jax
 import jax.numpy as jnp
@@ -44,10 +54,12 @@ from etils import epath
 from jax import export as jax_export
 
 import titans
+from titans import checkpoint as ckpt_lib
 from titans import data as data_lib
 from titans import locks, parallel, paths, runs
 from titans.cascade import apply as cascade_apply
 from titans.cascade import evaluate, gates
+from titans.data import text as text_lib
 from titans.export import standalone
 from titans.teachers import cache as cache_lib
 
@@ -84,12 +96,68 @@ def _platforms() -> list[str]:
     return sorted({"cpu", here})
 
 
-def export_stage(stage, gate, info, last: bool) -> bytes:
-    """Stage `stage` serialised with jax.export for uint8 images with a symbolic batch dimension."""
+def input_spec(info) -> jax.ShapeDtypeStruct:
+    """What an exported stage takes: uint8 images (b, H, W, C), or for text int32 token ids (b, l) with the
+    token length symbolic too, at most the dataset's longest (`image_shape[0]`)."""
+    if info.modality == "text":
+        shape = jax_export.symbolic_shape("b, l", constraints=[f"l <= {int(info.image_shape[0])}"])
+        return jax.ShapeDtypeStruct(shape, jnp.int32)
     shape = jax_export.symbolic_shape("b, " + ", ".join(str(d) for d in info.image_shape))
-    spec = jax.ShapeDtypeStruct(shape, jnp.uint8)
-    exported = jax_export.export(jax.jit(_stage_fn(stage, gate, info.num_classes, last)), platforms=_platforms())(spec)
-    return bytes(exported.serialize())
+    return jax.ShapeDtypeStruct(shape, jnp.uint8)
+
+
+def export_stage(stage, gate, info, last: bool) -> bytes:
+    """Stage `stage` serialised with jax.export for `input_spec(info)`: a symbolic batch dimension (and for
+    text a symbolic token length)."""
+    fn = jax.jit(_stage_fn(stage, gate, info.num_classes, last))
+    return bytes(jax_export.export(fn, platforms=_platforms())(input_spec(info)).serialize())
+
+
+def class_names(info) -> list[str]:
+    if info.name in CLASS_NAMES:
+        return list(CLASS_NAMES[info.name])
+    if info.name == "wordnet":
+        return list(text_lib.label_names())
+    return [str(c) for c in range(info.num_classes)]
+
+
+def export_tokenizer(stage_dirs, loaded) -> tuple[bytes, dict]:
+    """(tokenizer.json's bytes, its manifest entry) of a text cascade: the tokenizer of the last stage's
+    data_dir, which every stage's run must have recorded (its checkpoint meta's `tokenizer.sha256`)."""
+    data_dir = loaded[-1][1].dataset.data_dir or None
+    _, sha = data_lib.tokenizer_for(data_dir)
+    where = os.path.expanduser(os.fspath(data_dir or data_lib.default_data_dir()))
+    path = text_lib.TitansWordnet(data_dir=where, file_format="array_record").data_path / text_lib.TOKENIZER_FILE
+    data = path.read_bytes()
+    if standalone.sha256(data) != sha:
+        raise data_lib.TokenizerMismatchError(
+            f"{path} changed while it was read (SHA-256 {standalone.sha256(data)}, then {sha}); export again."
+        )
+    for i, (d, (*_, step)) in enumerate(zip(stage_dirs, loaded)):
+        run = runs.RunDir(d)
+        recorded = ckpt_lib.Checkpointer(run.path, read_only=True).read_meta(step).get("fields", {})
+        if recorded.get("tokenizer.sha256") != sha:
+            raise data_lib.TokenizerMismatchError(
+                f"not exporting: stage {i}'s run {run.path} recorded tokenizer sha256 "
+                f"{recorded.get('tokenizer.sha256')} (checkpoint step {step}), but the export's tokenizer ({path}, "
+                f"the last stage's data_dir) is {sha}. Its token ids would mean other words under it. Export "
+                f"stages trained over the same tokenizer (the same prepared wordnet dataset)."
+            )
+    entry = {"file": text_lib.TOKENIZER_FILE, "size": len(data), "sha256": sha, "source": str(path)}
+    return data, entry
+
+
+def text_fields(info, tokenizer: dict) -> dict:
+    """The manifest fields of a text export (version 3)."""
+    return {
+        "version": standalone.TEXT_VERSION,
+        "modality": "text",
+        "input_dtype": "int32",
+        "max_tokens": int(info.image_shape[0]),
+        "token_buckets": [int(b) for b in text_lib.BUCKETS],
+        "vocab_size": int(info.vocab_size),
+        "tokenizer": tokenizer,
+    }
 
 
 def _expected(stages, gate, thresholds, x, y, num_classes: int, *, mesh, batch_size) -> dict:
@@ -155,6 +223,10 @@ def export_cascade(
     loaded, info = cascade_apply.load_stages(stage_dirs, rates)
     statuses = check_finished(stage_dirs, loaded, allow_unfinished)
     evaluate.check_threshold_split([cfg for _, cfg, _, _ in loaded], info, val_split)
+    files, extra = {}, {}
+    if info.modality == "text":  # refused before anything is written, like an unfinished run
+        files[text_lib.TOKENIZER_FILE], tokenizer = export_tokenizer(stage_dirs, loaded)
+        extra = text_fields(info, tokenizer)
     out = paths.resolve(out)  # an epath.Path: a local directory made absolute, or a bucket's URL as it is
     with locks.WorkdirLock(out, "export"):
         stages = [evaluate.NormalizedModel.of(m, info) for m, *_ in loaded]
@@ -162,9 +234,9 @@ def export_cascade(
         mesh = parallel.make_mesh()
         batch_size = runs.round_up(batch_size, mesh.devices.size)
         src = data_lib.get_source(info.name, val_split, data_dir=loaded[-1][1].dataset.data_dir or None)
-        val_x, val_y = runs.split_arrays(src, info)
+        val_x, val_y = runs.split_arrays(src, info)  # text: token ids padded to 128, one array
         thresholds = cascade_apply.choose_thresholds(stages, gate, rates, val_x, mesh=mesh, batch_size=batch_size)
-        files, entries = {}, []
+        entries = []
         for i, (stage, (model, cfg, _, step)) in enumerate(zip(stages, loaded)):
             name = f"stage{i}.jaxexport"
             files[name] = export_stage(stage, gate, info, i == len(stages) - 1)
@@ -183,15 +255,16 @@ def export_cascade(
                 }
             )
         expected = _expected(stages, gate, thresholds, val_x, val_y, info.num_classes, mesh=mesh, batch_size=batch_size)
-        manifest = _manifest(info, gate_name, rates, thresholds, val_split, entries, expected, allow_unfinished)
+        manifest = _manifest(info, gate_name, rates, thresholds, val_split, entries, expected, allow_unfinished, extra)
         with open(standalone.__file__, "rb") as f:
             files["titans_cascade.py"] = f.read()
         write_export(out, files, manifest)
     return manifest
 
 
-def _manifest(info, gate_name, rates, thresholds, val_split, entries, expected, allow_unfinished) -> dict:
-    """The export's manifest, sealed (standalone.seal: the SHA-256 of every field under `integrity`)."""
+def _manifest(info, gate_name, rates, thresholds, val_split, entries, expected, allow_unfinished, extra) -> dict:
+    """The export's manifest, sealed (standalone.seal: the SHA-256 of every field under `integrity`); `extra`:
+    a text export's fields (`text_fields`), which replace or add to an image export's."""
     return standalone.seal(
         {
             "format": standalone.FORMAT,
@@ -204,7 +277,7 @@ def _manifest(info, gate_name, rates, thresholds, val_split, entries, expected, 
             "normalization": {"mean": list(info.mean), "std": list(info.std)},
             "dataset": info.name,
             "num_classes": info.num_classes,
-            "class_names": list(CLASS_NAMES.get(info.name, [str(c) for c in range(info.num_classes)])),
+            "class_names": class_names(info),
             "gate": gate_name,
             "target_rates": rates,
             "thresholds": [float(t) for t in thresholds],
@@ -212,6 +285,7 @@ def _manifest(info, gate_name, rates, thresholds, val_split, entries, expected, 
             "allow_unfinished": bool(allow_unfinished),
             "stages": entries,
             **expected,
+            **extra,
         }
     )
 
@@ -241,7 +315,8 @@ def write_export(out: epath.Path, files: dict[str, bytes], manifest: dict) -> No
     _write(staging / standalone.MANIFEST, json.dumps(manifest, indent=2, allow_nan=False).encode())
     if (out / standalone.MANIFEST).exists():
         (out / standalone.MANIFEST).unlink()
-    for stale in out.glob("stage*.jaxexport"):  # a previous export with more stages
+    # a previous export with more stages, or a text export's tokenizer
+    for stale in [*out.glob("stage*.jaxexport"), *out.glob(text_lib.TOKENIZER_FILE)]:
         if stale.name not in files:
             stale.unlink()
     for name in files:
