@@ -92,15 +92,13 @@ def cascade_pipeline(
     if unknown:
         raise ValueError(f"Baseline sizes {sorted(unknown)} are not student sizes {sorted(students)}.")
     c.stage_order = tuple(order)
-    c.cascade = ml_collections.ConfigDict(
-        dict(
-            teacher="teacher",
-            students=tuple(order[1:]),
-            gates=("msp", "margin", "entropy", "defer_output", "learned"),
-            num_thresholds=201,
-            target_deferral_rates=(0.1, 0.2, 0.3, 0.5),
-            baselines=tuple(f"{size}_standard" for size in baselines),
-            **cascade,
-        )
+    defaults = dict(
+        teacher="teacher",
+        students=tuple(order[1:]),
+        gates=("msp", "margin", "entropy", "defer_output", "learned"),
+        num_thresholds=201,
+        target_deferral_rates=(0.1, 0.2, 0.3, 0.5),
+        baselines=tuple(f"{size}_standard" for size in baselines),
     )
+    c.cascade = ml_collections.ConfigDict({**defaults, **cascade})  # `cascade` may replace a default
     return c

@@ -109,7 +109,7 @@ def run_cascade(stage_dirs, gate_name: str, rates, val_split: str, split: str, b
     last_logits = runs.predict(evaluate.stage_logits, stages[-1], x, mesh=mesh, batch_size=batch_size)
     last_sec = (time.perf_counter() - t0) / len(x)
 
-    flops = [evaluate.flops_of(m, info) for m, *_ in loaded]
+    flops = [evaluate.flops_of(m, info, x) for m, *_ in loaded]
     gate_flops = gates.gate_flops(gate, C)
     reached = np.array([np.mean(answered_by >= i) for i in range(k)])
     amortized = float(sum(reached[i] * (flops[i] + (gate_flops if i < k - 1 else 0.0)) for i in range(k)))

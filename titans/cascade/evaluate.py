@@ -38,6 +38,7 @@ from titans.cascade import cost as cost_lib
 from titans.cascade import curves as curves_lib
 from titans.cascade import gates as gates_lib
 from titans.cascade.runner import CascadeRunner
+from titans.data import text as text_lib
 
 
 @flax.struct.dataclass
@@ -63,8 +64,16 @@ def stage_logits(stage, images):
     return stage.apply(images)
 
 
-def flops_of(model: runs.FrozenModel, info) -> float:
-    return model.flops_per_example(info.image_shape)
+def flops_of(model: runs.FrozenModel, info, inputs=None) -> float:
+    """XLA's FLOPs per example. For text with `inputs` (token ids (N, L)): the mean over the rows of the
+    FLOPs at each row's bucket, the length it runs at when batches are sorted by length (`runs.predict`);
+    else at the dataset's (longest) input shape."""
+    if info.modality != "text" or inputs is None:
+        return model.flops_per_example(info.image_shape)
+    lengths = (np.asarray(inputs) != 0).sum(axis=1)
+    buckets = np.array([b for b in (*text_lib.BUCKETS, info.image_shape[0]) if b <= info.image_shape[0]])
+    at = buckets[np.searchsorted(buckets, lengths)]
+    return float(sum(np.sum(at == b) * model.flops_per_example((int(b),)) for b in np.unique(at)) / len(at))
 
 
 def _time_per_example(model: NormalizedModel, images, repeats: int = 5) -> float:
@@ -211,7 +220,7 @@ def _evaluate_teacher(teacher: NormalizedModel, teacher_dir: str, *, info, val, 
     """
     (val_x, y_val), (test_x, y_test) = val, test
     t_val, t_test = logits_of(teacher, val_x), logits_of(teacher, test_x)
-    c_teacher = flops_of(teacher.model, info)
+    c_teacher = flops_of(teacher.model, info, test_x)
     t_time_teacher = _time_per_example(teacher, timing_images)
     teacher_val_acc = float(np.mean(t_val.argmax(-1) == y_val))
     teacher_test_acc = float(np.mean(t_test.argmax(-1) == y_test))
@@ -235,7 +244,7 @@ def _evaluate_student(setup: _Setup, s_dir: str) -> _Student:
     entry = {
         "objective": s_cfg.distill.get("objective", "standard"),
         "model_kwargs": s_cfg.model.kwargs.to_dict(),
-        "flops_per_example": flops_of(model.model, setup.info),
+        "flops_per_example": flops_of(model.model, setup.info, setup.test.images),
         "time_per_example_s": _time_per_example(model, setup.timing_images),
         "val_accuracy": float(np.mean(s_val[:, :C].argmax(-1) == setup.val.labels)),
         "test_accuracy": float(np.mean(s_test[:, :C].argmax(-1) == setup.test.labels)),
