@@ -1,7 +1,8 @@
 """A text cascade's export and serving: the stages take int32 token ids with a symbolic batch and token
 length, the export carries its tokenizer (checksummed, refused when damaged) and refuses stages trained over
 another one; the standalone loader takes strings, tokenized and cut to buckets as Titans' dataset and
-loaders do, and answers as the in-process cascade."""
+loaders do, and answers as the in-process cascade; titans-serve takes {"texts": [...]} and refuses
+malformed text requests with a 400 naming the fault."""
 
 import json
 import os
@@ -344,3 +345,127 @@ def test_an_image_export_over_a_text_export_leaves_no_tokenizer(tmp_path):
     export.write_export(out, {"stage0.jaxexport": b"a", "tokenizer.json": b"{}"}, {"n": 1})
     export.write_export(out, {"stage0.jaxexport": b"b"}, {"n": 2})
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "stage0.jaxexport"]
+
+
+# ------------------------------------------------------------------------------------------ serving
+
+
+@pytest.fixture(scope="module")
+def serve_lib():
+    return pytest.importorskip("titans.serve", reason="needs ray[serve] (the `serve` extra)")
+
+
+JSON_TYPE, NPY_TYPE = "application/json", "application/x-npy"
+TEXT_REQUESTS = [
+    (b"not json", JSON_TYPE, "the body is not JSON"),
+    (b'["a"]', JSON_TYPE, 'expected a JSON object {"texts": [...]}'),
+    (b'{"text": ["a"]}', JSON_TYPE, 'expected a JSON object with a "texts" field'),
+    (b'{"images": ["a"]}', JSON_TYPE, "this service serves a text cascade"),
+    (b'{"texts": []}', JSON_TYPE, "a request holds 1 to 4 texts; got 0"),
+    (b'{"texts": ["a", "b", "c", "d", "e"]}', JSON_TYPE, "a request holds 1 to 4 texts; got 5"),
+    (b'{"texts": "a dog"}', JSON_TYPE, '"texts" must be a list of strings; got a string'),
+    (b'{"texts": {"a": "b"}}', JSON_TYPE, '"texts" must be a list of strings; got an object'),
+    (b'{"texts": ["a", 7]}', JSON_TYPE, "got the number 7"),
+    (b'{"texts": ["a", 1e400]}', JSON_TYPE, "got the number 1e400"),
+    (b'{"texts": [NaN]}', JSON_TYPE, "got the number NaN"),
+    (b'{"texts": ["a", null]}', JSON_TYPE, "text 1 is null"),
+    (b'{"texts": [true]}', JSON_TYPE, "text 0 is a boolean"),
+    (b'{"texts": [["a"]]}', JSON_TYPE, "nested 3 levels deep"),
+    (b'{"texts": [{"a": "b"}]}', JSON_TYPE, "nested 3 levels deep"),
+    (b'{"texts": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", JSON_TYPE, "nested 50001 levels deep"),
+    (b'{"texts": ["' + b"x" * 101 + b'"]}', JSON_TYPE, "text 0 has 101 characters; this service takes at most 100"),
+    (b'{"texts": ["\\ud800"]}', JSON_TYPE, "text 0 is not valid Unicode"),
+    (b'{"texts": ["a"]}', NPY_TYPE, "this service serves a text cascade"),
+    (b'{"texts": ["a"]}', "text/plain", "Content-Type must be application/json"),
+]
+
+
+@pytest.mark.parametrize("body, content_type, message", TEXT_REQUESTS)
+def test_every_malformed_text_request_is_a_bad_request_naming_the_fault(serve_lib, body, content_type, message):
+    with pytest.raises(serve_lib.BadRequest) as e:
+        serve_lib.parse_texts(body, 4, 100, content_type)
+    assert message in str(e.value) and e.value.status == 400
+
+
+def test_texts_are_counted_before_the_json_is_parsed_and_brackets_in_strings_do_not_count(serve_lib, monkeypatch):
+    tricky = ["a [b] {c}", 'say "[" and "{"', "a backslash \\", "[[[[", '\\"[']
+    body = json.dumps({"texts": tricky[:4]}).encode()
+    assert serve_lib.parse_texts(body, 4, 100) == tricky[:4]
+    monkeypatch.setattr(serve_lib.json, "loads", lambda *a, **k: pytest.fail("parsed before it was counted"))
+    with pytest.raises(serve_lib.BadRequest, match="1 to 4 texts; got 5"):
+        serve_lib.parse_texts(json.dumps({"texts": tricky}).encode(), 4, 100)
+    with pytest.raises(serve_lib.BadRequest, match="nested 3 levels"):
+        serve_lib.parse_texts(json.dumps({"texts": [tricky]}).encode(), 4, 100)
+
+
+def test_the_text_limit_is_a_flag_and_must_be_positive(serve_lib, capsys):
+    from titans.serve import __main__ as serve_main
+
+    assert serve_main.parse_args(["--export=x", "--max_text_chars", "300"]).max_text_chars == 300
+    assert serve_main.parse_args(["--export=x"]).max_text_chars == serve_lib.MAX_TEXT_CHARS
+    with pytest.raises(SystemExit) as e:
+        serve_main.parse_args(["--export=x", "--max_text_chars", "0"])
+    assert e.value.code == 2 and "--max_text_chars must be positive" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="must be positive"):
+        serve_lib.build_app("x", max_text_chars=0)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(exported, serve_lib):
+    from titans.serve import __main__ as serve_main
+
+    port = _free_port()
+    serve_main.start(
+        str(exported[0]), port=port, num_cpus=2, max_body_bytes=1 << 16, max_images=64, max_text_chars=1000
+    )
+    yield f"http://127.0.0.1:{port}/"
+    serve_main.stop()
+
+
+def _post(url, body: bytes, content_type="application/json"):
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.mark.slow
+def test_served_text_answers_equal_the_exported_cascade_and_bad_requests_get_a_400(served, exported, test_rows):
+    """titans-serve on a text export: {"texts": [...]} gets the loader's answers; malformed text requests get a
+    400 naming the fault (a body over the limit a 413), and the service stays up."""
+    texts = test_rows[0][:40]
+    status, out = _post(served, json.dumps({"texts": texts}).encode())
+    assert status == 200, out
+    want = standalone.load(str(exported[0])).predict_texts(texts)
+    np.testing.assert_array_equal(out["classes"], want["classes"])
+    np.testing.assert_array_equal(out["answered_by"], want["answered_by"])
+    np.testing.assert_allclose(out["probabilities"], want["probabilities"], atol=2e-6)
+    assert set(out["answered_by"]) == {0, 1} and out["class_names"][5] == "noun.animal"
+    for body, content_type, message in [
+        (json.dumps({"texts": ["a", 1]}).encode(), JSON_TYPE, "got the number 1"),
+        (b'{"texts": []}', JSON_TYPE, "1 to 64 texts; got 0"),
+        (json.dumps({"texts": [["a"]]}).encode(), JSON_TYPE, "nested 3 levels deep"),
+        (json.dumps({"images": ["a"]}).encode(), JSON_TYPE, '"texts" field'),
+        (json.dumps({"texts": ["a"] * 65}).encode(), JSON_TYPE, "1 to 64 texts; got 65"),
+        (json.dumps({"texts": ["x" * 1001]}).encode(), JSON_TYPE, "at most 1000 a text"),
+        (json.dumps({"texts": ["a [PAD] b"]}).encode(), JSON_TYPE, "holds the padding token"),
+        (json.dumps({"texts": ["a"]}).encode(), NPY_TYPE, "serves a text cascade"),
+        (json.dumps({"texts": ["x" * 1000] * 70}).encode(), JSON_TYPE, "this service takes at most 65536"),
+    ]:
+        status, answer = _post(served, body, content_type)
+        assert status == (413 if "65536" in message else 400) and message in answer["error"], answer
+    status, out = _post(served, json.dumps({"texts": texts[:2]}).encode())
+    assert status == 200 and out["classes"] == want["classes"][:2].tolist()

@@ -18,6 +18,18 @@ Two deployments (one Ray Serve application):
                   load (`autoscaling_config`); a call that fails because a replica died is retried, all
                   within `teacher_timeout_s`, after which the request gets a 503 with Retry-After.
 Answers: {"classes": [...], "probabilities": [[...]], "answered_by": [...], "class_names": [...]}.
+
+A text export (titans-export of a wordnet cascade) is served the same way, its requests JSON only:
+
+    curl -s -X POST http://127.0.0.1:8000/ -H 'Content-Type: application/json' \
+        -d '{"texts": ["dog, domestic dog : a member of the genus Canis"]}'
+
+Its ingress bounds the body (`max_body_bytes`), counts the texts and the nesting before it parses the
+body (`text_json_structure`, which skips brackets and quotes inside strings), then refuses with a 400
+naming the fault: another key than "texts", an empty list, more than `max_images` texts, anything but a
+string (numbers, null, lists), a text over `max_text_chars` characters, a lone surrogate, the literal
+"[PAD]"; it tokenizes with the export's own tokenizer (`TextCascade.encode`, as Titans' dataset does)
+and runs the stages on the token ids as on images.
 The HTTP proxy binds 127.0.0.1 unless --host says otherwise; the local Ray cluster binds loopback only
 (titans.teachers.service.connect), and so does each replica's gRPC server (`replica_grpc_on_loopback`).
 """
@@ -53,6 +65,9 @@ RETRY_AFTER_S = 5
 # with the default, no batch could ever grow past 5 and a loaded service queued in the proxy instead.
 INGRESS_BATCH, TEACHER_BATCH = 16, 8
 MODES = ("cascade", "student", "teacher")
+# Characters per text of a text export's request. Titans keeps the first 128 tokens of a text (a few
+# hundred characters: WordNet's longest gloss has about 1,500); the rest would be cut off anyway.
+MAX_TEXT_CHARS = 4096
 TEACHER_RETRIES = 3
 
 
@@ -191,6 +206,86 @@ def parse_images(body: bytes, input_shape, max_images: int, content_type: str = 
     if kind not in (JSON_TYPE, ""):
         raise BadRequest(f"Content-Type must be {JSON_TYPE} or {NPY_TYPE}; got {kind}")
     return parse_json(body, input_shape, max_images)
+
+
+def text_json_structure(body: bytes, max_texts: int) -> None:
+    """Checks, before a text request is parsed, its nesting depth (at most 2: the object, its "texts" list)
+    and its number of texts (the strings inside that list), from the raw bytes: a quote counts unless an
+    odd number of backslashes precede it, and brackets inside strings do not count."""
+    first = body.lstrip()[:1]
+    if first != b"{":
+        raise BadRequest(
+            'expected a JSON object {"texts": [...]}'
+            if first in (b"[", b'"') or first.isdigit()
+            else 'the body is not JSON; send {"texts": [...]} with strings'
+        )
+    raw = np.frombuffer(body, np.uint8)
+    index = np.arange(len(raw))
+    other = np.maximum.accumulate(np.where(raw == ord("\\"), -1, index))  # the last non-backslash so far
+    backslashes = index - 1 - np.concatenate([[-1], other[:-1]])  # right before each byte
+    quote = (raw == ord('"')) & (backslashes % 2 == 0)
+    inside = np.cumsum(quote) % 2 == 1  # an opening quote and the string after it, up to its closing quote
+    opens = ((raw == ord("[")) | (raw == ord("{"))) & ~inside
+    closes = ((raw == ord("]")) | (raw == ord("}"))) & ~inside
+    depth = np.cumsum(opens.view(np.int8) - closes.view(np.int8), dtype=np.int32)
+    if depth.max() > 2:
+        raise BadRequest(f'the JSON is nested {int(depth.max())} levels deep; a request needs 2 {{"texts": [...]}}')
+    texts = int(np.count_nonzero(quote & inside & (depth == 2)))
+    if texts > max_texts:
+        raise BadRequest(f"a request holds 1 to {max_texts} texts; got {texts}")
+
+
+_JSON_TYPES = {
+    bool: "a boolean",
+    type(None): "null",
+    int: "a number",
+    float: "a number",
+    list: "a list",
+    dict: "an object",
+}
+
+
+def _no_number(text: str):
+    raise BadRequest(f"a text request holds strings only; got the number {text[:12]}")
+
+
+def _check_texts(texts, max_texts: int, max_chars: int) -> list[str]:
+    if not isinstance(texts, list):
+        raise BadRequest(f'"texts" must be a list of strings; got {_JSON_TYPES.get(type(texts), "a string")}')
+    if not 1 <= len(texts) <= max_texts:
+        raise BadRequest(f"a request holds 1 to {max_texts} texts; got {len(texts)}")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise BadRequest(f'"texts" must hold strings; text {i} is {_JSON_TYPES.get(type(t), type(t).__name__)}')
+        if len(t) > max_chars:
+            raise BadRequest(f"text {i} has {len(t)} characters; this service takes at most {max_chars} a text")
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest(f"text {i} is not valid Unicode (it holds a lone surrogate escape)") from None
+    return texts
+
+
+def parse_texts(body: bytes, max_texts: int, max_chars: int, content_type: str = JSON_TYPE) -> list[str]:
+    """A text export's request: JSON {"texts": [1 to `max_texts` strings of at most `max_chars` characters
+    each]}, or BadRequest saying what is wrong. Its structure is checked before it is parsed
+    (`text_json_structure`); no number is ever converted."""
+    kind = content_type.split(";")[0].strip().lower()
+    if kind == NPY_TYPE:
+        raise BadRequest(f'this service serves a text cascade: send {JSON_TYPE} {{"texts": [...]}}, not {NPY_TYPE}')
+    if kind not in (JSON_TYPE, ""):
+        raise BadRequest(f"Content-Type must be {JSON_TYPE}; got {kind}")
+    text_json_structure(body, max_texts)
+    try:
+        payload = json.loads(body, parse_int=_no_number, parse_float=_no_number, parse_constant=_no_number)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        if isinstance(e, BadRequest):
+            raise
+        raise BadRequest('the body is not JSON; send {"texts": [...]} with strings') from None
+    if not isinstance(payload, dict) or "texts" not in payload:
+        hint = " (this service serves a text cascade)" if isinstance(payload, dict) and "images" in payload else ""
+        raise BadRequest(f'expected a JSON object with a "texts" field{hint}')
+    return _check_texts(payload["texts"], max_texts, max_chars)
 
 
 def num_cheap_stages(cascade, mode: str) -> int:
@@ -332,11 +427,13 @@ class CascadeIngress:
         mode: str = "cascade",
         max_body_bytes: int = MAX_BODY_BYTES,
         teacher_timeout_s: float = TEACHER_TIMEOUT_S,
+        max_text_chars: int = MAX_TEXT_CHARS,
     ):
         replica_grpc_on_loopback()
         self.cascade = standalone.load(export_dir)
         self.teacher = teacher
         self.max_images, self.max_body_bytes = int(max_images), int(max_body_bytes)
+        self.max_text_chars = int(max_text_chars)
         self.teacher_timeout_s = float(teacher_timeout_s)
         self.shape = self.cascade.input_shape
         # "cascade"; or, served the same way for benchmarks: "student" (the first stage answers every
@@ -353,10 +450,22 @@ class CascadeIngress:
     async def _teacher(self, rows: np.ndarray) -> np.ndarray:
         return await call_with_deadline(self.teacher.remote, rows, self.teacher_timeout_s)
 
+    async def _inputs(self, request: Request) -> np.ndarray:
+        """The request's rows as the stages take them: uint8 images, or a text export's token ids (its texts
+        tokenized with the export's tokenizer, in a worker thread); BadRequest for a malformed request."""
+        body = await read_body(request, self.max_body_bytes)
+        content_type = request.headers.get("content-type", "")
+        if self.cascade.modality != "text":
+            return parse_images(body, self.shape, self.max_images, content_type)
+        texts = parse_texts(body, self.max_images, self.max_text_chars, content_type)
+        try:
+            return await asyncio.to_thread(self.cascade.encode, texts)
+        except (TypeError, ValueError) as e:  # the literal [PAD], as Titans' dataset refuses it
+            raise BadRequest(str(e)) from None
+
     async def __call__(self, request: Request):
         try:
-            body = await read_body(request, self.max_body_bytes)
-            images = parse_images(body, self.shape, self.max_images, request.headers.get("content-type", ""))
+            images = await self._inputs(request)
             logits, answered, deferred, shared, positions = await self._cheap_stages(images)
             logits, answered = logits.copy(), answered.copy()
             if shared is not None:
@@ -385,18 +494,20 @@ def build_app(
     name: str = "",
     max_body_bytes: int = MAX_BODY_BYTES,
     teacher_timeout_s: float = TEACHER_TIMEOUT_S,
+    max_text_chars: int = MAX_TEXT_CHARS,
 ):
     """The application: an ingress (in `mode`) and its teacher deployment (`name` keeps several apps apart).
-    `max_body_bytes` and `max_images` bound a request; `teacher_timeout_s` bounds its wait for the teacher."""
-    if int(max_images) < 1 or int(max_body_bytes) < 1 or not float(teacher_timeout_s) > 0:
+    `max_body_bytes` and `max_images` (images, or a text export's texts) bound a request, `max_text_chars`
+    each text; `teacher_timeout_s` bounds its wait for the teacher."""
+    if min(int(max_images), int(max_body_bytes), int(max_text_chars)) < 1 or not float(teacher_timeout_s) > 0:
         raise ValueError(
-            f"max_images, max_body_bytes and teacher_timeout_s must be positive; got {max_images}, "
-            f"{max_body_bytes}, {teacher_timeout_s}"
+            f"max_images, max_body_bytes, max_text_chars and teacher_timeout_s must be positive; got {max_images}, "
+            f"{max_body_bytes}, {max_text_chars}, {teacher_timeout_s}"
         )
     teacher = Teacher.options(
         name=f"Teacher{name}",
         autoscaling_config={"min_replicas": 1, "max_replicas": int(teacher_max_replicas), "target_ongoing_requests": 4},
     ).bind(export_dir)
     return CascadeIngress.options(name=f"CascadeIngress{name}").bind(
-        export_dir, teacher, max_images, mode, max_body_bytes, teacher_timeout_s
+        export_dir, teacher, max_images, mode, max_body_bytes, teacher_timeout_s, max_text_chars
     )

@@ -2,6 +2,7 @@
 
 titans-serve --export=exports/fmnist_cascade --port=8000          # binds 127.0.0.1
 curl -s -X POST http://127.0.0.1:8000/ -H 'Content-Type: application/json' -d @request.json
+# a text export takes {"texts": ["...", ...]}
 
 Exit codes: 0 after a stop by SIGINT/SIGTERM while serving; 1 when the application cannot start (the
 reason, e.g. the replica's error naming a broken export file, is on stderr); 2 for a bad flag; 128+N
@@ -21,7 +22,7 @@ from ray import serve
 
 from titans import cli as cli_lib
 from titans import host, logs
-from titans.serve import MAX_BODY_BYTES, MAX_IMAGES, TEACHER_TIMEOUT_S, build_app
+from titans.serve import MAX_BODY_BYTES, MAX_IMAGES, MAX_TEXT_CHARS, TEACHER_TIMEOUT_S, build_app
 from titans.teachers import service
 
 APP = "titans"
@@ -66,6 +67,7 @@ def start(
     num_cpus: int = 2,
     max_body_bytes: int = MAX_BODY_BYTES,
     teacher_timeout_s: float = TEACHER_TIMEOUT_S,
+    max_text_chars: int = MAX_TEXT_CHARS,
 ):
     """Starts a local (loopback-only) Ray, Serve's proxy on host:port, and the cascade application. If the
     start fails or is interrupted, Ray is shut down again (stop()) before the error propagates; a
@@ -76,6 +78,7 @@ def start(
         teacher_max_replicas=teacher_max_replicas,
         max_body_bytes=max_body_bytes,
         teacher_timeout_s=teacher_timeout_s,
+        max_text_chars=max_text_chars,
     )
     try:
         service.connect("", num_cpus=num_cpus)
@@ -116,7 +119,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="address the HTTP proxy binds (default: loopback only)")
     p.add_argument("--public", action="store_true", help="allow a --host other than loopback (no authentication!)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max_images", type=int, default=MAX_IMAGES, help="images per request at most")
+    p.add_argument("--max_images", type=int, default=MAX_IMAGES, help="images (or texts) per request at most")
+    p.add_argument(
+        "--max_text_chars", type=int, default=MAX_TEXT_CHARS, help="characters per text at most (text exports)"
+    )
     p.add_argument("--max_body_bytes", type=int, default=MAX_BODY_BYTES, help="bytes per request body at most")
     p.add_argument(
         "--teacher_timeout_s",
@@ -129,7 +135,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
     if not is_loopback(a.host) and not a.public:
         p.error(f"--host={a.host} would serve beyond this machine, without authentication; add --public to mean it")
-    for flag in ("max_images", "max_body_bytes", "teacher_timeout_s", "teacher_max_replicas", "num_cpus"):
+    for flag in (
+        "max_images",
+        "max_body_bytes",
+        "max_text_chars",
+        "teacher_timeout_s",
+        "teacher_max_replicas",
+        "num_cpus",
+    ):
         if not getattr(a, flag) > 0:
             p.error(f"--{flag} must be positive; got {getattr(a, flag)}")
     return a
@@ -151,6 +164,7 @@ def main(argv=None) -> int:
             num_cpus=a.num_cpus,
             max_body_bytes=a.max_body_bytes,
             teacher_timeout_s=a.teacher_timeout_s,
+            max_text_chars=a.max_text_chars,
         )
         serving = True
         print(f"serving {a.export} on http://{a.host}:{a.port}/ (Ctrl-C or SIGTERM to stop)", flush=True)
