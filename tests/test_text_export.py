@@ -174,6 +174,22 @@ def test_the_loader_takes_strings_without_titans(exported, test_rows, tmp_path):
     np.testing.assert_array_equal(answered_by, want["answered_by"])
 
 
+def test_the_export_command_writes_a_text_export(stage_dirs, test_rows, tmp_path):
+    """titans-export as docs/serving.md runs it on two text runs: exit 0, and the export takes strings."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "titans.export", f"--stages={','.join(stage_dirs)}", "--rates=0.3"]
+        + [f"--val_split={VAL}", "--batch_size=64", f"--out={tmp_path / 'cli'}"],
+        cwd=str(ROOT),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert 0.0 < json.loads(proc.stdout.strip().splitlines()[-1])["val_answered_fraction"][0] < 1.0
+    out = standalone.load(str(tmp_path / "cli")).predict_texts(test_rows[0][:5])
+    assert out["probabilities"].shape == (5, 45)
+
+
 def _backend_compiles(fn) -> int:
     count = []
 
@@ -408,6 +424,16 @@ def test_the_text_limit_is_a_flag_and_must_be_positive(serve_lib, capsys):
     assert e.value.code == 2 and "--max_text_chars must be positive" in capsys.readouterr().err
     with pytest.raises(ValueError, match="must be positive"):
         serve_lib.build_app("x", max_text_chars=0)
+
+
+def test_the_400_the_serving_page_prints_for_a_text_request_is_the_services_answer(serve_lib):
+    page = (ROOT / "docs" / "serving.md").read_text()
+    m = re.search(r"-d '(\{\"texts\": \[\"a\", 7\]\})'\n# (\{.*\})\s+\(HTTP 400", page)
+    assert m, "docs/serving.md no longer shows the 400 of its text example"
+    with pytest.raises(serve_lib.BadRequest) as e:
+        serve_lib.parse_texts(m.group(1).encode(), 256, 4096)
+    response = serve_lib.error_response(e.value)
+    assert (response.status_code, response.body.decode()) == (400, m.group(2))
 
 
 def _free_port() -> int:
