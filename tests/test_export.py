@@ -51,6 +51,10 @@ def test_exported_stages_and_cascade_equal_in_process(stage_dirs, test_images, t
     rates = [0.3] * (k - 1)
     manifest = _export(dirs, tmp_path, rates)
     cascade = standalone.load(str(tmp_path))
+    # An image export is as before the text exports: version 2, no text fields, no tokenizer file.
+    assert manifest["version"] == 2 and type(cascade) is standalone.Cascade
+    assert not {"modality", "tokenizer", "max_tokens", "token_buckets"} & set(manifest)
+    assert not (tmp_path / "tokenizer.json").exists() and manifest["input_dtype"] == "uint8"
     x, _ = test_images
     loaded, info = cascade_apply.load_stages(dirs, rates)
     stages = [evaluate.NormalizedModel.of(m, info) for m, *_ in loaded]
