@@ -7,6 +7,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import unittest.mock
 
 import numpy as np
 import pytest
@@ -300,6 +301,40 @@ def test_eval_batches_are_cut_to_the_bucket_of_the_global_batch(data_dir, wordne
         assert [h[k]["image"].shape for h in halves] == [(4, want)] * 2
         assert np.array_equal(np.concatenate([h[k]["image"] for h in halves]), batch["image"])
     assert not whole[-1]["image"][4:].any() and whole[-1]["mask"].tolist() == [True] * 4 + [False] * 4
+
+
+def test_eval_batches_by_length_read_every_row_once_at_shorter_buckets_and_evaluate_alike(data_dir, wordnet):
+    """`by_length`: the same rows and labels, each once, sorted by length, so the buckets shrink; the trainer's
+    evaluation (sums only) reads a text split this way and gives the accuracy of the split's order."""
+    from titans.train import steps
+
+    src = data.get_source("wordnet", "test[:300]", data_dir=data_dir)
+    info = data.dataset_info("wordnet")
+    lengths = _stored_lengths(wordnet, "test[:300]")
+    plain = list(data.eval_batches(src, info, global_batch_size=32))
+    sorted_ = list(data.eval_batches(src, info, global_batch_size=32, by_length=True))
+    assert len(plain) == len(sorted_) and sum(int(b["mask"].sum()) for b in sorted_) == 300
+
+    def rows(batches):
+        return sorted(
+            (tuple(np.trim_zeros(r, "b")), int(y)) for b in batches for r, y, m in zip(*b.values(), strict=True) if m
+        )
+
+    assert rows(sorted_) == rows(plain)
+    got_lengths = [int(n) for b in sorted_ for n, m in zip((b["image"] != 0).sum(1), b["mask"], strict=True) if m]
+    assert got_lengths == sorted(lengths.tolist())
+    assert sum(b["image"].shape[1] for b in sorted_) < 0.75 * sum(b["image"].shape[1] for b in plain)
+
+    # The trainer's evaluation asks for it.
+    class Seen(Exception):
+        pass
+
+    def spy(*args, **kwargs):
+        raise Seen(kwargs)
+
+    with unittest.mock.patch.object(steps.data_lib, "eval_batches", spy), pytest.raises(Seen) as seen:
+        steps.evaluate(None, None, None, None, src, info, batch_size=32, mesh=None)
+    assert seen.value.args[0]["by_length"] is True
 
 
 def test_bucket_length():

@@ -327,11 +327,14 @@ def eval_batches(
     process_count: int = 1,
     prefetch: int = 2,
     num_threads: int = 1,
+    by_length: bool = False,
 ) -> Iterator[dict]:
     """One ordered pass over `src`, no augmentation, every example exactly once overall.
 
     All processes get the same number of batches (ceil(n / global_batch_size)); rows past
-    the end are zero images with label 0 and mask False.
+    the end are zero images with label 0 and mask False. With `by_length`, a text split is read
+    in order of its rows' lengths (stable), so most batches fit a short bucket: for consumers that
+    only sum over the examples (accuracy, loss), not those that keep outputs in the split's order.
     """
     lbs = _check_layout(global_batch_size, process_index, process_count)
     n = len(src)
@@ -349,7 +352,8 @@ def eval_batches(
         return {"image": images, "label": labels, "mask": mask}
 
     if info.modality == "text":
-        batch = functools.partial(_token_eval_batch, src, info, global_batch_size, process_index, lbs)
+        order = _length_order(src, info) if by_length else np.arange(n)
+        batch = functools.partial(_token_eval_batch, src, info, global_batch_size, process_index, lbs, order)
     prefetcher = _Prefetcher(batch, 0, num_eval_batches(n, global_batch_size), prefetch, num_threads)
     try:
         while True:
@@ -362,14 +366,29 @@ def eval_batches(
         prefetcher.close()
 
 
-def _token_eval_batch(src, info: DatasetInfo, global_batch_size: int, process_index: int, lbs: int, b: int) -> dict:
-    """Eval batch `b` of a text split: every process reads the whole global batch, so that all cut the
-    token ids to the same bucket (that of the batch's longest example); rows past the end are all padding."""
+def _length_order(src, info: DatasetInfo) -> np.ndarray:
+    """The rows of a text split in order of their number of tokens (stable)."""
+    lengths = np.concatenate(
+        [
+            (eval_images(src.__getitems__(range(a, min(a + 4096, len(src)))), info)[0] != 0).sum(axis=1)
+            for a in range(0, len(src), 4096)
+        ]
+    )
+    return np.argsort(lengths, kind="stable")
+
+
+def _token_eval_batch(
+    src, info: DatasetInfo, global_batch_size: int, process_index: int, lbs: int, order: np.ndarray, b: int
+) -> dict:
+    """Eval batch `b` of a text split (rows `order[b * global_batch_size:]`): every process reads the whole
+    global batch, so that all cut the token ids to the same bucket (that of the batch's longest example);
+    rows past the end are all padding."""
     start, n = b * global_batch_size, len(src)
     stop = min(start + global_batch_size, n)
     tokens = np.zeros((global_batch_size, *info.image_shape), np.int32)
     labels = np.zeros((global_batch_size,), np.int32)
     mask = np.arange(global_batch_size) < stop - start
-    tokens[: stop - start], labels[: stop - start] = eval_images(src.__getitems__(range(start, stop)), info)
+    rows_read = src.__getitems__(order[start:stop].tolist())
+    tokens[: stop - start], labels[: stop - start] = eval_images(rows_read, info)
     rows = slice(process_index * lbs, (process_index + 1) * lbs)
     return {"image": tokens[rows, : text.bucket_length(tokens)], "label": labels[rows], "mask": mask[rows]}
