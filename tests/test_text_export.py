@@ -71,7 +71,7 @@ def test_rows(data_dir):
 # ------------------------------------------------------------------------------------------ export
 
 
-def test_the_export_holds_the_tokenizer_and_int32_stages_of_symbolic_length(exported, data_dir):
+def test_the_export_holds_the_tokenizer_and_int32_stages_of_symbolic_length(exported, data_dir, stage_dirs):
     out, manifest = exported
     tokenizer_file = text.TitansWordnet(data_dir=data_dir, file_format="array_record").data_path / "tokenizer.json"
     _, sha = data.tokenizer_for(data_dir)
@@ -84,6 +84,13 @@ def test_the_export_holds_the_tokenizer_and_int32_stages_of_symbolic_length(expo
     for stage in manifest["stages"]:
         exp = jax.export.deserialize(bytearray((out / stage["file"]).read_bytes()))
         assert str(exp.in_avals[0]) == "int32[b,l]"
+    # Each stage's FLOPs: XLA's count averaged over the threshold rows at their buckets, as titans-cascade has it.
+    info = data.dataset_info("wordnet")
+    val_x, _ = runs.split_arrays(data.get_source("wordnet", VAL, data_dir=data_dir), info)
+    for stage, stage_dir in zip(manifest["stages"], stage_dirs, strict=True):
+        model, *_ = runs.load_model(stage_dir)
+        assert stage["flops_per_example"] == pytest.approx(evaluate.flops_of(model, info, val_x), rel=1e-9)
+        assert stage["flops_per_example"] < model.flops_per_example((128,))
 
 
 @pytest.mark.parametrize("name", ["text_bag", "text_cnn", "transformer_small"])

@@ -251,7 +251,8 @@ def export_cascade(
                     "finished": statuses[i]["finished"],
                     "model": cfg.model.name,
                     "variables_sha256": cache_lib.variables_digest(model),
-                    "flops_per_example": model.flops_per_example(info.image_shape),
+                    # text: averaged over the validation rows at their length buckets, as titans-cascade does
+                    "flops_per_example": evaluate.flops_of(model, info, val_x),
                 }
             )
         expected = _expected(stages, gate, thresholds, val_x, val_y, info.num_classes, mesh=mesh, batch_size=batch_size)
