@@ -13,7 +13,7 @@ from titans import paths
 from titans.active import report as active_report
 from titans.cascade import report as cascade_report
 from titans.ensemble import report as ensemble_report
-from titans.results import claims
+from titans.results import claims, text_teacher
 from titans.results import logits as logits_codec
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -47,6 +47,10 @@ def _active_settings(study_dir: str) -> dict[str, list[dict]]:
 
 def _active_page(study_dir: str) -> str:
     return active_report.render(_active_settings(study_dir))
+
+
+def _text_teacher_page(study_dir: str) -> str:
+    return text_teacher.render(text_teacher.load(_run_dirs(study_dir)))
 
 
 def _cascade_plot(study_dir: str, out_path: str) -> None:
@@ -95,6 +99,8 @@ STUDIES = {
         Study("titans_fmnist_strong", _CASCADE, _cascade_page, _cascade_plot),
         Study("bdistil_fmnist_strong", ("ensemble.json",), _ensemble_page),
         Study("active_fmnist_strong", ("active.json",), _active_page, _active_plot),
+        # Text: the Transformer teacher of configs/wordnet_teacher.py against the TF-IDF reference.
+        Study("wordnet_teacher", (text_teacher.RECORD_FILE,), _text_teacher_page),
     )
 }
 
