@@ -4,7 +4,14 @@ members form while a new one trains, loading members back, and their logits over
 A member is any Titans classifier (``titans.models``), called as
 ``model(x, train=..., capture=True) -> (logits, acts)``. With a connection, member w is a
 :class:`ConnectedMember`: its own backbone's ``features`` joined with the previous member's
-activation ``acts[layer]`` (flattened, through a learned projection) before its own classifier.
+activation ``acts[layer]`` (through a learned projection) before its own classifier.
+
+What the next member reads of that activation is :func:`connection_input`: for an image member the
+activation flattened; for a text member (int32 token ids (B, L), 0 = padding) a pooled vector, so that
+it does not depend on how much padding follows a sequence (the loaders and ``runs.predict`` cut batches
+to length buckets). A text model's ``features`` is already pooled (the masked-pooled representation its
+classifier reads); a per-token activation (``stage1`` of ``text_cnn``, ``block1`` of a Transformer:
+(B, L, D)) is averaged over the real tokens only.
 The previous member is frozen (it enters through ``stop_gradient``, is never trained, never saved
 with the new member), so adjacent members can run as a pair: member w-1 computes its
 activations once, and member w consumes them.
@@ -24,6 +31,8 @@ from flax import nnx
 
 from titans import data as data_lib
 from titans import models, runs
+from titans.data import text as text_lib
+from titans.models.text import masked_mean
 
 JOINS = ("concat", "add")
 
@@ -53,6 +62,7 @@ class ConnectedMember(nnx.Module):
         )
         self.input_shape = base.input_shape
         self.num_classes = int(num_classes)
+        self.modality = getattr(base, "modality", "image")  # what flops_per_example feeds it
 
     def __call__(self, x, train: bool = False, capture: bool = False, prev=None):
         _, acts = self.base(x, train=train, capture=True)
@@ -70,6 +80,24 @@ class ConnectedMember(nnx.Module):
         acts = OrderedDict(acts)
         acts["features"] = joined
         return (logits, acts) if capture else logits
+
+
+def connection_input(act, inputs) -> jax.Array:
+    """What the next member reads of an earlier member's activation ``act`` (B, ...) on ``inputs``, float32
+    (B, D). With int token ids (B, L) as ``inputs`` (text, 0 = padding), a per-token activation (B, L, ...)
+    is averaged over the real tokens (``inputs != 0``): padding positions never reach the next member, and
+    the vector is the same whatever padding follows a sequence. Anything else is flattened (an image
+    member's feature map; a text member's pooled ``features``)."""
+    act = act.astype(jnp.float32)
+    text = jnp.issubdtype(jnp.asarray(inputs).dtype, jnp.integer) and inputs.ndim == 2
+    if text and act.ndim >= 3:
+        if act.shape[1] != inputs.shape[1]:
+            raise ValueError(
+                f"the connection pools a per-token activation over the {inputs.shape[1]} token positions, but it "
+                f"has {act.shape[1]} (a CLS token?): connect a pooled layer such as `features` instead"
+            )
+        act = masked_mean(act.reshape(*act.shape[:2], -1), inputs != 0)
+    return act.reshape(act.shape[0], -1)
 
 
 @flax.struct.dataclass
@@ -95,13 +123,14 @@ class FrozenMembers:
             else:
                 logits, acts = model(images, train=False, capture=True)
             outs.append(logits.astype(jnp.float32))
-            prev = jax.lax.stop_gradient(acts[self.layer].astype(jnp.float32)) if self.layer else None
+            prev = jax.lax.stop_gradient(connection_input(acts[self.layer], images)) if self.layer else None
         return jax.lax.stop_gradient(jnp.stack(outs)), prev
 
 
-def activation_dim(members: FrozenMembers, input_shape) -> int:
-    """Size of the last member's flattened acts[layer], from shapes only."""
-    x = jax.ShapeDtypeStruct((1, *tuple(input_shape)), jnp.float32)
+def activation_dim(members: FrozenMembers, input_shape, modality: str = "image") -> int:
+    """Size of what the next member reads of the last member's acts[layer] (`connection_input`), from shapes
+    only; `modality` "text" for members over int32 token ids."""
+    x = jax.ShapeDtypeStruct((1, *tuple(input_shape)), jnp.int32 if modality == "text" else jnp.float32)
     _, prev = jax.eval_shape(members.apply, x)
     if prev is None:
         raise ValueError("these members have no connection layer")
@@ -157,6 +186,7 @@ class Ensemble(nnx.Module):
         self.connected = tuple(bool(c) for c in connected)
         self.layer = layer
         self.active = len(modules)
+        self.modality = getattr(modules[0], "modality", "image") if modules else "image"
 
     def __len__(self) -> int:
         return len(self.members)
@@ -168,7 +198,7 @@ class Ensemble(nnx.Module):
                 break
             logits, acts = m(x, train=False, capture=True, prev=prev) if conn else m(x, train=False, capture=True)
             outs.append(logits.astype(jnp.float32))
-            prev = acts[self.layer] if self.layer else None
+            prev = connection_input(acts[self.layer], x) if self.layer else None
         return jnp.stack(outs)
 
     def __call__(self, x, train: bool = False):
@@ -191,13 +221,31 @@ def load_ensemble(specs: list[dict], info, *, layer: str, dtype=jnp.float32) -> 
     return Ensemble(mods, tuple(bool(s.get("connected")) for s in specs), layer)
 
 
-def cumulative_flops(ensemble: Ensemble, input_shape) -> list[float]:
-    """XLA-measured FLOPs per example of F_1, F_2, ..., F_W (each prefix compiled as one program)."""
+def length_buckets(tokens: np.ndarray, max_tokens: int) -> dict[int, int]:
+    """{bucket length: rows} of token ids (N, L): each row at the smallest length bucket that holds its tokens
+    (`data.text.BUCKETS`, and `max_tokens`), the length it runs at when batches are sorted by length."""
+    buckets = np.array([b for b in (*text_lib.BUCKETS, int(max_tokens)) if b <= max_tokens])
+    at = buckets[np.searchsorted(buckets, (np.asarray(tokens) != 0).sum(axis=1))]
+    return {int(b): int(np.sum(at == b)) for b in np.unique(at)}
+
+
+def flops_per_example(module: nnx.Module, input_shape, buckets: dict | None = None) -> float:
+    """XLA-measured FLOPs per example of `module` at `input_shape`; with `buckets` ({length: rows}, text), the
+    mean over those rows of its FLOPs at each row's length."""
+    if not buckets:
+        return models.flops_per_example(module, tuple(input_shape))
+    total = sum(n * models.flops_per_example(module, (int(b),)) for b, n in buckets.items())
+    return float(total / sum(buckets.values()))
+
+
+def cumulative_flops(ensemble: Ensemble, input_shape, buckets: dict | None = None) -> list[float]:
+    """XLA-measured FLOPs per example of F_1, F_2, ..., F_W (each prefix compiled as one program); with
+    `buckets`, averaged over rows at their length buckets (`flops_per_example`)."""
     out = []
     try:
         for k in range(1, len(ensemble) + 1):
             ensemble.active = k
-            out.append(models.flops_per_example(ensemble, tuple(input_shape)))
+            out.append(flops_per_example(ensemble, input_shape, buckets))
     finally:
         ensemble.active = len(ensemble)
     return out

@@ -32,7 +32,7 @@ import tensorflow_datasets as tfds
 
 from titans import config as config_lib
 from titans import data as data_lib
-from titans import logs, losses, models, parallel, paths, runs
+from titans import logs, losses, parallel, paths, runs
 from titans.ensemble import anytime
 from titans.ensemble import config as ens_config
 from titans.ensemble import members as mem
@@ -71,6 +71,21 @@ class Context:
         )
         self._teacher_logits = {}
         self.labels = {}
+        self._buckets = None
+
+    def buckets(self) -> dict | None:
+        """Text: {length bucket: test rows} (`members.length_buckets`), where FLOPs are measured; images: None."""
+        if self.info.modality != "text":
+            return None
+        if self._buckets is None:
+            tokens, _ = runs.split_arrays(self.sources["test"], self.info)
+            self._buckets = mem.length_buckets(tokens, self.info.image_shape[0])
+        return self._buckets
+
+    def flops(self, module) -> float:
+        """XLA's FLOPs per example of `module`: at the input shape, or for text the mean over the test rows at
+        their length buckets (the lengths they run at, batches sorted by length)."""
+        return mem.flops_per_example(module, self.info.image_shape, self.buckets())
 
     def teacher_logits(self, split: str) -> np.ndarray:
         if split not in self._teacher_logits:
@@ -227,7 +242,7 @@ def ordered_candidates(ctx: Context) -> list:
         model = mem.build_member(
             {"model": ens_config.model_only(entry), "connected": False}, ctx.info, seed=0, dtype=jnp.float32
         )
-        sized.append((models.flops_per_example(model, ctx.info.image_shape), name, entry))
+        sized.append((ctx.flops(model), name, entry))
     sized.sort(key=lambda t: (t[0], t[1]))
     return [(name, entry, float(flops)) for flops, name, entry in sized]
 
@@ -310,7 +325,7 @@ def _frozen_members(ctx: Context, members: list, layer: str):
     if members:
         frozen = mem.load_ensemble(members, ctx.info, layer=layer).frozen()
         if layer:
-            prev_dim = mem.activation_dim(frozen, ctx.info.image_shape)
+            prev_dim = mem.activation_dim(frozen, ctx.info.image_shape, ctx.info.modality)
     return frozen, prev_dim
 
 
@@ -429,7 +444,7 @@ def run_no_resched(ctx: Context, budgets: list[float]) -> dict:
         model = mem.build_member(
             {"model": ens_config.model_only(entry), "connected": False}, ctx.info, seed=0, dtype=jnp.float32
         )
-        sized.append((models.flops_per_example(model, ctx.info.image_shape), name))
+        sized.append((ctx.flops(model), name))
     picks = match_budgets(sized, budgets)
     specs = {}
     for name in dict.fromkeys(picks):
@@ -459,7 +474,7 @@ def evaluate_no_resched(ctx: Context, state: dict) -> dict:
     own_test, labels = mem.member_logits(ens.frozen(), ctx.sources["test"], ctx.info, batch_size=ctx.bs, mesh=ctx.mesh)
     names = [s["candidate"] for s in specs]
     acc = {n: float(np.mean(np.argmax(own_test[:, i], -1) == labels)) for i, n in enumerate(names)}
-    flops = {n: float(models.flops_per_example(m, ctx.info.image_shape)) for n, m in zip(names, ens.members)}
+    flops = {n: ctx.flops(m) for n, m in zip(names, ens.members)}
     return {
         "members": specs,
         "picks": state["picks"],
@@ -494,12 +509,12 @@ def evaluate_variant(ctx: Context, name: str, state: dict) -> dict:
         )
         prefix, acc_w = resched_prefix(own_val, labels_val, own_test)
         # Independent members run separately: the cost of w of them is the sum of their own costs.
-        own_flops = [models.flops_per_example(m, ctx.info.image_shape) for m in ens.members]
+        own_flops = [ctx.flops(m) for m in ens.members]
         cum_flops = list(np.cumsum(own_flops).astype(float))
         out["average_weights"] = acc_w
     else:
         prefix = anytime.prefix_logits(own_test)
-        cum_flops = mem.cumulative_flops(ens, ctx.info.image_shape)
+        cum_flops = mem.cumulative_flops(ens, ctx.info.image_shape, ctx.buckets())
     acc = [float(np.mean(np.argmax(prefix[:, w], -1) == labels)) for w in range(prefix.shape[1])]
     thresholds = np.concatenate([np.linspace(0.0, 1.0, ctx.e.num_thresholds), [1.01]])
     curves = {}
@@ -547,13 +562,15 @@ def run_ensemble(config, workdir: str) -> dict:
     teacher = {
         "accuracy": float(np.mean(np.argmax(g_test, -1) == ctx.labels["test"])),
         "workdir": ctx.member.distill.teacher_workdir,
-        "flops_per_example": ctx.teacher.flops_per_example(ctx.info.image_shape),
+        "flops_per_example": ctx.flops(ctx.teacher.module()),
     }
     result = {
         "teacher": teacher,
         "variants": evaluated,
         "test_split": e.test_split,
         "connect_layer": e.connect.layer,
+        # text: FLOPs are the mean over the test rows at these length buckets ({length: rows}); images: null
+        "flops_buckets": None if ctx.buckets() is None else {str(b): n for b, n in ctx.buckets().items()},
         "num_test": len(ctx.labels["test"]),
         "seed": int(ctx.member.seed),
         "weights": e.weights,  # the game: "example" or "example_class"
