@@ -452,6 +452,9 @@ def test_cascade_evaluation_outputs(digits_cascade):
     assert res["batch_size"] == 64 and res["test_examples"] == 360  # 60 rounded up to the 8 devices
     assert set(res["students"]["tiny"]["gates"]) == {"msp", "learned"}  # no defer output without the objective
     assert set(res["students"]["tiny_defer"]["gates"]) == {"msp", "defer_output", "learned"}
+    # The raw output carries the whole pipeline config and the code revision that evaluated it.
+    assert res["config"]["cascade"]["students"] == ["tiny", "tiny_defer"] and "tiny_defer" in res["config"]["stages"]
+    assert {"revision", "dirty", "titans_version"} <= set(res)
     t = res["teacher"]
     for name, s in res["students"].items():
         assert s["flops_per_example"] < t["flops_per_example"]

@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 
 from titans import data as data_lib
-from titans import figures, parallel, paths, runs
+from titans import figures, parallel, paths, provenance, runs
 from titans.cascade import config as cascade_config
 from titans.cascade import cost as cost_lib
 from titans.cascade import curves as curves_lib
@@ -151,6 +151,8 @@ def evaluate_cascades(config, workdir: str) -> dict:
         "backend": jax.default_backend(),
         "baselines": list(cc.baselines),
         "students": {},
+        "config": config.to_dict() if hasattr(config, "to_dict") else dict(config),  # the whole pipeline
+        **provenance.provenance(),  # revision, dirty, titans_version of the code that evaluated it
     }
     for name in cc.students:
         student = _evaluate_student(setup, paths.join(workdir, name))

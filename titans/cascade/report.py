@@ -368,6 +368,13 @@ CLAIMS_NOTE = (
 )
 
 
+def provenance_line(runs: list[dict]) -> str:
+    """The code revisions that evaluated the raw outputs, and whether they hold their pipeline config."""
+    revs = sorted({(r.get("revision") or "not recorded") + (" (dirty)" if r.get("dirty") else "") for r in runs})
+    configs = sum("config" in r for r in runs)
+    return f"Code revision of the raw outputs: {', '.join(revs)}. Pipeline config recorded in {configs} of {len(runs)} runs."
+
+
 def render(runs: list[dict], logits: list[dict] | None = None) -> str:
     """The generated part of the study's page: every table, in reading order (`logits`: each run's stored
     cascade logits, for the intervals over test images and the oracle gate)."""
@@ -389,6 +396,8 @@ def render(runs: list[dict], logits: list[dict] | None = None) -> str:
         "## Measured time per example",
         "Each model's jitted forward pass on one batch, on the machine that ran the study (see the header).",
         time_table(runs),
+        "## Provenance",
+        provenance_line(runs),
     ]
     return "\n\n".join(parts) + "\n"
 
