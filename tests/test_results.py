@@ -306,3 +306,20 @@ def test_numbers_in_hand_written_heads_and_the_readme_are_backed_by_the_generate
     assert "results/bdistil_fmnist_strong/README.md states numbers no generated table gives: 0.9535, 40x" in (
         capsys.readouterr().err
     )
+
+
+def test_a_study_declares_its_own_primary_claim():
+    """The cascade page marks exactly the declared claim primary: the registry's default for the Fashion-MNIST
+    studies, another pair when a study declares it (the text study declares its 1-D CNN)."""
+    from titans.cascade import report as cascade_report
+
+    runs = cascade_report.load(studies._run_dirs(studies.STUDIES["titans_fmnist_strong"].raw_dir(REPO)))
+
+    def primary_rows(table):
+        return [line.split(" | ")[0] for line in table.splitlines() if " | primary | " in line]
+
+    assert primary_rows(cascade_report.claims(runs)) == [
+        "| tiny_easy (msp) beats tiny_standard (msp) at 25% of the teacher's FLOPs"
+    ]
+    declared = cascade_report.claims(runs, primary=("small_flatten", "small_standard", 0.25))
+    assert primary_rows(declared) == ["| small_flatten (msp) beats small_standard (msp) at 25% of the teacher's FLOPs"]

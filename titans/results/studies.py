@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import json
 import math
@@ -26,10 +27,10 @@ def _run_dirs(study_dir: str) -> list[str]:
     return sorted(d for d in found if os.path.basename(d).startswith("seed"))
 
 
-def _cascade_page(study_dir: str) -> str:
+def _cascade_page(study_dir: str, primary: tuple = cascade_report.PRIMARY) -> str:
     dirs = _run_dirs(study_dir)
     logits = [logits_codec.load(os.path.join(d, LOGITS_FILE)) for d in dirs]
-    return cascade_report.render(cascade_report.load(dirs), logits)
+    return cascade_report.render(cascade_report.load(dirs), logits, primary=primary)
 
 
 def _ensemble_page(study_dir: str) -> str:
@@ -99,8 +100,15 @@ STUDIES = {
         Study("titans_fmnist_strong", _CASCADE, _cascade_page, _cascade_plot),
         Study("bdistil_fmnist_strong", ("ensemble.json",), _ensemble_page),
         Study("active_fmnist_strong", ("active.json",), _active_page, _active_plot),
-        # Text: the Transformer teacher of configs/wordnet_teacher.py against the TF-IDF reference.
+        # Text: the Transformer teacher of configs/wordnet_teacher.py against the TF-IDF reference, and the
+        # cascades of configs/titans_wordnet.py (primary claim declared on the 1-D CNN student).
         Study("wordnet_teacher", (text_teacher.RECORD_FILE,), _text_teacher_page),
+        Study(
+            "titans_wordnet",
+            _CASCADE,
+            functools.partial(_cascade_page, primary=("cnn_easy", "cnn_standard", 0.25)),
+            _cascade_plot,
+        ),
     )
 }
 
