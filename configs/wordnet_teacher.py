@@ -8,8 +8,8 @@ dropout 0.1; train on `train`, evaluate on `validation` (the test split is for t
 Runtime: about 250 training examples a second on 2 CPU cores with batches grouped by length (6-7 minutes an
 epoch, 4 minutes per evaluation of the validation split), so about 45 minutes for the 6 epochs; minutes on one GPU
 (bfloat16 compute with dtype "auto"). Resumable: rerun the same command.
-Target: the TF-IDF + logistic-regression reference (0.734 test accuracy, docs/text.md) plus 3 points.
-Result: not run yet.
+Target: the TF-IDF + logistic-regression reference plus 3 points of test accuracy (docs/results/wordnet_teacher.md).
+Result: docs/results/wordnet_teacher.md (the test accuracy against the reference, seed 0).
 """
 
 import ml_collections
