@@ -68,3 +68,19 @@ def test_the_record_holds_both_models_correctness_on_the_test_rows_and_renders_t
         text_teacher.record(str(tmp_path / "teacher"), {**reference, "predictions": ref_pred[:-1].tolist()})
     with pytest.raises(ValueError, match="predictions on 'test'"):
         text_teacher.record(str(tmp_path / "teacher"), reference)
+
+
+def test_the_record_command_is_a_titans_results_subcommand(capsys, tmp_path):
+    from titans.results import __main__ as results_cli
+
+    with pytest.raises(SystemExit) as done:
+        results_cli.cli(["text-teacher", "--help"])
+    assert done.value.code == 0 and "--teacher_workdir" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as done:
+        results_cli.cli(["text-teacher", "--reference=x.json"])
+    assert done.value.code == 2
+    (tmp_path / "ref.json").write_text(json.dumps({"eval_split": "validation", "predictions": []}))
+    assert (
+        results_cli.cli(["text-teacher", f"--teacher_workdir={tmp_path}", f"--reference={tmp_path / 'ref.json'}"]) == 2
+    )
+    assert "predictions on 'test'" in capsys.readouterr().err

@@ -6,11 +6,14 @@ import os
 import sys
 
 from titans import cli as cli_lib
-from titans.results import studies
+from titans.results import studies, text_teacher
 
 
 def cli(argv=None) -> int:
-    p = cli_lib.parser("titans-results", __doc__)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["text-teacher"]:  # its own flags: titans-results text-teacher --help
+        return text_teacher.main(argv[1:])
+    p = cli_lib.parser("titans-results", __doc__ + "\n\ntitans-results text-teacher --help: the text teacher's record.")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("collect", help="copy one finished run's raw outputs into results/<study>/<dest>")
     c.add_argument("study", choices=sorted(studies.STUDIES))

@@ -1,7 +1,7 @@
 """The text benchmark's teacher against its independent reference: per-seed records and their page.
 
     python -m titans.data.tfidf_reference --C=1,4,16 --max_iter=500 > tfidf.json      # once: the reference
-    python -m titans.results.text_teacher --teacher_workdir=W --reference=tfidf.json   # writes W/text_teacher.json
+    titans-results text-teacher --teacher_workdir=W --reference=tfidf.json           # writes W/text_teacher.json
     titans-results collect wordnet_teacher W seed0 && titans-results rebuild
 
 `record` predicts the test split with the finished teacher run (`runs.predict`: rows sorted by length, each
@@ -157,7 +157,7 @@ def render(records: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = cli_lib.parser("python -m titans.results.text_teacher", __doc__)
+    p = cli_lib.parser("titans-results text-teacher", __doc__)
     p.add_argument("--teacher_workdir", required=True)
     p.add_argument("--reference", required=True, help="tfidf_reference's JSON output (with its predictions)")
     p.add_argument("--out", default=None, help=f"default: TEACHER_WORKDIR/{RECORD_FILE}")
