@@ -32,7 +32,7 @@ import os
 import ml_collections
 
 from titans.config import base_config
-from titans.config_builders import cascade_pipeline, parse_config_arg, sizes_and_baselines
+from titans.config_builders import cascade_pipeline, parse_config_arg, sizes_and_baselines, with_shared_teacher
 
 STUDENTS = {
     "bag": ("text_bag", dict(embed_dim=64, hidden=(64,))),
@@ -108,9 +108,4 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         ),
         baselines=baselines,
     )
-    del c.stages["teacher"]
-    c.stage_order = tuple(n for n in c.stage_order if n != "teacher")
-    c.cascade.teacher = a["teacher_dir"]
-    for name in c.stage_order:
-        c.stages[name].distill.teacher_workdir = a["teacher_dir"]
-    return c
+    return with_shared_teacher(c, a["teacher_dir"])

@@ -35,3 +35,26 @@ def data_dir(tmp_path_factory):
     """One TFDS data dir for the whole session, so offline datasets are prepared once."""
     path = os.environ.get("TITANS_TEST_DATA_DIR") or str(tmp_path_factory.mktemp("tfds"))
     return path
+
+
+@pytest.fixture(scope="session")
+def text_teacher(data_dir, tmp_path_factory):
+    """A small text CNN trained on WordNet's train[:2000] (configs/wordnet_smoke.py with another model) and its
+    teacher cache: the teacher of the text methods' tests, trained once per session."""
+    from titans.config import load_config_file
+    from titans.data import text
+    from titans.teachers import cache as cache_lib
+    from titans.train import train_and_evaluate
+
+    if not text.wordnet_available():
+        pytest.skip("needs `apt-get install wordnet-base`")
+    root = tmp_path_factory.mktemp("text_teacher")
+    config = load_config_file(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "wordnet_smoke.py"))
+    config.dataset.data_dir = data_dir
+    config.model.name = "text_cnn"
+    config.model.kwargs = {}
+    config.optimizer.learning_rate = 3e-3
+    train_and_evaluate(config, str(root / "teacher"))
+    args = ["--teacher_workdir", str(root / "teacher"), "--dataset", "wordnet", "--split", "train[:2000]"]
+    assert cache_lib.main([*args, "--out", str(root / "cache"), "--data_dir", data_dir]) == 0
+    return root

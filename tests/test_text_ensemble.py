@@ -20,8 +20,6 @@ from titans.config import load_config_file
 from titans.data import text
 from titans.ensemble import config as ens_config
 from titans.ensemble import load, members, runner
-from titans.teachers import cache as cache_lib
-from titans.train import train_and_evaluate
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -67,23 +65,6 @@ def test_text_connection_reads_a_pooled_state_that_extra_padding_leaves_unchange
     np.testing.assert_allclose(frozen1.apply(long)[1], want, atol=1e-5)
     assert np.abs(np.asarray(second(short, prev=jnp.asarray(want)) - second(short))).max() > 1e-3
     assert members.flops_per_example(second, (16,)) > members.flops_per_example(second.base, (16,))
-
-
-@pytest.fixture(scope="module")
-def text_teacher(data_dir, tmp_path_factory):
-    """A small text CNN trained on train[:2000] (configs/wordnet_smoke.py with another model) and its cache."""
-    if not text.wordnet_available():
-        pytest.skip("needs `apt-get install wordnet-base`")
-    root = tmp_path_factory.mktemp("text_teacher")
-    config = load_config_file(str(ROOT / "configs" / "wordnet_smoke.py"))
-    config.dataset.data_dir = data_dir
-    config.model.name = "text_cnn"
-    config.model.kwargs = {}
-    config.optimizer.learning_rate = 3e-3
-    train_and_evaluate(config, str(root / "teacher"))
-    args = ["--teacher_workdir", str(root / "teacher"), "--dataset", "wordnet", "--split", "train[:2000]"]
-    assert cache_lib.main([*args, "--out", str(root / "cache"), "--data_dir", data_dir]) == 0
-    return root
 
 
 def test_wordnet_configs_validate_with_their_defaults():

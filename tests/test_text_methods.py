@@ -10,27 +10,10 @@ import pytest
 from titans import data, experiment, models, runs
 from titans.config import load_config_file
 from titans.data import text
-from titans.teachers import cache as cache_lib
-from titans.train import train_and_evaluate
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.skipif(not text.wordnet_available(), reason="needs `apt-get install wordnet-base`")
-
-
-@pytest.fixture(scope="module")
-def text_teacher(data_dir, tmp_path_factory):
-    """A small text CNN trained on train[:2000] (configs/wordnet_smoke.py with another model) and its cache."""
-    root = tmp_path_factory.mktemp("text_teacher")
-    config = load_config_file(str(ROOT / "configs" / "wordnet_smoke.py"))
-    config.dataset.data_dir = data_dir
-    config.model.name = "text_cnn"
-    config.model.kwargs = {}
-    config.optimizer.learning_rate = 3e-3
-    train_and_evaluate(config, str(root / "teacher"))
-    args = ["--teacher_workdir", str(root / "teacher"), "--dataset", "wordnet", "--split", "train[:2000]"]
-    assert cache_lib.main([*args, "--out", str(root / "cache"), "--data_dir", data_dir]) == 0
-    return root
 
 
 def test_the_text_cascade_pipeline_runs_to_the_real_runner_on_token_batches(data_dir, text_teacher, tmp_path):

@@ -102,3 +102,14 @@ def cascade_pipeline(
     )
     c.cascade = ml_collections.ConfigDict({**defaults, **cascade})  # `cascade` may replace a default
     return c
+
+
+def with_shared_teacher(c: ml_collections.ConfigDict, teacher_dir: str) -> ml_collections.ConfigDict:
+    """A `cascade_pipeline` without its teacher stage: every seed shares the finished teacher run `teacher_dir`,
+    which the cascade and every student stage read instead of "@teacher"."""
+    del c.stages["teacher"]
+    c.stage_order = tuple(n for n in c.stage_order if n != "teacher")
+    c.cascade.teacher = teacher_dir
+    for name in c.stage_order:
+        c.stages[name].distill.teacher_workdir = teacher_dir
+    return c

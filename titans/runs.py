@@ -274,7 +274,21 @@ def _by_length(images) -> np.ndarray | None:
     images = np.asarray(images)
     if images.ndim != 2 or not np.issubdtype(images.dtype, np.integer):
         return None
-    return np.argsort((images != 0).sum(axis=1), kind="stable")
+    return np.argsort(text_lib.token_lengths(images), kind="stable")
+
+
+def length_buckets(tokens, max_tokens: int) -> dict[int, int]:
+    """{bucket length: rows} of token ids (N, L): each row at the smallest length bucket that holds its tokens
+    (`data.text.BUCKETS`, and `max_tokens`), the length it runs at when batches are sorted by length."""
+    buckets = np.array([b for b in (*text_lib.BUCKETS, int(max_tokens)) if b <= max_tokens])
+    at = buckets[np.searchsorted(buckets, text_lib.token_lengths(tokens))]
+    return {int(b): int(np.sum(at == b)) for b in np.unique(at)}
+
+
+def bucket_flops(module: nnx.Module, buckets: dict[int, int]) -> float:
+    """XLA's FLOPs per example of a text `module`, averaged over rows at their buckets ({length: rows})."""
+    total = sum(n * models.flops_per_example(module, (int(b),)) for b, n in buckets.items())
+    return float(total / sum(buckets.values()))
 
 
 def predict_split(fn: Callable, model, src, info, *, batch_size: int, mesh=None, progress: str = ""):

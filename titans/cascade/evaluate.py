@@ -38,7 +38,6 @@ from titans.cascade import cost as cost_lib
 from titans.cascade import curves as curves_lib
 from titans.cascade import gates as gates_lib
 from titans.cascade.runner import CascadeRunner
-from titans.data import text as text_lib
 
 
 @flax.struct.dataclass
@@ -70,10 +69,7 @@ def flops_of(model: runs.FrozenModel, info, inputs=None) -> float:
     else at the dataset's (longest) input shape."""
     if info.modality != "text" or inputs is None:
         return model.flops_per_example(info.image_shape)
-    lengths = (np.asarray(inputs) != 0).sum(axis=1)
-    buckets = np.array([b for b in (*text_lib.BUCKETS, info.image_shape[0]) if b <= info.image_shape[0]])
-    at = buckets[np.searchsorted(buckets, lengths)]
-    return float(sum(np.sum(at == b) * model.flops_per_example((int(b),)) for b in np.unique(at)) / len(at))
+    return runs.bucket_flops(model.module(), runs.length_buckets(inputs, info.image_shape[0]))
 
 
 def _time_per_example(model: NormalizedModel, images, repeats: int = 5) -> float:

@@ -161,7 +161,7 @@ class TrainLoader:
         lengths = np.empty(self.num_examples, np.int32)
         for a in range(0, self.num_examples, 8192):
             b = min(a + 8192, self.num_examples)
-            lengths[a:b] = (self._rows(np.arange(a, b))[0] != 0).sum(axis=1)
+            lengths[a:b] = text.token_lengths(self._rows(np.arange(a, b))[0])
         return lengths
 
     def _set(self, seed: int, step: int):
@@ -370,7 +370,7 @@ def _length_order(src, info: DatasetInfo) -> np.ndarray:
     """The rows of a text split in order of their number of tokens (stable)."""
     lengths = np.concatenate(
         [
-            (eval_images(src.__getitems__(range(a, min(a + 4096, len(src)))), info)[0] != 0).sum(axis=1)
+            text.token_lengths(eval_images(src.__getitems__(range(a, min(a + 4096, len(src)))), info)[0])
             for a in range(0, len(src), 4096)
         ]
     )

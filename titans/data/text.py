@@ -318,10 +318,14 @@ def encode(tok: Tokenizer, texts: list[str], max_tokens: int = MAX_TOKENS) -> tu
 # ------------------------------------------------------------------------------------------ batches
 
 
+def token_lengths(tokens) -> np.ndarray:
+    """Each row's number of token ids (int ids, 0 = padding, at the end)."""
+    return (np.asarray(tokens) != 0).sum(axis=-1)
+
+
 def bucket_length(tokens: np.ndarray, buckets: tuple[int, ...] = BUCKETS) -> int:
     """The smallest bucket that holds the longest row of `tokens` (int ids, 0 = padding, at the end)."""
-    tokens = np.asarray(tokens)
-    longest = int((tokens != 0).sum(axis=-1).max(initial=0))
+    longest = int(token_lengths(tokens).max(initial=0))
     for b in buckets:
         if longest <= b:
             return b

@@ -31,7 +31,6 @@ from flax import nnx
 
 from titans import data as data_lib
 from titans import models, runs
-from titans.data import text as text_lib
 from titans.models.text import masked_mean
 
 JOINS = ("concat", "add")
@@ -221,21 +220,15 @@ def load_ensemble(specs: list[dict], info, *, layer: str, dtype=jnp.float32) -> 
     return Ensemble(mods, tuple(bool(s.get("connected")) for s in specs), layer)
 
 
-def length_buckets(tokens: np.ndarray, max_tokens: int) -> dict[int, int]:
-    """{bucket length: rows} of token ids (N, L): each row at the smallest length bucket that holds its tokens
-    (`data.text.BUCKETS`, and `max_tokens`), the length it runs at when batches are sorted by length."""
-    buckets = np.array([b for b in (*text_lib.BUCKETS, int(max_tokens)) if b <= max_tokens])
-    at = buckets[np.searchsorted(buckets, (np.asarray(tokens) != 0).sum(axis=1))]
-    return {int(b): int(np.sum(at == b)) for b in np.unique(at)}
+length_buckets = runs.length_buckets  # {bucket length: rows} of token ids, where text FLOPs are measured
 
 
 def flops_per_example(module: nnx.Module, input_shape, buckets: dict | None = None) -> float:
     """XLA-measured FLOPs per example of `module` at `input_shape`; with `buckets` ({length: rows}, text), the
-    mean over those rows of its FLOPs at each row's length."""
+    mean over those rows of its FLOPs at each row's length (`runs.bucket_flops`)."""
     if not buckets:
         return models.flops_per_example(module, tuple(input_shape))
-    total = sum(n * models.flops_per_example(module, (int(b),)) for b, n in buckets.items())
-    return float(total / sum(buckets.values()))
+    return runs.bucket_flops(module, buckets)
 
 
 def cumulative_flops(ensemble: Ensemble, input_shape, buckets: dict | None = None) -> list[float]:
