@@ -377,6 +377,8 @@ def meta_for(config, info, num_outputs: int | None = None) -> dict:
         "optimizer.name": config.optimizer.name,
         "dataset.name": config.dataset.name,
     }
+    if config.get("mlm") and config.mlm.enabled:  # a MaskedLM's tree: the classifier under `backbone`, a head
+        fields["mlm"] = True
     if getattr(info, "modality", "image") == "text":  # token ids mean nothing under another tokenizer
         fields["tokenizer.sha256"] = data_lib.tokenizer_for(config.dataset.data_dir or None)[1]
     return {"fields": fields, "fingerprint": config_lib.fingerprint(fields)}

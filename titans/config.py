@@ -132,6 +132,13 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.label_smoothing = 0.0
 
+    # Masked-LM pre-training of a text Transformer (titans/models/mlm.py): the run learns to recover
+    # corrupted tokens of the training split, its labels unread. A later run starts from it with init_from.
+    c.mlm = _mlm_section()
+    # A finished run's workdir ("@stage" in a pipeline): every parameter of this run's model but the classifier
+    # starts from that run's (its backbone's, for a masked-LM run); "" = a fresh initialisation.
+    c.init_from = ""
+
     c.checkpoint = _checkpoint_section()
 
     c.log_every_steps = 50
@@ -177,6 +184,14 @@ def _model_section() -> ml_collections.ConfigDict:
     m = ml_collections.ConfigDict()
     m.name = "cnn"
     m.kwargs = ml_collections.ConfigDict()
+    return m
+
+
+def _mlm_section() -> ml_collections.ConfigDict:
+    """`mlm`: masked-language-model pre-training (text Transformers only)."""
+    m = ml_collections.ConfigDict()
+    m.enabled = False
+    m.mask_rate = 0.15  # the share of each row's real tokens chosen (80% masked, 10% random, 10% kept)
     return m
 
 
@@ -413,8 +428,20 @@ def _check_values(c: ml_collections.ConfigDict, where: str) -> None:
         raise ConfigError(f"{where}: batch sizes must be positive.")
     _check_numbers(c, where)
     _check_model_kwargs(c, where)
+    _check_mlm(c, where)
     for check in _EXTRA_CHECKS:
         check(c, where)
+
+
+def _check_mlm(c: ml_collections.ConfigDict, where: str) -> None:
+    """Masked-LM pre-training reads no labels and no teacher; a pre-training run starts from nothing else."""
+    mlm = c.get("mlm")
+    if mlm is None or not mlm.enabled:
+        return
+    if not 0.0 < mlm.mask_rate < 1.0:
+        raise ConfigError(f"{where}: mlm.mask_rate={mlm.mask_rate} must be in (0, 1).")
+    if c.distill.teacher_workdir:
+        raise ConfigError(f"{where}: mlm.enabled pre-trains without a teacher; leave distill.teacher_workdir empty.")
 
 
 def _check_numbers(c: ml_collections.ConfigDict, where: str) -> None:

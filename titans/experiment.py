@@ -5,8 +5,9 @@ one with an `ensemble` section by the B-DISTIL ensemble run (titans/ensemble/run
 
 A pipeline config has `stages` (a ConfigDict of full run configs) and `stage_order`. Each stage runs
 in WORKDIR/<stage name>; a stage whose `distill.teacher_workdir` is "@name" distils from the sibling
-stage `name`. Finished stages are not rerun (their results.json is read back), and an interrupted one
-resumes from its checkpoint, so rerunning a pipeline command continues where it stopped.
+stage `name`, and one whose `init_from` is "@name" starts from that stage's parameters. Finished stages are
+not rerun (their results.json is read back), and an interrupted one resumes from its checkpoint, so
+rerunning a pipeline command continues where it stopped.
 """
 
 from __future__ import annotations
@@ -49,6 +50,14 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     f"(stage_order: {list(config.stage_order)})."
                 )
             stage.distill.teacher_workdir = paths.join(workdir, ref[1:])
+        init = stage.get("init_from", "")
+        if init.startswith("@"):
+            if init[1:] not in results:
+                raise config_lib.ConfigError(
+                    f"stage '{name}' starts from '{init}', which must run before it "
+                    f"(stage_order: {list(config.stage_order)})."
+                )
+            stage.init_from = paths.join(workdir, init[1:])
         results[name] = ensure_trained(stage, stage_dir)
         if results[name].get("preempted"):
             return {"preempted": True, "stage": name, "stages": results}
@@ -80,8 +89,12 @@ def summary_table(results: dict) -> str:
     ]
     for name, r in results.items():
         agree = f"{r['teacher_agreement']:.4f}" if "teacher_agreement" in r else "-"
+        if "mlm_accuracy" in r:  # a masked-LM stage: the masked tokens' accuracy, no classes to calibrate
+            accuracy, ece = f"{r['mlm_accuracy']:.4f} (masked tokens)", "-"
+        else:
+            accuracy, ece = f"{r['accuracy']:.4f}", f"{r['ece']:.4f}"
         rows.append(
-            f"| {name} | {r['model']} | {r['accuracy']:.4f} | {r['ece']:.4f} | "
+            f"| {name} | {r['model']} | {accuracy} | {ece} | "
             f"{r['flops_per_example'] / 1e6:.3f} | {r['param_count']:,} | {agree} | "
             f"{r['train_time_s']:.0f}s |"
         )

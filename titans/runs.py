@@ -61,7 +61,10 @@ def num_outputs(config, info) -> int:
 
 
 def build_run_model(config, info, *, seed: int, dtype) -> nnx.Module:
-    """The model a run config trains (its outputs include a defer output where the objective has one)."""
+    """The model a run config trains (its outputs include a defer output where the objective has one; a
+    masked-LM pre-training run's is a `models.MaskedLM`)."""
+    if config.get("mlm") and config.mlm.enabled:
+        return models.build_masked_lm(config.model, info, seed=seed, rate=config.mlm.mask_rate, dtype=dtype)
     return models.build_model(config.model, info, seed=seed, dtype=dtype, outputs=num_outputs(config, info))
 
 

@@ -10,10 +10,13 @@ token ids (B, L), 0 = padding, ``input_shape=(max_tokens,)`` and ``vocab_size``.
 """
 
 from titans.models.cost import flops_per_example, param_count
+from titans.models.mlm import MaskedLM, build_masked_lm
 from titans.models.registry import MODEL_NAMES, build_model, create_model, initialise, modality, model_kwargs
 
 __all__ = [
     "MODEL_NAMES",
+    "MaskedLM",
+    "build_masked_lm",
     "build_model",
     "create_model",
     "flops_per_example",

@@ -9,7 +9,8 @@ compute ``dtype``; the residual stream, LayerNorms, softmax (inside ``dot_produc
 stay float32. Positions are learned embeddings: ``max_tokens`` of them for text (so a batch may be any
 length up to it), one per patch for the ViT. ``pool`` is ``"mean"`` (masked mean of the final tokens) or
 ``"cls"`` (a learned token prepended, read out at the end). acts: ``block1``... (the residual stream after
-each block, in the compute dtype), ``features`` (the pooled vector the classifier reads).
+each block, in the compute dtype), ``tokens`` (the final token states after the LayerNorm, float32),
+``features`` (the pooled vector the classifier reads).
 
 Dropout (``dropout > 0``, training only) acts on the embeddings and on each block's attention and MLP
 outputs. Its keys come from a ``DropoutRng``: a seed drawn from ``rngs`` at construction (after every
@@ -138,6 +139,7 @@ class Encoder(nnx.Module):
             x = block(x, mask, keys[i + 1])
             acts[f"block{i + 1}"] = x.astype(self.dtype)
         x = self.norm(x)
+        acts["tokens"] = x  # the final token states (float32), e.g. for a masked-LM head
         if self.cls is not None:
             pooled = x[:, 0]
         else:

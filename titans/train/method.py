@@ -16,6 +16,10 @@ defer, or one a plug-in registers):
     loss         (logits, aux, teacher_logits, batch, frozen, step) -> (per-example loss, weights);
                  the batch objective is sum(weights * loss) / sum(weights);
     needs_index  the loader puts each row's index into the train split in batch["index"].
+    metrics      (logits, aux, batch) -> {name: scalar}: the training metrics in place of accuracy against the
+                 labels (a masked-LM run's logits are per token, titans/train/pretrain.py);
+    eval_sums    (model, images, batch, frozen) -> {name: sum over the batch's real rows}, with "count", in place
+                 of the classification sums; `eval_summary(totals)` turns the split's totals into the result.
 
 `resolve` fills the config's objective in, after checking that an objective reading the teacher's
 correctness gets held-out teacher outputs (`teachers.crossfit.check_held_out`); an objective that ranks the
@@ -45,6 +49,9 @@ class Method:
     forward: Callable | None = None
     loss: Callable | None = None
     needs_index: bool = False
+    metrics: Callable | None = None
+    eval_sums: Callable | None = None
+    eval_summary: Callable | None = None
 
 
 def default_forward(model, images, frozen, train: bool):

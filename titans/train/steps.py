@@ -55,9 +55,9 @@ def make_train_step(graphdef, tx, method: Method, info, dtype, schedule):
             logits, aux = method.forward(model, images, frozen, True)
             per_example, weights = method.loss(logits, aux, teacher_logits, batch, frozen, state.step)
             loss = jnp.sum(weights * per_example) / jnp.maximum(jnp.sum(weights), 1e-12)
-            return loss, (logits[:, :num_classes], nnx.state(model, nnx.Not(nnx.Param)))
+            return loss, (logits, aux, nnx.state(model, nnx.Not(nnx.Param)))
 
-        (loss, (logits, model_state)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        (loss, (logits, aux, model_state)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)
@@ -72,12 +72,12 @@ def make_train_step(graphdef, tx, method: Method, info, dtype, schedule):
             opt_state=_keep_if_finite(finite, opt_state, state.opt_state),
             nonfinite_step=jnp.where(finite | (state.nonfinite_step >= 0), state.nonfinite_step, state.step),
         )
-        metrics = {
-            "loss": loss,
-            "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
-            "grad_norm": grad_norm,
-            "learning_rate": schedule(state.step),
-        }
+        metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step)}
+        if method.metrics is not None:
+            metrics.update(method.metrics(logits, aux, batch))
+            return new_state, metrics
+        logits = logits[:, :num_classes]  # drop a "defer" output
+        metrics["accuracy"] = jnp.mean(jnp.argmax(logits, -1) == labels)
         if teacher_logits is not None:
             metrics["teacher_agreement"] = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(teacher_logits, -1))
         return new_state, metrics
@@ -92,6 +92,8 @@ def make_eval_step(graphdef, info, dtype, num_bins: int, method: Method):
         images = data_lib.normalize(batch["image"], info, dtype)
         labels, mask = batch["label"], batch["mask"]
         model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, model_state))
+        if method.eval_sums is not None:
+            return method.eval_sums(model, images, batch, frozen)
         logits = method.forward(model, images, frozen, False)[0]
         logits = logits.astype(jnp.float32)[:, : info.num_classes]  # drop a "defer" output
         m = mask.astype(jnp.float32)
@@ -111,8 +113,11 @@ def make_eval_step(graphdef, info, dtype, num_bins: int, method: Method):
     return eval_step
 
 
-def evaluate(eval_step, params, model_state, teacher, src, info, *, batch_size: int, mesh, frozen=None) -> dict:
-    """Accuracy, loss, ECE (and agreement with the teacher) over a whole split, on every process."""
+def evaluate(
+    eval_step, params, model_state, teacher, src, info, *, batch_size: int, mesh, frozen=None, summary=None
+) -> dict:
+    """Accuracy, loss, ECE (and agreement with the teacher) over a whole split, on every process; or
+    `summary(totals)` of the eval step's sums, for a method with its own evaluation (`Method.eval_summary`)."""
     totals = None
     for batch in data_lib.eval_batches(
         src,
@@ -125,6 +130,8 @@ def evaluate(eval_step, params, model_state, teacher, src, info, *, batch_size: 
         sums = eval_step(params, model_state, parallel.to_global(batch, mesh), teacher, frozen)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
+    if summary is not None:
+        return summary(totals)
     n = float(totals["count"])
     result = {
         "num_examples": int(n),

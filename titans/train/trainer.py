@@ -24,6 +24,7 @@ from titans import config as config_lib
 from titans import data as data_lib
 from titans import locks, logs, models, parallel, runs, teachers
 from titans.train import method as method_lib
+from titans.train import pretrain
 from titans.train import resume as resume_lib
 from titans.train.loop import Checkpointing, FitResult, fit
 from titans.train.optim import make_optimizer
@@ -46,6 +47,7 @@ class Setup:
     teacher: runs.FrozenModel | None = None
     teacher_identity: dict | None = None
     soft_labels: teachers.SoftLabelSource | None = None
+    init_identity: dict | None = None  # the run `init_from` named, and the step read
 
 
 def _source(config, split: str):
@@ -192,6 +194,8 @@ def _report(s: Setup, fitted: FitResult, model, eval_fn, train_time_s: float) ->
             "preempted": False,
         }
     )
+    if s.init_identity is not None:
+        result["init_from"] = s.init_identity
     if s.teacher_identity is not None:
         result["teacher_workdir"] = config.distill.teacher_workdir
         result["teacher_step"] = s.teacher_identity["step"]
@@ -242,8 +246,11 @@ def train_and_evaluate(
 
 def _build(s: Setup, method: method_lib.Method | None):
     """(method resolved, optimizer, schedule, graphdef, initial state): what the steps are made of."""
+    if method is None and s.config.mlm.enabled:
+        method = pretrain.mlm_method()
     method = method_lib.resolve(method, s.config)
     model = method_lib.build(method, s.config, s.info, s.dtype)
+    s.init_identity = pretrain.initial_params(model, s.config, s.info)  # a resumed run's checkpoint then overwrites
     tx, schedule = make_optimizer(s.config, s.total_steps, len(s.train_src))
     graphdef, state = TrainState.create(model, tx)
     return method, tx, schedule, graphdef, state
@@ -286,6 +293,7 @@ def _train(s: Setup, method: method_lib.Method | None, ckpt: ckpt_lib.Checkpoint
             batch_size=config.eval_batch_size,
             mesh=s.mesh,
             frozen=frozen,
+            summary=method.eval_summary,
         )
 
     prior_time = float((found.get("progress") or {}).get("train_time_s", 0.0))

@@ -1,0 +1,56 @@
+"""The text teacher with a masked-LM stage: the Transformer of configs/wordnet_teacher.py first pre-trained to
+recover masked tokens of the training glosses (their labels unread), then fine-tuned on the supersenses.
+
+    titans-train --config=configs/wordnet_teacher_mlm.py --workdir=workdirs/wordnet_teacher_mlm
+
+arg: "P,F" epochs of pre-training and of fine-tuning (default "5,4"). Stages, in WORKDIR/<stage>:
+- `pretrain` (`mlm.enabled`, titans/models/mlm.py): 15% of each row's tokens chosen (80% masked, 10% random,
+  10% kept) and predicted through a vocabulary head; AdamW lr 1e-3, 0.5-epoch warm-up, cosine; its result is
+  the masked tokens' accuracy on the validation split.
+- `teacher`: the same model (4 x 256 x 4 heads, dropout 0.1) started from the pre-trained encoder
+  (`init_from="@pretrain"`; a fresh classifier), AdamW lr 5e-4, 0.3-epoch warm-up, cosine; evaluated on
+  `validation` (the test split is for the studies).
+Both read only the `train` split. Runtime on 2 CPU cores: about 8 minutes an epoch. Resumable: rerun the same
+command. The teacher's test accuracy against the TF-IDF reference: `titans-results text-teacher
+--teacher_workdir=WORKDIR/teacher ...` (docs/results/wordnet_teacher.md).
+"""
+
+import ml_collections
+
+from titans.config import base_config
+
+
+def _stage(name: str, epochs: float, lr: float, warmup: float) -> ml_collections.ConfigDict:
+    c = base_config()
+    c.name = name
+    c.dataset.name = "wordnet"
+    c.dataset.train_split = "train"
+    c.dataset.eval_split = "validation"
+    c.dataset.group_by_length = 64
+    c.model.name = "transformer"
+    c.model.kwargs = ml_collections.ConfigDict(dict(dropout=0.1))
+    c.dtype = "auto"
+    c.batch_size = 128
+    c.eval_batch_size = 512
+    c.total_epochs = float(epochs)
+    c.optimizer.name = "adamw"
+    c.optimizer.learning_rate = lr
+    c.optimizer.weight_decay = 0.05
+    c.schedule.name = "cosine"
+    c.schedule.warmup_epochs = warmup
+    c.log_every_steps = 100
+    c.eval_every_steps = 100_000  # the validation split at the end only
+    c.checkpoint.every_steps = 500
+    return c
+
+
+def get_config(arg: str = "5,4") -> ml_collections.ConfigDict:
+    pre, fine = (float(x) for x in arg.split(","))
+    pretrain = _stage("wordnet_mlm", pre, 1e-3, 0.5)
+    pretrain.mlm.enabled = True
+    teacher = _stage("wordnet_teacher_mlm", fine, 5e-4, 0.3)
+    teacher.init_from = "@pretrain"
+    c = ml_collections.ConfigDict()
+    c.stages = ml_collections.ConfigDict({"pretrain": pretrain, "teacher": teacher})
+    c.stage_order = ("pretrain", "teacher")
+    return c
