@@ -3,7 +3,7 @@ recover masked tokens of the training glosses (their labels unread), then fine-t
 
     titans-train --config=configs/wordnet_teacher_mlm.py --workdir=workdirs/wordnet_teacher_mlm
 
-arg: "P,F" epochs of pre-training and of fine-tuning (default "5,4"). Stages, in WORKDIR/<stage>:
+arg: "P,F" epochs of pre-training and of fine-tuning (default "3,3"). Stages, in WORKDIR/<stage>:
 - `pretrain` (`mlm.enabled`, titans/models/mlm.py): 15% of each row's tokens chosen (80% masked, 10% random,
   10% kept) and predicted through a vocabulary head; AdamW lr 1e-3, 0.5-epoch warm-up, cosine; its result is
   the masked tokens' accuracy on the validation split.
@@ -44,7 +44,7 @@ def _stage(name: str, epochs: float, lr: float, warmup: float) -> ml_collections
     return c
 
 
-def get_config(arg: str = "5,4") -> ml_collections.ConfigDict:
+def get_config(arg: str = "3,3") -> ml_collections.ConfigDict:
     pre, fine = (float(x) for x in arg.split(","))
     pretrain = _stage("wordnet_mlm", pre, 1e-3, 0.5)
     pretrain.mlm.enabled = True
