@@ -62,12 +62,56 @@ def test_the_record_holds_both_models_correctness_on_the_test_rows_and_renders_t
     assert out["teacher"]["test_accuracy"] == pytest.approx(want.mean())
     assert out["config"]["model"]["name"] == "text_bag" and "revision" in out["provenance"]
     page = text_teacher.render([json.loads(json.dumps(out))])
-    row = next(line for line in page.splitlines() if line.startswith("| The text_bag teacher clears"))
+    row = next(line for line in page.splitlines() if line.startswith("| The text_bag teacher (from scratch) clears"))
     assert f"{want.mean() - (ref_pred == labels).mean():+.4f} [" in row and row.endswith("| not reproduced |")
     with pytest.raises(ValueError, match="11760 rows"):
         text_teacher.record(str(tmp_path / "teacher"), {**reference, "predictions": ref_pred[:-1].tolist()})
     with pytest.raises(ValueError, match="predictions on 'test'"):
         text_teacher.record(str(tmp_path / "teacher"), reference)
+
+
+def _record(correct, ref_correct, seed, pretrain=None):
+    n = len(correct)
+    return {
+        "examples": n,
+        "labels_sha256": "same rows",
+        "teacher": {
+            "model": "transformer",
+            "correct": text_teacher.pack(correct),
+            "test_accuracy": correct.mean(),
+            "flops_per_example_at_32": 2e8,
+            "validation_accuracy": None,
+            "train_time_s": 10.0,
+        },
+        "reference": {"correct": text_teacher.pack(ref_correct), "accuracy": ref_correct.mean(), "C": 16.0, "by_C": []},
+        "pretrain": pretrain,
+        "config": {"seed": seed},
+    }
+
+
+def test_each_training_recipe_gets_its_own_claim_row_and_interval():
+    """Teachers trained from scratch and after a masked-LM stage are not pooled: each recipe's seeds make
+    their own interval, the from-scratch one first (primary), the masked-LM one as the declared fallback."""
+    n = 4000
+    rng = np.random.default_rng(0)
+    ref = rng.random(n) < 0.78
+    scratch = [np.where(rng.random(n) < 0.02, ~ref, ref) | (rng.random(n) < 0.1) for _ in range(2)]
+    strong = [ref | (rng.random(n) < 0.3) for _ in range(2)]
+    pre = {"masked_lm": True, "epochs": 3.0, "mlm_accuracy": 0.4, "train_time_s": 5.0}
+    records = [
+        _record(strong[0], ref, 0, pre),
+        _record(scratch[0], ref, 0),
+        _record(scratch[1], ref, 1),
+        _record(strong[1], ref, 1, pre),
+    ]
+    page = text_teacher.render(records)
+    rows = [line for line in page.splitlines() if line.startswith("| The transformer teacher (")]
+    assert len(rows) == 2
+    assert "(from scratch)" in rows[0] and "| primary | 2 |" in rows[0]
+    assert "(masked-LM pre-trained (3 epochs))" in rows[1] and "| declared fallback | 2 |" in rows[1]
+    want = np.mean([(s.astype(float) - ref).mean() for s in strong])
+    assert f"| {want:+.4f} [" in rows[1]
+    assert "5 s + 10 s" in page
 
 
 def test_the_record_command_is_a_titans_results_subcommand(capsys, tmp_path):
