@@ -282,6 +282,32 @@ def test_fair_recipe_overrides_each_students_own_budget():
     assert {out.stages[n].optimizer.learning_rate for n in students} == {0.1, 0.2}
 
 
+def test_the_page_keeps_each_students_rate_chosen_on_validation_not_on_test():
+    """Seed 0's `a` is best on validation at lr1 and best on test at lr0: the page keeps lr1, under the name `a`,
+    with lr1's stored logits; seed 1 chooses lr0. Runs without the grid pass unchanged."""
+    from titans.cascade import report
+
+    def run(val, test):
+        students = {f"a_lr{i}": {"val_accuracy": v, "test_accuracy": t} for i, (v, t) in enumerate(zip(val, test))}
+        config = {"cascade": {"fair": {"learning_rates": [0.1, 0.3]}}}
+        return {"students": students, "baselines": [], "config": config}
+
+    runs = [run([0.80, 0.85], [0.90, 0.70]), run([0.86, 0.85], [0.60, 0.99])]
+    logits = [
+        {"test/label": 0, "test/teacher": 1, "test/a_lr0": "seed0 lr0", "test/a_lr1": "seed0 lr1"},
+        {"test/label": 0, "test/teacher": 1, "test/a_lr0": "seed1 lr0", "test/a_lr1": "seed1 lr1"},
+    ]
+    out, out_logits, choices = report.select_learning_rates(runs, logits)
+    assert [r["students"]["a"]["test_accuracy"] for r in out] == [0.70, 0.60]
+    assert [set(r["students"]) for r in out] == [{"a"}, {"a"}]
+    assert out_logits[0] == {"test/label": 0, "test/teacher": 1, "test/a": "seed0 lr1"}
+    assert out_logits[1]["test/a"] == "seed1 lr0"
+    assert choices == {"a": [0.3, 0.1]}
+    assert "| a | 0.3 | 0.1 |" in report.learning_rate_table(choices)
+    plain = {"students": {"a": {}}, "baselines": []}
+    assert report.select_learning_rates([plain])[0] == [plain]
+
+
 # --- 6. The cascade page's statistics ---------------------------------------------------------------------------
 
 

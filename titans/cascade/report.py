@@ -20,6 +20,7 @@ import warnings
 import numpy as np
 
 from titans import figures, paths
+from titans.cascade import fair
 from titans.stats import PairedDifference, claim_verdict, mean_sd, not_worse_verdict, paired_difference
 
 BUDGETS = (0.1, 0.25, 0.5)  # fractions of the teacher's FLOPs in the headline tables
@@ -371,6 +372,52 @@ CLAIMS_NOTE = (
 )
 
 
+def _fair_rates(run: dict) -> tuple[float, ...]:
+    fair_cfg = ((run.get("config") or {}).get("cascade") or {}).get("fair") or {}
+    return tuple(fair_cfg.get("learning_rates") or ())
+
+
+def select_learning_rates(runs: list[dict], logits: list[dict] | None = None):
+    """(runs, logits, choices): in each run made with the fair recipe's learning-rate grid (titans/cascade/fair.py:
+    a student `s` trained as `s_lr0`, `s_lr1`, ...), the variant with the best validation accuracy
+    (`fair.select`, never the test split) kept under the student's own name and the others dropped, its stored
+    logits renamed alike; `choices` is {student: [chosen rate per run]}. Runs without the grid pass unchanged."""
+    out_runs, out_logits, choices = [], [], {}
+    for i, run in enumerate(runs):
+        lg = None if logits is None else logits[i]
+        rates = _fair_rates(run)
+        if not rates:
+            out_runs.append(run)
+            out_logits.append(lg)
+            continue
+        chosen = fair.select(run)
+        variants = set(run["students"])
+        if lg is not None:  # every student's stored logits dropped, the chosen variants' kept under the base name
+            kept = {k: v for k, v in lg.items() if k.partition("/")[2] not in variants}
+            lg = kept | {
+                f"{k.partition('/')[0]}/{b}": lg[k] for b, n in chosen.items() for k in lg if k.partition("/")[2] == n
+            }
+        run = dict(run)
+        run["students"] = {base: run["students"][name] for base, name in chosen.items()}
+        run["baselines"] = [b for b in chosen if chosen[b] in run.get("baselines", [])]
+        for base, name in chosen.items():
+            choices.setdefault(base, []).append(rates[int(name.rsplit("_lr", 1)[1])] if "_lr" in name else None)
+        out_runs.append(run)
+        out_logits.append(lg)
+    return out_runs, (None if logits is None else out_logits), choices
+
+
+def learning_rate_table(choices: dict) -> str:
+    """The learning rate each student's validation accuracy chose, per seed."""
+    if not choices:
+        return ""
+    n = max(len(v) for v in choices.values())
+    rows = ["| student | " + " | ".join(f"seed {i}" for i in range(n)) + " |", "|---|" + "---|" * n]
+    for name, rates in choices.items():
+        rows.append(f"| {name} | " + " | ".join("-" if r is None else f"{r:g}" for r in rates) + " |")
+    return "\n".join(rows)
+
+
 def provenance_line(runs: list[dict]) -> str:
     """The code revisions that evaluated the raw outputs, and whether they hold their pipeline config."""
     revs = sorted({(r.get("revision") or "not recorded") + (" (dirty)" if r.get("dirty") else "") for r in runs})
@@ -381,7 +428,9 @@ def provenance_line(runs: list[dict]) -> str:
 def render(runs: list[dict], logits: list[dict] | None = None, primary: tuple = PRIMARY) -> str:
     """The generated part of the study's page: every table, in reading order (`logits`: each run's stored
     cascade logits, for the intervals over test images and the oracle gate; `primary`: the study's declared
-    claim, see `claims`)."""
+    claim, see `claims`). Learning-rate variants of the fair recipe are first reduced to the rate chosen on
+    validation (`select_learning_rates`)."""
+    runs, logits, choices = select_learning_rates(runs, logits)
     parts = [
         "## Claims and verdicts",
         CLAIMS_NOTE.format(primary=f"{primary[0]} against {primary[1]} at {primary[2]:.0%} of the teacher's FLOPs"),
@@ -403,6 +452,13 @@ def render(runs: list[dict], logits: list[dict] | None = None, primary: tuple = 
         "## Provenance",
         provenance_line(runs),
     ]
+    if choices:
+        parts[-2:-2] = [
+            "## Learning rates chosen on validation",
+            "Every student was trained at each rate of the shared recipe's grid; the rows above use, per seed, the "
+            "rate with the best validation accuracy.",
+            learning_rate_table(choices),
+        ]
     return "\n\n".join(parts) + "\n"
 
 
