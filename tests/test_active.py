@@ -11,7 +11,7 @@ import pytest
 from helpers import digits_config
 from scipy.optimize import linprog
 
-from titans import checkpoint, provenance, runs
+from titans import checkpoint, provenance, runs, stats
 from titans import config as config_lib
 from titans.active import config as active_config
 from titans.active import loop, selection, teachers
@@ -358,6 +358,11 @@ def test_loop_counts_queries_and_runs_teacher_only_on_bought_points(data_dir, tm
     # The raw output names the code and the settings that made it: the full resolved config and the
     # package's git revision (with its dirty flag), as provenance() reports them for this checkout.
     written = json.load(open(tmp_path / "run" / "active.json"))
+    # Each round's per-row test correctness is the student's: its mean is the round's test accuracy.
+    assert written["test_rows"] == len(data.test_src)
+    for r in written["strategies"].values():
+        for acc, bits in zip(r["accuracy"], r["test_correct"]):
+            assert stats.unpack_bits(bits, written["test_rows"]).mean() == pytest.approx(acc, abs=1e-6)
     assert written["config"] == json.loads(config_lib.to_json(active_config.validate(cfg)))
     assert written["config"]["active"]["budget_per_round"] == 40
     here = provenance.provenance()
@@ -534,3 +539,43 @@ def test_claims_are_tested_at_the_first_middle_and_last_budget():
     assert "reproduced" in rows["good teacher: robust beats margin at 250 queries"]
     assert "unresolved" in rows["good teacher: robust beats margin at 500 queries"]
     assert "unresolved" in rows["good teacher: robust beats margin at 1000 queries"]
+
+
+def test_claims_resample_the_test_rows_and_mark_the_declared_primary():
+    """Two strategies 1 point apart on every seed (a t-interval of width 0) but on different test rows: the
+    bootstrap over the rows widens the interval to the rows' sampling error; the declared claim is primary."""
+    from titans.active import report
+
+    n = 2000
+    rng = np.random.default_rng(0)
+
+    def run(seed):
+        base = rng.random(n) < 0.8
+        other = base.copy()
+        flip = rng.choice(n, 200, replace=False)
+        other[flip[:120]] = True  # robust right on 120 rows margin misses ...
+        base[flip[120:]] = True  # ... and margin right on 80 that robust misses: +2 points net
+        other[flip[120:]] = False
+        base[flip[:120]] = False
+        out = {"test_rows": n, "strategies": {}}
+        for name, bits in (("robust", other), ("margin", base)):
+            acc = float(bits.mean())
+            out["strategies"][name] = {
+                "queries": [0, 100],
+                "accuracy": [acc, acc],
+                "teacher_error_bought": [None, 0.1],
+                "test_correct": [stats.pack_bits(bits), stats.pack_bits(bits)],
+            }
+        return out
+
+    runs = [run(s) for s in range(3)]
+    agg = report.aggregate(runs)
+    plain = stats.paired_difference(
+        [100 * r["strategies"]["robust"]["accuracy"][1] for r in runs],
+        [100 * r["strategies"]["margin"]["accuracy"][1] for r in runs],
+    )
+    wide = report._difference(agg["robust"], agg["margin"], 1)
+    assert wide.mean == pytest.approx(plain.mean) and (wide.high - wide.low) > (plain.high - plain.low) + 0.5
+    text = report.claims({"good": agg}, primary=("good", "margin", 1))
+    row = next(line for line in text.splitlines() if "robust beats margin at 100 queries" in line)
+    assert "| primary |" in row and wide.format("{:+.2f}") in row

@@ -7,7 +7,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from titans import data, runs
+from titans import data, runs, stats
 from titans.config import load_config_file
 from titans.data import text
 from titans.results import text_teacher
@@ -38,7 +38,7 @@ def test_the_bootstrap_interval_covers_row_sampling_and_the_verdict_reads_the_ma
 
 def test_packed_bits_round_trip():
     bits = np.random.default_rng(1).random(11_760) < 0.5
-    assert np.array_equal(text_teacher.unpack(text_teacher.pack(bits), len(bits)), bits)
+    assert np.array_equal(stats.unpack_bits(stats.pack_bits(bits), len(bits)), bits)
 
 
 @pytest.mark.skipif(not text.wordnet_available(), reason="needs `apt-get install wordnet-base`")
@@ -57,8 +57,8 @@ def test_the_record_holds_both_models_correctness_on_the_test_rows_and_renders_t
     out = text_teacher.record(str(tmp_path / "teacher"), {**reference, "predictions": ref_pred.tolist()})
     model, *_ = runs.load_model(str(tmp_path / "teacher"))
     want = runs.predict(runs.logits_fn, model, tokens, batch_size=512).argmax(-1) == labels
-    assert np.array_equal(text_teacher.unpack(out["teacher"]["correct"], len(labels)), want)
-    assert np.array_equal(text_teacher.unpack(out["reference"]["correct"], len(labels)), ref_pred == labels)
+    assert np.array_equal(stats.unpack_bits(out["teacher"]["correct"], len(labels)), want)
+    assert np.array_equal(stats.unpack_bits(out["reference"]["correct"], len(labels)), ref_pred == labels)
     assert out["teacher"]["test_accuracy"] == pytest.approx(want.mean())
     assert out["config"]["model"]["name"] == "text_bag" and "revision" in out["provenance"]
     page = text_teacher.render([json.loads(json.dumps(out))])
@@ -77,13 +77,13 @@ def _record(correct, ref_correct, seed, pretrain=None):
         "labels_sha256": "same rows",
         "teacher": {
             "model": "transformer",
-            "correct": text_teacher.pack(correct),
+            "correct": stats.pack_bits(correct),
             "test_accuracy": correct.mean(),
             "flops_per_example_at_32": 2e8,
             "validation_accuracy": None,
             "train_time_s": 10.0,
         },
-        "reference": {"correct": text_teacher.pack(ref_correct), "accuracy": ref_correct.mean(), "C": 16.0, "by_C": []},
+        "reference": {"correct": stats.pack_bits(ref_correct), "accuracy": ref_correct.mean(), "C": 16.0, "by_C": []},
         "pretrain": pretrain,
         "config": {"seed": seed},
     }

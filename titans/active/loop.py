@@ -41,7 +41,7 @@ from flax import nnx
 from titans import checkpoint as ckpt_lib
 from titans import config as config_lib
 from titans import data as data_lib
-from titans import figures, parallel, paths, provenance, runs
+from titans import figures, parallel, paths, provenance, runs, stats
 from titans.active import config as active_config
 from titans.active import selection
 from titans.active import teachers as teachers_lib
@@ -206,6 +206,9 @@ def _fresh_state(config, data: Data, pure_params, pure_rest) -> dict:
             "overlap_margin": nan.copy(),
             "select_time_s": nan.copy(),
             "train_time_s": nan.copy(),
+            # Each round's student, right (1) or wrong (0) on each test row in split order: the page's intervals
+            # resample the test rows (titans.stats.bootstrap_difference).
+            "test_correct": np.zeros((rounds + 1, len(data.test_src)), np.uint8),
         },
         "student": ckpt_lib.to_savable({"params": pure_params, "rest": pure_rest}),
     }
@@ -348,6 +351,8 @@ class _Rounds:
         h["train_time_s"][rnd] = time.perf_counter() - t0
         ev = self.trainer.evaluate(params, rest, data.test_src)
         h["queries"][rnd], h["accuracy"][rnd], h["loss"][rnd], h["ece"][rnd] = nb, ev["accuracy"], ev["loss"], ev["ece"]
+        probs, _ = self.trainer.predict(params, rest, data.test_src.images, self.trainer.cfg.eval_batch_size)
+        h["test_correct"][rnd] = np.argmax(probs, -1) == np.asarray(data.test_src.labels)
         state["student"] = ckpt_lib.to_savable({"params": nnx.to_pure_dict(params), "rest": nnx.to_pure_dict(rest)})
         return ev
 
@@ -377,6 +382,9 @@ class _Rounds:
             **{k: [None if np.isnan(x) else float(x) for x in h[k]] for k in ("support", "max_p", "overlap_margin")},
             "select_time_s": [None if np.isnan(x) else float(x) for x in h["select_time_s"]],
             "train_time_s": [float(x) for x in h["train_time_s"]],
+            "test_correct": [
+                None if np.isnan(a) else stats.pack_bits(c) for a, c in zip(h["accuracy"], h["test_correct"])
+            ],
             "pool_queries": self.teacher.pool_queries,
             "validation_queries": self.teacher.validation_queries,
             "teacher_rows_run_this_call": self.teacher.rows_run,
@@ -479,6 +487,7 @@ def run_active(
         "num_labelled": int(config.active.num_labelled),
         "num_validation": int(config.active.num_validation),
         "pool_size": int(len(data.pool_images)),
+        "test_rows": int(len(data.test_src)),
         "budget_per_round": int(config.active.budget_per_round),
         "rounds": int(config.active.rounds),
         "teacher": teacher_info,

@@ -14,7 +14,7 @@ import json
 import numpy as np
 
 from titans import cli, figures, paths
-from titans.stats import claim_verdict, claims_table, mean_sd, paired_difference
+from titans.stats import bootstrap_difference, claim_verdict, claims_table, mean_sd, paired_difference, unpack_bits
 
 
 def load(pattern: str) -> list[dict]:
@@ -62,7 +62,13 @@ def aggregate(runs: list[dict]) -> dict:
         terr = np.array(
             [[np.nan if x is None else x for x in r["strategies"][s]["teacher_error_bought"]] for r in runs]
         )
+        n_test = None if not runs[0].get("test_rows") else int(runs[0]["test_rows"])
+        packed = [r["strategies"][s].get("test_correct") for r in runs]
+        correct = None
+        if n_test and all(packed):
+            correct = [[None if b is None else unpack_bits(b, n_test) for b in p] for p in packed]
         out[s] = {
+            "test_correct": correct,
             "queries": qs,
             "mean": acc.mean(0).tolist(),
             "sd": acc.std(0, ddof=1).tolist() if len(runs) > 1 else [0.0] * len(qs),
@@ -103,8 +109,9 @@ def markdown(label: str, runs: list[dict], agg: dict) -> str:
 
 
 def paired_table(agg: dict, pairs: list[tuple[str, str]], other: dict | None = None) -> str:
-    """Seed-paired differences a - b (percentage points) per budget, with 95% t-intervals and the verdict
-    at the largest budget. `b` is looked up in `other` (another setting's aggregate) when given."""
+    """Seed-paired differences a - b (percentage points) per budget, with 95% intervals (`_difference`: test rows
+    resampled where stored) and the verdict at the largest budget. `b` is looked up in `other` (another
+    setting's aggregate) when given."""
     other = agg if other is None else other
     rows = [(a, b) for a, b in pairs if a in agg and b in other]
     if not rows:
@@ -115,8 +122,7 @@ def paired_table(agg: dict, pairs: list[tuple[str, str]], other: dict | None = N
         "|---|" + "---|" * len(qs),
     ]
     for a, b in rows:
-        acc_a, acc_b = np.array(agg[a]["accuracy"]), np.array(other[b]["accuracy"])
-        diffs = [paired_difference(100 * acc_a[:, j], 100 * acc_b[:, j]) for j in range(1, len(qs))]
+        diffs = [_difference(agg[a], other[b], j) for j in range(1, len(qs))]
         lines.append(f"| {a} − {b} | " + " | ".join(d.format("{:+.2f}") for d in diffs) + f" | {diffs[-1].verdict} |")
     return "\n".join(lines)
 
@@ -143,24 +149,34 @@ def claim_rounds(num_rounds: int) -> list[int]:
     return sorted({1, max(1, num_rounds // 2), num_rounds})
 
 
-def claims(aggs: dict) -> str:
+def _difference(a: dict, b: dict, i: int):
+    """Strategy a - strategy b after round i, percentage points, paired by seed; widened by a bootstrap over
+    the test rows where both hold each seed's per-row correctness (`test_correct`)."""
+    d = paired_difference([100 * x[i] for x in a["accuracy"]], [100 * x[i] for x in b["accuracy"]])
+    rows_a, rows_b = a.get("test_correct"), b.get("test_correct")
+    if not rows_a or not rows_b or any(x[i] is None for x in rows_a + rows_b):
+        return d
+    return bootstrap_difference(d, [100.0 * (x[i].astype(float) - y[i].astype(float)) for x, y in zip(rows_a, rows_b)])
+
+
+def claims(aggs: dict, primary: tuple | None = None) -> str:
     """The paper's claims this study can test, per teacher, at the first, middle and last budget
-    (percentage points)."""
+    (percentage points); `primary` = (setting, other strategy, round): the claim declared before the runs that
+    robust beats that strategy there (a role column then marks the rest exploratory)."""
     rows = []
     for label, agg in aggs.items():
         if ABLATION_SUFFIX in label or "robust" not in agg:
             continue
         queries = agg["robust"]["queries"]
         for i in claim_rounds(len(queries) - 1):
-            at = lambda a, i=i: [100 * x[i] for x in a["accuracy"]]
             for other in ("margin", "entropy", "random", "kcenter"):
                 if other in agg:
-                    d = paired_difference(at(agg["robust"]), at(agg[other]))
+                    d = _difference(agg["robust"], agg[other], i)
                     rows.append((f"{label} teacher: robust beats {other} at {queries[i]} queries", d, claim_verdict(d)))
             for ablation, a in aggs.items():
                 base, sep, estimate = ablation.partition(ABLATION_SUFFIX)
                 if sep and base == label and "robust" in a:
-                    d = paired_difference(at(agg["robust"]), at(a["robust"]))
+                    d = _difference(agg["robust"], a["robust"], i)
                     rows.append(
                         (
                             f"{label} teacher: an estimated m beats m_estimate={estimate} at {queries[i]} queries",
@@ -168,17 +184,35 @@ def claims(aggs: dict) -> str:
                             claim_verdict(d),
                         )
                     )
-    return claims_table(rows, "{:+.2f}") if rows else ""
+    declared = ""
+    if primary is not None:
+        label, other, rnd = primary
+        declared = f"{label} teacher: robust beats {other} at {aggs[label]['robust']['queries'][rnd]} queries"
+    return claims_table(rows, "{:+.2f}", primary=declared) if rows else ""
 
 
 ABLATION_SUFFIX = "_m"  # a setting named <teacher>_m<estimate> runs robust with active.m_estimate=<estimate>
 
 
-def render(settings: dict[str, list[dict]]) -> str:
+CLAIMS_NOTE = (
+    "One claim is declared primary before the runs: {primary}; every other row is exploratory. Each interval is "
+    "the seeds' paired t-interval, widened where the runs stored each student's per-row test correctness by a "
+    "bootstrap over the test rows (500 resamples, the same for both strategies and every seed; half-widths added "
+    "in quadrature)."
+)
+
+
+def render(settings: dict[str, list[dict]], primary: tuple | None = None) -> str:
     """The generated page: per main setting, accuracy vs queries, robust against every other strategy,
-    the selection statistics; then the m ablation (robust with m estimated vs robust with another m)."""
+    the selection statistics; then the m ablation (robust with m estimated vs robust with another m).
+    `primary` = (setting, other strategy, round): the study's declared claim (see `claims`)."""
     aggs = {label: aggregate(runs) for label, runs in settings.items() if runs}
-    parts = ["## Claims and verdicts", claims(aggs)]
+    parts = ["## Claims and verdicts"]
+    if primary is not None:
+        label, other, rnd = primary
+        queries = aggs[label]["robust"]["queries"][rnd]
+        parts.append(CLAIMS_NOTE.format(primary=f"with the {label} teacher, robust beats {other} at {queries} queries"))
+    parts.append(claims(aggs, primary))
     for label, runs in settings.items():
         if ABLATION_SUFFIX in label or label not in aggs:
             continue

@@ -21,7 +21,13 @@ import numpy as np
 
 from titans import figures, paths
 from titans.cascade import fair
-from titans.stats import PairedDifference, claim_verdict, mean_sd, not_worse_verdict, paired_difference
+from titans.stats import (
+    bootstrap_difference,
+    claim_verdict,
+    mean_sd,
+    not_worse_verdict,
+    paired_difference,
+)
 
 BUDGETS = (0.1, 0.25, 0.5)  # fractions of the teacher's FLOPs in the headline tables
 HEADLINE_GATE = "msp"
@@ -224,7 +230,6 @@ TEACHER_MARGIN = 0.002  # "reaches the teacher": the whole interval of (cascade 
 # The study's one declared primary claim: the paper's, that the easy-focused student's cascade beats the standard
 # student's at equal cost (the smallest CNN, 25% of the teacher's FLOPs). Every other claim is exploratory.
 PRIMARY = ("tiny_easy", "tiny_standard", 0.25)
-BOOTSTRAP_REPLICATES = 500
 
 
 def _scores(logits: np.ndarray, gate: str, num_classes: int) -> np.ndarray | None:
@@ -286,21 +291,6 @@ def oracle_accuracy(run: dict, logits: dict, student: str, gate: str, fraction: 
     gain = (logits["test/teacher"].argmax(-1) == y) & ~right
     rate = run["students"][student]["gates"][gate]["curve"]["test_deferral_rate"][idx]
     return float(right.mean() + min(rate, gain.mean()))
-
-
-def bootstrap_difference(d: PairedDifference, diffs: list[np.ndarray], replicates: int = BOOTSTRAP_REPLICATES):
-    """`d` (the paired t-interval over seeds) widened by test-set sampling: the test images are resampled with
-    replacement (one resample shared by both arms and every seed), the per-image differences of the two arms
-    averaged over seeds; half-width = sqrt(h_seeds^2 + (1.96 sd_bootstrap)^2)."""
-    if d.n < 2 or not diffs:
-        return d
-    mean_rows = np.mean(diffs, axis=0)
-    n = len(mean_rows)
-    rng = np.random.default_rng(0)
-    counts = rng.multinomial(n, np.full(n, 1.0 / n), size=replicates).astype(np.float32)
-    spread = float(np.std(counts @ mean_rows.astype(np.float32) / n, ddof=1))
-    half = float(np.hypot(d.high - d.mean, 1.96 * spread))
-    return PairedDifference(d.mean, d.mean - half, d.mean + half, d.n)
 
 
 def _claim(runs, logits, text, arms, verdict_fn, oracle=None):

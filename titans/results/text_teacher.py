@@ -16,7 +16,6 @@ same resample for both models), and, with several teacher seeds, the seeds' t-in
 from __future__ import annotations
 
 import argparse
-import base64
 import hashlib
 import json
 import math
@@ -27,19 +26,11 @@ import numpy as np
 from titans import cli as cli_lib
 from titans import data as data_lib
 from titans import paths, provenance, runs
-from titans.stats import PairedDifference, paired_difference
+from titans.stats import PairedDifference, pack_bits, paired_difference, unpack_bits
 
 RECORD_FILE = "text_teacher.json"
 MARGIN = 0.03  # issue 34: the teacher clears the reference by at least 3 points of test accuracy
 BOOTSTRAP_REPLICATES = 2000
-
-
-def pack(bits: np.ndarray) -> str:
-    return base64.b64encode(np.packbits(np.asarray(bits, bool)).tobytes()).decode()
-
-
-def unpack(text: str, n: int) -> np.ndarray:
-    return np.unpackbits(np.frombuffer(base64.b64decode(text), np.uint8))[:n].astype(bool)
 
 
 def record(teacher_workdir: str, reference: dict, split: str = "test") -> dict:
@@ -78,11 +69,11 @@ def record(teacher_workdir: str, reference: dict, split: str = "test") -> dict:
             "test_accuracy": float(np.mean(logits.argmax(-1) == labels)),
             "validation_accuracy": results.get("accuracy"),
             "train_time_s": results.get("train_time_s"),
-            "correct": pack(logits.argmax(-1) == labels),
+            "correct": pack_bits(logits.argmax(-1) == labels),
         },
         "reference": {
             **{k: v for k, v in reference.items() if k != "predictions"},
-            "correct": pack(ref == labels),
+            "correct": pack_bits(ref == labels),
         },
         "pretrain": pretrain,
         "config": cfg.to_dict(),
@@ -154,7 +145,8 @@ def render(records: list[dict]) -> str:
     ]
     for i, (name, group) in enumerate(groups.items()):
         diffs = [
-            unpack(r["teacher"]["correct"], n).astype(float) - unpack(r["reference"]["correct"], n).astype(float)
+            unpack_bits(r["teacher"]["correct"], n).astype(float)
+            - unpack_bits(r["reference"]["correct"], n).astype(float)
             for r in group
         ]
         d = bootstrap_interval(diffs)
