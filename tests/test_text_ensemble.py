@@ -74,7 +74,8 @@ def test_wordnet_configs_validate_with_their_defaults():
     assert "tx_deep" in e.no_resched and e.connect.layer == "features" and e.member.dataset.name == "wordnet"
     assert e.edge_split == "validation[:50%]" and e.member.distill.teacher_mode == "cache"
     active = active_config.validate(load_config_file(str(ROOT / "configs" / "active_wordnet.py")))
-    assert active.dataset.name == "wordnet" and active.student.model.name == "text_bag"
+    assert active.dataset.name == "wordnet" and active.student.model.name == "text_cnn"
+    assert active.active.rounds * active.active.budget_per_round * 10 <= 11_819 - 500 - 1000  # pool >= 10x budget
     with pytest.raises(ValueError, match="Unknown sizes"):
         load_config_file(str(ROOT / "configs" / "bdistil_wordnet.py:sizes=bag+nope"))
 

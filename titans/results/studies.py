@@ -46,8 +46,8 @@ def _active_settings(study_dir: str) -> dict[str, list[dict]]:
     }
 
 
-def _active_page(study_dir: str) -> str:
-    return active_report.render(_active_settings(study_dir))
+def _active_page(study_dir: str, primary: tuple | None = None) -> str:
+    return active_report.render(_active_settings(study_dir), primary=primary)
 
 
 def _text_teacher_page(study_dir: str) -> str:
@@ -103,6 +103,13 @@ STUDIES = {
         # Text: the Transformer teacher of configs/wordnet_teacher.py against the TF-IDF reference, and the
         # cascades of configs/titans_wordnet.py (primary claim declared on the 1-D CNN student).
         Study("wordnet_teacher", (text_teacher.RECORD_FILE,), _text_teacher_page),
+        # Robust active distillation on text (configs/active_wordnet.py), primary claim declared before the runs.
+        Study(
+            "active_wordnet",
+            ("active.json",),
+            functools.partial(_active_page, primary=("transformer", "margin", 1)),
+            _active_plot,
+        ),
         Study(
             "titans_wordnet",
             _CASCADE,
