@@ -10,7 +10,7 @@ arg: "P,F" epochs of pre-training and of fine-tuning (default "3,3"). Stages, in
 - `teacher`: the same model (4 x 256 x 4 heads, dropout 0.1) started from the pre-trained encoder
   (`init_from="@pretrain"`; a fresh classifier), AdamW lr 5e-4, 0.3-epoch warm-up, cosine; evaluated on
   `validation` (the test split is for the studies).
-Both read only the `train` split. Runtime on 2 CPU cores: about 8 minutes an epoch. Resumable: rerun the same
+Both read only the `train` split. Runtime on 2 CPU cores: about 9 minutes an epoch of either stage (under an hour in all). Resumable: rerun the same
 command. The teacher's test accuracy against the TF-IDF reference: `titans-results text-teacher
 --teacher_workdir=WORKDIR/teacher ...` (docs/results/wordnet_teacher.md).
 """

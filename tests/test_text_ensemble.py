@@ -169,6 +169,11 @@ def test_active_wordnet_config_runs_on_text_and_buys_the_rows_the_student_is_lea
     config.dataset.data_dir = data_dir
     out = loop.run_active(config, str(tmp_path), log=lambda s: None)
     assert out["dataset"] == "wordnet" and out["pool_size"] == 672
+    # The teacher was evaluated on validation[:1000], not on this run's test split: its accuracy is named so.
+    assert out["teacher"]["accuracy_split"] == "validation[:1000]" and out["teacher"]["test_accuracy"] is None
+    from titans.active import report
+
+    assert report.teacher_summary([out]).startswith("teacher validation[:1000] accuracy ")
     for name, r in out["strategies"].items():
         assert r["queries"] == [0, 100, 200] and all(0.0 < a <= 1.0 for a in r["accuracy"])
         assert r["teacher_rows_run_this_call"] == r["pool_queries"] + r["validation_queries"]

@@ -441,13 +441,25 @@ def _resolve_teacher(config, workdir: str, log) -> tuple[str, dict]:
         log(f"[teacher] training in {tdir} (label noise {t.label_noise}, classes {list(classes) or 'all'})")
         teachers_lib.train_teacher(t.train, tdir, label_noise=t.label_noise, noise_classes=classes)
     res = runs.RunDir(tdir).results()
-    return tdir, {**_teacher_info(config), "workdir": tdir, "test_accuracy": res.get("accuracy")}
+    # The teacher run's own evaluation, named by its split (a teacher evaluated on `validation` has no test
+    # accuracy in its results: `test_accuracy` stays None unless that split is this run's test split).
+    acc, split = res.get("accuracy"), res.get("split")
+    test = acc if split == config.dataset.eval_split else None
+    return tdir, {
+        **_teacher_info(config),
+        "workdir": tdir,
+        "accuracy": acc,
+        "accuracy_split": split,
+        "test_accuracy": test,
+    }
 
 
 def _teacher_info(config) -> dict:
     t = config.teacher
     return {
         "workdir": None,
+        "accuracy": None,
+        "accuracy_split": None,
         "test_accuracy": None,
         "label_noise": float(t.label_noise),
         "noise_classes": list(active_config.noise_classes(config)),

@@ -80,11 +80,18 @@ def aggregate(runs: list[dict]) -> dict:
 
 
 def teacher_summary(runs: list[dict]) -> str:
-    accs = [r["teacher"].get("test_accuracy") for r in runs if r.get("teacher")]
-    accs = [a for a in accs if a is not None]
-    if not accs:
-        return "teacher test accuracy: unknown"
-    return f"teacher test accuracy {100 * np.mean(accs):.1f}% (seeds: {', '.join(f'{100 * a:.1f}' for a in accs)})"
+    """The teachers' accuracy as their runs measured it: on the test split, or on the split named (a teacher
+    evaluated on validation has no test accuracy of its own)."""
+    teachers = [r["teacher"] for r in runs if r.get("teacher")]
+    accs = [t.get("test_accuracy") for t in teachers]
+    where = "test"
+    if not teachers or any(a is None for a in accs):
+        accs = [t.get("accuracy") for t in teachers]
+        splits = {t.get("accuracy_split") for t in teachers}
+        if not teachers or any(a is None for a in accs) or len(splits) != 1 or None in splits:
+            return "teacher test accuracy: unknown"
+        where = splits.pop()
+    return f"teacher {where} accuracy {100 * np.mean(accs):.1f}% (seeds: {', '.join(f'{100 * a:.1f}' for a in accs)})"
 
 
 def markdown(label: str, runs: list[dict], agg: dict) -> str:

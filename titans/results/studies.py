@@ -107,7 +107,7 @@ STUDIES = {
         Study(
             "active_wordnet",
             ("active.json",),
-            functools.partial(_active_page, primary=("transformer", "margin", 1)),
+            functools.partial(_active_page, primary=("mlm", "margin", 1)),
             _active_plot,
         ),
         Study(
