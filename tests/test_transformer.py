@@ -202,7 +202,7 @@ def test_models_build_from_a_config_and_refuse_the_wrong_modality():
         assert "vocab_size" not in models.model_kwargs(name)  # the dataset's, never the config's
     vit = built("vit", patch=7, **TINY)
     logits, acts = vit(np.zeros((3, 28, 28, 1), np.float32), capture=True)
-    assert logits.shape == (3, 10) and list(acts) == ["block1", "block2", "features"]
+    assert logits.shape == (3, 10) and list(acts) == ["block1", "block2", "tokens", "features"]
     assert vit.encoder.pos.shape == (16, 16)  # (28 / 7)^2 patches
     assert models.modality("vit") == "image"
     with pytest.raises(ValueError, match="reads image inputs, but dataset 'wordnet' holds text"):
