@@ -15,32 +15,19 @@ command. The teacher's test accuracy against the TF-IDF reference: `titans-resul
 --teacher_workdir=WORKDIR/teacher ...` (docs/results/wordnet_teacher.md).
 """
 
+import os
+
 import ml_collections
 
-from titans.config import base_config
+from titans.config import load_config_file
 
 
 def _stage(name: str, epochs: float, lr: float, warmup: float) -> ml_collections.ConfigDict:
-    c = base_config()
+    """configs/wordnet_teacher.py's run with its own name, epochs, learning rate and warm-up."""
+    c = load_config_file(os.path.join(os.path.dirname(__file__), "wordnet_teacher.py") + f":{epochs}")
     c.name = name
-    c.dataset.name = "wordnet"
-    c.dataset.train_split = "train"
-    c.dataset.eval_split = "validation"
-    c.dataset.group_by_length = 64
-    c.model.name = "transformer"
-    c.model.kwargs = ml_collections.ConfigDict(dict(dropout=0.1))
-    c.dtype = "auto"
-    c.batch_size = 128
-    c.eval_batch_size = 512
-    c.total_epochs = float(epochs)
-    c.optimizer.name = "adamw"
     c.optimizer.learning_rate = lr
-    c.optimizer.weight_decay = 0.05
-    c.schedule.name = "cosine"
     c.schedule.warmup_epochs = warmup
-    c.log_every_steps = 100
-    c.eval_every_steps = 100_000  # the validation split at the end only
-    c.checkpoint.every_steps = 500
     return c
 
 

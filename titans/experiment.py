@@ -42,22 +42,10 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for name in config.stage_order:
         stage = ml_collections.ConfigDict(config.stages[name].to_dict())
         stage_dir = paths.join(workdir, name)
-        ref = stage.distill.teacher_workdir
-        if ref.startswith("@"):
-            if ref[1:] not in results:
-                raise config_lib.ConfigError(
-                    f"stage '{name}' distils from '{ref}', which must run before it "
-                    f"(stage_order: {list(config.stage_order)})."
-                )
-            stage.distill.teacher_workdir = paths.join(workdir, ref[1:])
-        init = stage.get("init_from", "")
-        if init.startswith("@"):
-            if init[1:] not in results:
-                raise config_lib.ConfigError(
-                    f"stage '{name}' starts from '{init}', which must run before it "
-                    f"(stage_order: {list(config.stage_order)})."
-                )
-            stage.init_from = paths.join(workdir, init[1:])
+        if stage.distill.teacher_workdir.startswith("@"):
+            stage.distill.teacher_workdir = _sibling(config, name, stage.distill.teacher_workdir, results, workdir)
+        if stage.get("init_from", "").startswith("@"):
+            stage.init_from = _sibling(config, name, stage.init_from, results, workdir)
         results[name] = ensure_trained(stage, stage_dir)
         if results[name].get("preempted"):
             return {"preempted": True, "stage": name, "stages": results}
@@ -71,6 +59,15 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if "ensemble" in config:
         out["ensemble"] = ensemble_runner.run_ensemble(config, workdir)
     return out
+
+
+def _sibling(config, name: str, ref: str, done: dict, workdir: str) -> str:
+    """The workdir of the stage `ref` ("@stage") names, which must have run before stage `name`."""
+    if ref[1:] not in done:
+        raise config_lib.ConfigError(
+            f"stage '{name}' reads '{ref}', which must run before it (stage_order: {list(config.stage_order)})."
+        )
+    return paths.join(workdir, ref[1:])
 
 
 def final_summary(out: dict, name: str) -> str:

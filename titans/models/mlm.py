@@ -2,8 +2,8 @@
 
 ``MaskedLM`` holds the classifier it pre-trains (``backbone``, a ``TextTransformer`` exactly as the
 fine-tuning run builds it, so its parameters carry over by name) and a ``head``: a learned mask vector, a
-LayerNorm and a (width -> vocab_size) projection. ``corrupt`` chooses, for each row, ``rate`` of its real
-tokens (rounded up, at least one; never padding) uniformly at random, and corrupts them BERT's way: 80%
+LayerNorm and a (width -> vocab_size) projection. ``choose`` picks, for each row, ``rate`` of its real
+tokens (rounded up, at least one; never padding) uniformly at random, and the call corrupts them BERT's way: 80%
 replaced by the mask vector, 10% by a random token's embedding, 10% left as they are. The head predicts the
 original ids at the chosen positions from the encoder's final token states; only those K positions
 (K = ceil(rate * L), static for a bucket of length L) are projected onto the vocabulary, so the head costs
@@ -25,7 +25,7 @@ from flax import nnx
 from titans.models import registry
 from titans.models.transformer import DropoutRng, TextTransformer, _dense_init, _encode, _layer_norm
 
-KEEP, MASK, RANDOM = 0, 1, 2  # what `corrupt` does to a chosen token
+KEEP, MASK, RANDOM = 0, 1, 2  # what happens to a chosen token
 EVAL_KEY = 0
 
 
@@ -37,7 +37,7 @@ def chosen_count(lengths: jax.Array, rate: float, width: int) -> jax.Array:
 
 
 def choose(tokens: jax.Array, rate: float, key: jax.Array):
-    """(positions (B, K), chosen (B, K) bool, action (B, K) int): the tokens `corrupt` replaces.
+    """(positions (B, K), chosen (B, K) bool, action (B, K) int): the tokens to corrupt and how.
 
     Positions are the top K of uniform scores over the real tokens (padding scores below every real
     token), so each row's first `chosen_count` positions are distinct real tokens drawn uniformly."""
@@ -122,25 +122,10 @@ class MaskedLM(nnx.Module):
 
 
 def build_masked_lm(model_cfg, info, *, seed: int, rate: float, dtype=jnp.float32) -> MaskedLM:
-    """The ``MaskedLM`` over the text model a config's `model` section names, initialised from `seed`."""
-    if registry.modality(model_cfg.name) != "text" or getattr(info, "modality", "image") != "text":
-        raise ValueError(
-            f"masked-LM pre-training needs a text dataset and a text Transformer; got dataset {info.name!r} and "
-            f"model.name={model_cfg.name!r}"
-        )
-    kwargs = model_cfg.kwargs.to_dict() if hasattr(model_cfg.kwargs, "to_dict") else dict(model_cfg.kwargs)
+    """The ``MaskedLM`` over the text Transformer a config's `model` section names, initialised from `seed`."""
 
     def make():
         rngs = nnx.Rngs(seed)
-        backbone = registry.create_model(
-            model_cfg.name,
-            num_classes=info.num_classes,
-            input_shape=tuple(info.image_shape),
-            rngs=rngs,
-            dtype=dtype,
-            vocab_size=info.vocab_size,
-            **kwargs,
-        )
-        return MaskedLM(backbone, rate=rate, rngs=rngs)
+        return MaskedLM(registry.create_from_config(model_cfg, info, rngs=rngs, dtype=dtype), rate=rate, rngs=rngs)
 
     return registry.initialise(make)

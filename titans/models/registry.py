@@ -128,6 +128,12 @@ def create_model(
 def build_model(model_cfg, info, *, seed: int, dtype=jnp.float32, outputs: int | None = None) -> nnx.Module:
     """The model a config's `model` section names, for dataset `info`, with `outputs` logits
     (default: the dataset's classes). Parameters are initialised from `seed`, by `initialise`."""
+    return initialise(lambda: create_from_config(model_cfg, info, rngs=nnx.Rngs(seed), dtype=dtype, outputs=outputs))
+
+
+def create_from_config(model_cfg, info, *, rngs: nnx.Rngs, dtype=jnp.float32, outputs: int | None = None):
+    """``create_model`` for a config's `model` section and dataset `info` (its input shape, vocabulary and
+    classes), refusing a model of the other modality; eager (``build_model`` wraps it in ``initialise``)."""
     kwargs = model_cfg.kwargs.to_dict() if hasattr(model_cfg.kwargs, "to_dict") else dict(model_cfg.kwargs)
     data_modality = getattr(info, "modality", "image")
     if modality(model_cfg.name) != data_modality:
@@ -135,16 +141,14 @@ def build_model(model_cfg, info, *, seed: int, dtype=jnp.float32, outputs: int |
             f"model.name {model_cfg.name!r} reads {modality(model_cfg.name)} inputs, but dataset {info.name!r} "
             f"holds {data_modality} (DatasetInfo.modality)"
         )
-    return initialise(
-        lambda: create_model(
-            model_cfg.name,
-            num_classes=outputs or info.num_classes,
-            input_shape=tuple(info.image_shape),
-            rngs=nnx.Rngs(seed),
-            dtype=dtype,
-            vocab_size=getattr(info, "vocab_size", 0),
-            **kwargs,
-        )
+    return create_model(
+        model_cfg.name,
+        num_classes=outputs or info.num_classes,
+        input_shape=tuple(info.image_shape),
+        rngs=rngs,
+        dtype=dtype,
+        vocab_size=getattr(info, "vocab_size", 0),
+        **kwargs,
     )
 
 

@@ -19,7 +19,7 @@ import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
 from titans import checkpoint as ckpt_lib
 from titans import losses, models, paths, runs
@@ -101,14 +101,9 @@ def mlm_method() -> Method:
 # ------------------------------------------------------------------------------------------ init_from
 
 
-def _flat(tree: dict, prefix=()) -> dict[tuple, np.ndarray]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, (*prefix, str(k))))
-        else:
-            out[(*prefix, str(k))] = v
-    return out
+def _flat(tree: dict) -> dict[tuple, np.ndarray]:
+    """A pure-dict parameter tree as {path: array} (list indices stay ints, as `nnx.to_pure_dict` gives them)."""
+    return traverse_util.flatten_dict(tree)
 
 
 def source_params(config, info) -> tuple[dict, dict]:
@@ -153,7 +148,8 @@ def initial_params(model: nnx.Module, config, info) -> dict | None:
             continue
         got = source.get(path)
         if got is None or tuple(np.shape(got)) != tuple(np.shape(value)):
-            missing.append(".".join(path) + ("" if got is None else f" (shape {np.shape(got)} vs {np.shape(value)})"))
+            name = ".".join(map(str, path))
+            missing.append(name + ("" if got is None else f" (shape {np.shape(got)} vs {np.shape(value)})"))
         else:
             copied[path] = jnp.asarray(got, jnp.asarray(value).dtype)
     if missing:
@@ -161,13 +157,7 @@ def initial_params(model: nnx.Module, config, info) -> dict | None:
             f"init_from={config.init_from!r} does not hold this model's parameters: {', '.join(missing[:5])}"
             f"{' ...' if len(missing) > 5 else ''}; use a run of the same model.name and model.kwargs."
         )
-    pure = nnx.to_pure_dict(params)
-    for path, value in copied.items():
-        node = pure
-        for k in path[:-1]:
-            node = node[k if k in node else int(k)]
-        node[path[-1] if path[-1] in node else int(path[-1])] = value
-    nnx.replace_by_pure_dict(params, pure)
+    nnx.replace_by_pure_dict(params, traverse_util.unflatten_dict({**target, **copied}))
     nnx.update(model, params)
     logging.info("init_from: %d parameter arrays from %s (step %d)", len(copied), identity["workdir"], identity["step"])
     return {**identity, "arrays": len(copied)}
